@@ -1,0 +1,3 @@
+from bigmerge.cli import entry
+
+entry()

@@ -1,0 +1,179 @@
+"""The `bigmerge` command: merge, plan, verify."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import traceback
+from typing import Optional
+
+from bigmerge import __version__
+from bigmerge.errors import BigmergeError
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """'32M', '1.5G', '512MiB', '4096' -> bytes (K/M/G/T are powers of 1024)."""
+    m = _SIZE.match(text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 4096, 32M, 1.5G)")
+    mult = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[m.group(2).lower()]
+    return int(float(m.group(1)) * mult)
+
+
+def _merge_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--block-size", type=parse_size, default="32M", help="target bytes per block per source (default 32M); never depends on the number of ranks")
+    p.add_argument("--seed", type=int, default=None, help="seed of random operators (default: the config's seed, else 0)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bigmerge",
+        description="Merge large language-model checkpoints across the ranks of a cluster "
+        "(run under mpirun for many ranks; without it, one process).",
+    )
+    parser.add_argument("--version", action="version", version=f"bigmerge {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    m = sub.add_parser("merge", help="merge the models of CONFIG into a Hugging Face checkpoint at OUT")
+    m.add_argument("config", help="merge config (YAML; mergekit's configs are read as is)")
+    m.add_argument("out", help="output directory: a local path or an fsspec URL such as s3://bucket/model")
+    _merge_args(m)
+    m.add_argument("--shard-size", type=parse_size, default="5G", help="largest output safetensors file (default 5G)")
+    m.add_argument("--store", default=None, help="where the intermediate zarr store lives (default OUT/.bigmerge-store.zarr)")
+    m.add_argument("--keep-store", action="store_true", help="keep the zarr store after a successful export")
+    m.add_argument("--overwrite", action="store_true", help="replace a finished merge, or a partial merge of another config, at OUT")
+    m.add_argument("--io-threads", type=int, default=4, help="threads reading source bytes (default 4)")
+    m.add_argument("--prefetch", type=int, default=2, help="blocks read ahead of the one being merged (default 2)")
+    m.add_argument("--cache-size", type=parse_size, default="512M", help="per-rank memory for keeping a tensor's blocks between statistic passes (default 512M)")
+    m.add_argument("--quiet", action="store_true", help="no progress output; errors still print")
+
+    p = sub.add_parser("plan", help="show what a merge would read, write and need, reading no tensor data")
+    p.add_argument("config")
+    _merge_args(p)
+    p.add_argument("--world-size", "-n", type=int, default=1, help="number of ranks to plan for (default 1)")
+    p.add_argument("--json", action="store_true", help="print the whole plan as JSON")
+    p.add_argument("--tensors", action="store_true", help="list every tensor with its blocks")
+
+    v = sub.add_parser("verify", help="re-check every tensor of a finished merge against its manifest")
+    v.add_argument("out")
+    v.add_argument("--quiet", action="store_true")
+    return parser
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from bigmerge.config import load_config
+    from bigmerge.merge import MergeOptions, plan_merge
+
+    cfg = load_config(args.config)
+    plan, _ = plan_merge(cfg, args.world_size, MergeOptions(block_bytes=args.block_size, seed=args.seed))
+    if args.json:
+        print(json.dumps(json.loads(plan.to_json()), indent=1))
+        return 0
+    read = sum(t.in_bytes() for t in plan.tensors)
+    write = sum(t.out_bytes() for t in plan.tensors)
+    blocks = sum(t.n_blocks for t in plan.tensors)
+    per_rank = plan.rank_bytes()
+    mean = sum(per_rank) / len(per_rank)
+    peak = plan.peak_memory_estimate()
+    # A simple model: each rank reads its share and writes it twice (store, then export).
+    bw = 1.0e9
+    est = max(per_rank) / bw + 2 * write / len(per_rank) / bw
+    for w in plan.warnings:
+        print(f"warning: {w}")
+    print(f"method        {plan.merge_method}")
+    print(f"models        {len(plan.models)}" + "".join(f"\n  {'base ' if i == plan.base_index else '     '}{r}" for i, r in enumerate(plan.models)))
+    print(f"compute dtype {plan.compute_dtype}; output dtypes {', '.join(sorted({t.out_dtype for t in plan.tensors}))}")
+    print(f"tensors       {len(plan.tensors)}")
+    print(f"blocks        {blocks} (block size {_human(plan.block_bytes)} per source)")
+    print(f"to read       {_human(read)}")
+    print(f"to write      {_human(write)} (store) + {_human(write)} (export)")
+    print(f"world size    {plan.world_size}")
+    for r, b in enumerate(per_rank):
+        nb = sum(1 for t in plan.tensors for o in t.owners if o == r)
+        print(f"  rank {r:<4d} {nb:6d} blocks {_human(b):>10}")
+    print(f"imbalance     {max(per_rank) / mean if mean else 1.0:.3f} (max/mean bytes per rank)")
+    print(f"peak memory   ~{_human(peak)} per rank (estimate)")
+    print(f"time          ~{est:.1f} s per rank at 1 GB/s read and write (estimate)")
+    if args.tensors:
+        for t in plan.tensors:
+            print(f"  {t.name} {t.shape} {t.out_dtype} blocks={t.n_blocks}x{t.block_rows} rows owners={sorted(set(t.owners))}")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from bigmerge.dist.comm import get_comm
+    from bigmerge.merge import MergeOptions, run_merge
+
+    opts = MergeOptions(
+        block_bytes=args.block_size,
+        shard_bytes=args.shard_size,
+        cache_bytes=args.cache_size,
+        io_threads=args.io_threads,
+        prefetch=args.prefetch,
+        seed=args.seed,
+        store=args.store,
+        overwrite=args.overwrite,
+        keep_store=args.keep_store,
+        quiet=args.quiet,
+    )
+    run_merge(args.config, args.out, get_comm(), opts)
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from bigmerge.storage.export import verify
+    from bigmerge.storage.fs import location
+
+    n = verify(location(args.out))
+    if not args.quiet:
+        print(f"bigmerge: verified {n} tensors in {args.out}")
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = {"merge": cmd_merge, "plan": cmd_plan, "verify": cmd_verify}[args.command]
+    from bigmerge.dist.comm import get_comm, launched_by_mpi
+
+    comm = get_comm() if args.command == "merge" and launched_by_mpi() else None
+    try:
+        return handler(args)
+    except BigmergeError as exc:
+        collective = exc.__class__.__name__ == "CollectiveError"
+        if comm is None or comm.rank == 0 or not collective:
+            print(f"bigmerge: error: {exc}", file=sys.stderr, flush=True)
+        if comm is not None and comm.size > 1 and not collective:
+            comm.abort(exc.exit_code)  # the other ranks may be waiting on this one
+        return exc.exit_code
+    except KeyboardInterrupt:
+        if comm is not None and comm.size > 1:
+            comm.abort(130)
+        return 130
+    except Exception:  # noqa: BLE001 - a bug: show it, and never leave other ranks hanging
+        rank = f"[rank {comm.rank}] " if comm is not None else ""
+        print(f"bigmerge: {rank}internal error:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+        if comm is not None and comm.size > 1:
+            comm.abort(1)
+        return 1
+
+
+def entry() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,0 +1,198 @@
+"""The merge config: mergekit's YAML vocabulary, read as is, plus a few keys of ours.
+
+A parameter may be a scalar, a gradient (a list interpolated over layer depth), or a
+list of `{filter, value}` where `filter` is a substring of the tensor name (no filter or
+"*" is the fallback). Precedence, highest first: slice source > slice > global; for the
+plain `models:` form a model's own `parameters` play the role of the slice source.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Callable, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+
+from bigmerge.errors import ConfigError
+
+ScalarParameter = Union[bool, int, float, str]
+ScalarOrGradient = Union[ScalarParameter, list[ScalarParameter]]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ConditionalParameter(_Strict):
+    value: ScalarOrGradient
+    filter: Optional[str] = None
+
+
+ParameterSetting = Union[ConditionalParameter, list[ConditionalParameter], ScalarOrGradient]
+Parameters = dict[str, ParameterSetting]
+
+
+class InputModel(_Strict):
+    model: str
+    parameters: Optional[Parameters] = None
+
+
+class InputSlice(_Strict):
+    model: str
+    layer_range: tuple[int, int]
+    parameters: Optional[Parameters] = None
+
+
+class OutputSlice(_Strict):
+    sources: list[InputSlice]
+    base_model: Optional[str] = None
+    residual_weight: Optional[float] = None
+    parameters: Optional[Parameters] = None
+
+
+DTYPE_NAMES = {
+    "float32": "F32",
+    "fp32": "F32",
+    "float": "F32",
+    "float16": "F16",
+    "fp16": "F16",
+    "half": "F16",
+    "bfloat16": "BF16",
+    "bf16": "BF16",
+    "float64": "F64",
+}
+
+
+class MergeConfig(_Strict):
+    """One merge, as written in YAML. Field names are mergekit's where mergekit has them."""
+
+    merge_method: str
+    base_model: Optional[str] = None
+    models: Optional[list[InputModel]] = None
+    slices: Optional[list[OutputSlice]] = None
+    parameters: Optional[Parameters] = None
+    dtype: Optional[str] = None
+    out_dtype: Optional[str] = None
+    tokenizer_source: Optional[str] = None
+    chat_template: Optional[str] = None
+    name: Optional[str] = None
+    # bigmerge's own keys
+    storage_options: Optional[dict[str, Any]] = None
+    seed: Optional[int] = None
+
+    @field_validator("dtype", "out_dtype")
+    @classmethod
+    def _known_dtype(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and v not in DTYPE_NAMES:
+            raise ValueError(f"unknown dtype {v!r}; expected one of float32, bfloat16, float16, float64")
+        return v
+
+    def model_refs(self) -> list[str]:
+        """Every source in merge order: the listed models, then the base if it is not listed."""
+        refs: list[str] = []
+        if self.models:
+            refs = [m.model for m in self.models]
+        elif self.slices:
+            for s in self.slices:
+                refs.extend(src.model for src in s.sources if src.model not in refs)
+        if self.base_model and self.base_model not in refs:
+            refs.append(self.base_model)
+        return refs
+
+    def model_parameters(self, ref: str) -> Optional[Parameters]:
+        for m in self.models or []:
+            if m.model == ref:
+                return m.parameters
+        return None
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+
+
+def _format_loc(loc: tuple[Any, ...]) -> str:
+    parts: list[str] = []
+    for item in loc:
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+        elif isinstance(item, str) and not item.startswith(("list[", "dict[", "tuple[", "function-")) and item not in (
+            "str",
+            "int",
+            "float",
+            "bool",
+            "ConditionalParameter",
+        ):
+            parts.append(("." if parts else "") + item)
+    return "".join(parts) or "(top level)"
+
+
+def parse_config(data: Any, source: str = "config") -> MergeConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        cfg = MergeConfig.model_validate(data)
+    except ValidationError as exc:
+        err = _most_relevant(exc.errors())
+        where = _format_loc(tuple(err["loc"]))
+        if err["type"] == "extra_forbidden":
+            raise ConfigError(f"{source}: unknown key {where!r}") from None
+        if err["type"] == "missing":
+            raise ConfigError(f"{source}: missing required key {where!r}") from None
+        raise ConfigError(f"{source}: bad value for {where!r}: {err['msg']}") from None
+    if bool(cfg.models) == bool(cfg.slices):
+        raise ConfigError(f"{source}: exactly one of 'models' or 'slices' must be given")
+    return cfg
+
+
+def _most_relevant(errors: list[dict[str, Any]]) -> dict[str, Any]:
+    # Unions report one error per branch; an unknown key or a missing key says the most.
+    for kind in ("extra_forbidden", "missing", "value_error"):
+        for e in errors:
+            if e["type"] == kind:
+                return e
+    return errors[0]
+
+
+def load_config(path: str | Path) -> MergeConfig:
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read config: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{p}: not valid YAML{at}: {getattr(exc, 'problem', exc)}") from None
+    return parse_config(data, str(p))
+
+
+def evaluate_setting(tensor_name: str, setting: ParameterSetting, t: float, validate: Callable[[Any], Any]) -> Any:
+    """A setting's value for one tensor at relative depth t in [0, 1]; None when no filter matches."""
+    if isinstance(setting, ConditionalParameter):
+        setting = [setting]
+    if isinstance(setting, (bool, int, float, str)):
+        return validate(setting)
+    if not setting:
+        return None
+    if all(isinstance(e, (bool, int, float, str)) for e in setting):
+        values = [validate(e) for e in setting]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            return values[int(t * (len(values) - 1))]  # discrete values pick, they do not blend
+        scaled = t * (len(values) - 1)
+        i0 = int(scaled)
+        i1 = min(len(values) - 1, i0 + 1)
+        frac = scaled - i0
+        return validate((1 - frac) * values[i0] + frac * values[i1])
+    for cond in setting:
+        if not isinstance(cond, ConditionalParameter):
+            raise ConfigError(f"a parameter list must hold only scalars or only {{filter, value}} entries, got {cond!r}")
+        if cond.filter is None or cond.filter == "*" or (tensor_name and cond.filter in tensor_name):
+            return evaluate_setting(tensor_name, cond.value, t, validate)
+    return None
+
+
+Scope = Literal["shared", "input", "non_base"]

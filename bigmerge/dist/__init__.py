@@ -1,0 +1,1 @@
+"""Distribution: the communicator (the only module that knows MPI), the executor and its journal."""

@@ -1,0 +1,117 @@
+"""The executor loop, run by every rank over its own blocks.
+
+For each tensor: if the operator needs whole-tensor statistics, every rank computes them
+over its blocks and they are reduced exactly across ranks (one collective per round);
+then each rank applies the operator to its unfinished blocks and writes them. Ranks that
+own no block of a tensor still join its reductions, in the same tensor order.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+
+from bigmerge.dist.comm import Comm, reduce_stats
+from bigmerge.dist.reader import BlockReader
+from bigmerge.ops import get_op
+from bigmerge.ops.base import Block
+from bigmerge.plan import Plan, TensorPlan
+from bigmerge.storage.zarr_store import BlockStore
+
+DEFAULT_CACHE_BYTES = 512 * 1024 * 1024
+
+
+@dataclass
+class ExecStats:
+    blocks_done: int = 0
+    blocks_skipped: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+
+
+def execute(
+    plan: Plan,
+    comm: Comm,
+    store: BlockStore,
+    reader: BlockReader,
+    done: set[tuple[int, int]],
+    *,
+    cache_bytes: int = DEFAULT_CACHE_BYTES,
+    on_block: Optional[Callable[[int], None]] = None,
+) -> ExecStats:
+    op = get_op(plan.merge_method)
+    rank = comm.rank
+    stats = ExecStats()
+    work: list[tuple[TensorPlan, list[int], int]] = []  # tensor, blocks read first, rounds
+    for t in plan.tensors:
+        if all((t.index, b) in done for b in range(t.n_blocks)):
+            stats.blocks_skipped += sum(1 for o in t.owners if o == rank)
+            continue
+        rounds = op.rounds(plan.task(t))
+        mine = [b for b in range(t.n_blocks) if t.owners[b] == rank]
+        first = mine if rounds else [b for b in mine if (t.index, b) not in done]
+        stats.blocks_skipped += len(mine) - len([b for b in mine if (t.index, b) not in done])
+        work.append((t, first, rounds))
+
+    stream = reader.stream((t, b) for t, first, _ in work for b in first)
+    writes: deque[Future[None]] = deque()
+    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bigmerge-write")
+
+    def write(t: TensorPlan, b: int, out: torch.Tensor) -> None:
+        writes.append(writer.submit(store.write_block, t, b, out))
+        while len(writes) > 2:
+            writes.popleft().result()  # re-raises a failed write here
+        stats.blocks_done += 1
+        stats.bytes_written += t.out_bytes() // max(1, t.n_blocks)
+
+    try:
+        for t, first, rounds in work:
+            task = plan.task(t)
+            todo = [b for b in range(t.n_blocks) if t.owners[b] == rank and (t.index, b) not in done]
+            if not rounds:
+                for b in first:
+                    _, _, inputs = next(stream)
+                    write(t, b, op.apply(task, _block(t, b, inputs), None))
+                    if on_block:
+                        on_block(sum(x.numel() * x.element_size() for x in inputs))
+                continue
+            local_bytes = len(first) * (t.in_bytes() // max(1, t.n_blocks))
+            cache: dict[int, list[torch.Tensor]] = {}
+            keep = local_bytes <= cache_bytes
+
+            def inputs_of(b: int) -> list[torch.Tensor]:
+                return cache[b] if b in cache else reader.read(t, b)
+
+            prev: Any = None
+            for rnd in range(rounds):
+                partial: dict[int, dict[str, Any]] = {}
+                for b in first:
+                    if rnd == 0:
+                        _, _, inputs = next(stream)
+                        if keep:
+                            cache[b] = inputs
+                        if on_block:
+                            on_block(sum(x.numel() * x.element_size() for x in inputs))
+                    else:
+                        inputs = inputs_of(b)
+                    partial[b] = op.stats(rnd, task, _block(t, b, inputs), prev)
+                reduced = reduce_stats(comm, partial, t.n_blocks)
+                prev = op.finish(rnd, task, reduced, prev)
+            for b in todo:
+                write(t, b, op.apply(task, _block(t, b, inputs_of(b)), prev))
+            cache.clear()
+        while writes:
+            writes.popleft().result()
+    finally:
+        writer.shutdown(wait=True, cancel_futures=True)
+    stats.bytes_read = reader.bytes_read
+    return stats
+
+
+def _block(t: TensorPlan, b: int, inputs: list[torch.Tensor]) -> Block:
+    r0, r1 = t.block_range(b)
+    return Block(b, r0, r1, inputs)

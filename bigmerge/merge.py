@@ -1,0 +1,153 @@
+"""`bigmerge merge` from top to bottom: plan on rank 0, broadcast, execute, export."""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from bigmerge.catalog import ModelCatalog, catalog_models
+from bigmerge.config import MergeConfig, load_config
+from bigmerge.dist.comm import Comm
+from bigmerge.dist.executor import DEFAULT_CACHE_BYTES, execute
+from bigmerge.dist.reader import BlockReader
+from bigmerge.errors import BigmergeError, OutputExistsError
+from bigmerge.plan import DEFAULT_BLOCK_BYTES, Plan, build_plan
+from bigmerge.progress import Progress
+from bigmerge.storage.export import DEFAULT_SHARD_BYTES, MANIFEST_NAME, clear_finished_markers, export
+from bigmerge.storage.fs import Location, location
+from bigmerge.storage.zarr_store import BlockStore
+
+STORE_DIR = ".bigmerge-store.zarr"
+
+
+@dataclass
+class MergeOptions:
+    block_bytes: int = DEFAULT_BLOCK_BYTES
+    shard_bytes: int = DEFAULT_SHARD_BYTES
+    cache_bytes: int = DEFAULT_CACHE_BYTES
+    io_threads: int = 4
+    prefetch: int = 2
+    seed: Optional[int] = None
+    store: Optional[str] = None
+    overwrite: bool = False
+    keep_store: bool = False
+    quiet: bool = False
+
+
+class CollectiveError(BigmergeError):
+    """An error every rank knows about (it was broadcast), so no rank needs to abort the others."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def _collective(comm: Comm, fn: Any) -> Any:
+    """Run fn on rank 0 and broadcast its result, or its user error, to every rank."""
+    result: Any = None
+    error: Optional[tuple[str, int]] = None
+    if comm.rank == 0:
+        try:
+            result = fn()
+        except BigmergeError as exc:
+            error = (str(exc), exc.exit_code)
+    result, error = comm.bcast((result, error))
+    if error is not None:
+        raise CollectiveError(*error)
+    return result
+
+
+def plan_merge(cfg: MergeConfig, world_size: int, opts: MergeOptions) -> tuple[Plan, list[ModelCatalog]]:
+    catalogs = catalog_models(cfg.model_refs(), cfg.storage_options)
+    plan = build_plan(cfg, catalogs, block_bytes=opts.block_bytes, seed=opts.seed, world_size=world_size)
+    return plan, catalogs
+
+
+def run_merge(config_path: str, out_url: str, comm: Comm, opts: MergeOptions) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    log = _logger(comm, opts.quiet)
+    state: dict[str, Any] = {}
+
+    def prepare() -> tuple[str, str]:
+        cfg = load_config(config_path)
+        out = location(out_url, cfg.storage_options)
+        if out.join(MANIFEST_NAME).exists() and not opts.overwrite:
+            raise OutputExistsError(f"{out.url}: already holds a finished merge ({MANIFEST_NAME}); use --overwrite")
+        plan, catalogs = plan_merge(cfg, comm.size, opts)
+        store_loc = location(opts.store, cfg.storage_options) if opts.store else out.join(STORE_DIR)
+        store = BlockStore(store_loc)
+        store.prepare(plan, opts.overwrite)
+        clear_finished_markers(out)
+        state.update(cfg=cfg, catalogs=catalogs, plan=plan, store=store, out=out)
+        return plan.to_json(), store_loc.url
+
+    plan_json, store_url = _collective(comm, prepare)
+    plan = state.get("plan") or Plan.from_json(plan_json)
+    cfg: Optional[MergeConfig] = state.get("cfg")
+    storage_options = cfg.storage_options if cfg else None
+    storage_options = comm.bcast(storage_options)
+    store: BlockStore = state.get("store") or BlockStore(location(store_url, storage_options))
+    out: Location = state.get("out") or location(out_url, storage_options)
+    for w in plan.warnings:
+        log(f"warning: {w}")
+    done = _collective(comm, store.done_blocks)
+    total_blocks = sum(t.n_blocks for t in plan.tensors)
+    my_bytes = plan.rank_bytes()[comm.rank]
+    log(
+        f"merging {len(plan.tensors)} tensors ({total_blocks} blocks, {sum(t.in_bytes() for t in plan.tensors) / 1e9:.2f} GB "
+        f"to read) from {len(plan.models)} models with {plan.merge_method} on {comm.size} rank(s)"
+        + (f"; resuming: {len(done)} blocks already done" if done else "")
+    )
+    reader = BlockReader(plan, storage_options, threads=opts.io_threads, prefetch=opts.prefetch)
+    progress = Progress(my_bytes, enabled=(comm.rank == 0 and not opts.quiet), desc="merge")
+    try:
+        stats = execute(plan, comm, store, reader, done, cache_bytes=opts.cache_bytes, on_block=progress.update)
+    finally:
+        reader.close()
+        progress.close()
+    t_merge = time.perf_counter() - t0
+    comm.barrier()
+    log("exporting safetensors")
+    export(
+        plan,
+        comm,
+        store,
+        out,
+        state.get("catalogs"),
+        shard_bytes=opts.shard_bytes,
+        tokenizer_source=cfg.tokenizer_source if cfg else None,
+        chat_template=cfg.chat_template if cfg else None,
+    )
+    if comm.rank == 0 and not opts.keep_store:
+        store.loc.remove(recursive=True)
+    wall = time.perf_counter() - t0
+    peak = [g for g in comm.allgather(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)]
+    blocks = comm.allgather((stats.blocks_done, stats.blocks_skipped, stats.bytes_read))
+    summary = {
+        "out": out.url,
+        "tensors": len(plan.tensors),
+        "blocks_computed": sum(b[0] for b in blocks),
+        "blocks_resumed": len(done),
+        "bytes_read": sum(b[2] for b in blocks),
+        "wall_s": round(wall, 3),
+        "merge_s": round(t_merge, 3),
+        "peak_rss_bytes_per_rank": peak,
+        "ranks": comm.size,
+    }
+    log(
+        f"done: {out.url} ({summary['blocks_computed']} blocks computed, {summary['blocks_resumed']} resumed, "
+        f"{summary['bytes_read'] / 1e9:.2f} GB read in {wall:.1f} s, "
+        f"{summary['bytes_read'] / 1e9 / max(wall, 1e-9):.2f} GB/s, peak RSS {max(peak) / 2**20:.0f} MiB/rank)"
+    )
+    return summary
+
+
+def _logger(comm: Comm, quiet: bool) -> Any:
+    def log(msg: str) -> None:
+        if comm.rank == 0 and not quiet:
+            print(f"bigmerge: {msg}", file=sys.stderr, flush=True)
+
+    return log

@@ -1,0 +1,18 @@
+"""The registry of merge operators, by the name used in the config's `merge_method`."""
+
+from __future__ import annotations
+
+from bigmerge.errors import ConfigError
+from bigmerge.ops.base import MergeOp
+from bigmerge.ops.linear import LinearOp
+from bigmerge.ops.task_arithmetic import TaskArithmeticOp, TiesOp
+
+REGISTRY: dict[str, type[MergeOp]] = {op.name: op for op in (LinearOp, TaskArithmeticOp, TiesOp)}
+
+
+def get_op(name: str) -> MergeOp:
+    try:
+        return REGISTRY[name]()
+    except KeyError:
+        known = ", ".join(sorted(REGISTRY))
+        raise ConfigError(f"unknown merge_method {name!r}; this version knows: {known}") from None

@@ -1,0 +1,101 @@
+"""What a merge operator is: declared parameters, optional whole-tensor statistics, and apply.
+
+The executor calls, for every tensor:
+
+    for r in range(op.rounds(tensor)):          # 0 rounds: no statistics, no reduction
+        partial = op.stats(r, tensor, block, prev) for each local block
+        prev = op.finish(r, tensor, reduced)    # reduced exactly across blocks and ranks
+    out = op.apply(tensor, block, prev)         # per block
+
+Statistics are dicts of numpy arrays. Integer arrays are summed (exact in any order);
+float arrays are kept per block and summed in block order, so the result does not depend
+on how blocks are spread over ranks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal, Optional
+
+import numpy as np
+import torch
+
+from bigmerge.errors import ConfigError
+
+Scope = Literal["shared", "input", "non_base"]
+BasePolicy = Literal["required", "optional", "ignored"]
+Stats = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class Param:
+    """One parameter an operator reads: its name, type, scope and default (None = required)."""
+
+    name: str
+    type: type
+    scope: Scope
+    default: Any = None
+    required: bool = False
+
+
+@dataclass
+class TensorTask:
+    """What an operator knows about the tensor it merges (a view of the plan's TensorPlan)."""
+
+    name: str
+    shape: tuple[int, ...]
+    numel: int
+    n_blocks: int
+    base_index: Optional[int]
+    shared: dict[str, Any]
+    per_model: list[dict[str, Any]]
+    compute_dtype: torch.dtype
+    seed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def non_base(self) -> list[int]:
+        return [i for i in range(len(self.per_model)) if i != self.base_index]
+
+
+@dataclass
+class Block:
+    """One row range of one tensor, with the inputs from every source in model order."""
+
+    index: int
+    row0: int
+    row1: int
+    inputs: list[torch.Tensor]  # storage dtype, shape (rows, *shape[1:])
+
+
+class MergeOp:
+    """Base of every operator. Subclasses declare `name`, `params`, `base`, and `apply`."""
+
+    name: ClassVar[str]
+    params: ClassVar[tuple[Param, ...]] = ()
+    base: ClassVar[BasePolicy] = "ignored"
+    min_models: ClassVar[int] = 1
+    random: ClassVar[bool] = False
+    # Peak working memory of apply, in compute-dtype copies of one source block per source.
+    workspace_per_source: ClassVar[float] = 1.0
+
+    def check(self, task: TensorTask) -> None:
+        """Reject bad resolved parameters for one tensor; the message names the key."""
+
+    def rounds(self, task: TensorTask) -> int:
+        return 0
+
+    def stats(self, rnd: int, task: TensorTask, block: Block, prev: Any) -> Stats:
+        raise NotImplementedError
+
+    def finish(self, rnd: int, task: TensorTask, reduced: Stats, prev: Any) -> Any:
+        return reduced
+
+    def apply(self, task: TensorTask, block: Block, stats: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def require_base(op: MergeOp, task: TensorTask) -> int:
+    if task.base_index is None:
+        raise ConfigError(f"merge_method {op.name!r} needs a base_model")
+    return task.base_index

@@ -1,0 +1,29 @@
+"""Weighted averaging: the model soup. `linear` with equal weights is the uniform soup."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from bigmerge.ops.base import Block, MergeOp, Param, TensorTask
+
+
+class LinearOp(MergeOp):
+    name = "linear"
+    params = (
+        Param("weight", float, "input", required=True),
+        Param("normalize", bool, "shared", default=True),
+    )
+    base = "ignored"
+    workspace_per_source = 0.0  # accumulates one source at a time
+
+    def apply(self, task: TensorTask, block: Block, stats: Any) -> torch.Tensor:
+        acc = torch.float64 if task.compute_dtype == torch.float64 else torch.float32
+        weights = torch.tensor([p["weight"] for p in task.per_model], dtype=acc)
+        out = torch.zeros(block.inputs[0].shape, dtype=acc)
+        for x, w in zip(block.inputs, weights):
+            out.addcmul_(x.to(task.compute_dtype), w)
+        if task.shared["normalize"]:
+            out.div_(weights.sum())
+        return out.to(task.compute_dtype)

@@ -1,0 +1,45 @@
+"""Exact top-k magnitude thresholds in O(n), reduced across blocks: a radix select.
+
+For non-negative float32 values the int32 bit patterns sort like the values. Round 0
+counts the high 16 bits (32768 bins: the sign bit is 0), which finds the bin holding the
+k-th largest value; round 1 counts the low 16 bits inside that bin, which finds the value.
+Counts are integers, so summing them over blocks and ranks is exact in any order.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+HI_BINS = 1 << 15
+LO_BINS = 1 << 16
+
+
+def magnitude_bits(x: torch.Tensor) -> torch.Tensor:
+    """|x| as float32, viewed as int32 bit patterns (monotonic in |x|)."""
+    return x.detach().abs().to(torch.float32).reshape(-1).view(torch.int32)
+
+
+def hist_high(bits: torch.Tensor) -> np.ndarray:
+    hi = torch.bitwise_right_shift(bits, 16)
+    return torch.bincount(hi, minlength=HI_BINS).numpy().astype(np.int64)
+
+
+def hist_low(bits: torch.Tensor, hi_bin: int) -> np.ndarray:
+    hi = torch.bitwise_right_shift(bits, 16)
+    lo = torch.bitwise_and(bits[hi == hi_bin], 0xFFFF)
+    return torch.bincount(lo, minlength=LO_BINS).numpy().astype(np.int64)
+
+
+def find_bin(hist: np.ndarray, k: int) -> tuple[int, int]:
+    """The bin holding the k-th largest element (k >= 1), and k's rank inside that bin."""
+    above = np.cumsum(hist[::-1])  # above[j] = count in the top j+1 bins
+    j = int(np.searchsorted(above, k))  # first j with above[j] >= k
+    b = len(hist) - 1 - j
+    before = int(above[j - 1]) if j > 0 else 0
+    return b, k - before
+
+
+def threshold_value(hi_bin: int, lo_bin: int) -> float:
+    bits = np.array([(hi_bin << 16) | lo_bin], dtype=np.int32)
+    return float(bits.view(np.float32)[0])

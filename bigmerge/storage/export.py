@@ -1,0 +1,210 @@
+"""Export: the zarr store becomes a Hugging Face checkpoint.
+
+Output files are spread over the ranks; each rank streams its files block by block from
+the store (bounded memory) and hashes every tensor as it goes. Rank 0 then writes
+`config.json`, the tokenizer, `model.safetensors.index.json` and, last of all, the
+manifest: a merge is complete only when the manifest exists.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from typing import Any, Optional
+
+from bigmerge import __version__
+from bigmerge.catalog import INDEX_NAME, ModelCatalog
+from bigmerge.dist.comm import Comm
+from bigmerge.errors import StorageError, VerifyError
+from bigmerge.plan import Plan, TensorPlan
+from bigmerge.storage.fs import Location, describe
+from bigmerge.storage.safetensors import build_header, read_header
+from bigmerge.storage.zarr_store import BlockStore
+
+MANIFEST_NAME = "bigmerge-manifest.json"
+SHARD_RE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+DEFAULT_SHARD_BYTES = 5 * 1000**3
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+DTYPE_CONFIG_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+
+
+def layout_files(plan: Plan, shard_bytes: int) -> list[list[TensorPlan]]:
+    files: list[list[TensorPlan]] = [[]]
+    size = 0
+    for t in plan.tensors:
+        n = t.out_bytes()
+        if files[-1] and size + n > shard_bytes:
+            files.append([])
+            size = 0
+        files[-1].append(t)
+        size += n
+    return files
+
+
+def file_name(i: int, n: int) -> str:
+    return f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+
+
+def clear_finished_markers(out: Location) -> None:
+    """Before writing anything: an old index or manifest must not vouch for new files."""
+    out.join(MANIFEST_NAME).remove()
+    out.join(INDEX_NAME).remove()
+    for name in out.listdir():
+        if SHARD_RE.fullmatch(name):
+            out.join(name).remove()
+
+
+def write_file(store: BlockStore, out: Location, name: str, tensors: list[TensorPlan]) -> dict[str, str]:
+    header = build_header([(t.name, t.out_dtype, tuple(t.shape), t.out_bytes()) for t in tensors], {"format": "pt"})
+    loc = out.join(name)
+    hashes: dict[str, str] = {}
+    try:
+        loc.fs.makedirs(out.path, exist_ok=True)
+        with loc.fs.open(loc.path, "wb") as f:
+            f.write(header)
+            for t in tensors:
+                h = hashlib.sha256()
+                for b in range(t.n_blocks):
+                    data = memoryview(store.read_block(t, b)).cast("B")
+                    h.update(data)
+                    f.write(data)
+                hashes[t.name] = h.hexdigest()
+    except StorageError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise StorageError(f"{loc.url}: writing the output file failed: {describe(exc)}") from exc
+    return hashes
+
+
+def export(
+    plan: Plan,
+    comm: Comm,
+    store: BlockStore,
+    out: Location,
+    catalogs: Optional[list[ModelCatalog]],
+    *,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+    tokenizer_source: Optional[str] = None,
+    chat_template: Optional[str] = None,
+) -> dict[str, Any]:
+    files = layout_files(plan, shard_bytes)
+    names = [file_name(i, len(files)) for i in range(len(files))]
+    mine: dict[str, str] = {}
+    for i, tensors in enumerate(files):
+        if i % comm.size == comm.rank:
+            mine.update(write_file(store, out, names[i], tensors))
+    gathered = comm.allgather(mine)
+    manifest: dict[str, Any] = {}
+    if comm.rank == 0:
+        hashes: dict[str, str] = {}
+        for g in gathered:
+            hashes.update(g)
+        manifest = _finish(plan, out, files, names, hashes, catalogs, tokenizer_source, chat_template)
+    comm.barrier()
+    return manifest
+
+
+def _finish(
+    plan: Plan,
+    out: Location,
+    files: list[list[TensorPlan]],
+    names: list[str],
+    hashes: dict[str, str],
+    catalogs: Optional[list[ModelCatalog]],
+    tokenizer_source: Optional[str],
+    chat_template: Optional[str],
+) -> dict[str, Any]:
+    by_ref = {c.ref: c for c in catalogs or []}
+    base_ref = plan.models[plan.base_index] if plan.base_index is not None else plan.models[0]
+    cfg_src = by_ref.get(base_ref)
+    out_dtypes = {t.out_dtype for t in plan.tensors}
+    if cfg_src is not None and cfg_src.config is not None:
+        cfg = dict(cfg_src.config)
+        if len(out_dtypes) == 1:
+            dname = DTYPE_CONFIG_NAMES[next(iter(out_dtypes))]
+            keys = [k for k in ("torch_dtype", "dtype") if k in cfg] or ["torch_dtype"]
+            for k in keys:
+                cfg[k] = dname
+        out.join("config.json").write_bytes(json.dumps(cfg, indent=2).encode())
+        gen = cfg_src.root.join("generation_config.json")
+        if gen.exists():
+            out.join("generation_config.json").write_bytes(gen.read_bytes())
+    tok_ref = base_ref if tokenizer_source in (None, "base") else tokenizer_source
+    tok_root = by_ref[tok_ref].root if tok_ref in by_ref else None
+    if tok_root is not None:
+        for fname in TOKENIZER_FILES:
+            src = tok_root.join(fname)
+            if src.exists():
+                out.join(fname).write_bytes(src.read_bytes())
+    if chat_template:
+        out.join("chat_template.jinja").write_bytes(chat_template.encode())
+
+    weight_map = {t.name: names[i] for i, tensors in enumerate(files) for t in tensors}
+    total = sum(t.out_bytes() for t in plan.tensors)
+    index = {"metadata": {"total_size": total, "merged_by": f"bigmerge {__version__}"}, "weight_map": weight_map}
+    out.join(INDEX_NAME).write_bytes(json.dumps(index, indent=2).encode())
+    manifest = {
+        "format": "bigmerge-manifest",
+        "version": 1,
+        "bigmerge": __version__,
+        "merge_method": plan.merge_method,
+        "plan_fingerprint": plan.fingerprint(),
+        "config_fingerprint": plan.config_fingerprint,
+        "sources": plan.source_headers,
+        "files": names,
+        "tensors": {
+            t.name: {"file": weight_map[t.name], "dtype": t.out_dtype, "shape": t.shape, "sha256": hashes[t.name]}
+            for t in plan.tensors
+        },
+    }
+    out.join(MANIFEST_NAME).write_bytes(json.dumps(manifest, indent=1).encode())
+    return manifest
+
+
+def verify(out: Location, chunk: int = 64 * 1024 * 1024) -> int:
+    """Re-read every tensor of a finished merge and check it against the manifest."""
+    mloc = out.join(MANIFEST_NAME)
+    if not mloc.exists():
+        raise VerifyError(f"{out.url}: no {MANIFEST_NAME}: not a finished bigmerge output")
+    try:
+        manifest = json.loads(mloc.read_bytes())
+        expected: dict[str, Any] = manifest["tensors"]
+    except (ValueError, KeyError) as exc:
+        raise VerifyError(f"{mloc.url}: unreadable manifest: {exc}") from None
+    if not out.join(INDEX_NAME).exists():
+        raise VerifyError(f"{out.url}: manifest present but {INDEX_NAME} is missing")
+    seen = 0
+    for fname in manifest.get("files", []):
+        floc = out.join(fname)
+        if not floc.exists():
+            raise VerifyError(f"{floc.url}: output file listed in the manifest is missing")
+        tensors, _, _ = read_header(floc)
+        for name, info in sorted(tensors.items(), key=lambda kv: kv[1].start):
+            want = expected.get(name)
+            if want is None:
+                raise VerifyError(f"{floc.url}: tensor {name!r} is not in the manifest")
+            if want["file"] != fname or want["dtype"] != info.dtype or list(want["shape"]) != list(info.shape):
+                raise VerifyError(f"{floc.url}: tensor {name!r} has dtype/shape/file other than the manifest says")
+            h = hashlib.sha256()
+            pos = info.start
+            while pos < info.end:
+                n = min(chunk, info.end - pos)
+                h.update(floc.read_bytes(pos, pos + n))
+                pos += n
+            if h.hexdigest() != want["sha256"]:
+                raise VerifyError(f"{floc.url}: tensor {name!r} does not match its checksum in the manifest")
+            seen += 1
+    if seen != len(expected):
+        raise VerifyError(f"{out.url}: {len(expected) - seen} tensor(s) of the manifest are in no output file")
+    return seen

@@ -1,0 +1,149 @@
+"""The zarr v3 store every rank writes into, and the journal of finished blocks.
+
+One array per tensor (named by index, never by the tensor's name, so no name can become
+a path), the sharding codec with one shard per block, so no two ranks ever write the same
+object. bfloat16 is stored as its uint16 bit pattern; the true dtype is in the attributes.
+A journal entry (an empty object `journal/tNNNNN.bNNNNN`) is written after its block, so
+a rerun recomputes exactly the blocks that have no entry.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import zarr
+import zarr.storage
+
+from bigmerge.errors import OutputExistsError, StorageError
+from bigmerge.plan import Plan, TensorPlan
+from bigmerge.storage.fs import Location, describe
+from bigmerge.storage.safetensors import DTYPES
+
+STORAGE_NP = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "uint16"}
+PLAN_FILE = "bigmerge-plan.json"
+
+
+def array_name(t: TensorPlan) -> str:
+    return f"t{t.index:06d}"
+
+
+def to_storage(x: torch.Tensor, dtype: str) -> np.ndarray:
+    x = x.to(DTYPES[dtype][0]).contiguous()
+    if dtype == "BF16":
+        return x.view(torch.uint16).numpy()
+    return x.numpy()
+
+
+def from_storage(a: np.ndarray, dtype: str) -> torch.Tensor:
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    return t.view(torch.bfloat16) if dtype == "BF16" else t
+
+
+class BlockStore:
+    def __init__(self, loc: Location) -> None:
+        self.loc = loc
+        self.journal = loc.join("journal")
+        self._arrays: dict[int, Any] = {}
+        if loc.is_local:
+            self._zstore: Any = zarr.storage.LocalStore(loc.path)
+        else:
+            self._zstore = zarr.storage.FsspecStore(fs=_async_fs(loc), path=loc.path)
+
+    # -- set-up (rank 0) ------------------------------------------------------------------
+
+    def prepare(self, plan: Plan, overwrite: bool) -> None:
+        """Create the arrays, or check that an existing store was made by the same plan."""
+        plan_loc = self.loc.join(PLAN_FILE)
+        fingerprint = plan.fingerprint()
+        if plan_loc.exists():
+            try:
+                old = json.loads(plan_loc.read_bytes())
+            except ValueError:
+                old = {}
+            if old.get("fingerprint") == fingerprint:
+                return  # resume
+            if not overwrite:
+                raise OutputExistsError(
+                    f"{self.loc.url}: holds a partial merge of a different config or different sources; "
+                    "rerun with --overwrite to discard it"
+                )
+        self.loc.remove(recursive=True)
+        try:
+            group = zarr.open_group(self._zstore, mode="w", zarr_format=3)
+            for t in plan.tensors:
+                shape = tuple(t.shape) if t.shape else (1,)
+                shard = (t.block_rows, *shape[1:]) if t.n_blocks else shape
+                group.create_array(
+                    array_name(t),
+                    shape=shape,
+                    dtype=STORAGE_NP[t.out_dtype],
+                    chunks=shard,
+                    shards=shard,
+                    compressors=None,
+                    fill_value=0,
+                    attributes={"name": t.name, "dtype": t.out_dtype, "shape": t.shape},
+                )
+        except Exception as exc:  # noqa: BLE001
+            raise StorageError(f"{self.loc.url}: cannot create the zarr store: {describe(exc)}") from exc
+        # Written last: a store without it is not resumable and is rebuilt.
+        plan_loc.write_bytes(json.dumps({"fingerprint": fingerprint, "merge_method": plan.merge_method}).encode())
+
+    # -- blocks ---------------------------------------------------------------------------
+
+    def _array(self, t: TensorPlan) -> Any:
+        arr = self._arrays.get(t.index)
+        if arr is None:
+            arr = zarr.open_array(self._zstore, path=array_name(t), mode="r+", zarr_format=3)
+            self._arrays[t.index] = arr
+        return arr
+
+    def write_block(self, t: TensorPlan, b: int, x: torch.Tensor) -> None:
+        r0, r1 = t.block_range(b)
+        data = to_storage(x, t.out_dtype)
+        try:
+            arr = self._array(t)
+            if not t.shape:
+                arr[:] = data.reshape(1)
+            else:
+                arr[r0:r1] = data.reshape((r1 - r0, *t.shape[1:]))
+        except Exception as exc:  # noqa: BLE001
+            raise StorageError(f"{self.loc.url}: writing block {b} of tensor {t.name!r} failed: {describe(exc)}") from exc
+        self.journal.join(f"t{t.index:06d}.b{b:06d}").write_bytes(b"")
+
+    def read_block(self, t: TensorPlan, b: int) -> np.ndarray:
+        r0, r1 = t.block_range(b)
+        try:
+            arr = self._array(t)
+            return np.asarray(arr[:] if not t.shape else arr[r0:r1])
+        except Exception as exc:  # noqa: BLE001
+            raise StorageError(f"{self.loc.url}: reading block {b} of tensor {t.name!r} failed: {describe(exc)}") from exc
+
+    def done_blocks(self) -> set[tuple[int, int]]:
+        done: set[tuple[int, int]] = set()
+        for name in self.journal.listdir():
+            if name.startswith("t") and ".b" in name:
+                ti, bi = name[1:].split(".b", 1)
+                if ti.isdigit() and bi.isdigit():
+                    done.add((int(ti), int(bi)))
+        return done
+
+
+def _async_fs(loc: Location) -> Any:
+    """zarr's FsspecStore wants an async file system; wrap a sync one if needed."""
+    fs = loc.fs
+    if getattr(fs, "async_impl", False):
+        if not getattr(fs, "asynchronous", False):
+            import fsspec
+
+            fs = fsspec.filesystem(fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0], asynchronous=True, **loc.storage_options)
+        return fs
+    from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
+
+    return AsyncFileSystemWrapper(fs)
+
+
+def open_store(loc: Location, plan: Optional[Plan] = None) -> BlockStore:
+    return BlockStore(loc)
