@@ -152,7 +152,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         return handler(args)
     except BigmergeError as exc:
-        collective = exc.__class__.__name__ == "CollectiveError"
+        collective = bool(getattr(exc, "collective", False))
         if comm is None or comm.rank == 0 or not collective:
             print(f"bigmerge: error: {exc}", file=sys.stderr, flush=True)
         if comm is not None and comm.size > 1 and not collective:

@@ -13,6 +13,7 @@ from bigmerge.config import MergeConfig, load_config
 from bigmerge.dist.comm import Comm
 from bigmerge.dist.executor import DEFAULT_CACHE_BYTES, execute
 from bigmerge.dist.reader import BlockReader
+from bigmerge import errors
 from bigmerge.errors import BigmergeError, OutputExistsError
 from bigmerge.plan import DEFAULT_BLOCK_BYTES, Plan, build_plan
 from bigmerge.progress import Progress
@@ -37,26 +38,24 @@ class MergeOptions:
     quiet: bool = False
 
 
-class CollectiveError(BigmergeError):
-    """An error every rank knows about (it was broadcast), so no rank needs to abort the others."""
-
-    def __init__(self, message: str, exit_code: int) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
-
-
 def _collective(comm: Comm, fn: Any) -> Any:
     """Run fn on rank 0 and broadcast its result, or its user error, to every rank."""
     result: Any = None
-    error: Optional[tuple[str, int]] = None
+    error: Optional[tuple[str, str]] = None
     if comm.rank == 0:
         try:
             result = fn()
         except BigmergeError as exc:
-            error = (str(exc), exc.exit_code)
+            if comm.size == 1:
+                raise
+            error = (type(exc).__name__, str(exc))
     result, error = comm.bcast((result, error))
     if error is not None:
-        raise CollectiveError(*error)
+        # Every rank raises the same error, marked as known to all: nobody needs to abort.
+        cls = getattr(errors, error[0], BigmergeError)
+        exc = cls(error[1])
+        exc.collective = True  # type: ignore[attr-defined]
+        raise exc
     return result
 
 

@@ -8,6 +8,8 @@ own no block of a tensor still join its reductions, in the same tensor order.
 
 from __future__ import annotations
 
+import os
+import signal
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -23,6 +25,17 @@ from bigmerge.plan import Plan, TensorPlan
 from bigmerge.storage.zarr_store import BlockStore
 
 DEFAULT_CACHE_BYTES = 512 * 1024 * 1024
+# Fault injection for the failure tests only: "RANK:BLOCKS:KIND" makes rank RANK fail after
+# writing BLOCKS blocks, KIND "error" (an exception) or "kill" (SIGKILL, as a lost node).
+FAULT_ENV = "BIGMERGE_FAULT_INJECT"
+
+
+def _fault(rank: int) -> Optional[tuple[int, str]]:
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return None
+    r, n, kind = spec.split(":")
+    return (int(n), kind) if int(r) == rank else None
 
 
 @dataclass
@@ -61,11 +74,19 @@ def execute(
     writes: deque[Future[None]] = deque()
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bigmerge-write")
 
+    fault = _fault(rank)
+
     def write(t: TensorPlan, b: int, out: torch.Tensor) -> None:
         writes.append(writer.submit(store.write_block, t, b, out))
         while len(writes) > 2:
             writes.popleft().result()  # re-raises a failed write here
         stats.blocks_done += 1
+        if fault is not None and stats.blocks_done >= fault[0]:
+            while writes:
+                writes.popleft().result()
+            if fault[1] == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise RuntimeError(f"injected fault on rank {rank} after {stats.blocks_done} blocks")
         stats.bytes_written += t.out_bytes() // max(1, t.n_blocks)
 
     try:

