@@ -1,0 +1,173 @@
+"""Bad input: one line naming file/tensor/key, a non-zero exit, no traceback, no index or manifest."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import bigmerge, synthetic_family, write_checkpoint
+
+from bigmerge.cli import main
+
+TIES = """merge_method: {method}
+base_model: {base}
+models:
+  - model: {ft1}
+    parameters: {{weight: 0.5, density: {density}}}
+  - model: {ft2}
+    parameters: {{weight: 0.5, density: 0.5}}
+"""
+
+
+def run(capsys: pytest.CaptureFixture[str], cfg: Path, out: Path) -> tuple[int, str]:
+    code = main(["merge", str(cfg), str(out), "--quiet"])
+    err = capsys.readouterr().err
+    return code, err
+
+
+def write(tmp: Path, f: dict[str, Path], method: str = "ties", density: float = 0.5) -> Path:
+    p = tmp / "c.yaml"
+    p.write_text(TIES.format(method=method, density=density, **{k: str(v) for k, v in f.items()}))
+    return p
+
+
+def assert_clean_failure(code: int, err: str, out: Path, *needles: str) -> None:
+    assert code != 0
+    lines = [ln for ln in err.strip().splitlines() if ln]
+    assert len(lines) == 1 and lines[0].startswith("bigmerge: error: "), err
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+    assert not (out / "model.safetensors.index.json").exists()
+    assert not (out / "bigmerge-manifest.json").exists()
+
+
+def test_truncated_safetensors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    f = synthetic_family(tmp_path / "m")
+    p = f["ft1"] / "model.safetensors"
+    p.write_bytes(p.read_bytes()[:-100])
+    code, err = run(capsys, write(tmp_path, f), tmp_path / "out")
+    assert_clean_failure(code, err, tmp_path / "out", str(p), "out of range")
+
+
+def test_corrupt_header(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    f = synthetic_family(tmp_path / "m")
+    p = f["ft2"] / "model.safetensors"
+    data = bytearray(p.read_bytes())
+    data[10:14] = b"\xff\xfe{]"
+    p.write_bytes(bytes(data))
+    code, err = run(capsys, write(tmp_path, f), tmp_path / "out")
+    assert_clean_failure(code, err, tmp_path / "out", str(p), "JSON")
+
+
+def test_header_length_past_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    f = synthetic_family(tmp_path / "m")
+    p = f["ft2"] / "model.safetensors"
+    data = bytearray(p.read_bytes())
+    data[:8] = struct.pack("<Q", 10**7)
+    p.write_bytes(bytes(data))
+    code, err = run(capsys, write(tmp_path, f), tmp_path / "out")
+    assert_clean_failure(code, err, tmp_path / "out", str(p), "past the end")
+
+
+def test_shape_mismatch(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    f = synthetic_family(tmp_path / "m")
+    from safetensors.torch import load_file
+
+    t = load_file(str(f["ft1"] / "model.safetensors"))
+    t["model.layers.1.mlp.up_proj.weight"] = torch.zeros(5, 8)
+    write_checkpoint(f["ft1"], t)
+    code, err = run(capsys, write(tmp_path, f), tmp_path / "out")
+    assert_clean_failure(code, err, tmp_path / "out", str(f["ft1"]), "model.layers.1.mlp.up_proj.weight", "shape [5, 8]", "expected [24, 8]")
+
+
+def test_missing_tensor(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    f = synthetic_family(tmp_path / "m")
+    from safetensors.torch import load_file
+
+    t = load_file(str(f["ft2"] / "model.safetensors"))
+    del t["model.norm.weight"]
+    write_checkpoint(f["ft2"], t)
+    code, err = run(capsys, write(tmp_path, f), tmp_path / "out")
+    assert_clean_failure(code, err, tmp_path / "out", str(f["ft2"]), "'model.norm.weight' is missing")
+
+
+def test_missing_shard_in_index(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    f = synthetic_family(tmp_path / "m", shards=2)
+    (f["ft1"] / "model-00002-of-00002.safetensors").unlink()
+    code, err = run(capsys, write(tmp_path, f), tmp_path / "out")
+    assert_clean_failure(code, err, tmp_path / "out", "model-00002-of-00002.safetensors", "does not exist")
+
+
+def test_index_with_path_escape(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    f = synthetic_family(tmp_path / "m", shards=2)
+    idx = f["ft1"] / "model.safetensors.index.json"
+    data = json.loads(idx.read_text())
+    first = next(iter(data["weight_map"]))
+    data["weight_map"][first] = "../../etc/passwd"
+    idx.write_text(json.dumps(data))
+    code, err = run(capsys, write(tmp_path, f), tmp_path / "out")
+    assert_clean_failure(code, err, tmp_path / "out", "not a plain file name")
+
+
+def test_unknown_method(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    f = synthetic_family(tmp_path / "m")
+    code, err = run(capsys, write(tmp_path, f, method="tiez"), tmp_path / "out")
+    assert_clean_failure(code, err, tmp_path / "out", "unknown merge_method 'tiez'", "ties")
+
+
+@pytest.mark.parametrize("density", [0.0, -0.1, 1.5])
+def test_out_of_range_density(tmp_path: Path, capsys: pytest.CaptureFixture[str], density: float) -> None:
+    f = synthetic_family(tmp_path / "m")
+    code, err = run(capsys, write(tmp_path, f, density=density), tmp_path / "out")
+    assert_clean_failure(code, err, tmp_path / "out", "'density'", "(0, 1]")
+    assert not (tmp_path / "out").exists()  # known before any write: nothing written
+
+
+def test_unknown_parameter(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    f = synthetic_family(tmp_path / "m")
+    p = tmp_path / "c.yaml"
+    p.write_text(f"merge_method: linear\nmodels:\n  - model: {f['ft1']}\n    parameters: {{wieght: 1}}\n")
+    code, err = run(capsys, p, tmp_path / "out")
+    assert_clean_failure(code, err, tmp_path / "out", "unknown parameter 'wieght'", "models[0].parameters")
+
+
+def test_missing_model_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    f = synthetic_family(tmp_path / "m")
+    f["ft2"] = tmp_path / "nope"
+    code, err = run(capsys, write(tmp_path, f), tmp_path / "out")
+    assert_clean_failure(code, err, tmp_path / "out", str(tmp_path / "nope"), "not found")
+
+
+def test_cli_subprocess_prints_no_traceback(tmp_path: Path) -> None:
+    f = synthetic_family(tmp_path / "m")
+    cfg = write(tmp_path, f, method="nonsense")
+    proc = bigmerge("merge", str(cfg), str(tmp_path / "out"))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("bigmerge: error: unknown merge_method")
+    assert "Traceback" not in proc.stderr
+
+
+def test_plan_reads_no_tensor_data(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from bigmerge.storage.fs import Location
+
+    f = synthetic_family(tmp_path / "m")
+    reads: list[tuple[int, int | None]] = []
+    real = Location.read_bytes
+
+    def spy(self: Location, start: int | None = None, end: int | None = None) -> bytes:
+        reads.append((start or 0, end))
+        return real(self, start, end)
+
+    def boom(*_a: object) -> None:
+        raise AssertionError("plan read tensor data")
+
+    monkeypatch.setattr(Location, "read_into", boom)
+    monkeypatch.setattr(Location, "read_bytes", spy)
+    cfg = write(tmp_path, f)
+    assert main(["plan", str(cfg), "-n", "2", "--block-size", "256"]) == 0
+    out = capsys.readouterr().out
+    assert "rank 1" in out and "peak memory" in out and "imbalance" in out
+    assert all(start == 0 or end is None for start, end in reads)  # header prefixes and JSON files only

