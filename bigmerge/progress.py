@@ -1,32 +1,40 @@
-"""A progress bar on rank 0 with bytes and GB/s; silent with --quiet or when not enabled."""
+"""Progress on rank 0: a bar with bytes and GB/s on a terminal, a line every few seconds in logs."""
 
 from __future__ import annotations
 
 import sys
+import time
 from typing import Any, Optional
 
 
 class Progress:
-    def __init__(self, total: int, *, enabled: bool, desc: str) -> None:
+    def __init__(self, total: int, *, enabled: bool, desc: str, interval: float = 10.0) -> None:
         self._bar: Optional[Any] = None
-        if enabled and total > 0:
+        self._enabled = enabled and total > 0
+        self._total = total
+        self._desc = desc
+        self._done = 0
+        self._t0 = time.perf_counter()
+        self._last = self._t0
+        self._interval = interval
+        if self._enabled and sys.stderr.isatty():
             from tqdm import tqdm
 
-            self._bar = tqdm(
-                total=total,
-                desc=desc,
-                unit="B",
-                unit_scale=True,
-                unit_divisor=1000,
-                file=sys.stderr,
-                dynamic_ncols=True,
-                mininterval=0.5,
-                disable=None,  # no bar when stderr is not a terminal
-            )
+            self._bar = tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1000, file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
 
     def update(self, n: int) -> None:
+        if not self._enabled:
+            return
+        self._done += n
         if self._bar is not None:
             self._bar.update(n)
+            return
+        now = time.perf_counter()
+        if now - self._last >= self._interval:
+            self._last = now
+            rate = self._done / max(now - self._t0, 1e-9) / 1e9
+            pct = 100.0 * self._done / self._total
+            print(f"bigmerge: {self._desc} {pct:5.1f}% ({self._done / 1e9:.2f}/{self._total / 1e9:.2f} GB on rank 0, {rate:.2f} GB/s)", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self._bar is not None:

@@ -146,3 +146,23 @@ def test_partial_store_of_another_config_is_refused(family: dict[str, Path], tmp
     cfg.write_text(linear_cfg(family, 0.2, 0.5))
     with pytest.raises(OutputExistsError, match="different config"):
         run_merge(str(cfg), str(tmp_path / "o"), SerialComm(), MergeOptions(quiet=True))
+
+
+def test_store_is_readable_by_zarr(family: dict[str, Path], tmp_path: Path) -> None:
+    """Shards are encoded by bigmerge itself; zarr must read them as its own sharding codec."""
+    import zarr
+
+    text = ties_cfg(family, extra="dtype: float32\nout_dtype: bfloat16")
+    cfg = tmp_path / "z.yaml"
+    cfg.write_text(text)
+    run_merge(str(cfg), str(tmp_path / "z"), SerialComm(), MergeOptions(quiet=True, keep_store=True, block_bytes=200))
+    out = load_output(tmp_path / "z")
+    group = zarr.open_group(str(tmp_path / "z" / ".bigmerge-store.zarr"), mode="r")
+    seen = 0
+    for _, arr in group.arrays():
+        name = arr.attrs["name"]
+        assert arr.attrs["dtype"] == "BF16"
+        got = torch.from_numpy(arr[:]).view(torch.bfloat16).reshape(out[name].shape)
+        assert torch.equal(got, out[name]), name
+        seen += 1
+    assert seen == len(out)

@@ -20,8 +20,9 @@ import torch
 from bigmerge.dist.comm import Comm, reduce_stats
 from bigmerge.dist.reader import BlockReader
 from bigmerge.ops import get_op
-from bigmerge.ops.base import Block
+from bigmerge.ops.base import Block, Scratch
 from bigmerge.plan import Plan, TensorPlan
+from bigmerge.storage.safetensors import DTYPES
 from bigmerge.storage.zarr_store import BlockStore
 
 DEFAULT_CACHE_BYTES = 512 * 1024 * 1024
@@ -75,9 +76,19 @@ def execute(
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bigmerge-write")
 
     fault = _fault(rank)
+    scratch = Scratch()
+    ring = [Scratch() for _ in range(4)]  # output buffers; at most 3 are ever in flight
+    n_written = 0
 
     def write(t: TensorPlan, b: int, out: torch.Tensor) -> None:
-        writes.append(writer.submit(store.write_block, t, b, out))
+        nonlocal n_written
+        # Convert to the stored dtype here, into a buffer the writer owns until it is done,
+        # so the operator's scratch can be reused for the next block at once.
+        dtype = DTYPES[t.out_dtype][0]
+        dst = ring[n_written % len(ring)].get("out", out.shape, dtype)
+        dst.copy_(out)
+        n_written += 1
+        writes.append(writer.submit(store.write_block, t, b, dst))
         while len(writes) > 2:
             writes.popleft().result()  # re-raises a failed write here
         stats.blocks_done += 1
@@ -96,9 +107,10 @@ def execute(
             if not rounds:
                 for b in first:
                     _, _, inputs = next(stream)
-                    write(t, b, op.apply(task, _block(t, b, inputs), None))
+                    write(t, b, op.apply(task, _block(t, b, inputs, scratch), None))
                     if on_block:
                         on_block(sum(x.numel() * x.element_size() for x in inputs))
+                    reader.release(inputs)
                 continue
             local_bytes = len(first) * (t.in_bytes() // max(1, t.n_blocks))
             cache: dict[int, list[torch.Tensor]] = {}
@@ -106,6 +118,10 @@ def execute(
 
             def inputs_of(b: int) -> list[torch.Tensor]:
                 return cache[b] if b in cache else reader.read(t, b)
+
+            def done_with(b: int, inputs: list[torch.Tensor]) -> None:
+                if b not in cache:
+                    reader.release(inputs)
 
             prev: Any = None
             for rnd in range(rounds):
@@ -119,11 +135,16 @@ def execute(
                             on_block(sum(x.numel() * x.element_size() for x in inputs))
                     else:
                         inputs = inputs_of(b)
-                    partial[b] = op.stats(rnd, task, _block(t, b, inputs), prev)
+                    partial[b] = op.stats(rnd, task, _block(t, b, inputs, scratch), prev)
+                    done_with(b, inputs)
                 reduced = reduce_stats(comm, partial, t.n_blocks)
                 prev = op.finish(rnd, task, reduced, prev)
             for b in todo:
-                write(t, b, op.apply(task, _block(t, b, inputs_of(b)), prev))
+                inputs = inputs_of(b)
+                write(t, b, op.apply(task, _block(t, b, inputs, scratch), prev))
+                done_with(b, inputs)
+            for inputs in cache.values():
+                reader.release(inputs)
             cache.clear()
         while writes:
             writes.popleft().result()
@@ -133,6 +154,6 @@ def execute(
     return stats
 
 
-def _block(t: TensorPlan, b: int, inputs: list[torch.Tensor]) -> Block:
+def _block(t: TensorPlan, b: int, inputs: list[torch.Tensor], scratch: Scratch) -> Block:
     r0, r1 = t.block_range(b)
-    return Block(b, r0, r1, inputs)
+    return Block(b, r0, r1, inputs, scratch)

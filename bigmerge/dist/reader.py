@@ -6,6 +6,7 @@ read straight into a buffer that becomes the torch tensor (no extra copy locally
 
 from __future__ import annotations
 
+import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Iterable, Iterator, Optional
@@ -25,6 +26,28 @@ class BlockReader:
         self._pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="bigmerge-read")
         self._locs: dict[str, Location] = {}
         self.bytes_read = 0
+        # Recycled read buffers: fresh large allocations cost page faults on every block.
+        self._free: list[torch.Tensor] = []
+        self._free_lock = threading.Lock()
+        self._max_free = 4 * max(1, len(plan.models)) * (self.prefetch + 2)
+
+    def _buffer(self, n: int) -> torch.Tensor:
+        with self._free_lock:
+            best = None
+            for i, buf in enumerate(self._free):
+                if buf.numel() >= n and (best is None or buf.numel() < self._free[best].numel()):
+                    best = i
+            if best is not None:
+                return self._free.pop(best)[:n]
+        return torch.empty(n, dtype=torch.uint8)
+
+    def release(self, inputs: list[torch.Tensor]) -> None:
+        """Give a block's input buffers back for reuse; the caller must not touch them again."""
+        with self._free_lock:
+            for x in inputs:
+                base = x._base if x._base is not None else x
+                if base.dtype == torch.uint8 and len(self._free) < self._max_free:
+                    self._free.append(base)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -41,10 +64,10 @@ class BlockReader:
         itemsize = DTYPES[src.dtype][1]
         row_bytes = t.row_elems * itemsize
         n = (r1 - r0) * row_bytes
-        buf = bytearray(n)
+        buf = self._buffer(n)
         if n:
-            self._loc(src.file).read_into(src.start + r0 * row_bytes, memoryview(buf))
-        x = torch.frombuffer(buf, dtype=DTYPES[src.dtype][0]) if n else torch.empty(0, dtype=DTYPES[src.dtype][0])
+            self._loc(src.file).read_into(src.start + r0 * row_bytes, memoryview(buf.numpy()).cast("B"))
+        x = buf.view(DTYPES[src.dtype][0])
         self.bytes_read += n
         return x.reshape((r1 - r0, *t.shape[1:]) if t.shape else (1,))
 

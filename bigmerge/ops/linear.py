@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from bigmerge.ops.base import Block, MergeOp, Param, TensorTask
+from bigmerge.ops.base import Block, MergeOp, Param, TensorTask, as_compute
 
 
 class LinearOp(MergeOp):
@@ -19,11 +19,12 @@ class LinearOp(MergeOp):
     workspace_per_source = 0.0  # accumulates one source at a time
 
     def apply(self, task: TensorTask, block: Block, stats: Any) -> torch.Tensor:
+        # mergekit's arithmetic: a float32 (float64 for float64) accumulator, addcmul per model.
         acc = torch.float64 if task.compute_dtype == torch.float64 else torch.float32
         weights = torch.tensor([p["weight"] for p in task.per_model], dtype=acc)
-        out = torch.zeros(block.inputs[0].shape, dtype=acc)
+        out = block.scratch.get("acc", block.inputs[0].shape, acc).zero_()
         for x, w in zip(block.inputs, weights):
-            out.addcmul_(x.to(task.compute_dtype), w)
+            out.addcmul_(as_compute(x, task.compute_dtype, block.scratch), w)
         if task.shared["normalize"]:
             out.div_(weights.sum())
         return out.to(task.compute_dtype)

@@ -15,7 +15,7 @@ import torch
 
 from bigmerge.errors import ConfigError
 from bigmerge.ops import select
-from bigmerge.ops.base import Block, MergeOp, Param, Stats, TensorTask, require_base
+from bigmerge.ops.base import Block, MergeOp, Param, Stats, TensorTask, as_compute, require_base
 
 
 @dataclass
@@ -64,8 +64,10 @@ class TaskArithmeticOp(MergeOp):
         return 3 if task.shared["rescale"] else 2
 
     def _delta(self, task: TensorTask, block: Block, i: int) -> torch.Tensor:
-        base = block.inputs[require_base(self, task)].to(task.compute_dtype)
-        return block.inputs[i].to(task.compute_dtype) - base
+        dt = task.compute_dtype
+        base = block.inputs[require_base(self, task)]
+        out = block.scratch.get("stats_delta", base.shape, dt)
+        return torch.sub(as_compute(block.inputs[i], dt, block.scratch, "cast_x"), as_compute(base, dt, block.scratch, "cast_base"), out=out)
 
     def stats(self, rnd: int, task: TensorTask, block: Block, prev: Any) -> Stats:
         out: Stats = {}
@@ -110,34 +112,35 @@ class TaskArithmeticOp(MergeOp):
 
     def apply(self, task: TensorTask, block: Block, stats: Any) -> torch.Tensor:
         dt = task.compute_dtype
-        b = require_base(self, task)
-        base = block.inputs[b].to(dt)
+        sc = block.scratch
+        src = block.inputs[require_base(self, task)]
+        base = sc.get("base", src.shape, dt)
+        base.copy_(src)
         others = task.non_base
         if not others:
             return base
-        deltas = base.new_empty((len(others), *base.shape))
+        deltas = sc.get("deltas", (len(others), *base.shape), dt)
         for row, i in enumerate(others):
-            delta = block.inputs[i].to(dt) - base
+            delta = deltas[row]
+            torch.sub(as_compute(block.inputs[i], dt, sc), base, out=delta)
             thr = stats.threshold[i] if isinstance(stats, TopK) else None
             if thr is not None:
-                mask = (select.magnitude_bits(delta) >= _threshold_bits(thr)).reshape(delta.shape).to(dt)
-                delta = delta * mask
+                keep = select.magnitude_bits(delta) >= _threshold_bits(thr)
+                delta.mul_(keep.view(delta.shape))
                 if stats.scale[i] is not None:
-                    delta = delta * torch.tensor(stats.scale[i], dtype=dt)
-            deltas[row] = delta
-            del delta
+                    delta.mul_(torch.tensor(stats.scale[i], dtype=dt))
         weights = torch.tensor([task.per_model[i]["weight"] for i in others], dtype=dt)
         while deltas.dim() > weights.dim():
             weights.unsqueeze_(-1)
         deltas.mul_(weights)
         if self.sign_consensus:
             mask_dtype = torch.int8 if task.shared["int8_mask"] else dt
-            sign = deltas.sign().to(mask_dtype)
+            sign = torch.sign(deltas, out=sc.get("sign", deltas.shape, dt)).to(mask_dtype)
             majority = (deltas.sum(dim=0) >= 0).to(mask_dtype) * 2 - 1
-            agree = sign == majority
+            agree = torch.eq(sign, majority, out=sc.get("agree", deltas.shape, torch.bool))
             del sign, majority
-            mixed = (deltas * agree).sum(dim=0)
-            divisor = (weights * agree).sum(dim=0)
+            mixed = torch.mul(deltas, agree, out=sc.get("masked", deltas.shape, dt)).sum(dim=0)
+            divisor = torch.mul(weights, agree, out=sc.get("wmask", deltas.shape, dt)).sum(dim=0)
             divisor[divisor == 0] = 1
         else:
             mixed = deltas.sum(dim=0)
@@ -148,7 +151,7 @@ class TaskArithmeticOp(MergeOp):
         lam = task.shared["lambda"]
         if lam != 1:
             mixed *= lam
-        return (base + mixed).to(dt)
+        return base.add_(mixed)
 
 
 def _threshold_bits(thr: float) -> int:

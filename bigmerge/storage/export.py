@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+
+import numpy as np
 from typing import Any, Optional
 
 from bigmerge import __version__
@@ -19,7 +21,7 @@ from bigmerge.dist.comm import Comm
 from bigmerge.errors import StorageError, VerifyError
 from bigmerge.plan import Plan, TensorPlan
 from bigmerge.storage.fs import Location, describe
-from bigmerge.storage.safetensors import build_header, read_header
+from bigmerge.storage.safetensors import DTYPES, build_header, read_header
 from bigmerge.storage.zarr_store import BlockStore
 
 MANIFEST_NAME = "bigmerge-manifest.json"
@@ -69,6 +71,8 @@ def write_file(store: BlockStore, out: Location, name: str, tensors: list[Tensor
     header = build_header([(t.name, t.out_dtype, tuple(t.shape), t.out_bytes()) for t in tensors], {"format": "pt"})
     loc = out.join(name)
     hashes: dict[str, str] = {}
+    biggest = max((t.block_rows * t.row_elems * DTYPES[t.out_dtype][1] for t in tensors), default=0)
+    scratch = np.empty(biggest, dtype=np.uint8)  # one buffer for every block: no page faults per block
     try:
         loc.fs.makedirs(out.path, exist_ok=True)
         with loc.fs.open(loc.path, "wb") as f:
@@ -76,7 +80,7 @@ def write_file(store: BlockStore, out: Location, name: str, tensors: list[Tensor
             for t in tensors:
                 h = hashlib.sha256()
                 for b in range(t.n_blocks):
-                    data = memoryview(store.read_block(t, b)).cast("B")
+                    data = memoryview(store.read_block(t, b, scratch)).cast("B")
                     h.update(data)
                     f.write(data)
                 hashes[t.name] = h.hexdigest()

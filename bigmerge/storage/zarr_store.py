@@ -10,8 +10,10 @@ a rerun recomputes exactly the blocks that have no entry.
 from __future__ import annotations
 
 import json
+import posixpath
 from typing import Any, Optional
 
+import google_crc32c
 import numpy as np
 import torch
 import zarr
@@ -24,6 +26,7 @@ from bigmerge.storage.safetensors import DTYPES
 
 STORAGE_NP = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "uint16"}
 PLAN_FILE = "bigmerge-plan.json"
+_ZEROS = bytes(1 << 20)
 
 
 def array_name(t: TensorPlan) -> str:
@@ -31,7 +34,7 @@ def array_name(t: TensorPlan) -> str:
 
 
 def to_storage(x: torch.Tensor, dtype: str) -> np.ndarray:
-    x = x.to(DTYPES[dtype][0]).contiguous()
+    x = x.to(DTYPES[dtype][0]).contiguous()  # no copy when it already is
     if dtype == "BF16":
         return x.view(torch.uint16).numpy()
     return x.numpy()
@@ -46,7 +49,6 @@ class BlockStore:
     def __init__(self, loc: Location) -> None:
         self.loc = loc
         self.journal = loc.join("journal")
-        self._arrays: dict[int, Any] = {}
         if loc.is_local:
             self._zstore: Any = zarr.storage.LocalStore(loc.path)
         else:
@@ -93,33 +95,47 @@ class BlockStore:
 
     # -- blocks ---------------------------------------------------------------------------
 
-    def _array(self, t: TensorPlan) -> Any:
-        arr = self._arrays.get(t.index)
-        if arr is None:
-            arr = zarr.open_array(self._zstore, path=array_name(t), mode="r+", zarr_format=3)
-            self._arrays[t.index] = arr
-        return arr
+    def shard_loc(self, t: TensorPlan, b: int) -> Location:
+        ndim = max(1, len(t.shape))
+        return self.loc.join(array_name(t), "c", *([str(b)] + ["0"] * (ndim - 1)))
 
     def write_block(self, t: TensorPlan, b: int, x: torch.Tensor) -> None:
-        r0, r1 = t.block_range(b)
-        data = to_storage(x, t.out_dtype)
+        """Write block b as one zarr shard, encoded here without copies.
+
+        The layout is the sharding codec's (one inner chunk, `bytes` little-endian, index at
+        the end with `bytes` + `crc32c`), so zarr reads it; encoding it ourselves avoids two
+        full copies of every block inside zarr's codec pipeline. An edge shard is padded to
+        the full shard shape with the fill value (0), as zarr stores edge chunks.
+        """
+        data = memoryview(to_storage(x, t.out_dtype).reshape(-1)).cast("B")
+        full = t.block_rows * t.row_elems * DTYPES[t.out_dtype][1] if t.shape else data.nbytes
+        index = np.array([0, full], dtype="<u8").tobytes()
+        trailer = index + np.uint32(google_crc32c.value(index)).astype("<u4").tobytes()
+        loc = self.shard_loc(t, b)
         try:
-            arr = self._array(t)
-            if not t.shape:
-                arr[:] = data.reshape(1)
-            else:
-                arr[r0:r1] = data.reshape((r1 - r0, *t.shape[1:]))
+            loc.fs.makedirs(posixpath.dirname(loc.path), exist_ok=True)
+            with loc.fs.open(loc.path, "wb") as f:
+                f.write(data)
+                pad = full - data.nbytes
+                while pad > 0:
+                    n = min(pad, len(_ZEROS))
+                    f.write(_ZEROS[:n])
+                    pad -= n
+                f.write(trailer)
         except Exception as exc:  # noqa: BLE001
-            raise StorageError(f"{self.loc.url}: writing block {b} of tensor {t.name!r} failed: {describe(exc)}") from exc
+            raise StorageError(f"{loc.url}: writing block {b} of tensor {t.name!r} failed: {describe(exc)}") from exc
         self.journal.join(f"t{t.index:06d}.b{b:06d}").write_bytes(b"")
 
-    def read_block(self, t: TensorPlan, b: int) -> np.ndarray:
+    def read_block(self, t: TensorPlan, b: int, scratch: Optional[np.ndarray] = None) -> np.ndarray:
+        """The stored bytes of block b (without the edge padding), as a flat uint8 array.
+
+        With `scratch` (a uint8 array large enough), the bytes land there and a view is returned.
+        """
         r0, r1 = t.block_range(b)
-        try:
-            arr = self._array(t)
-            return np.asarray(arr[:] if not t.shape else arr[r0:r1])
-        except Exception as exc:  # noqa: BLE001
-            raise StorageError(f"{self.loc.url}: reading block {b} of tensor {t.name!r} failed: {describe(exc)}") from exc
+        n = (r1 - r0) * t.row_elems * DTYPES[t.out_dtype][1] if t.shape else DTYPES[t.out_dtype][1]
+        buf = scratch[:n] if scratch is not None and scratch.size >= n else np.empty(n, dtype=np.uint8)
+        self.shard_loc(t, b).read_into(0, memoryview(buf))
+        return buf
 
     def done_blocks(self) -> set[tuple[int, int]]:
         done: set[tuple[int, int]] = set()
