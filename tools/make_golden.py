@@ -30,31 +30,40 @@ that records the arguments of ``MergeMethod._execute_resolved`` (the call every 
 through) and then lets mergekit continue unchanged. ``--verify-repeat`` runs every config a
 second time with the plain ``mergekit-yaml`` and checks the tensors are bit-identical.
 
-What mergekit 0.1.5 does, as observed with these fixtures (torch 2.13.0, CPU):
+What mergekit 0.1.5 does, as observed with these fixtures (torch 2.13.0, transformers 5.23, CPU):
 
-- Output dtype: ``out_dtype`` if set; else ``dtype`` if set (a ``dtype: float32`` merge of
-  bfloat16 sources writes float32); else the promoted dtype of the inputs (bf16 sources stay
-  bf16). Every output tensor has that dtype, norms included. config.json gets the same value
-  as ``dtype``.
-- Compute dtype: ``dtype`` if set, else the promoted source dtype. ``linear`` is the exception:
-  its kernel always accumulates in float32 (float64 for float64 inputs) and casts back to the
-  compute dtype, so for linear only the final rounding depends on ``dtype``. ``task_arithmetic``
-  and ``ties`` compute in the compute dtype itself (``dtype: bfloat16`` means bf16 arithmetic).
-- Names: output tensors keep the sources' names (``model.layers.N...``, ``model.norm.weight``,
-  ``lm_head.weight``, ``model.embed_tokens.weight``); nothing is renamed or added. Outputs are
-  one ``model.safetensors`` at these sizes (``--out-shard-size`` defaults to 5B parameters).
-- Tied embeddings (family C, ``tie_word_embeddings: true``, no ``lm_head.weight`` in the
-  sources): the output has no ``lm_head.weight`` either (lm_head is optional in mergekit's
-  Llama definition) and config.json keeps ``tie_word_embeddings: true``.
+- Output dtype: ``out_dtype`` if set; else ``dtype`` if set (``dtype: float32`` on bfloat16
+  sources writes float32: task_arithmetic_bf16_to_fp32); else the promoted dtype of the
+  sources. Every output tensor has that dtype, norms included. The output config.json carries
+  it as ``"dtype"`` (transformers 5 spelling, no ``torch_dtype``); the rest of config.json is
+  the base model's (or the first model's, without base_model).
+- Compute dtype (``compute_dtype`` in resolved/): ``dtype`` if set, else the promoted source
+  dtype. ``task_arithmetic``/``ties`` do their arithmetic in it (``dtype: bfloat16`` means
+  bf16 arithmetic: ties_bf16_native). The ``linear`` kernel, per its source, always
+  accumulates in float32 (float64 for float64 inputs) and casts back to the compute dtype.
+- Names: output tensors keep the sources' names exactly (model.embed_tokens.weight,
+  model.layers.N.*, model.norm.weight, lm_head.weight); nothing renamed, added or dropped.
+  One ``model.safetensors`` at these sizes (``--out-shard-size`` defaults to 5B parameters),
+  plus config.json and the base's tokenizer files.
+- Tied embeddings (family C: ``tie_word_embeddings: true``, no ``lm_head.weight`` in the
+  sources): no ``lm_head.weight`` in the output either (38 tensors; lm_head is optional in
+  mergekit's Llama definition) and config.json keeps ``tie_word_embeddings: true``.
+- Gradients: layer i of L gets the list interpolated linearly at i/(L-1) of its length, as a
+  Python float ([0.2, 0.8, 0.5] over 4 layers: 0.2, 0.6, 0.7000000000000001, 0.5). Tensors
+  outside the layers (embeddings, final norm, lm_head) get the list's *first* value.
+  Filters match by substring of the tensor name; a filter's value may itself be a gradient;
+  the entry without ``filter`` applies to the rest. resolved/NAME.json has every value.
 - TIES top-k (``sparsify.magnitude``) is ``torch.argsort(|delta|.float(), descending=True)[:k]``
-  with ``k = max(1, int(density * numel))``. That sort is not stable: among elements whose
-  ``|delta|`` equals the k-th largest value, which ones are kept is up to torch's sort, not the
-  lowest index. In float32 fixtures such ties are rare; for bfloat16 sources they are common.
-  ``resolved/NAME.json`` and the manifest's ``topk_boundary`` say, per tensor and input, how
-  many elements sit at the threshold (``n_at``), how many of them are kept (``kept_at``), so a
-  comparison can allow exactly those positions to differ.
-- Timing: about 5-10 s per config on 2 CPU cores, nearly all of it start-up (importing
-  transformers and mergekit); the tensors themselves take well under a second.
+  with ``k = max(1, int(density * numel))``, delta computed in the compute dtype. That sort
+  is not stable: among elements whose ``|delta|`` equals the k-th largest, which ones are
+  kept is up to torch's sort (not the lowest indices). The float32 fixtures have no such ties
+  at the boundary; with bfloat16 sources they are everywhere (ties_bf16: 30 of 39 tensors,
+  ~14,400 tied elements dropped). ``resolved/NAME.json`` gives per tensor and input
+  ``threshold``, ``n_at`` (elements at it) and ``kept_at`` (how many of those were kept), and
+  the manifest's ``topk_boundary`` lists where ``n_at > kept_at``, so a comparison can allow
+  exactly the positions whose |delta| equals a threshold to differ.
+- Timing: 5-9 s per config on 2 CPU cores, nearly all start-up (importing transformers and
+  mergekit); the tensors themselves take well under a second.
 """
 
 from __future__ import annotations
@@ -81,7 +90,7 @@ from safetensors.torch import load_file, save_file
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
 
-from toy_models import family_files, make_family, sha256_file  # noqa: E402
+from toy_models import GENERATOR_VERSION, family_files, make_family, sha256_file  # noqa: E402
 
 GOLDEN = REPO / "tests" / "golden"
 MKVENV = REPO / ".mkvenv"
@@ -582,6 +591,8 @@ def main(argv: list[str] | None = None) -> int:
             families[fam] = make_family(tmp / "fixtures" / fam, **kwargs)
             manifest["families"][fam] = {
                 "args": kwargs,
+                "generator_version": GENERATOR_VERSION,
+                "torch": torch.__version__,
                 "sha256": {rel: sha256_file(p) for rel, p in family_files(families[fam])},
             }
         for case in CASES:
@@ -607,9 +618,10 @@ def main(argv: list[str] | None = None) -> int:
 
             (golden / "configs" / f"{case.name}.yaml").write_text(case.yaml)
             target = golden / f"{case.name}.safetensors"
-            save_file(
-                tensors, str(target), metadata={"format": "pt", "mergekit": versions["mergekit"], "config": case.name}
-            )
+            # One metadata key only: safetensors writes its metadata map in random (Rust HashMap)
+            # order, so several keys would make the file bytes differ from run to run.
+            save_file(tensors, str(target), metadata={"format": "pt"})
+            target.chmod(0o644)  # safetensors creates 0600 files
             write_json(golden / "resolved" / f"{case.name}.json", resolved)
             fixture_sha = manifest["families"][case.family]["sha256"]
             entry: dict[str, Any] = {

@@ -208,21 +208,24 @@ def generate_tensors(spec: TensorSpec, seed: int, finetunes: list[str], dtype: t
 
 
 def plan_shards(specs: list[TensorSpec], itemsize: int, *, sharded: bool) -> list[list[TensorSpec]]:
-    """Greedy split in checkpoint order: one shard, or >= MIN_SHARDS shards of <= MAX_SHARD_BYTES each."""
+    """Split in checkpoint order: one shard, or >= MIN_SHARDS balanced shards of <= MAX_SHARD_BYTES."""
     if not sharded:
         return [specs]
-    total = sum(s.numel for s in specs) * itemsize
-    target = min(MAX_SHARD_BYTES, math.ceil(total / MIN_SHARDS))
-    shards: list[list[TensorSpec]] = [[]]
-    size = 0
-    for spec in specs:
-        nbytes = spec.numel * itemsize
-        if shards[-1] and size + nbytes > target:
-            shards.append([])
-            size = 0
-        shards[-1].append(spec)
-        size += nbytes
-    return shards
+    sizes = [s.numel * itemsize for s in specs]
+    total = sum(sizes)
+    n = max(MIN_SHARDS, math.ceil(total / MAX_SHARD_BYTES))
+    while True:
+        # Each tensor goes to the shard holding its midpoint, so shards come out about equal
+        # (a greedy fill leaves a small last shard).
+        shards: list[list[TensorSpec]] = [[] for _ in range(n)]
+        start = 0
+        for spec, nbytes in zip(specs, sizes, strict=True):
+            shards[min(n - 1, (2 * start + nbytes) * n // (2 * total))].append(spec)
+            start += nbytes
+        shards = [sh for sh in shards if sh]
+        if len(shards) == 1 or max(sum(s.numel for s in sh) * itemsize for sh in shards) <= MAX_SHARD_BYTES:
+            return shards
+        n += 1
 
 
 def shard_name(index: int, count: int) -> str:

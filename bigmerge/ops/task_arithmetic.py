@@ -15,7 +15,7 @@ import torch
 
 from bigmerge.errors import ConfigError
 from bigmerge.ops import select
-from bigmerge.ops.base import Block, MergeOp, Param, Stats, TensorTask, as_compute, require_base
+from bigmerge.ops.base import Block, MergeOp, Param, Scratch, Stats, TensorTask, as_compute, require_base
 
 
 @dataclass
@@ -63,20 +63,23 @@ class TaskArithmeticOp(MergeOp):
             return 0
         return 3 if task.shared["rescale"] else 2
 
-    def _delta(self, task: TensorTask, block: Block, i: int) -> torch.Tensor:
-        dt = task.compute_dtype
-        base = block.inputs[require_base(self, task)]
-        out = block.scratch.get("stats_delta", base.shape, dt)
-        return torch.sub(as_compute(block.inputs[i], dt, block.scratch, "cast_x"), as_compute(base, dt, block.scratch, "cast_base"), out=out)
+    def _delta(self, task: TensorTask, block: Block, i: int, base: torch.Tensor) -> torch.Tensor:
+        out = block.scratch.get("stats_delta", base.shape, task.compute_dtype)
+        return torch.sub(as_compute(block.inputs[i], task.compute_dtype, block.scratch, "cast_x"), base, out=out)
 
     def stats(self, rnd: int, task: TensorTask, block: Block, prev: Any) -> Stats:
         out: Stats = {}
+        sc = block.scratch
+        rescale = task.shared["rescale"]
+        base = as_compute(block.inputs[require_base(self, task)], task.compute_dtype, sc, "cast_base")
         for i in self._sparse_models(task):
-            delta = self._delta(task, block, i)
-            bits = select.magnitude_bits(delta)
+            delta = self._delta(task, block, i, base)
+            mag = sc.get("mag", (delta.numel(),), torch.float32)
+            bits = select.magnitude_bits(delta, mag)
             if rnd == 0:
-                out[f"hi{i}"] = select.hist_high(bits)
-                out[f"l1_{i}"] = np.array([delta.abs().sum(dtype=torch.float64).item()])
+                out[f"hi{i}"] = select.hist_high(bits, sc.get("hi", (delta.numel(),), torch.int32))
+                if rescale:
+                    out[f"l1_{i}"] = np.array([delta.abs().sum(dtype=torch.float64).item()])
             elif rnd == 1:
                 out[f"lo{i}"] = select.hist_low(bits, prev.hi_bin[i])
             else:
@@ -93,7 +96,8 @@ class TaskArithmeticOp(MergeOp):
                 k = max(1, int(task.per_model[i]["density"] * task.numel))
                 topk.k[i] = k
                 topk.hi_bin[i], topk.rank_in_bin[i] = select.find_bin(reduced[f"hi{i}"], k)
-                topk.l1_before[i] = float(reduced[f"l1_{i}"].sum())
+                if f"l1_{i}" in reduced:
+                    topk.l1_before[i] = float(reduced[f"l1_{i}"].sum())
             return topk
         topk = prev
         if rnd == 1:
@@ -114,37 +118,51 @@ class TaskArithmeticOp(MergeOp):
         dt = task.compute_dtype
         sc = block.scratch
         src = block.inputs[require_base(self, task)]
-        base = sc.get("base", src.shape, dt)
-        base.copy_(src)
+        base = sc.get("base", src.shape, dt).copy_(src)
         others = task.non_base
         if not others:
             return base
-        deltas = sc.get("deltas", (len(others), *base.shape), dt)
+        shape = base.shape
+        n = len(others)
+        deltas = sc.get("deltas", (n, *shape), dt)
         for row, i in enumerate(others):
             delta = deltas[row]
             torch.sub(as_compute(block.inputs[i], dt, sc), base, out=delta)
             thr = stats.threshold[i] if isinstance(stats, TopK) else None
             if thr is not None:
-                keep = select.magnitude_bits(delta) >= _threshold_bits(thr)
-                delta.mul_(keep.view(delta.shape))
+                bits = select.magnitude_bits(delta, sc.get("mag", (delta.numel(),), torch.float32))
+                keep = torch.ge(bits, _threshold_bits(thr), out=sc.get("keep", bits.shape, torch.bool))
+                # delta * mask as mergekit computes it, with the mask as floats: torch's
+                # float-times-bool kernel is several times slower than float-times-float.
+                delta.mul_(_as_float(keep, dt, sc).view(shape))
                 if stats.scale[i] is not None:
                     delta.mul_(torch.tensor(stats.scale[i], dtype=dt))
         weights = torch.tensor([task.per_model[i]["weight"] for i in others], dtype=dt)
-        while deltas.dim() > weights.dim():
-            weights.unsqueeze_(-1)
-        deltas.mul_(weights)
+        for row in range(n):
+            deltas[row].mul_(weights[row])
+        mixed = sc.get("mixed", shape, dt)
+        divisor = sc.get("divisor", shape, dt)
         if self.sign_consensus:
-            mask_dtype = torch.int8 if task.shared["int8_mask"] else dt
-            sign = torch.sign(deltas, out=sc.get("sign", deltas.shape, dt)).to(mask_dtype)
-            majority = (deltas.sum(dim=0) >= 0).to(mask_dtype) * 2 - 1
-            agree = torch.eq(sign, majority, out=sc.get("agree", deltas.shape, torch.bool))
-            del sign, majority
-            mixed = torch.mul(deltas, agree, out=sc.get("masked", deltas.shape, dt)).sum(dim=0)
-            divisor = torch.mul(weights, agree, out=sc.get("wmask", deltas.shape, dt)).sum(dim=0)
+            # majority sign from the weighted sum; a delta counts where its sign agrees
+            _sum_rows(deltas, mixed)
+            majority = _as_float(torch.ge(mixed, 0, out=sc.get("ge", shape, torch.bool)), dt, sc, "majority")
+            majority.mul_(2).sub_(1)
+            sign = sc.get("sign", shape, dt)
+            agree = sc.get("agree", shape, torch.bool)
+            masked = sc.get("masked", (n, *shape), dt)
+            wmask = sc.get("wmask", (n, *shape), dt)
+            for row in range(n):
+                torch.sign(deltas[row], out=sign)
+                torch.eq(sign, majority, out=agree)
+                agree_f = _as_float(agree, dt, sc, "agree_f")
+                torch.mul(deltas[row], agree_f, out=masked[row])
+                torch.mul(agree_f, weights[row], out=wmask[row])
+            _sum_rows(masked, mixed)
+            _sum_rows(wmask, divisor)
             divisor[divisor == 0] = 1
         else:
-            mixed = deltas.sum(dim=0)
-            divisor = weights.sum(dim=0)
+            _sum_rows(deltas, mixed)
+            divisor = weights.sum(dim=0, keepdim=True)
             divisor[divisor.abs() < 1e-8] = 1
         if task.shared["normalize"]:
             mixed /= divisor
@@ -152,6 +170,23 @@ class TaskArithmeticOp(MergeOp):
         if lam != 1:
             mixed *= lam
         return base.add_(mixed)
+
+
+def _as_float(mask: torch.Tensor, dt: torch.dtype, sc: Scratch, name: str = "mask_f") -> torch.Tensor:
+    return sc.get(name, mask.shape, dt).copy_(mask)
+
+
+def _sum_rows(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """x[0] + x[1] + ... left to right.
+
+    torch's sum over dim 0 equals this for up to 4 rows, but for 5 or more its order
+    depends on the size of the other dimensions, i.e. on the block size; a fixed order
+    keeps every block size (and every world size) bit-identical.
+    """
+    out.copy_(x[0])
+    for row in range(1, x.shape[0]):
+        out.add_(x[row])
+    return out
 
 
 def _threshold_bits(thr: float) -> int:
