@@ -168,7 +168,7 @@ class Plan:
         for t in self.tensors:
             if t.n_blocks == 0:
                 continue
-            elems = t.block_rows * t.row_elems
+            elems = min(t.block_rows, t.rows) * t.row_elems
             raw = sum(elems * DTYPES[s.dtype][1] for s in t.sources)
             work = int((op.workspace_per_source + 1) * n * elems * csize) + elems * 4
             peak = max(peak, (prefetch + 1) * raw + work)

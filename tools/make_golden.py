@@ -62,7 +62,7 @@ What mergekit 0.1.5 does, as observed with these fixtures (torch 2.13.0, transfo
   ``threshold``, ``n_at`` (elements at it) and ``kept_at`` (how many of those were kept), and
   the manifest's ``topk_boundary`` lists where ``n_at > kept_at``, so a comparison can allow
   exactly the positions whose |delta| equals a threshold to differ.
-- Timing: 5-9 s per config on 2 CPU cores, nearly all start-up (importing transformers and
+- Timing: 6-10 s per config on 2 CPU cores, nearly all start-up (importing transformers and
   mergekit); the tensors themselves take well under a second.
 """
 

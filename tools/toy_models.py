@@ -13,8 +13,11 @@ Hugging Face checkpoint directory::
 Token ids: <unk>=0, <s>=1, </s>=2, <pad>=3, byte b = 4 + b, so ``vocab_size`` is 260.
 
 Weights are written straight from generated tensors (no torch model is built), one shard at a
-time, so peak memory is about one shard per model plus a few float32 temporaries of the largest
-tensor. Every tensor comes from a ``torch.Generator`` seeded by a stable hash of
+time with ``safetensors.torch.save_file``, so peak memory is about one shard per model, plus
+save_file's copy of the shard being written and a few float32 temporaries of the largest tensor
+(measured: large/bf16/2 fine-tunes, 7.4 GB written, 2.3 GB peak RSS, 140 s on 2 cores; medium
+1.6 GB, 50 s). Sizes per model in bf16: tiny 0.36 MB (0.73 MB float32), small 48 MB, medium
+0.99 GB, large 2.48 GB. Every tensor comes from a ``torch.Generator`` seeded by a stable hash of
 (seed, stream, tensor name), so files are bit-identical across runs and processes (for the same
 torch version), and ``ft1`` is the same whatever ``n_finetunes`` is.
 

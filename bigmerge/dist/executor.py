@@ -26,6 +26,7 @@ from bigmerge.storage.safetensors import DTYPES
 from bigmerge.storage.zarr_store import BlockStore
 
 DEFAULT_CACHE_BYTES = 512 * 1024 * 1024
+WRITERS = 3  # concurrent block writes: hides object-store latency, bounded memory
 # Fault injection for the failure tests only: "RANK:BLOCKS:KIND" makes rank RANK fail after
 # writing BLOCKS blocks, KIND "error" (an exception) or "kill" (SIGKILL, as a lost node).
 FAULT_ENV = "BIGMERGE_FAULT_INJECT"
@@ -73,11 +74,11 @@ def execute(
 
     stream = reader.stream((t, b) for t, first, _ in work for b in first)
     writes: deque[Future[None]] = deque()
-    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bigmerge-write")
+    writer = ThreadPoolExecutor(max_workers=WRITERS, thread_name_prefix="bigmerge-write")
 
     fault = _fault(rank)
     scratch = Scratch()
-    ring = [Scratch() for _ in range(4)]  # output buffers; at most 3 are ever in flight
+    ring = [Scratch() for _ in range(WRITERS + 2)]  # output buffers; at most WRITERS + 1 in flight
     n_written = 0
 
     def write(t: TensorPlan, b: int, out: torch.Tensor) -> None:
@@ -89,7 +90,7 @@ def execute(
         dst.copy_(out)
         n_written += 1
         writes.append(writer.submit(store.write_block, t, b, dst))
-        while len(writes) > 2:
+        while len(writes) > WRITERS:
             writes.popleft().result()  # re-raises a failed write here
         stats.blocks_done += 1
         if fault is not None and stats.blocks_done >= fault[0]:

@@ -18,6 +18,11 @@ from bigmerge.storage.fs import Location, location
 from bigmerge.storage.safetensors import DTYPES
 
 
+COALESCE_MAX_ITEM = 1 << 20  # blocks up to 1 MiB per source are read together...
+COALESCE_MAX_GROUP = 16 << 20  # ...up to 16 MiB per source per request
+COALESCE_SLACK = 64 << 10  # tolerated gap bytes when merging ranges
+
+
 class BlockReader:
     def __init__(self, plan: Plan, storage_options: Optional[dict[str, Any]] = None, threads: int = 4, prefetch: int = 2):
         self.plan = plan
@@ -28,6 +33,7 @@ class BlockReader:
         self.bytes_read = 0
         # Recycled read buffers: fresh large allocations cost page faults on every block.
         self._free: list[torch.Tensor] = []
+        self._pooled: set[int] = set()  # data pointers of buffers that belong to the pool
         self._free_lock = threading.Lock()
         self._max_free = 4 * max(1, len(plan.models)) * (self.prefetch + 2)
 
@@ -39,15 +45,23 @@ class BlockReader:
                     best = i
             if best is not None:
                 return self._free.pop(best)[:n]
-        return torch.empty(n, dtype=torch.uint8)
+        buf = torch.empty(n, dtype=torch.uint8)
+        with self._free_lock:
+            self._pooled.add(buf.data_ptr())
+        return buf
 
     def release(self, inputs: list[torch.Tensor]) -> None:
         """Give a block's input buffers back for reuse; the caller must not touch them again."""
         with self._free_lock:
             for x in inputs:
                 base = x._base if x._base is not None else x
-                if base.dtype == torch.uint8 and len(self._free) < self._max_free:
+                ptr = base.data_ptr()
+                if ptr not in self._pooled:
+                    continue  # a coalesced buffer: other blocks may still view it
+                if len(self._free) < self._max_free:
                     self._free.append(base)
+                else:
+                    self._pooled.discard(ptr)  # freed now; its address may be reused
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -58,18 +72,43 @@ class BlockReader:
             loc = self._locs[url] = location(url, self.storage_options)
         return loc
 
-    def _read_one(self, t: TensorPlan, b: int, i: int) -> torch.Tensor:
+    def _span(self, t: TensorPlan, b: int, i: int) -> tuple[int, int]:
+        """Absolute byte range of block b of tensor t in source i's file."""
         src = t.sources[i]
         r0, r1 = t.block_range(b)
-        itemsize = DTYPES[src.dtype][1]
-        row_bytes = t.row_elems * itemsize
-        n = (r1 - r0) * row_bytes
-        buf = self._buffer(n)
-        if n:
-            self._loc(src.file).read_into(src.start + r0 * row_bytes, memoryview(buf.numpy()).cast("B"))
-        x = buf.view(DTYPES[src.dtype][0])
-        self.bytes_read += n
-        return x.reshape((r1 - r0, *t.shape[1:]) if t.shape else (1,))
+        row_bytes = t.row_elems * DTYPES[src.dtype][1]
+        return src.start + r0 * row_bytes, src.start + r1 * row_bytes
+
+    def _view(self, buf: torch.Tensor, t: TensorPlan, b: int, i: int) -> torch.Tensor:
+        r0, r1 = t.block_range(b)
+        return buf.view(DTYPES[t.sources[i].dtype][0]).reshape((r1 - r0, *t.shape[1:]) if t.shape else (1,))
+
+    def _read_one(self, t: TensorPlan, b: int, i: int) -> torch.Tensor:
+        start, end = self._span(t, b, i)
+        buf = self._buffer(end - start)
+        if end > start:
+            self._loc(t.sources[i].file).read_into(start, memoryview(buf.numpy()).cast("B"))
+        self.bytes_read += end - start
+        return self._view(buf, t, b, i)
+
+    def _read_group(self, group: list[tuple[TensorPlan, int]], i: int) -> list[torch.Tensor]:
+        """Source i's bytes for several small blocks, in as few requests as their layout allows.
+
+        Small tensors (norms, biases, whole small matrices) sit next to each other in a file;
+        one ranged read of the covering range replaces a request per tensor, which is what
+        costs on object storage. Buffers from here are not pooled (they are small).
+        """
+        spans = [self._span(t, b, i) for t, b in group]
+        files = {t.sources[i].file for t, _ in group}
+        lo, hi = min(s for s, _ in spans), max(e for _, e in spans)
+        useful = sum(e - s for s, e in spans)
+        if len(files) != 1 or hi - lo > 2 * useful + COALESCE_SLACK:
+            return [self._read_one(t, b, i) for t, b in group]
+        cover = torch.empty(hi - lo, dtype=torch.uint8)
+        if hi > lo:
+            self._loc(next(iter(files))).read_into(lo, memoryview(cover.numpy()).cast("B"))
+        self.bytes_read += useful
+        return [self._view(cover[s - lo : e - lo], t, b, i) for (t, b), (s, e) in zip(group, spans)]
 
     def _submit(self, t: TensorPlan, b: int) -> list[Future[torch.Tensor]]:
         return [self._pool.submit(self._read_one, t, b, i) for i in range(len(t.sources))]
@@ -77,19 +116,45 @@ class BlockReader:
     def read(self, t: TensorPlan, b: int) -> list[torch.Tensor]:
         return [f.result() for f in self._submit(t, b)]
 
+    def _groups(self, items: Iterable[tuple[TensorPlan, int]]) -> Iterator[list[tuple[TensorPlan, int]]]:
+        group: list[tuple[TensorPlan, int]] = []
+        size = 0
+        for t, b in items:
+            nbytes = max(e - s for s, e in (self._span(t, b, i) for i in range(len(t.sources))))
+            if nbytes > COALESCE_MAX_ITEM:
+                if group:
+                    yield group
+                    group, size = [], 0
+                yield [(t, b)]
+                continue
+            if group and size + nbytes > COALESCE_MAX_GROUP:
+                yield group
+                group, size = [], 0
+            group.append((t, b))
+            size += nbytes
+        if group:
+            yield group
+
     def stream(self, items: Iterable[tuple[TensorPlan, int]]) -> Iterator[tuple[TensorPlan, int, list[torch.Tensor]]]:
-        """Yield (tensor, block, inputs) in order, keeping `prefetch` blocks in flight ahead."""
-        pending: deque[tuple[TensorPlan, int, list[Future[torch.Tensor]]]] = deque()
-        it = iter(items)
+        """Yield (tensor, block, inputs) in order, keeping `prefetch` reads in flight ahead."""
+        pending: deque[tuple[list[tuple[TensorPlan, int]], list[Future[list[torch.Tensor]]]]] = deque()
+        groups = self._groups(items)
         exhausted = False
         while True:
             while not exhausted and len(pending) <= self.prefetch:
-                nxt = next(it, None)
-                if nxt is None:
+                group = next(groups, None)
+                if group is None:
                     exhausted = True
                     break
-                pending.append((nxt[0], nxt[1], self._submit(nxt[0], nxt[1])))
+                if len(group) == 1:
+                    t, b = group[0]
+                    futures = [self._pool.submit(lambda t=t, b=b, i=i: [self._read_one(t, b, i)]) for i in range(len(t.sources))]
+                else:
+                    futures = [self._pool.submit(self._read_group, group, i) for i in range(len(group[0][0].sources))]
+                pending.append((group, futures))
             if not pending:
                 return
-            t, b, futures = pending.popleft()
-            yield t, b, [f.result() for f in futures]
+            group, futures = pending.popleft()
+            per_source = [f.result() for f in futures]
+            for k, (t, b) in enumerate(group):
+                yield t, b, [per_source[i][k] for i in range(len(per_source))]

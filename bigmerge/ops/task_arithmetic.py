@@ -144,7 +144,7 @@ class TaskArithmeticOp(MergeOp):
         divisor = sc.get("divisor", shape, dt)
         if self.sign_consensus:
             # majority sign from the weighted sum; a delta counts where its sign agrees
-            _sum_rows(deltas, mixed)
+            _sum_rows(deltas, mixed, sc)
             majority = _as_float(torch.ge(mixed, 0, out=sc.get("ge", shape, torch.bool)), dt, sc, "majority")
             majority.mul_(2).sub_(1)
             sign = sc.get("sign", shape, dt)
@@ -157,11 +157,11 @@ class TaskArithmeticOp(MergeOp):
                 agree_f = _as_float(agree, dt, sc, "agree_f")
                 torch.mul(deltas[row], agree_f, out=masked[row])
                 torch.mul(agree_f, weights[row], out=wmask[row])
-            _sum_rows(masked, mixed)
-            _sum_rows(wmask, divisor)
+            _sum_rows(masked, mixed, sc)
+            _sum_rows(wmask, divisor, sc)
             divisor[divisor == 0] = 1
         else:
-            _sum_rows(deltas, mixed)
+            _sum_rows(deltas, mixed, sc)
             divisor = weights.sum(dim=0, keepdim=True)
             divisor[divisor.abs() < 1e-8] = 1
         if task.shared["normalize"]:
@@ -176,13 +176,19 @@ def _as_float(mask: torch.Tensor, dt: torch.dtype, sc: Scratch, name: str = "mas
     return sc.get(name, mask.shape, dt).copy_(mask)
 
 
-def _sum_rows(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """x[0] + x[1] + ... left to right.
+def _sum_rows(x: torch.Tensor, out: torch.Tensor, sc: Optional[Scratch] = None) -> torch.Tensor:
+    """x[0] + x[1] + ... left to right, accumulated in float32 for 16-bit dtypes.
 
-    torch's sum over dim 0 equals this for up to 4 rows, but for 5 or more its order
-    depends on the size of the other dimensions, i.e. on the block size; a fixed order
-    keeps every block size (and every world size) bit-identical.
+    This is torch's sum over dim 0 for up to 4 rows (which also accumulates 16-bit
+    floats in float32 and rounds once); for 5 or more rows torch's order depends on the
+    size of the other dimensions, i.e. on the block size, so a fixed order is used to
+    keep every block size (and every world size) bit-identical.
     """
+    if x.dtype in (torch.bfloat16, torch.float16):
+        acc = (sc.get("sum_acc", out.shape, torch.float32) if sc is not None else torch.empty(out.shape)).copy_(x[0])
+        for row in range(1, x.shape[0]):
+            acc.add_(x[row])
+        return out.copy_(acc)
     out.copy_(x[0])
     for row in range(1, x.shape[0]):
         out.add_(x[row])

@@ -9,6 +9,8 @@ manifest: a merge is complete only when the manifest exists.
 from __future__ import annotations
 
 import hashlib
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 import json
 import re
 
@@ -67,23 +69,38 @@ def clear_finished_markers(out: Location) -> None:
             out.join(name).remove()
 
 
-def write_file(store: BlockStore, out: Location, name: str, tensors: list[TensorPlan]) -> dict[str, str]:
+def write_file(store: BlockStore, out: Location, name: str, tensors: list[TensorPlan], prefetch: int = 3) -> dict[str, str]:
+    """Stream one output file from the store, hashing each tensor; reads run ahead on threads."""
     header = build_header([(t.name, t.out_dtype, tuple(t.shape), t.out_bytes()) for t in tensors], {"format": "pt"})
     loc = out.join(name)
     hashes: dict[str, str] = {}
     biggest = max((t.block_rows * t.row_elems * DTYPES[t.out_dtype][1] for t in tensors), default=0)
-    scratch = np.empty(biggest, dtype=np.uint8)  # one buffer for every block: no page faults per block
+    # A small ring of buffers, reused for every block: no page faults per block.
+    ring = [np.empty(biggest, dtype=np.uint8) for _ in range(prefetch + 1)]
+    blocks = [(t, b) for t in tensors for b in range(t.n_blocks)]
     try:
         loc.fs.makedirs(out.path, exist_ok=True)
-        with loc.fs.open(loc.path, "wb") as f:
+        with ThreadPoolExecutor(max_workers=prefetch, thread_name_prefix="bigmerge-export") as pool, loc.fs.open(loc.path, "wb") as f:
             f.write(header)
+            pending: deque[Future[np.ndarray]] = deque()
+            nxt = 0
+            hasher = None
+            for k, (t, b) in enumerate(blocks):
+                while nxt < len(blocks) and nxt - k <= prefetch - 1:
+                    tt, bb = blocks[nxt]
+                    pending.append(pool.submit(store.read_block, tt, bb, ring[nxt % len(ring)]))
+                    nxt += 1
+                data = memoryview(pending.popleft().result()).cast("B")
+                if b == 0:
+                    hasher = hashlib.sha256()
+                assert hasher is not None
+                hasher.update(data)
+                f.write(data)
+                if b == t.n_blocks - 1:
+                    hashes[t.name] = hasher.hexdigest()
             for t in tensors:
-                h = hashlib.sha256()
-                for b in range(t.n_blocks):
-                    data = memoryview(store.read_block(t, b, scratch)).cast("B")
-                    h.update(data)
-                    f.write(data)
-                hashes[t.name] = h.hexdigest()
+                if t.n_blocks == 0:
+                    hashes[t.name] = hashlib.sha256(b"").hexdigest()
     except StorageError:
         raise
     except Exception as exc:  # noqa: BLE001

@@ -88,11 +88,15 @@ class Location:
                 f"{self.url}: file ends early: wanted bytes {start}..{start + want}, got {got} bytes"
             )
 
-    def write_bytes(self, data: bytes) -> None:
+    def write_bytes(self, data: bytes | memoryview) -> None:
+        """Write a whole object: one PUT on object storage, a plain file write locally."""
         try:
-            self.fs.makedirs(posixpath.dirname(self.path), exist_ok=True)
-            with self.fs.open(self.path, "wb") as f:
-                f.write(data)
+            if self.is_local:
+                os.makedirs(posixpath.dirname(self.path), exist_ok=True)
+                with open(self.path, "wb") as f:
+                    f.write(data)
+            else:
+                self.fs.pipe_file(self.path, bytes(data))
         except Exception as exc:  # noqa: BLE001
             raise StorageError(f"{self.url}: write failed: {describe(exc)}") from exc
 

@@ -3,14 +3,18 @@
 One array per tensor (named by index, never by the tensor's name, so no name can become
 a path), the sharding codec with one shard per block, so no two ranks ever write the same
 object. bfloat16 is stored as its uint16 bit pattern; the true dtype is in the attributes.
-A journal entry (an empty object `journal/tNNNNN.bNNNNN`) is written after its block, so
-a rerun recomputes exactly the blocks that have no entry.
+The journal of finished blocks is the set of shards present: a shard appears atomically
+(an object store publishes a PUT whole; locally it is written under a temporary name and
+renamed), so a listing of the store says exactly which blocks a rerun can skip, with no
+extra object per block.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import posixpath
+import re
 from typing import Any, Optional
 
 import google_crc32c
@@ -27,6 +31,8 @@ from bigmerge.storage.safetensors import DTYPES
 STORAGE_NP = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "uint16"}
 PLAN_FILE = "bigmerge-plan.json"
 _ZEROS = bytes(1 << 20)
+TMP_MARK = ".tmp-"
+SHARD_KEY = re.compile(r"t(\d{6})/c/(\d+)(?:/0)*")
 
 
 def array_name(t: TensorPlan) -> str:
@@ -48,7 +54,6 @@ def from_storage(a: np.ndarray, dtype: str) -> torch.Tensor:
 class BlockStore:
     def __init__(self, loc: Location) -> None:
         self.loc = loc
-        self.journal = loc.join("journal")
         if loc.is_local:
             self._zstore: Any = zarr.storage.LocalStore(loc.path)
         else:
@@ -112,19 +117,27 @@ class BlockStore:
         index = np.array([0, full], dtype="<u8").tobytes()
         trailer = index + np.uint32(google_crc32c.value(index)).astype("<u4").tobytes()
         loc = self.shard_loc(t, b)
+        pad = full - data.nbytes
         try:
-            loc.fs.makedirs(posixpath.dirname(loc.path), exist_ok=True)
-            with loc.fs.open(loc.path, "wb") as f:
-                f.write(data)
-                pad = full - data.nbytes
-                while pad > 0:
-                    n = min(pad, len(_ZEROS))
-                    f.write(_ZEROS[:n])
-                    pad -= n
-                f.write(trailer)
+            if loc.is_local:
+                # Stream the block straight from its buffer (no concatenated copy) into a
+                # temporary name, then rename: the shard exists whole or not at all.
+                os.makedirs(posixpath.dirname(loc.path), exist_ok=True)
+                tmp = f"{loc.path}{TMP_MARK}{os.getpid()}"
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    while pad > 0:
+                        n = min(pad, len(_ZEROS))
+                        f.write(_ZEROS[:n])
+                        pad -= n
+                    f.write(trailer)
+                os.replace(tmp, loc.path)
+            else:
+                loc.write_bytes(b"".join((data, bytes(pad), trailer)))  # one PUT per shard
+        except StorageError:
+            raise
         except Exception as exc:  # noqa: BLE001
             raise StorageError(f"{loc.url}: writing block {b} of tensor {t.name!r} failed: {describe(exc)}") from exc
-        self.journal.join(f"t{t.index:06d}.b{b:06d}").write_bytes(b"")
 
     def read_block(self, t: TensorPlan, b: int, scratch: Optional[np.ndarray] = None) -> np.ndarray:
         """The stored bytes of block b (without the edge padding), as a flat uint8 array.
@@ -138,12 +151,17 @@ class BlockStore:
         return buf
 
     def done_blocks(self) -> set[tuple[int, int]]:
+        """Blocks whose shard is in the store (the journal), from one recursive listing."""
         done: set[tuple[int, int]] = set()
-        for name in self.journal.listdir():
-            if name.startswith("t") and ".b" in name:
-                ti, bi = name[1:].split(".b", 1)
-                if ti.isdigit() and bi.isdigit():
-                    done.add((int(ti), int(bi)))
+        try:
+            keys = self.loc.fs.find(self.loc.path) if self.loc.exists() else []
+        except Exception as exc:  # noqa: BLE001
+            raise StorageError(f"{self.loc.url}: cannot list the store: {describe(exc)}") from exc
+        root = self.loc.path.rstrip("/") + "/"
+        for key in keys:
+            m = SHARD_KEY.fullmatch(key[len(root) :] if key.startswith(root) else key)
+            if m:
+                done.add((int(m.group(1)), int(m.group(2))))
         return done
 
 
