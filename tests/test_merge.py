@@ -166,3 +166,21 @@ def test_store_is_readable_by_zarr(family: dict[str, Path], tmp_path: Path) -> N
         assert torch.equal(got, out[name]), name
         seen += 1
     assert seen == len(out)
+
+
+def test_ties_keeps_exactly_k_when_magnitudes_tie(tmp_path: Path) -> None:
+    """Many equal |delta| at the threshold: exactly k kept, the first ties in flat order."""
+    base = {"model.layers.0.w": torch.zeros(40, 10), "model.layers.1.w": torch.zeros(40, 10)}
+    ft = {k: torch.where(torch.arange(400).reshape(40, 10) % 3 == 0, 2.0, 1.0) for k in base}  # 134 twos, 266 ones
+    f = {"base": write_checkpoint(tmp_path / "base", base), "ft1": write_checkpoint(tmp_path / "ft1", ft)}
+    text = f"merge_method: ties\nbase_model: {f['base']}\nmodels:\n  - model: {f['ft1']}\n    parameters: {{weight: 1.0, density: 0.5}}\n"
+    outs = [merge(text, tmp_path, f"o{bs}", block_bytes=bs) for bs in (64, 160, 1 << 20)]
+    for out in outs[1:]:
+        assert_bit_identical(outs[0], out)
+    for k, v in outs[0].items():
+        flat = v.reshape(-1)
+        assert int((flat != 0).sum()) == 200, k  # k = int(0.5 * 400)
+        assert int((flat == 2.0).sum()) == 134  # every element above the threshold
+        ones = (flat == 1.0).nonzero().reshape(-1)
+        expected = (torch.arange(400) % 3 != 0).nonzero().reshape(-1)[:66]
+        assert torch.equal(ones, expected)  # ties kept lowest index first

@@ -98,12 +98,16 @@ def get_comm() -> Comm:
     return _COMM
 
 
+PER_BLOCK = "pb_"  # float statistics under keys with this prefix come back per block, unsummed
+
+
 def reduce_stats(comm: Comm, partial: dict[str, Any], n_blocks: int) -> dict[str, np.ndarray]:
     """Exact reduction of per-block statistics (see ops/base.py for the rules).
 
     `partial` maps block index -> stats dict from this rank. Integer arrays are summed;
     float arrays become [n_blocks, ...] arrays with this rank's rows filled, reduced, then
-    summed over blocks in block order, so the result is the same on any world size.
+    summed over blocks in block order, so the result is the same on any world size (keys
+    starting with "pb_" keep the per-block rows).
     """
     keys: list[str] = sorted({k for d in partial.values() for k in d})
     # Every rank must agree on the keys, even ranks that own no block of this tensor.
@@ -127,7 +131,7 @@ def reduce_stats(comm: Comm, partial: dict[str, Any], n_blocks: int) -> dict[str
                 if k in d:
                     rows[b] = d[k]
             rows = comm.allreduce_sum(rows)
-            out[k] = _ordered_sum(rows)
+            out[k] = rows if k.startswith(PER_BLOCK) else _ordered_sum(rows)
     return out
 
 

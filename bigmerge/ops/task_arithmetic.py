@@ -20,7 +20,11 @@ from bigmerge.ops.base import Block, MergeOp, Param, Scratch, Stats, TensorTask,
 
 @dataclass
 class TopK:
-    """Per non-base model: the magnitude threshold (None = keep all) and the L1 rescale factor."""
+    """Per non-base model: the magnitude threshold (None = keep all) and the L1 rescale factor.
+
+    Exactly k elements are kept, as mergekit does: all above the threshold and, of those
+    equal to it, the first `k - n_above` in flat index order (`tie_quota[i][block]` per block).
+    """
 
     k: list[Optional[int]]
     hi_bin: list[Optional[int]]
@@ -28,6 +32,7 @@ class TopK:
     threshold: list[Optional[float]]
     l1_before: list[float]
     scale: list[Optional[float]]
+    tie_quota: list[Optional[list[int]]]
 
 
 class TaskArithmeticOp(MergeOp):
@@ -59,9 +64,11 @@ class TaskArithmeticOp(MergeOp):
         return [i for i in task.non_base if task.per_model[i]["density"] < 1.0]
 
     def rounds(self, task: TensorTask) -> int:
+        # 0: high-bits histogram, 1: low-bits histogram (the threshold), 2: ties per block
+        # (skipped unless ties straddle the k-th element), 3: L1 after masking (rescale only)
         if not self._sparse_models(task):
             return 0
-        return 3 if task.shared["rescale"] else 2
+        return 4 if task.shared["rescale"] else 3
 
     def _delta(self, task: TensorTask, block: Block, i: int, base: torch.Tensor) -> torch.Tensor:
         out = block.scratch.get("stats_delta", base.shape, task.compute_dtype)
@@ -69,6 +76,8 @@ class TaskArithmeticOp(MergeOp):
 
     def stats(self, rnd: int, task: TensorTask, block: Block, prev: Any) -> Stats:
         out: Stats = {}
+        if rnd == 2 and not any(q is not None for q in prev.tie_quota):
+            return out  # no ties straddle the k-th element: nothing to count
         sc = block.scratch
         rescale = task.shared["rescale"]
         base = as_compute(block.inputs[require_base(self, task)], task.compute_dtype, sc, "cast_base")
@@ -82,15 +91,20 @@ class TaskArithmeticOp(MergeOp):
                     out[f"l1_{i}"] = np.array([delta.abs().sum(dtype=torch.float64).item()])
             elif rnd == 1:
                 out[f"lo{i}"] = select.hist_low(bits, prev.hi_bin[i])
+            elif rnd == 2:
+                if prev.tie_quota[i] is not None:  # per-block counts, kept per block ("pb_")
+                    ties = int(torch.eq(bits, _threshold_bits(prev.threshold[i])).sum())
+                    out[f"pb_ties{i}"] = np.array([float(ties)])
             else:
-                kept = delta * (bits >= _threshold_bits(prev.threshold[i])).reshape(delta.shape).to(delta.dtype)
+                keep = _keep_mask(bits, prev, i, block.index, sc).reshape(delta.shape)
+                kept = delta * keep.to(delta.dtype)
                 out[f"l1k_{i}"] = np.array([kept.abs().sum(dtype=torch.float64).item()])
         return out
 
     def finish(self, rnd: int, task: TensorTask, reduced: Stats, prev: Any) -> Any:
         n = len(task.per_model)
         if rnd == 0:
-            topk = TopK([None] * n, [None] * n, [None] * n, [None] * n, [0.0] * n, [None] * n)
+            topk = TopK([None] * n, [None] * n, [None] * n, [None] * n, [0.0] * n, [None] * n, [None] * n)
             for i in self._sparse_models(task):
                 # mergekit keeps k = max(1, int(density * numel)) elements
                 k = max(1, int(task.per_model[i]["density"] * task.numel))
@@ -102,8 +116,22 @@ class TaskArithmeticOp(MergeOp):
         topk = prev
         if rnd == 1:
             for i in self._sparse_models(task):
-                lo, _ = select.find_bin(reduced[f"lo{i}"], topk.rank_in_bin[i])
+                lo_hist = reduced[f"lo{i}"]
+                lo, rank = select.find_bin(lo_hist, topk.rank_in_bin[i])
                 topk.threshold[i] = select.threshold_value(topk.hi_bin[i], lo)
+                if int(lo_hist[lo]) > rank:
+                    topk.tie_quota[i] = [rank]  # how many ties to keep; spread per block in round 2
+        elif rnd == 2:
+            for i in self._sparse_models(task):
+                if topk.tie_quota[i] is None:
+                    continue
+                left = topk.tie_quota[i][0]
+                quota = []
+                for count in reduced[f"pb_ties{i}"].reshape(-1):
+                    take = min(int(count), left)
+                    quota.append(take)
+                    left -= take
+                topk.tie_quota[i] = quota
         else:
             for i in self._sparse_models(task):
                 before = torch.tensor(topk.l1_before[i], dtype=task.compute_dtype)
@@ -131,7 +159,7 @@ class TaskArithmeticOp(MergeOp):
             thr = stats.threshold[i] if isinstance(stats, TopK) else None
             if thr is not None:
                 bits = select.magnitude_bits(delta, sc.get("mag", (delta.numel(),), torch.float32))
-                keep = torch.ge(bits, _threshold_bits(thr), out=sc.get("keep", bits.shape, torch.bool))
+                keep = _keep_mask(bits, stats, i, block.index, sc)
                 # delta * mask as mergekit computes it, with the mask as floats: torch's
                 # float-times-bool kernel is several times slower than float-times-float.
                 delta.mul_(_as_float(keep, dt, sc).view(shape))
@@ -170,6 +198,20 @@ class TaskArithmeticOp(MergeOp):
         if lam != 1:
             mixed *= lam
         return base.add_(mixed)
+
+
+def _keep_mask(bits: torch.Tensor, topk: TopK, i: int, block: int, sc: Scratch) -> torch.Tensor:
+    """The top-k mask of model i on one block: above the threshold, plus this block's ties."""
+    thr = _threshold_bits(topk.threshold[i])
+    quota = topk.tie_quota[i]
+    if quota is None:
+        return torch.ge(bits, thr, out=sc.get("keep", bits.shape, torch.bool))
+    keep = torch.gt(bits, thr, out=sc.get("keep", bits.shape, torch.bool))
+    if quota[block]:
+        ties = torch.eq(bits, thr)
+        first = ties & (torch.cumsum(ties, 0, dtype=torch.int64) <= quota[block])
+        keep |= first
+    return keep
 
 
 def _as_float(mask: torch.Tensor, dt: torch.dtype, sc: Scratch, name: str = "mask_f") -> torch.Tensor:
