@@ -17,7 +17,7 @@ from bigmerge import errors
 from bigmerge.errors import BigmergeError, OutputExistsError
 from bigmerge.plan import DEFAULT_BLOCK_BYTES, Plan, build_plan
 from bigmerge.progress import Progress
-from bigmerge.storage.export import DEFAULT_SHARD_BYTES, MANIFEST_NAME, clear_finished_markers, export
+from bigmerge.storage.export import DEFAULT_SHARD_BYTES, MANIFEST_NAME, check_tokenizer_source, clear_finished_markers, export
 from bigmerge.storage.fs import Location, location
 from bigmerge.storage.zarr_store import BlockStore
 
@@ -76,6 +76,7 @@ def run_merge(config_path: str, out_url: str, comm: Comm, opts: MergeOptions) ->
         if out.join(MANIFEST_NAME).exists() and not opts.overwrite:
             raise OutputExistsError(f"{out.url}: already holds a finished merge ({MANIFEST_NAME}); use --overwrite")
         plan, catalogs = plan_merge(cfg, comm.size, opts)
+        check_tokenizer_source(cfg.tokenizer_source, cfg.storage_options)
         store_loc = location(opts.store, cfg.storage_options) if opts.store else out.join(STORE_DIR)
         store = BlockStore(store_loc)
         store.prepare(plan, opts.overwrite)

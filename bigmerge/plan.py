@@ -204,9 +204,8 @@ def build_plan(
     op = get_op(cfg.merge_method)
     if cfg.slices:
         raise ConfigError("'slices' (passthrough and layer surgery) is not supported by this version yet")
-    if cfg.tokenizer_source not in (None, "base") and cfg.tokenizer_source not in cfg.model_refs():
-        if cfg.tokenizer_source == "union":
-            raise ConfigError("tokenizer_source: union is not supported by this version yet")
+    if cfg.tokenizer_source == "union":
+        raise ConfigError("tokenizer_source: union is not supported by this version yet (use base or a model path)")
     if block_bytes < 64:
         raise ConfigError(f"block size {block_bytes} bytes is too small (minimum 64)")
     refs = cfg.model_refs()

@@ -171,3 +171,13 @@ def test_plan_reads_no_tensor_data(tmp_path: Path, capsys: pytest.CaptureFixture
     out = capsys.readouterr().out
     assert "rank 1" in out and "peak memory" in out and "imbalance" in out
     assert all(start == 0 or end is None for start, end in reads)  # header prefixes and JSON files only
+
+
+def test_tokenizer_source_without_tokenizer(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    f = synthetic_family(tmp_path / "m")
+    p = write(tmp_path, f)
+    p.write_text(p.read_text() + f"tokenizer_source: {tmp_path / 'empty'}\n")
+    (tmp_path / "empty").mkdir()
+    code, err = run(capsys, p, tmp_path / "out")
+    assert_clean_failure(code, err, tmp_path / "out", "tokenizer_source holds none")
+    assert not (tmp_path / "out").exists()

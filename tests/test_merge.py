@@ -184,3 +184,36 @@ def test_ties_keeps_exactly_k_when_magnitudes_tie(tmp_path: Path) -> None:
         ones = (flat == 1.0).nonzero().reshape(-1)
         expected = (torch.arange(400) % 3 != 0).nonzero().reshape(-1)[:66]
         assert torch.equal(ones, expected)  # ties kept lowest index first
+
+
+def test_tokenizer_source_outside_the_sources(family: dict[str, Path], tmp_path: Path) -> None:
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    (tok / "tokenizer.json").write_text('{"marker": 1}')
+    merge(linear_cfg(family, 0.5, 0.5, f"tokenizer_source: {tok}"), tmp_path)
+    assert (tmp_path / "out" / "tokenizer.json").read_text() == '{"marker": 1}'
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "ties_rescale", "ties_lambda"])
+def test_fused_kernels_match_the_torch_code(tmp_path: Path, method: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The numba kernels and the torch statement of the arithmetic give the same bits."""
+    from bigmerge.ops import kernels
+
+    assert kernels.AVAILABLE
+    f = synthetic_family(tmp_path / "m", n=3, dtype=torch.bfloat16, rows=64)
+    extra = {"ties_rescale": "parameters: {rescale: true}", "ties_lambda": "parameters: {lambda: 0.7, normalize: false}"}.get(method, "")
+    text = f"""merge_method: {method.split('_')[0] if method.startswith('ties') else method}
+base_model: {f['base']}
+models:
+  - model: {f['ft1']}
+    parameters: {{weight: 0.6, density: 0.4}}
+  - model: {f['ft2']}
+    parameters: {{weight: 0.5, density: [0.2, 0.8]}}
+  - model: {f['ft3']}
+    parameters: {{weight: 0.3, density: 0.6}}
+{extra}
+"""
+    fused = merge(text, tmp_path, "fused", block_bytes=700)
+    monkeypatch.setattr(kernels, "AVAILABLE", False)
+    plain = merge(text, tmp_path, "plain", block_bytes=700)
+    assert_bit_identical(fused, plain)

@@ -55,6 +55,8 @@ class BlockReader:
         with self._free_lock:
             for x in inputs:
                 base = x._base if x._base is not None else x
+                # the pool holds flat uint8 buffers; _base may be a typed view of one
+                base = base.reshape(-1).view(torch.uint8) if base.dtype != torch.uint8 else base.reshape(-1)
                 ptr = base.data_ptr()
                 if ptr not in self._pooled:
                     continue  # a coalesced buffer: other blocks may still view it

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from bigmerge.errors import ConfigError
-from bigmerge.ops import select
+from bigmerge.ops import kernels, select
 from bigmerge.ops.base import Block, MergeOp, Param, Scratch, Stats, TensorTask, as_compute, require_base
 
 
@@ -80,6 +80,17 @@ class TaskArithmeticOp(MergeOp):
             return out  # no ties straddle the k-th element: nothing to count
         sc = block.scratch
         rescale = task.shared["rescale"]
+        if rnd < 2 and _fused(task):
+            sparse = self._sparse_models(task)
+            x = _stack(block, sc)
+            lo_bins = np.array([prev.hi_bin[i] if rnd == 1 else 0 for i in sparse], dtype=np.int64)
+            hists = kernels.magnitude_hists(x, require_base(self, task), np.array(sparse, dtype=np.int64), lo_bins, rnd)
+            for k, i in enumerate(sparse):
+                out[f"hi{i}" if rnd == 0 else f"lo{i}"] = hists[k]
+                if rnd == 0 and rescale:
+                    delta = torch.from_numpy(x[i]) - torch.from_numpy(x[require_base(self, task)])
+                    out[f"l1_{i}"] = np.array([delta.abs().sum(dtype=torch.float64).item()])
+            return out
         base = as_compute(block.inputs[require_base(self, task)], task.compute_dtype, sc, "cast_base")
         for i in self._sparse_models(task):
             delta = self._delta(task, block, i, base)
@@ -142,6 +153,52 @@ class TaskArithmeticOp(MergeOp):
 
     # -- apply: the arithmetic of mergekit's generalized task arithmetic ---------------
 
+    def _apply_fused(self, task: TensorTask, block: Block, stats: Any, shape: torch.Size) -> torch.Tensor:
+        """The same arithmetic as the torch code below, in one pass (kernels.task_vector_merge)."""
+        sc = block.scratch
+        others = task.non_base
+        b = require_base(self, task)
+        x = _stack(block, sc)
+        n = len(others)
+        topk = stats if isinstance(stats, TopK) else None
+        thr = np.full(n, np.nan, dtype=np.float32)
+        scale = np.full(n, np.nan, dtype=np.float32)
+        use_mask = np.zeros(n, dtype=np.bool_)
+        masks = np.zeros((n, 1), dtype=np.uint8)
+        if topk is not None:
+            for r, i in enumerate(others):
+                if topk.threshold[i] is not None:
+                    thr[r] = topk.threshold[i]
+                if topk.scale[i] is not None:
+                    scale[r] = np.float32(torch.tensor(topk.scale[i], dtype=torch.float32).item())
+                if topk.tie_quota[i] is not None:  # ties split by index: the mask says which
+                    if masks.shape[1] == 1:
+                        masks = np.zeros((n, x.shape[1]), dtype=np.uint8)
+                    delta = torch.from_numpy(x[i]) - torch.from_numpy(x[b])
+                    bits = select.magnitude_bits(delta, sc.get("mag", (delta.numel(),), torch.float32))
+                    masks[r] = _keep_mask(bits, topk, i, block.index, sc).numpy()
+                    use_mask[r] = True
+        weights = torch.tensor([task.per_model[i]["weight"] for i in others], dtype=torch.float32)
+        plain = weights.sum(dim=0, keepdim=True)
+        plain[plain.abs() < 1e-8] = 1
+        out = sc.get("fused_out", (x.shape[1],), torch.float32)
+        kernels.task_vector_merge(
+            x,
+            b,
+            np.array(others, dtype=np.int64),
+            weights.numpy(),
+            thr,
+            masks,
+            use_mask,
+            scale,
+            self.sign_consensus,
+            bool(task.shared["normalize"]),
+            np.float32(plain.item()),
+            np.float32(task.shared["lambda"]),
+            out.numpy(),
+        )
+        return out.view(shape)
+
     def apply(self, task: TensorTask, block: Block, stats: Any) -> torch.Tensor:
         dt = task.compute_dtype
         sc = block.scratch
@@ -152,6 +209,8 @@ class TaskArithmeticOp(MergeOp):
             return base
         shape = base.shape
         n = len(others)
+        if _fused(task):
+            return self._apply_fused(task, block, stats, shape)
         deltas = sc.get("deltas", (n, *shape), dt)
         for row, i in enumerate(others):
             delta = deltas[row]
@@ -198,6 +257,19 @@ class TaskArithmeticOp(MergeOp):
         if lam != 1:
             mixed *= lam
         return base.add_(mixed)
+
+
+def _fused(task: TensorTask) -> bool:
+    return kernels.AVAILABLE and task.compute_dtype == torch.float32 and task.numel > 0
+
+
+def _stack(block: Block, sc: Scratch) -> np.ndarray:
+    """Every source of the block as one float32 [n_sources, m] array (exact widening casts)."""
+    m = block.inputs[0].numel()
+    x = sc.get("stack", (len(block.inputs), m), torch.float32)
+    for i, src in enumerate(block.inputs):
+        x[i].copy_(src.reshape(-1))
+    return x.numpy()
 
 
 def _keep_mask(bits: torch.Tensor, topk: TopK, i: int, block: int, sc: Scratch) -> torch.Tensor:

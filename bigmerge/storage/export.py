@@ -20,9 +20,9 @@ from typing import Any, Optional
 from bigmerge import __version__
 from bigmerge.catalog import INDEX_NAME, ModelCatalog
 from bigmerge.dist.comm import Comm
-from bigmerge.errors import StorageError, VerifyError
+from bigmerge.errors import SourceError, StorageError, VerifyError
 from bigmerge.plan import Plan, TensorPlan
-from bigmerge.storage.fs import Location, describe
+from bigmerge.storage.fs import Location, describe, location
 from bigmerge.storage.safetensors import DTYPES, build_header, read_header
 from bigmerge.storage.zarr_store import BlockStore
 
@@ -58,6 +58,15 @@ def layout_files(plan: Plan, shard_bytes: int) -> list[list[TensorPlan]]:
 
 def file_name(i: int, n: int) -> str:
     return f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+
+
+def check_tokenizer_source(tokenizer_source: Optional[str], storage_options: Optional[dict[str, Any]]) -> None:
+    """A tokenizer_source path must hold a tokenizer: known before anything is written."""
+    if tokenizer_source in (None, "base"):
+        return
+    root = location(tokenizer_source, storage_options)
+    if not any(root.join(f).exists() for f in TOKENIZER_FILES):
+        raise SourceError(f"{tokenizer_source}: tokenizer_source holds none of the tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...)")
 
 
 def clear_finished_markers(out: Location) -> None:
@@ -162,7 +171,7 @@ def _finish(
         if gen.exists():
             out.join("generation_config.json").write_bytes(gen.read_bytes())
     tok_ref = base_ref if tokenizer_source in (None, "base") else tokenizer_source
-    tok_root = by_ref[tok_ref].root if tok_ref in by_ref else None
+    tok_root = by_ref[tok_ref].root if tok_ref in by_ref else location(tok_ref, out.storage_options)
     if tok_root is not None:
         for fname in TOKENIZER_FILES:
             src = tok_root.join(fname)
