@@ -10,7 +10,7 @@ import hashlib
 import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from bigmerge.errors import SourceError, StorageError
 from bigmerge.storage.fs import Location, location
@@ -29,10 +29,10 @@ class ModelCatalog:
     root: Location
     tensors: dict[str, TensorInfo]
     header_sha256: dict[str, str]
-    config: Optional[dict[str, Any]] = None
+    config: dict[str, Any] | None = None
     files: list[str] = field(default_factory=list)
 
-    def num_layers(self) -> Optional[int]:
+    def num_layers(self) -> int | None:
         if not self.config:
             return None
         for key in ("num_hidden_layers", "n_layer", "num_layers"):
@@ -57,7 +57,7 @@ def _safe_file_name(name: Any, where: str) -> str:
     return name
 
 
-def catalog_model(ref: str, storage_options: Optional[dict[str, Any]] = None) -> ModelCatalog:
+def catalog_model(ref: str, storage_options: dict[str, Any] | None = None) -> ModelCatalog:
     root = location(ref, storage_options)
     index_loc = root.join(INDEX_NAME)
     single_loc = root.join(SINGLE_NAME)
@@ -97,7 +97,9 @@ def catalog_model(ref: str, storage_options: Optional[dict[str, Any]] = None) ->
             if weight_map is not None and weight_map.get(name) not in (None, fname):
                 continue  # the index says another shard owns this name
             if name in tensors:
-                raise SourceError(f"{ref}: tensor {name!r} appears in two shards ({tensors[name].file} and {info.file})")
+                raise SourceError(
+                    f"{ref}: tensor {name!r} appears in two shards ({tensors[name].file} and {info.file})"
+                )
             tensors[name] = info
     if weight_map is not None:
         for name, fname in weight_map.items():
@@ -113,6 +115,6 @@ def catalog_model(ref: str, storage_options: Optional[dict[str, Any]] = None) ->
     return ModelCatalog(ref, root, tensors, hashes, config if isinstance(config, dict) else None, files)
 
 
-def catalog_models(refs: list[str], storage_options: Optional[dict[str, Any]] = None) -> list[ModelCatalog]:
+def catalog_models(refs: list[str], storage_options: dict[str, Any] | None = None) -> list[ModelCatalog]:
     with ThreadPoolExecutor(max_workers=min(8, max(1, len(refs)))) as pool:
         return list(pool.map(lambda r: catalog_model(r, storage_options), refs))

@@ -8,7 +8,6 @@ import os
 import re
 import sys
 import traceback
-from typing import Optional
 
 from bigmerge import __version__
 from bigmerge.errors import BigmergeError
@@ -26,8 +25,15 @@ def parse_size(text: str) -> int:
 
 
 def _merge_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--block-size", type=parse_size, default="32M", help="target bytes per block per source (default 32M); never depends on the number of ranks")
-    p.add_argument("--seed", type=int, default=None, help="seed of random operators (default: the config's seed, else 0)")
+    p.add_argument(
+        "--block-size",
+        type=parse_size,
+        default="32M",
+        help="target bytes per block per source (default 32M); never depends on the number of ranks",
+    )
+    p.add_argument(
+        "--seed", type=int, default=None, help="seed of random operators (default: the config's seed, else 0)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,12 +50,23 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("out", help="output directory: a local path or an fsspec URL such as s3://bucket/model")
     _merge_args(m)
     m.add_argument("--shard-size", type=parse_size, default="5G", help="largest output safetensors file (default 5G)")
-    m.add_argument("--store", default=None, help="where the intermediate zarr store lives (default OUT/.bigmerge-store.zarr)")
+    m.add_argument(
+        "--store", default=None, help="where the intermediate zarr store lives (default OUT/.bigmerge-store.zarr)"
+    )
     m.add_argument("--keep-store", action="store_true", help="keep the zarr store after a successful export")
-    m.add_argument("--overwrite", action="store_true", help="replace a finished merge, or a partial merge of another config, at OUT")
+    m.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a finished merge, or a partial merge of another config, at OUT",
+    )
     m.add_argument("--io-threads", type=int, default=4, help="threads reading source bytes (default 4)")
     m.add_argument("--prefetch", type=int, default=2, help="blocks read ahead of the one being merged (default 2)")
-    m.add_argument("--cache-size", type=parse_size, default="512M", help="per-rank memory for keeping a tensor's blocks between statistic passes (default 512M)")
+    m.add_argument(
+        "--cache-size",
+        type=parse_size,
+        default="512M",
+        help="per-rank memory for keeping a tensor's blocks between statistic passes (default 512M)",
+    )
     m.add_argument("--quiet", action="store_true", help="no progress output; errors still print")
 
     p = sub.add_parser("plan", help="show what a merge would read, write and need, reading no tensor data")
@@ -94,7 +111,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     for w in plan.warnings:
         print(f"warning: {w}")
     print(f"method        {plan.merge_method}")
-    print(f"models        {len(plan.models)}" + "".join(f"\n  {'base ' if i == plan.base_index else '     '}{r}" for i, r in enumerate(plan.models)))
+    print(
+        f"models        {len(plan.models)}"
+        + "".join(f"\n  {'base ' if i == plan.base_index else '     '}{r}" for i, r in enumerate(plan.models))
+    )
     print(f"compute dtype {plan.compute_dtype}; output dtypes {', '.join(sorted({t.out_dtype for t in plan.tensors}))}")
     print(f"tensors       {len(plan.tensors)}")
     print(f"blocks        {blocks} (block size {_human(plan.block_bytes)} per source)")
@@ -109,7 +129,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print(f"time          ~{est:.1f} s per rank at 1 GB/s read and write (estimate)")
     if args.tensors:
         for t in plan.tensors:
-            print(f"  {t.name} {t.shape} {t.out_dtype} blocks={t.n_blocks}x{t.block_rows} rows owners={sorted(set(t.owners))}")
+            print(
+                f"  {t.name} {t.shape} {t.out_dtype} blocks={t.n_blocks}x{t.block_rows} rows owners={sorted(set(t.owners))}"
+            )
     return 0
 
 
@@ -143,7 +165,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"merge": cmd_merge, "plan": cmd_plan, "verify": cmd_verify}[args.command]
     from bigmerge.dist.comm import get_comm, launched_by_mpi

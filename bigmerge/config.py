@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional, Union
+from typing import Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
@@ -28,7 +29,7 @@ class _Strict(BaseModel):
 
 class ConditionalParameter(_Strict):
     value: ScalarOrGradient
-    filter: Optional[str] = None
+    filter: str | None = None
 
 
 ParameterSetting = Union[ConditionalParameter, list[ConditionalParameter], ScalarOrGradient]
@@ -37,20 +38,20 @@ Parameters = dict[str, ParameterSetting]
 
 class InputModel(_Strict):
     model: str
-    parameters: Optional[Parameters] = None
+    parameters: Parameters | None = None
 
 
 class InputSlice(_Strict):
     model: str
     layer_range: tuple[int, int]
-    parameters: Optional[Parameters] = None
+    parameters: Parameters | None = None
 
 
 class OutputSlice(_Strict):
     sources: list[InputSlice]
-    base_model: Optional[str] = None
-    residual_weight: Optional[float] = None
-    parameters: Optional[Parameters] = None
+    base_model: str | None = None
+    residual_weight: float | None = None
+    parameters: Parameters | None = None
 
 
 DTYPE_NAMES = {
@@ -70,22 +71,22 @@ class MergeConfig(_Strict):
     """One merge, as written in YAML. Field names are mergekit's where mergekit has them."""
 
     merge_method: str
-    base_model: Optional[str] = None
-    models: Optional[list[InputModel]] = None
-    slices: Optional[list[OutputSlice]] = None
-    parameters: Optional[Parameters] = None
-    dtype: Optional[str] = None
-    out_dtype: Optional[str] = None
-    tokenizer_source: Optional[str] = None
-    chat_template: Optional[str] = None
-    name: Optional[str] = None
+    base_model: str | None = None
+    models: list[InputModel] | None = None
+    slices: list[OutputSlice] | None = None
+    parameters: Parameters | None = None
+    dtype: str | None = None
+    out_dtype: str | None = None
+    tokenizer_source: str | None = None
+    chat_template: str | None = None
+    name: str | None = None
     # bigmerge's own keys
-    storage_options: Optional[dict[str, Any]] = None
-    seed: Optional[int] = None
+    storage_options: dict[str, Any] | None = None
+    seed: int | None = None
 
     @field_validator("dtype", "out_dtype")
     @classmethod
-    def _known_dtype(cls, v: Optional[str]) -> Optional[str]:
+    def _known_dtype(cls, v: str | None) -> str | None:
         if v is not None and v not in DTYPE_NAMES:
             raise ValueError(f"unknown dtype {v!r}; expected one of float32, bfloat16, float16, float64")
         return v
@@ -102,7 +103,7 @@ class MergeConfig(_Strict):
             refs.append(self.base_model)
         return refs
 
-    def model_parameters(self, ref: str) -> Optional[Parameters]:
+    def model_parameters(self, ref: str) -> Parameters | None:
         for m in self.models or []:
             if m.model == ref:
                 return m.parameters
@@ -117,12 +118,17 @@ def _format_loc(loc: tuple[Any, ...]) -> str:
     for item in loc:
         if isinstance(item, int):
             parts.append(f"[{item}]")
-        elif isinstance(item, str) and not item.startswith(("list[", "dict[", "tuple[", "function-")) and item not in (
-            "str",
-            "int",
-            "float",
-            "bool",
-            "ConditionalParameter",
+        elif (
+            isinstance(item, str)
+            and not item.startswith(("list[", "dict[", "tuple[", "function-"))
+            and item
+            not in (
+                "str",
+                "int",
+                "float",
+                "bool",
+                "ConditionalParameter",
+            )
         ):
             parts.append(("." if parts else "") + item)
     return "".join(parts) or "(top level)"
@@ -189,7 +195,9 @@ def evaluate_setting(tensor_name: str, setting: ParameterSetting, t: float, vali
         return validate((1 - frac) * values[i0] + frac * values[i1])
     for cond in setting:
         if not isinstance(cond, ConditionalParameter):
-            raise ConfigError(f"a parameter list must hold only scalars or only {{filter, value}} entries, got {cond!r}")
+            raise ConfigError(
+                f"a parameter list must hold only scalars or only {{filter, value}} entries, got {cond!r}"
+            )
         if cond.filter is None or cond.filter == "*" or (tensor_name and cond.filter in tensor_name):
             return evaluate_setting(tensor_name, cond.value, t, validate)
     return None

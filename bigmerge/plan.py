@@ -13,7 +13,7 @@ import json
 import math
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from pydantic import TypeAdapter, ValidationError
@@ -73,7 +73,7 @@ class Plan:
     version: int
     merge_method: str
     models: list[str]
-    base_index: Optional[int]
+    base_index: int | None
     compute_dtype: str
     seed: int
     block_bytes: int
@@ -175,7 +175,7 @@ class Plan:
         return peak + cache_bytes
 
 
-def layer_position(name: str, num_layers: Optional[int]) -> tuple[Optional[int], float]:
+def layer_position(name: str, num_layers: int | None) -> tuple[int | None, float]:
     """(layer index, t in [0, 1]) as mergekit computes t; tensors outside layers get t = 0."""
     m = LAYER_RE.search(name)
     if not m:
@@ -198,7 +198,7 @@ def build_plan(
     catalogs: list[ModelCatalog],
     *,
     block_bytes: int = DEFAULT_BLOCK_BYTES,
-    seed: Optional[int] = None,
+    seed: int | None = None,
     world_size: int = 1,
 ) -> Plan:
     op = get_op(cfg.merge_method)
@@ -268,7 +268,9 @@ def build_plan(
         row_bytes = max(1, row_elems * max(DTYPES[s.dtype][1] for s in spans))
         block_rows = max(1, block_bytes // row_bytes)
         n_blocks = math.ceil(rows / block_rows) if rows * row_elems > 0 else 0
-        tp = TensorPlan(len(tensors), name, shape, out_dtype, spans, shared, per_model, rows, row_elems, block_rows, n_blocks)
+        tp = TensorPlan(
+            len(tensors), name, shape, out_dtype, spans, shared, per_model, rows, row_elems, block_rows, n_blocks
+        )
         task = TensorTask(name, tuple(shape), tp.numel, n_blocks, base_index, shared, per_model, DTYPES[compute][0])
         op.check(task)
         tensors.append(tp)
@@ -302,7 +304,7 @@ def _resolve(
     op: MergeOp,
     cfg: MergeConfig,
     refs: list[str],
-    base_index: Optional[int],
+    base_index: int | None,
     name: str,
     t: float,
     adapters: dict[str, TypeAdapter[Any]],

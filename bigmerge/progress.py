@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Any, Optional
+from typing import Any
 
 
 class Progress:
     def __init__(self, total: int, *, enabled: bool, desc: str, interval: float = 10.0) -> None:
-        self._bar: Optional[Any] = None
+        self._bar: Any | None = None
         self._enabled = enabled and total > 0
         self._total = total
         self._desc = desc
@@ -20,7 +20,16 @@ class Progress:
         if self._enabled and sys.stderr.isatty():
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1000, file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
+            self._bar = tqdm(
+                total=total,
+                desc=desc,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1000,
+                file=sys.stderr,
+                dynamic_ncols=True,
+                mininterval=0.5,
+            )
 
     def update(self, n: int) -> None:
         if not self._enabled:
@@ -34,7 +43,11 @@ class Progress:
             self._last = now
             rate = self._done / max(now - self._t0, 1e-9) / 1e9
             pct = 100.0 * self._done / self._total
-            print(f"bigmerge: {self._desc} {pct:5.1f}% ({self._done / 1e9:.2f}/{self._total / 1e9:.2f} GB on rank 0, {rate:.2f} GB/s)", file=sys.stderr, flush=True)
+            print(
+                f"bigmerge: {self._desc} {pct:5.1f}% ({self._done / 1e9:.2f}/{self._total / 1e9:.2f} GB on rank 0, {rate:.2f} GB/s)",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def close(self) -> None:
         if self._bar is not None:

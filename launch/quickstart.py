@@ -75,13 +75,25 @@ def main() -> int:
         print(f"  uploaded to s3://{BUCKET}/zoo/{{base,ft1,ft2}}")
 
         step("bigmerge plan configs/quickstart.yaml -n 2")
-        subprocess.run([str(bindir / "bigmerge"), "plan", "configs/quickstart.yaml", "-n", "2"], cwd=REPO, env=env, check=True)
+        subprocess.run(
+            [str(bindir / "bigmerge"), "plan", "configs/quickstart.yaml", "-n", "2"], cwd=REPO, env=env, check=True
+        )
 
         out_url = f"s3://{BUCKET}/merged"
         step(f"mpirun -n 2 bigmerge merge configs/quickstart.yaml {out_url}")
         t_merge = time.perf_counter()
         subprocess.run(
-            [str(bindir / "mpirun"), "-n", "2", "--oversubscribe", str(bindir / "bigmerge"), "merge", "configs/quickstart.yaml", out_url, "--overwrite"],
+            [
+                str(bindir / "mpirun"),
+                "-n",
+                "2",
+                "--oversubscribe",
+                str(bindir / "bigmerge"),
+                "merge",
+                "configs/quickstart.yaml",
+                out_url,
+                "--overwrite",
+            ],
             cwd=REPO,
             env=env,
             check=True,

@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -17,13 +17,15 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def write_checkpoint(
-    path: Path, tensors: dict[str, torch.Tensor], *, shards: int = 1, config: Optional[dict[str, Any]] = None
+    path: Path, tensors: dict[str, torch.Tensor], *, shards: int = 1, config: dict[str, Any] | None = None
 ) -> Path:
     """A minimal HF-style checkpoint: safetensors (sharded with an index if shards > 1) and config.json."""
     path.mkdir(parents=True, exist_ok=True)
     names = list(tensors)
     if shards == 1:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path / "model.safetensors"), metadata={"format": "pt"})
+        save_file(
+            {k: v.contiguous() for k, v in tensors.items()}, str(path / "model.safetensors"), metadata={"format": "pt"}
+        )
     else:
         weight_map = {}
         for s in range(shards):
@@ -38,7 +40,9 @@ def write_checkpoint(
     return path
 
 
-def synthetic_family(root: Path, *, n: int = 2, dtype: torch.dtype = torch.float32, seed: int = 0, shards: int = 1, rows: int = 24) -> dict[str, Path]:
+def synthetic_family(
+    root: Path, *, n: int = 2, dtype: torch.dtype = torch.float32, seed: int = 0, shards: int = 1, rows: int = 24
+) -> dict[str, Path]:
     """A base and n fine-tunes with a few layer tensors, as plain tensors (no transformers needed)."""
     g = torch.Generator().manual_seed(seed)
     base = {
@@ -61,12 +65,16 @@ def write_config(path: Path, text: str, **paths: Path) -> Path:
     return path
 
 
-def bigmerge(*args: str, env: Optional[dict[str, str]] = None, timeout: float = 300, check: bool = False) -> subprocess.CompletedProcess[str]:
+def bigmerge(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 300, check: bool = False
+) -> subprocess.CompletedProcess[str]:
     e = dict(os.environ)
     for v in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"):
         e.pop(v, None)
     e.update(env or {})
-    proc = subprocess.run([sys.executable, "-m", "bigmerge", *args], capture_output=True, text=True, env=e, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-m", "bigmerge", *args], capture_output=True, text=True, env=e, timeout=timeout
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"bigmerge {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc

@@ -80,7 +80,15 @@ def test_shape_mismatch(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     t["model.layers.1.mlp.up_proj.weight"] = torch.zeros(5, 8)
     write_checkpoint(f["ft1"], t)
     code, err = run(capsys, write(tmp_path, f), tmp_path / "out")
-    assert_clean_failure(code, err, tmp_path / "out", str(f["ft1"]), "model.layers.1.mlp.up_proj.weight", "shape [5, 8]", "expected [24, 8]")
+    assert_clean_failure(
+        code,
+        err,
+        tmp_path / "out",
+        str(f["ft1"]),
+        "model.layers.1.mlp.up_proj.weight",
+        "shape [5, 8]",
+        "expected [24, 8]",
+    )
 
 
 def test_missing_tensor(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -150,7 +158,9 @@ def test_cli_subprocess_prints_no_traceback(tmp_path: Path) -> None:
     assert "Traceback" not in proc.stderr
 
 
-def test_plan_reads_no_tensor_data(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_plan_reads_no_tensor_data(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     from bigmerge.storage.fs import Location
 
     f = synthetic_family(tmp_path / "m")

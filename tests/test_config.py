@@ -85,7 +85,9 @@ def test_filters_first_match_and_fallback() -> None:
         {
             "merge_method": "linear",
             "models": [{"model": "a"}],
-            "parameters": {"weight": [{"filter": "mlp", "value": 0.5}, {"filter": "attn", "value": [0.0, 1.0]}, {"value": 0.1}]},
+            "parameters": {
+                "weight": [{"filter": "mlp", "value": 0.5}, {"filter": "attn", "value": [0.0, 1.0]}, {"value": 0.1}]
+            },
         }
     )
     setting = cfg.parameters["weight"]
@@ -95,5 +97,11 @@ def test_filters_first_match_and_fallback() -> None:
 
 
 def test_no_match_without_fallback_is_none() -> None:
-    cfg = parse_config({"merge_method": "linear", "models": [{"model": "a"}], "parameters": {"weight": [{"filter": "mlp", "value": 1}]}})
+    cfg = parse_config(
+        {
+            "merge_method": "linear",
+            "models": [{"model": "a"}],
+            "parameters": {"weight": [{"filter": "mlp", "value": 1}]},
+        }
+    )
     assert evaluate_setting("model.norm.weight", cfg.parameters["weight"], 0, FLOAT) is None

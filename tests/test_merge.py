@@ -30,9 +30,9 @@ def linear_cfg(f: dict[str, Path], w1: float, w2: float, extra: str = "") -> str
     return f"""
 merge_method: linear
 models:
-  - model: {f['ft1']}
+  - model: {f["ft1"]}
     parameters: {{weight: {w1}}}
-  - model: {f['ft2']}
+  - model: {f["ft2"]}
     parameters: {{weight: {w2}}}
 {extra}"""
 
@@ -40,11 +40,11 @@ models:
 def ties_cfg(f: dict[str, Path], method: str = "ties", extra: str = "", d1: float = 0.5, d2: float = 0.3) -> str:
     return f"""
 merge_method: {method}
-base_model: {f['base']}
+base_model: {f["base"]}
 models:
-  - model: {f['ft1']}
+  - model: {f["ft1"]}
     parameters: {{weight: 0.6, density: {d1}}}
-  - model: {f['ft2']}
+  - model: {f["ft2"]}
     parameters: {{weight: 0.5, density: {d2}}}
 {extra}"""
 
@@ -66,8 +66,13 @@ def test_output_is_a_checkpoint_with_manifest(family: dict[str, Path], tmp_path:
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(block=st.sampled_from([64, 96, 200, 512, 1000, 4096]), method=st.sampled_from(["linear", "task_arithmetic", "ties", "ties_rescale"]))
-def test_output_never_depends_on_block_size(family: dict[str, Path], tmp_path_factory: pytest.TempPathFactory, block: int, method: str) -> None:
+@given(
+    block=st.sampled_from([64, 96, 200, 512, 1000, 4096]),
+    method=st.sampled_from(["linear", "task_arithmetic", "ties", "ties_rescale"]),
+)
+def test_output_never_depends_on_block_size(
+    family: dict[str, Path], tmp_path_factory: pytest.TempPathFactory, block: int, method: str
+) -> None:
     tmp = tmp_path_factory.mktemp("blk")
     if method == "linear":
         text = linear_cfg(family, 0.3, 0.9)
@@ -201,15 +206,18 @@ def test_fused_kernels_match_the_torch_code(tmp_path: Path, method: str, monkeyp
 
     assert kernels.AVAILABLE
     f = synthetic_family(tmp_path / "m", n=3, dtype=torch.bfloat16, rows=64)
-    extra = {"ties_rescale": "parameters: {rescale: true}", "ties_lambda": "parameters: {lambda: 0.7, normalize: false}"}.get(method, "")
-    text = f"""merge_method: {method.split('_')[0] if method.startswith('ties') else method}
-base_model: {f['base']}
+    extra = {
+        "ties_rescale": "parameters: {rescale: true}",
+        "ties_lambda": "parameters: {lambda: 0.7, normalize: false}",
+    }.get(method, "")
+    text = f"""merge_method: {method.split("_")[0] if method.startswith("ties") else method}
+base_model: {f["base"]}
 models:
-  - model: {f['ft1']}
+  - model: {f["ft1"]}
     parameters: {{weight: 0.6, density: 0.4}}
-  - model: {f['ft2']}
+  - model: {f["ft2"]}
     parameters: {{weight: 0.5, density: [0.2, 0.8]}}
-  - model: {f['ft3']}
+  - model: {f["ft3"]}
     parameters: {{weight: 0.3, density: 0.6}}
 {extra}
 """

@@ -17,7 +17,9 @@ from bigmerge.storage.fs import location
 from bigmerge.storage.safetensors import build_header, parse_header, read_header
 
 
-def _file(tmp_path: Path, header: dict, data: bytes = b"", name: str = "x.safetensors", raw_len: int | None = None) -> Path:
+def _file(
+    tmp_path: Path, header: dict, data: bytes = b"", name: str = "x.safetensors", raw_len: int | None = None
+) -> Path:
     body = json.dumps(header).encode()
     p = tmp_path / name
     p.write_bytes(struct.pack("<Q", raw_len if raw_len is not None else len(body)) + body + data)
@@ -62,7 +64,9 @@ def test_build_header_round_trips() -> None:
         ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4, 10**6, "runs past the end"),
     ],
 )
-def test_bad_headers_name_file_and_tensor(tmp_path: Path, header: dict, data: bytes, raw_len: int | None, needle: str) -> None:
+def test_bad_headers_name_file_and_tensor(
+    tmp_path: Path, header: dict, data: bytes, raw_len: int | None, needle: str
+) -> None:
     p = _file(tmp_path, header, data, raw_len=raw_len)
     with pytest.raises(SourceError) as err:
         read_header(location(str(p)))
@@ -96,7 +100,15 @@ def test_fuzz_parser_only_raises_source_error(blob: bytes) -> None:
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.dictionaries(st.text(min_size=1, max_size=5), st.dictionaries(st.sampled_from(["dtype", "shape", "data_offsets"]), st.one_of(st.integers(-3, 40), st.text(max_size=3), st.lists(st.integers(-2, 40), max_size=3)))))
+@given(
+    st.dictionaries(
+        st.text(min_size=1, max_size=5),
+        st.dictionaries(
+            st.sampled_from(["dtype", "shape", "data_offsets"]),
+            st.one_of(st.integers(-3, 40), st.text(max_size=3), st.lists(st.integers(-2, 40), max_size=3)),
+        ),
+    )
+)
 def test_fuzz_structured_headers(header: dict) -> None:
     body = json.dumps(header).encode()
     blob = struct.pack("<Q", len(body)) + body + bytes(64)

@@ -91,7 +91,9 @@ def test_same_tensors_as_mergekit(name: str, families: dict[str, dict[str, Path]
                 scale = float(b.abs().max())
                 assert torch.allclose(a[off].float(), b[off].float(), rtol=1e-6, atol=1e-6 * scale), tname
             elif off.any():
-                assert int(ulps[off].max()) <= 1, f"{tname}: {int(ulps[off].max())} ulps away from mergekit off the ties"
+                assert int(ulps[off].max()) <= 1, (
+                    f"{tname}: {int(ulps[off].max())} ulps away from mergekit off the ties"
+                )
             differing_at_ties += int((ulps[ties] > 1).sum())
         else:
             assert int(ulps.max()) <= 1, f"{tname}: {int(ulps.max())} ulps away from mergekit"
@@ -101,5 +103,7 @@ def test_same_tensors_as_mergekit(name: str, families: dict[str, dict[str, Path]
         print(f"{name}: {differing_at_ties} of {total} elements differ, all at top-k ties")
     # config.json and tokenizer come along, with the output dtype recorded
     out_cfg = json.loads((tmp_path / "out" / "config.json").read_text())
-    assert out_cfg.get("dtype", out_cfg.get("torch_dtype")) == str(next(iter(ours.values())).dtype).replace("torch.", "")
+    assert out_cfg.get("dtype", out_cfg.get("torch_dtype")) == str(next(iter(ours.values())).dtype).replace(
+        "torch.", ""
+    )
     assert (tmp_path / "out" / "tokenizer.json").exists()

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import threading
 from collections import deque
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any
 
 import torch
 
@@ -17,14 +18,13 @@ from bigmerge.plan import Plan, TensorPlan
 from bigmerge.storage.fs import Location, location
 from bigmerge.storage.safetensors import DTYPES
 
-
 COALESCE_MAX_ITEM = 1 << 20  # blocks up to 1 MiB per source are read together...
 COALESCE_MAX_GROUP = 16 << 20  # ...up to 16 MiB per source per request
 COALESCE_SLACK = 64 << 10  # tolerated gap bytes when merging ranges
 
 
 class BlockReader:
-    def __init__(self, plan: Plan, storage_options: Optional[dict[str, Any]] = None, threads: int = 4, prefetch: int = 2):
+    def __init__(self, plan: Plan, storage_options: dict[str, Any] | None = None, threads: int = 4, prefetch: int = 2):
         self.plan = plan
         self.storage_options = storage_options or {}
         self.prefetch = max(0, prefetch)
@@ -150,7 +150,10 @@ class BlockReader:
                     break
                 if len(group) == 1:
                     t, b = group[0]
-                    futures = [self._pool.submit(lambda t=t, b=b, i=i: [self._read_one(t, b, i)]) for i in range(len(t.sources))]
+                    futures = [
+                        self._pool.submit(lambda t=t, b=b, i=i: [self._read_one(t, b, i)])
+                        for i in range(len(t.sources))
+                    ]
                 else:
                     futures = [self._pool.submit(self._read_group, group, i) for i in range(len(group[0][0].sources))]
                 pending.append((group, futures))

@@ -15,7 +15,7 @@ on how blocks are spread over ranks.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, Optional
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -46,7 +46,7 @@ class TensorTask:
     shape: tuple[int, ...]
     numel: int
     n_blocks: int
-    base_index: Optional[int]
+    base_index: int | None
     shared: dict[str, Any]
     per_model: list[dict[str, Any]]
     compute_dtype: torch.dtype
@@ -123,7 +123,9 @@ def require_base(op: MergeOp, task: TensorTask) -> int:
     return task.base_index
 
 
-def as_compute(x: torch.Tensor, compute: torch.dtype, scratch: Optional[Scratch] = None, name: str = "cast") -> torch.Tensor:
+def as_compute(
+    x: torch.Tensor, compute: torch.dtype, scratch: Scratch | None = None, name: str = "cast"
+) -> torch.Tensor:
     """`x` in the compute dtype, cast into a reused scratch buffer when one is given.
 
     `copy_` rounds exactly as `.to()` does; a dense cast followed by a same-dtype kernel

@@ -18,6 +18,7 @@ import numpy as np
 try:  # numba is a dependency, but keep the torch path usable without it
     if os.environ.get("BIGMERGE_NO_NUMBA") == "1":
         raise ImportError("disabled by BIGMERGE_NO_NUMBA")
+    from numba import config as numba_config
     from numba import njit, prange
 
     AVAILABLE = True
@@ -29,42 +30,81 @@ except ImportError:  # pragma: no cover - exercised by BIGMERGE_NO_NUMBA=1 in te
 
     prange = range
 
+
+def threads() -> int:
+    """Parts to split a block into: a few per numba thread, for balance."""
+    return int(numba_config.NUMBA_NUM_THREADS) if AVAILABLE else 1
+
+
 HI_BINS = 1 << 15
 LO_BINS = 1 << 16
 _CHUNK = 1 << 16
 
 
 @njit(cache=True, parallel=True)
-def magnitude_hists(x: np.ndarray, base_row: int, rows: np.ndarray, lo_bins: np.ndarray, mode: int) -> np.ndarray:
-    """Histograms of |x[r] - x[base]| bit patterns for each r in rows, in one pass.
+def magnitude_hists(
+    x: np.ndarray, base_row: int, rows: np.ndarray, params: np.ndarray, mode: int, nparts: int
+) -> np.ndarray:
+    """Counts over |x[r] - x[base]| for each r in rows, in one pass.
 
-    mode 0: high 16 bits (32768 bins); mode 1: low 16 bits of values whose high bits equal
-    lo_bins[k] (65536 bins). x is float32 [n_sources, m]. Counts are exact integers.
+    mode 0: histogram of the high 16 bits of the bit patterns (32768 bins);
+    mode 1: histogram of the low 16 bits of values whose high bits equal params[k];
+    mode 2: how many values equal the float32 whose bit pattern is params[k] (1 bin).
+    x is float32 [n_sources, m]. Each thread fills its own histogram; counts are exact.
     """
     m = x.shape[1]
-    nbins = HI_BINS if mode == 0 else LO_BINS
-    nchunks = (m + _CHUNK - 1) // _CHUNK
-    local = np.zeros((nchunks, rows.shape[0], nbins), dtype=np.int64)
-    for c in prange(nchunks):
-        j0 = c * _CHUNK
-        j1 = min(m, j0 + _CHUNK)
-        mag = np.empty(j1 - j0, dtype=np.float32)
+    nbins = HI_BINS if mode == 0 else (LO_BINS if mode == 1 else 1)
+    nparts = max(1, min(nparts, (m + _CHUNK - 1) // _CHUNK))
+    local = np.zeros((nparts, rows.shape[0], nbins), dtype=np.int64)
+    step = (m + nparts - 1) // nparts
+    for p in prange(nparts):
+        j0 = p * step
+        j1 = min(m, j0 + step)
+        mag = np.empty(min(_CHUNK, max(1, j1 - j0)), dtype=np.float32)
         bits = mag.view(np.int32)  # |delta| as its bit pattern: monotonic for non-negative floats
-        for k in range(rows.shape[0]):
-            r = rows[k]
-            want = lo_bins[k]
-            for j in range(j0, j1):
-                mag[j - j0] = np.abs(np.float32(x[r, j] - x[base_row, j]))
-            for q in range(j1 - j0):
-                hi = bits[q] >> 16
-                if mode == 0:
-                    local[c, k, hi] += 1
-                elif hi == want:
-                    local[c, k, bits[q] & 0xFFFF] += 1
+        for c0 in range(j0, j1, _CHUNK):
+            c1 = min(j1, c0 + _CHUNK)
+            for k in range(rows.shape[0]):
+                r = rows[k]
+                want = params[k]
+                for j in range(c0, c1):
+                    mag[j - c0] = np.abs(np.float32(x[r, j] - x[base_row, j]))
+                for q in range(c1 - c0):
+                    b = bits[q]
+                    if mode == 0:
+                        local[p, k, b >> 16] += 1
+                    elif mode == 1:
+                        if (b >> 16) == want:
+                            local[p, k, b & 0xFFFF] += 1
+                    elif b == want:
+                        local[p, k, 0] += 1
     out = np.zeros((rows.shape[0], nbins), dtype=np.int64)
-    for c in range(nchunks):
-        out += local[c]
+    for p in range(nparts):
+        out += local[p]
     return out
+
+
+@njit(cache=True)
+def tie_split_mask(x: np.ndarray, base_row: int, row: int, thr_bits: np.int32, quota: int, out: np.ndarray) -> None:
+    """Top-k mask of one source where ties straddle k: above the threshold, plus the first
+    `quota` values equal to it in index order (sequential by nature; one pass)."""
+    taken = 0
+    m = x.shape[1]
+    mag = np.empty(min(_CHUNK, max(1, m)), dtype=np.float32)
+    bits = mag.view(np.int32)
+    for c0 in range(0, m, _CHUNK):
+        c1 = min(m, c0 + _CHUNK)
+        for j in range(c0, c1):
+            mag[j - c0] = np.abs(np.float32(x[row, j] - x[base_row, j]))
+        for q in range(c1 - c0):
+            b = bits[q]
+            if b > thr_bits:
+                out[c0 + q] = 1
+            elif b == thr_bits and taken < quota:
+                out[c0 + q] = 1
+                taken += 1
+            else:
+                out[c0 + q] = 0
 
 
 @njit(cache=True, parallel=True)
@@ -82,6 +122,7 @@ def task_vector_merge(
     plain_divisor: np.float32,
     lam: np.float32,
     out: np.ndarray,
+    nparts: int,
 ) -> None:
     """mergekit's generalized task arithmetic for one block, fused.
 
@@ -92,46 +133,52 @@ def task_vector_merge(
     """
     m = x.shape[1]
     n = others.shape[0]
-    for j in prange(m):
-        b = x[base_row, j]
-        d = np.empty(n, dtype=np.float32)
-        for r in range(n):
-            v = np.float32(x[others[r], j] - b)
-            if not math.isnan(thr[r]):
-                if use_mask[r]:
-                    keep = keep_masks[r, j] != 0
-                else:
-                    # |v| >= thr compares like their bit patterns do (NaN counts as large)
-                    keep = np.abs(v) >= thr[r] or math.isnan(v)
-                v = np.float32(v * (np.float32(1.0) if keep else np.float32(0.0)))
-            if not math.isnan(scale[r]):
-                v = np.float32(v * scale[r])
-            d[r] = np.float32(v * weights[r])
-        mixed = d[0]
-        for r in range(1, n):
-            mixed = np.float32(mixed + d[r])
-        if consensus:
-            majority = np.float32(1.0) if mixed >= 0 else np.float32(-1.0)
-            mixed = np.float32(0.0)
-            div = np.float32(0.0)
+    step = (m + nparts - 1) // nparts
+    for p in prange(nparts):
+        d = np.empty(n, dtype=np.float32)  # one scratch per part, not per element
+        for j in range(p * step, min(m, (p + 1) * step)):
+            b = x[base_row, j]
             for r in range(n):
-                v = d[r]
-                sgn = np.float32(1.0) if v > 0 else (np.float32(-1.0) if v < 0 else (v if math.isnan(v) else np.float32(0.0)))
-                a = np.float32(1.0) if sgn == majority else np.float32(0.0)
-                mv = np.float32(v * a)
-                wv = np.float32(a * weights[r])
-                if r == 0:
-                    mixed = mv
-                    div = wv
-                else:
-                    mixed = np.float32(mixed + mv)
-                    div = np.float32(div + wv)
-            if div == 0:
-                div = np.float32(1.0)
-        else:
-            div = plain_divisor
-        if normalize:
-            mixed = np.float32(mixed / div)
-        if lam != 1:
-            mixed = np.float32(mixed * lam)
-        out[j] = np.float32(b + mixed)
+                v = np.float32(x[others[r], j] - b)
+                if not math.isnan(thr[r]):
+                    if use_mask[r]:
+                        keep = keep_masks[r, j] != 0
+                    else:
+                        # |v| >= thr compares like their bit patterns do (NaN counts as large)
+                        keep = np.abs(v) >= thr[r] or math.isnan(v)
+                    v = np.float32(v * (np.float32(1.0) if keep else np.float32(0.0)))
+                if not math.isnan(scale[r]):
+                    v = np.float32(v * scale[r])
+                d[r] = np.float32(v * weights[r])
+            mixed = d[0]
+            for r in range(1, n):
+                mixed = np.float32(mixed + d[r])
+            if consensus:
+                majority = np.float32(1.0) if mixed >= 0 else np.float32(-1.0)
+                mixed = np.float32(0.0)
+                div = np.float32(0.0)
+                for r in range(n):
+                    v = d[r]
+                    sgn = (
+                        np.float32(1.0)
+                        if v > 0
+                        else (np.float32(-1.0) if v < 0 else (v if math.isnan(v) else np.float32(0.0)))
+                    )
+                    a = np.float32(1.0) if sgn == majority else np.float32(0.0)
+                    mv = np.float32(v * a)
+                    wv = np.float32(a * weights[r])
+                    if r == 0:
+                        mixed = mv
+                        div = wv
+                    else:
+                        mixed = np.float32(mixed + mv)
+                        div = np.float32(div + wv)
+                if div == 0:
+                    div = np.float32(1.0)
+            else:
+                div = plain_divisor
+            if normalize:
+                mixed = np.float32(mixed / div)
+            if lam != 1:
+                mixed = np.float32(mixed * lam)
+            out[j] = np.float32(b + mixed)

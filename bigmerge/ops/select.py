@@ -8,8 +8,6 @@ Counts are integers, so summing them over blocks and ranks is exact in any order
 
 from __future__ import annotations
 
-from typing import Optional
-
 import numpy as np
 import torch
 
@@ -17,7 +15,7 @@ HI_BINS = 1 << 15
 LO_BINS = 1 << 16
 
 
-def magnitude_bits(x: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+def magnitude_bits(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """|x| as float32, viewed as int32 bit patterns (monotonic in |x|), flat.
 
     `out`, a float32 buffer of x's size, avoids an allocation per call.
@@ -30,12 +28,12 @@ def magnitude_bits(x: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch
     return a.view(torch.int32)
 
 
-def hist_high(bits: torch.Tensor, work: Optional[torch.Tensor] = None) -> np.ndarray:
+def hist_high(bits: torch.Tensor, work: torch.Tensor | None = None) -> np.ndarray:
     hi = torch.bitwise_right_shift(bits, 16, out=work) if work is not None else torch.bitwise_right_shift(bits, 16)
     return torch.bincount(hi, minlength=HI_BINS).numpy().astype(np.int64)
 
 
-def hist_low(bits: torch.Tensor, hi_bin: int, work: Optional[torch.Tensor] = None) -> np.ndarray:
+def hist_low(bits: torch.Tensor, hi_bin: int, work: torch.Tensor | None = None) -> np.ndarray:
     # Compare the bit patterns with the bin's bounds instead of shifting: one pass fewer.
     lo_bound = hi_bin << 16
     inside = (bits >= lo_bound) & (bits < lo_bound + LO_BINS)

@@ -8,7 +8,7 @@ select (select.py), never by sorting the tensor.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,13 +26,13 @@ class TopK:
     equal to it, the first `k - n_above` in flat index order (`tie_quota[i][block]` per block).
     """
 
-    k: list[Optional[int]]
-    hi_bin: list[Optional[int]]
-    rank_in_bin: list[Optional[int]]
-    threshold: list[Optional[float]]
+    k: list[int | None]
+    hi_bin: list[int | None]
+    rank_in_bin: list[int | None]
+    threshold: list[float | None]
     l1_before: list[float]
-    scale: list[Optional[float]]
-    tie_quota: list[Optional[list[int]]]
+    scale: list[float | None]
+    tie_quota: list[list[int] | None]
 
 
 class TaskArithmeticOp(MergeOp):
@@ -80,12 +80,24 @@ class TaskArithmeticOp(MergeOp):
             return out  # no ties straddle the k-th element: nothing to count
         sc = block.scratch
         rescale = task.shared["rescale"]
-        if rnd < 2 and _fused(task):
+        if rnd < 3 and _fused(task):
             sparse = self._sparse_models(task)
+            if rnd == 2:
+                sparse = [i for i in sparse if prev.tie_quota[i] is not None]
             x = _stack(block, sc)
-            lo_bins = np.array([prev.hi_bin[i] if rnd == 1 else 0 for i in sparse], dtype=np.int64)
-            hists = kernels.magnitude_hists(x, require_base(self, task), np.array(sparse, dtype=np.int64), lo_bins, rnd)
+            if rnd == 0:
+                params = np.zeros(len(sparse), dtype=np.int64)
+            elif rnd == 1:
+                params = np.array([prev.hi_bin[i] for i in sparse], dtype=np.int64)
+            else:
+                params = np.array([_threshold_bits(prev.threshold[i]) for i in sparse], dtype=np.int64)
+            hists = kernels.magnitude_hists(
+                x, require_base(self, task), np.array(sparse, dtype=np.int64), params, rnd, kernels.threads()
+            )
             for k, i in enumerate(sparse):
+                if rnd == 2:
+                    out[f"pb_ties{i}"] = np.array([float(hists[k, 0])])
+                    continue
                 out[f"hi{i}" if rnd == 0 else f"lo{i}"] = hists[k]
                 if rnd == 0 and rescale:
                     delta = torch.from_numpy(x[i]) - torch.from_numpy(x[require_base(self, task)])
@@ -173,10 +185,9 @@ class TaskArithmeticOp(MergeOp):
                     scale[r] = np.float32(torch.tensor(topk.scale[i], dtype=torch.float32).item())
                 if topk.tie_quota[i] is not None:  # ties split by index: the mask says which
                     if masks.shape[1] == 1:
-                        masks = np.zeros((n, x.shape[1]), dtype=np.uint8)
-                    delta = torch.from_numpy(x[i]) - torch.from_numpy(x[b])
-                    bits = select.magnitude_bits(delta, sc.get("mag", (delta.numel(),), torch.float32))
-                    masks[r] = _keep_mask(bits, topk, i, block.index, sc).numpy()
+                        masks = sc.get("tie_masks", (n, x.shape[1]), torch.uint8).numpy()
+                    thr_bits = np.int32(_threshold_bits(topk.threshold[i]))
+                    kernels.tie_split_mask(x, b, i, thr_bits, topk.tie_quota[i][block.index], masks[r])
                     use_mask[r] = True
         weights = torch.tensor([task.per_model[i]["weight"] for i in others], dtype=torch.float32)
         plain = weights.sum(dim=0, keepdim=True)
@@ -196,6 +207,7 @@ class TaskArithmeticOp(MergeOp):
             np.float32(plain.item()),
             np.float32(task.shared["lambda"]),
             out.numpy(),
+            4 * kernels.threads(),
         )
         return out.view(shape)
 
@@ -290,7 +302,7 @@ def _as_float(mask: torch.Tensor, dt: torch.dtype, sc: Scratch, name: str = "mas
     return sc.get(name, mask.shape, dt).copy_(mask)
 
 
-def _sum_rows(x: torch.Tensor, out: torch.Tensor, sc: Optional[Scratch] = None) -> torch.Tensor:
+def _sum_rows(x: torch.Tensor, out: torch.Tensor, sc: Scratch | None = None) -> torch.Tensor:
     """x[0] + x[1] + ... left to right, accumulated in float32 for 16-bit dtypes.
 
     This is torch's sum over dim 0 for up to 4 rows (which also accumulates 16-bit

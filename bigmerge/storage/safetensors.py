@@ -130,9 +130,7 @@ def _check_entry(url: str, name: str, entry: Any, data_start: int, data_len: int
         numel *= d
     expected = numel * DTYPES[dtype][1]
     if end - begin != expected:
-        raise SourceError(
-            f"{where}: {end - begin} bytes for dtype {dtype} and shape {shape}, expected {expected}"
-        )
+        raise SourceError(f"{where}: {end - begin} bytes for dtype {dtype} and shape {shape}, expected {expected}")
     return TensorInfo(name, url, dtype, tuple(shape), data_start + begin, data_start + end)
 
 
