@@ -121,9 +121,16 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print(f"to read       {_human(read)}")
     print(f"to write      {_human(write)} (store) + {_human(write)} (export)")
     print(f"world size    {plan.world_size}")
-    for r, b in enumerate(per_rank):
-        nb = sum(1 for t in plan.tensors for o in t.owners if o == r)
-        print(f"  rank {r:<4d} {nb:6d} blocks {_human(b):>10}")
+    counts = [0] * plan.world_size
+    for t in plan.tensors:
+        for o in t.owners:
+            counts[o] += 1
+    if plan.world_size <= 16:
+        for r, b in enumerate(per_rank):
+            print(f"  rank {r:<4d} {counts[r]:6d} blocks {_human(b):>10}")
+    else:
+        lo, hi = min(range(plan.world_size), key=per_rank.__getitem__), max(range(plan.world_size), key=per_rank.__getitem__)
+        print(f"  least: rank {lo} {counts[lo]} blocks {_human(per_rank[lo])}; most: rank {hi} {counts[hi]} blocks {_human(per_rank[hi])}")
     print(f"imbalance     {max(per_rank) / mean if mean else 1.0:.3f} (max/mean bytes per rank)")
     print(f"peak memory   ~{_human(peak)} per rank (estimate)")
     print(f"time          ~{est:.1f} s per rank at 1 GB/s read and write (estimate)")

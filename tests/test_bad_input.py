@@ -191,3 +191,12 @@ def test_tokenizer_source_without_tokenizer(tmp_path: Path, capsys: pytest.Captu
     code, err = run(capsys, p, tmp_path / "out")
     assert_clean_failure(code, err, tmp_path / "out", "tokenizer_source holds none")
     assert not (tmp_path / "out").exists()
+
+
+def test_pickle_checkpoints_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """No pickle by default: a .bin-only model is an error, and the file is never unpickled."""
+    f = synthetic_family(tmp_path / "m")
+    (f["ft1"] / "model.safetensors").unlink()
+    (f["ft1"] / "pytorch_model.bin").write_bytes(b"\x80\x04not really a pickle: must never be loaded")
+    code, err = run(capsys, write(tmp_path, f), tmp_path / "out")
+    assert_clean_failure(code, err, tmp_path / "out", str(f["ft1"]), "pickle", "safetensors")
