@@ -168,7 +168,7 @@ class Plan:
         for t in self.tensors:
             if t.n_blocks == 0:
                 continue
-            elems = min(t.block_rows, t.rows) * t.row_elems
+            elems = t.block_rows * t.row_elems
             raw = sum(elems * DTYPES[s.dtype][1] for s in t.sources)
             work = int((op.workspace_per_source + 1) * n * elems * csize) + elems * 4
             peak = max(peak, (prefetch + 1) * raw + work)
@@ -266,7 +266,7 @@ def build_plan(
         rows = shape[0] if shape else 1
         row_elems = math.prod(shape[1:]) if len(shape) > 1 else 1
         row_bytes = max(1, row_elems * max(DTYPES[s.dtype][1] for s in spans))
-        block_rows = max(1, block_bytes // row_bytes)
+        block_rows = max(1, min(rows, block_bytes // row_bytes))  # a small tensor is one block of its own size
         n_blocks = math.ceil(rows / block_rows) if rows * row_elems > 0 else 0
         tp = TensorPlan(
             len(tensors), name, shape, out_dtype, spans, shared, per_model, rows, row_elems, block_rows, n_blocks

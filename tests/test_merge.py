@@ -225,3 +225,14 @@ models:
     monkeypatch.setattr(kernels, "AVAILABLE", False)
     plain = merge(text, tmp_path, "plain", block_bytes=700)
     assert_bit_identical(fused, plain)
+
+
+def test_store_shards_are_sized_to_their_tensor(family: dict[str, Path], tmp_path: Path) -> None:
+    """A small tensor is one block of its own size: no padding to the block budget on disk."""
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text(linear_cfg(family, 0.5, 0.5))
+    run_merge(str(cfg), str(tmp_path / "s"), SerialComm(), MergeOptions(quiet=True, keep_store=True))
+    store = tmp_path / "s" / ".bigmerge-store.zarr"
+    shard_bytes = sum(p.stat().st_size for p in store.glob("t*/c/**/*") if p.is_file())
+    out_bytes = sum(v.numel() * v.element_size() for v in load_output(tmp_path / "s").values())
+    assert shard_bytes <= out_bytes + 20 * 6  # data plus a 20-byte shard index per tensor
