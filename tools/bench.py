@@ -23,9 +23,9 @@ What it does:
   so every bigmerge run has a mergekit run next to it. Before each run: the previous output is
   deleted, ``sync`` (so one run's dirty pages are not written back on the next one's time),
   then every input file of the config is read once (warm page cache, the same state for every
-  tool). Each run is a child process: wall time from ``perf_counter`` around it, user+sys CPU
-  and peak RSS from ``os.wait4`` (the child's own rusage; under mpirun it includes the ranks,
-  so CPU is summed over ranks and peak RSS is the largest rank's). ``other CPU`` is the CPU time
+  tool). Each run is a child of a tiny launcher (see ``LAUNCHER``) that times it with
+  ``perf_counter`` and reaps it with ``os.wait4``: user+sys CPU and peak RSS of that command
+  alone (under mpirun the ranks are included: CPU summed over ranks, peak RSS the largest rank's). ``other CPU`` is the CPU time
   the rest of the machine used meanwhile (``/proc/stat`` busy time minus the child's): a
   measure of contention from other users.
 - I/O floor (``tools/bench_floor.py``): read every input byte once (64 MiB ``readinto``) and
@@ -56,7 +56,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 TOOLS = REPO / "tools"
@@ -72,9 +72,10 @@ SCHEMA = 1
 def ensure_project_env() -> None:
     """Re-execute under the project venv (creating it with tools/setup_env.sh) if torch/bigmerge are missing."""
     try:
-        import bigmerge  # noqa: F401
         import safetensors  # noqa: F401
         import torch  # noqa: F401
+
+        import bigmerge  # noqa: F401
 
         return
     except ImportError as exc:
@@ -89,7 +90,7 @@ def ensure_project_env() -> None:
     os.execv(str(venv_py), [str(venv_py), str(Path(__file__).resolve()), *sys.argv[1:]])
 
 
-def locate_mergekit(explicit: Optional[str], *, setup: bool) -> Path:
+def locate_mergekit(explicit: str | None, *, setup: bool) -> Path:
     """make_golden's search (--mergekit, $MERGEKIT_PYTHON, .mkvenv, PATH); else create .mkvenv."""
     import make_golden
 
@@ -136,7 +137,7 @@ def _run_text(cmd: list[str], **kw: Any) -> str:
         return ""
 
 
-def machine_info(mergekit: Optional[Path]) -> dict[str, Any]:
+def machine_info(mergekit: Path | None) -> dict[str, Any]:
     import torch
 
     import bigmerge
@@ -204,7 +205,7 @@ def model_files(model_dir: Path) -> list[Path]:
     return sorted(f for f in model_dir.iterdir() if f.is_file())
 
 
-def config_models(method: str) -> tuple[Optional[str], list[tuple[str, dict[str, float]]], dict[str, float]]:
+def config_models(method: str) -> tuple[str | None, list[tuple[str, dict[str, float]]], dict[str, float]]:
     """(base_model, [(model, parameters)], global parameters) of the benchmark config of a method."""
     fts = ["ft1", "ft2", "ft3"]
     if method == "linear":  # uniform soup of all four
@@ -268,13 +269,48 @@ def read_files(paths: list[Path]) -> int:
     return total
 
 
+# The measured command is started by this tiny launcher, not by bench.py itself: on Linux a child
+# inherits its parent's RSS high-water mark through fork and exec (the kernel folds the old mm's
+# hiwater_rss into the process's maxrss at exec), so a child of bench.py (torch imported, ~0.4 GB)
+# would never report a peak below that. The launcher (python -S -I, ~10 MB) forks the command,
+# reaps it with os.wait4 and writes the command's own rusage and wall time as JSON.
+LAUNCHER = r"""
+import json, os, sys, time
+out, argv = sys.argv[1], sys.argv[2:]
+t0 = time.perf_counter()
+pid = os.fork()
+if pid == 0:
+    try:
+        os.execvp(argv[0], argv)
+    finally:
+        os._exit(127)
+_, status, ru = os.wait4(pid, 0)
+wall = time.perf_counter() - t0
+with open(out, "w") as f:
+    json.dump({"wall_s": wall, "user_s": ru.ru_utime, "sys_s": ru.ru_stime, "maxrss_kib": ru.ru_maxrss,
+               "major_faults": ru.ru_majflt, "fs_in_blocks": ru.ru_inblock, "fs_out_blocks": ru.ru_oublock,
+               "status": status}, f)
+code = os.waitstatus_to_exitcode(status)
+sys.exit(code if code >= 0 else 128 - code)
+"""
+
+
 def run_measured(cmd: list[str], env: dict[str, str], log_path: Path, timeout: float) -> dict[str, Any]:
-    """Run cmd as a child; wall from perf_counter, CPU and peak RSS from os.wait4 of that child."""
+    """Run cmd under LAUNCHER; wall time, CPU and peak RSS of that command from os.wait4."""
     lines: list[tuple[float, str]] = []
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    rusage_path = log_path.with_suffix(".rusage.json")
+    rusage_path.unlink(missing_ok=True)
     busy0 = proc_stat_busy()
     t0 = time.perf_counter()
     proc = subprocess.Popen(
-        cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True
+        [sys.executable, "-S", "-I", "-c", LAUNCHER, str(rusage_path), *cmd],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=REPO,
+        start_new_session=True,
     )
 
     def reader() -> None:
@@ -300,39 +336,42 @@ def run_measured(cmd: list[str], env: dict[str, str], log_path: Path, timeout: f
     if timer:
         timer.start()
     try:
-        _, status, ru = os.wait4(proc.pid, 0)
+        rc = proc.wait()
     except BaseException:
         kill()
         raise
-    wall = time.perf_counter() - t0
+    outer_wall = time.perf_counter() - t0
     busy1 = proc_stat_busy()
     if timer:
         timer.cancel()
-    proc.returncode = os.waitstatus_to_exitcode(status)
     # Stray grandchildren (a killed mpirun's ranks) would keep the pipe open: do not wait forever.
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
     thread.join(timeout=10)
-    log_path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        ru = json.loads(rusage_path.read_text())
+    except (OSError, ValueError):  # launcher killed (timeout): no rusage, outer numbers only
+        ru = {"wall_s": outer_wall, "user_s": float("nan"), "sys_s": float("nan"), "maxrss_kib": float("nan")}
     with open(log_path, "w") as log:
         log.write("$ " + shlex.join(cmd) + "\n")
         for t, line in lines:
             log.write(f"{t:9.3f} {line}\n")
-        log.write(f"# rc={proc.returncode} wall={wall:.3f}s\n")
-    cpu = ru.ru_utime + ru.ru_stime
+        log.write(f"# rc={rc} wall={ru['wall_s']:.3f}s (with launcher {outer_wall:.3f}s)\n")
+    cpu = ru["user_s"] + ru["sys_s"]
     return {
-        "rc": proc.returncode,
+        "rc": rc,
         "timed_out": killed.is_set(),
-        "wall_s": wall,
-        "user_s": ru.ru_utime,
-        "sys_s": ru.ru_stime,
+        "wall_s": ru["wall_s"],
+        "wall_with_launcher_s": outer_wall,
+        "user_s": ru["user_s"],
+        "sys_s": ru["sys_s"],
         "cpu_s": cpu,
-        "peak_rss_mb": ru.ru_maxrss * 1024 / 1e6,  # Linux: KiB
-        "major_faults": ru.ru_majflt,
-        "fs_in_blocks": ru.ru_inblock,
-        "fs_out_blocks": ru.ru_oublock,
+        "peak_rss_mb": ru["maxrss_kib"] * 1024 / 1e6,  # Linux reports KiB
+        "major_faults": ru.get("major_faults"),
+        "fs_in_blocks": ru.get("fs_in_blocks"),
+        "fs_out_blocks": ru.get("fs_out_blocks"),
         "other_cpu_s": busy1 - busy0 - cpu,
         "lines": lines,
     }
@@ -402,7 +441,9 @@ def compare_outputs(bm: Path, mk: Path) -> dict[str, Any]:
             hb = handles.setdefault(ib[name], safe_open(str(ib[name]), framework="pt"))
             a, b = ha.get_tensor(name), hb.get_tensor(name)
             if a.dtype != b.dtype or a.shape != b.shape:
-                res["mismatched_dtype_or_shape"].append(f"{name}: {a.dtype}{tuple(a.shape)} vs {b.dtype}{tuple(b.shape)}")
+                res["mismatched_dtype_or_shape"].append(
+                    f"{name}: {a.dtype}{tuple(a.shape)} vs {b.dtype}{tuple(b.shape)}"
+                )
                 continue
             res["total_elements"] += a.numel()
             ua = a.view(torch.uint8).view(a.numel(), -1)
@@ -428,7 +469,7 @@ def remove(path: Path) -> None:
 # --------------------------------------------------------------------------- summary and table
 
 
-def spread(values: list[float]) -> Optional[dict[str, float]]:
+def spread(values: list[float]) -> dict[str, float] | None:
     if not values:
         return None
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
@@ -455,9 +496,12 @@ def summarize(samples: list[dict[str, Any]], methods: list[str], tool_order: lis
                 "cpu_s": spread([s["cpu_s"] for s in ok.values()]),
                 "peak_rss_mb": spread([s["peak_rss_mb"] for s in ok.values()]),
                 "other_cpu_s": spread([max(0.0, s["other_cpu_s"]) for s in ok.values()]),
+                "written_gb": spread(
+                    [s["fs_out_blocks"] * 512 / 1e9 for s in ok.values() if s.get("fs_out_blocks") is not None]
+                ),
             }
             for ref in ("mergekit", "floor"):
-                if tool != ref and ref in by_tool:
+                if tool != ref and tool != "floor" and ref in by_tool:
                     pairs = [ok[r]["wall_s"] / by_tool[ref][r]["wall_s"] for r in ok if r in by_tool[ref]]
                     row[f"wall_ratio_vs_{ref}"] = spread(pairs)
             phases = [s["bigmerge"]["phases_s"] for s in ok.values() if "phases_s" in s.get("bigmerge", {})]
@@ -472,7 +516,7 @@ def summarize(samples: list[dict[str, Any]], methods: list[str], tool_order: lis
     return summary
 
 
-def fmt_spread(sp: Optional[dict[str, float]], digits: int = 1, unit: str = "") -> str:
+def fmt_spread(sp: dict[str, float] | None, digits: int = 1, unit: str = "") -> str:
     if not sp:
         return "–"
     f = f"{{:.{digits}f}}"
@@ -482,7 +526,7 @@ def fmt_spread(sp: Optional[dict[str, float]], digits: int = 1, unit: str = "") 
     return f"{med} ({f.format(sp['min'])}–{f.format(sp['max'])})"
 
 
-def fmt_ratio(sp: Optional[dict[str, float]]) -> str:
+def fmt_ratio(sp: dict[str, float] | None) -> str:
     if not sp:
         return "–"
     digits = 2 if sp["median"] < 10 else 1
@@ -490,7 +534,7 @@ def fmt_ratio(sp: Optional[dict[str, float]]) -> str:
 
 
 def gb(n: float) -> str:
-    return f"{n / 1e9:.2f} GB"
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
 
 def render_markdown(doc: dict[str, Any]) -> str:
@@ -498,7 +542,9 @@ def render_markdown(doc: dict[str, Any]) -> str:
     st = doc["settings"]
     mk = m.get("mergekit_env", {})
     out: list[str] = []
-    out.append(f"### bigmerge vs mergekit vs I/O floor — preset `{st['preset']}`, {doc['started'][:16].replace('T', ' ')}")
+    out.append(
+        f"### bigmerge vs mergekit vs I/O floor — preset `{st['preset']}`, {doc['started'][:16].replace('T', ' ')}"
+    )
     out.append("")
     mem = m["mem_total_bytes"] / 2**30
     out.append(
@@ -517,15 +563,17 @@ def render_markdown(doc: dict[str, Any]) -> str:
     )
     out.append("")
     out.append(
-        "| method | tool | n | wall s | CPU s (user+sys) | peak RSS MB | other CPU s | ×mergekit (wall) | ×floor (wall) |"
+        "| method | tool | n | wall s | CPU s (user+sys) | peak RSS MB | written GB | other CPU s | ×mergekit (wall) | ×floor (wall) |"
     )
-    out.append("|---|---|---|---|---|---|---|---|---|")
+    out.append("|---|---|---|---|---|---|---|---|---|---|")
     for method, entry in doc["summary"].items():
         info = doc["methods"][method]
         for tool in doc["tool_order"]:
             if tool.startswith("bigmerge") and not info["bigmerge_supported"]:
                 if tool == "bigmerge":
-                    out.append(f"| {method} | bigmerge | – | not supported by bigmerge (`bigmerge.ops.REGISTRY`) | | | | | |")
+                    out.append(
+                        f"| {method} | bigmerge | – | not supported by bigmerge (`bigmerge.ops.REGISTRY`) | | | | | | |"
+                    )
                 continue
             row = entry.get(tool)
             if row is None:
@@ -533,15 +581,17 @@ def render_markdown(doc: dict[str, Any]) -> str:
             n = f"{row['ok']}" + (f" (+{row['failed']} failed)" if row["failed"] else "")
             out.append(
                 f"| {method} | {tool} | {n} | {fmt_spread(row['wall_s'])} | {fmt_spread(row['cpu_s'])} | "
-                f"{fmt_spread(row['peak_rss_mb'], 0)} | {fmt_spread(row['other_cpu_s'])} | "
+                f"{fmt_spread(row['peak_rss_mb'], 0)} | {fmt_spread(row['written_gb'], 2)} | {fmt_spread(row['other_cpu_s'])} | "
                 f"{fmt_ratio(row.get('wall_ratio_vs_mergekit'))} | {fmt_ratio(row.get('wall_ratio_vs_floor'))} |"
             )
     out.append("")
     out.append(
-        "Median (min–max) over rounds. Ratios are per round (bigmerge run ÷ the mergekit or floor run of the same "
-        "round), then median (min–max). CPU and peak RSS come from `os.wait4` of the child (under mpirun: CPU summed "
-        "over ranks, RSS of the largest process). *other CPU*: CPU seconds the rest of the machine used during the "
-        f"run (contention). Floor: read every input byte, write one fresh file of the output's size "
+        "Median (min–max) over rounds. Ratios are per round (the run ÷ the mergekit or floor run of the same round), "
+        "then median (min–max). CPU, peak RSS and *written* come from `os.wait4` of the command, reaped by a small "
+        "launcher so that its RSS is its own (under mpirun: CPU summed over ranks, RSS of the largest process). "
+        "*written*: `ru_oublock` × 512 B, the bytes the command dirtied in files (files it deleted itself included). "
+        "*other CPU*: CPU seconds the rest of the machine used during the run (contention from other users). "
+        "Floor: read every input byte, write one fresh file of the output's size "
         f"({'with' if st['fsync_floor'] else 'no'} fsync; neither tool fsyncs)."
     )
     notes: list[str] = []
@@ -550,8 +600,8 @@ def render_markdown(doc: dict[str, Any]) -> str:
         fl = entry.get("floor")
         if fl and fl.get("floor_read_s"):
             notes.append(
-                f"- {method}: floor reads {gb(info['input_bytes'])} in {fmt_spread(fl['floor_read_s'], 2)} s and writes "
-                f"{gb(info['output_bytes'])} in {fmt_spread(fl['floor_write_s'], 2)} s."
+                f"- {method}: floor reads {gb(info['input_bytes'])} in {fmt_spread(fl['floor_read_s'], 3)} s and writes "
+                f"{gb(info['output_bytes'])} in {fmt_spread(fl['floor_write_s'], 3)} s."
             )
         for tool, row in entry.items():
             if "phases_s" in row:
@@ -571,7 +621,11 @@ def render_markdown(doc: dict[str, Any]) -> str:
                 f"{chk['total_elements']:,} elements differ (max |diff| {chk['max_abs_diff']:.3g})"
                 + (f"; only in bigmerge: {len(chk['only_bigmerge'])}" if chk["only_bigmerge"] else "")
                 + (f"; only in mergekit: {len(chk['only_mergekit'])}" if chk["only_mergekit"] else "")
-                + (f"; dtype/shape mismatches: {len(chk['mismatched_dtype_or_shape'])}" if chk["mismatched_dtype_or_shape"] else "")
+                + (
+                    f"; dtype/shape mismatches: {len(chk['mismatched_dtype_or_shape'])}"
+                    if chk["mismatched_dtype_or_shape"]
+                    else ""
+                )
                 + "."
             )
         for fail in info.get("failures", []):
@@ -585,19 +639,34 @@ def render_markdown(doc: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------- main
 
 
-def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         description="Benchmark bigmerge against mergekit 0.1.5 and the I/O floor (interleaved, one process).",
         epilog="Example: python tools/bench.py --preset medium --repeats 3 --methods linear ties --ranks 1 2",
     )
-    ap.add_argument("--preset", choices=PRESETS, default="medium", help="fixture size (default medium, ~1 GB per model)")
+    ap.add_argument(
+        "--preset", choices=PRESETS, default="medium", help="fixture size (default medium, ~1 GB per model)"
+    )
     ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="merge methods (default: all)")
-    ap.add_argument("--repeats", type=int, default=3, help="rounds per method (default 3; fewer is only for smoke tests)")
-    ap.add_argument("--ranks", nargs="+", type=int, default=[1], help="bigmerge world sizes; >1 runs under mpirun (default 1)")
-    ap.add_argument("--tools", nargs="+", choices=("floor", "bigmerge", "mergekit"), default=["floor", "bigmerge", "mergekit"])
+    ap.add_argument(
+        "--repeats", type=int, default=3, help="rounds per method (default 3; fewer is only for smoke tests)"
+    )
+    ap.add_argument(
+        "--ranks", nargs="+", type=int, default=[1], help="bigmerge world sizes; >1 runs under mpirun (default 1)"
+    )
+    ap.add_argument(
+        "--tools", nargs="+", choices=("floor", "bigmerge", "mergekit"), default=["floor", "bigmerge", "mergekit"]
+    )
     ap.add_argument("--out", type=Path, default=REPO / "bench-out", help="results directory (default bench-out/)")
-    ap.add_argument("--fixtures", type=Path, default=None, help="fixture cache (default bench-out/fixtures/PRESET in the repository)")
-    ap.add_argument("--work", type=Path, default=None, help="where merge outputs go, deleted after each run (default OUT/work)")
+    ap.add_argument(
+        "--fixtures",
+        type=Path,
+        default=None,
+        help="fixture cache (default bench-out/fixtures/PRESET in the repository)",
+    )
+    ap.add_argument(
+        "--work", type=Path, default=None, help="where merge outputs go, deleted after each run (default OUT/work)"
+    )
     ap.add_argument("--mergekit", default=None, help="mergekit-yaml to use (default: as tools/make_golden.py finds it)")
     ap.add_argument("--no-setup", action="store_true", help="do not create .mkvenv when mergekit is not found")
     ap.add_argument("--bigmerge-args", default="", help="extra arguments for `bigmerge merge`, e.g. '--block-size 64M'")
@@ -615,14 +684,17 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     ensure_project_env()
     sys.path.insert(0, str(TOOLS))
     from bigmerge.ops import REGISTRY
 
     if args.repeats < 3:
-        print(f"bench: --repeats {args.repeats}: fewer than 3 rounds, a smoke test rather than a measurement", file=sys.stderr)
+        print(
+            f"bench: --repeats {args.repeats}: fewer than 3 rounds, a smoke test rather than a measurement",
+            file=sys.stderr,
+        )
     out_dir = args.out.resolve()
     fixtures = (args.fixtures or REPO / "bench-out" / "fixtures" / args.preset).resolve()
     work = (args.work or out_dir / "work").resolve()
@@ -634,20 +706,34 @@ def main(argv: Optional[list[str]] = None) -> int:
     mergekit = locate_mergekit(args.mergekit, setup=not args.no_setup) if "mergekit" in args.tools else None
     import make_golden
 
-    mk_args = [a for a in make_golden.MERGEKIT_ARGS if not (args.allow_gpu and a == "--no-cuda")] + shlex.split(args.mergekit_args)
+    mk_args = [a for a in make_golden.MERGEKIT_ARGS if not (args.allow_gpu and a == "--no-cuda")] + shlex.split(
+        args.mergekit_args
+    )
     bm_args = shlex.split(args.bigmerge_args)
     bm_cmd = bigmerge_command()
     mpirun = mpirun_path() if any(n > 1 for n in args.ranks) and "bigmerge" in args.tools else None
 
     fam = build_fixtures(fixtures, args.preset)
+    # Untimed: import each tool's packages once, so no run pays for a cold page cache of site-packages.
+    warmups = []
+    if "bigmerge" in args.tools:
+        warmups.append([sys.executable, "-c", "import bigmerge.cli, bigmerge.merge, torch, zarr, safetensors"])
+    if mergekit is not None:
+        warmups.append(
+            [str(mergekit.parent / "python"), "-c", "import mergekit.merge, mergekit.scripts.run_yaml, torch"]
+        )
+    for cmd in warmups:
+        subprocess.run(cmd, env=env, stdin=subprocess.DEVNULL, capture_output=True, timeout=600)
     started = dt.datetime.now().astimezone()
     stamp = started.strftime("%Y%m%d-%H%M%S")
     json_path = out_dir / f"bench-{args.preset}-{stamp}.json"
     md_path = out_dir / f"bench-{args.preset}-{stamp}.md"
 
-    tool_order = (["floor"] if "floor" in args.tools else []) + (
-        [("bigmerge" if n == 1 else f"bigmerge-n{n}") for n in args.ranks] if "bigmerge" in args.tools else []
-    ) + (["mergekit"] if mergekit else [])
+    tool_order = (
+        (["floor"] if "floor" in args.tools else [])
+        + ([("bigmerge" if n == 1 else f"bigmerge-n{n}") for n in args.ranks] if "bigmerge" in args.tools else [])
+        + (["mergekit"] if mergekit else [])
+    )
     base_weights = weight_files(fam["base"])
     doc: dict[str, Any] = {
         "schema": SCHEMA,
@@ -700,7 +786,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         }
         doc["methods"][method] = info
         if not supported:
-            print(f"bench: {method}: not in bigmerge.ops.REGISTRY {sorted(REGISTRY)}; mergekit and floor only", file=sys.stderr)
+            print(
+                f"bench: {method}: not in bigmerge.ops.REGISTRY {sorted(REGISTRY)}; mergekit and floor only",
+                file=sys.stderr,
+            )
         tools = [t for t in tool_order if supported or not t.startswith("bigmerge")]
         for rnd in range(args.repeats):
             k = rnd % len(tools)
@@ -714,7 +803,14 @@ def main(argv: Optional[list[str]] = None) -> int:
                 warm_bytes = read_files(inputs)
                 warm_s = time.perf_counter() - t_warm
                 if tool == "floor":
-                    cmd = [sys.executable, str(TOOLS / "bench_floor.py"), "--write", str(target), "--size", str(info["output_bytes"])]
+                    cmd = [
+                        sys.executable,
+                        str(TOOLS / "bench_floor.py"),
+                        "--write",
+                        str(target),
+                        "--size",
+                        str(info["output_bytes"]),
+                    ]
                     cmd += (["--fsync"] if args.fsync_floor else []) + [str(f) for f in inputs]
                 elif tool == "mergekit":
                     assert mergekit is not None
@@ -771,8 +867,11 @@ def main(argv: Optional[list[str]] = None) -> int:
             if len(kept) == 2:
                 t_chk = time.perf_counter()
                 info["check"] = compare_outputs(kept["bigmerge"], kept["mergekit"])
-                print(f"bench: {method}: outputs compared in {time.perf_counter() - t_chk:.1f} s: {info['check']['bit_identical_tensors']}/"
-                      f"{info['check']['tensors']} tensors bit-identical", file=sys.stderr)
+                print(
+                    f"bench: {method}: outputs compared in {time.perf_counter() - t_chk:.1f} s: {info['check']['bit_identical_tensors']}/"
+                    f"{info['check']['tensors']} tensors bit-identical",
+                    file=sys.stderr,
+                )
             for p in kept.values():
                 remove(p)
             os.sync()

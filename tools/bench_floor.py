@@ -63,7 +63,9 @@ def main() -> None:
     t1 = time.perf_counter()
     nwritten = write_fresh(args.write, args.size, buf, fsync=args.fsync)
     t2 = time.perf_counter()
-    print(json.dumps({"read_s": t1 - t0, "write_s": t2 - t1, "read_bytes": nread, "written_bytes": nwritten}), flush=True)
+    print(
+        json.dumps({"read_s": t1 - t0, "write_s": t2 - t1, "read_bytes": nread, "written_bytes": nwritten}), flush=True
+    )
 
 
 if __name__ == "__main__":
