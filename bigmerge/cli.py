@@ -129,8 +129,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
         for r, b in enumerate(per_rank):
             print(f"  rank {r:<4d} {counts[r]:6d} blocks {_human(b):>10}")
     else:
-        lo, hi = min(range(plan.world_size), key=per_rank.__getitem__), max(range(plan.world_size), key=per_rank.__getitem__)
-        print(f"  least: rank {lo} {counts[lo]} blocks {_human(per_rank[lo])}; most: rank {hi} {counts[hi]} blocks {_human(per_rank[hi])}")
+        lo, hi = (
+            min(range(plan.world_size), key=per_rank.__getitem__),
+            max(range(plan.world_size), key=per_rank.__getitem__),
+        )
+        print(
+            f"  least: rank {lo} {counts[lo]} blocks {_human(per_rank[lo])}; most: rank {hi} {counts[hi]} blocks {_human(per_rank[hi])}"
+        )
     print(f"imbalance     {max(per_rank) / mean if mean else 1.0:.3f} (max/mean bytes per rank)")
     print(f"peak memory   ~{_human(peak)} per rank (estimate)")
     print(f"time          ~{est:.1f} s per rank at 1 GB/s read and write (estimate)")

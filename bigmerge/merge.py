@@ -6,19 +6,25 @@ import resource
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
+from bigmerge import errors
 from bigmerge.catalog import ModelCatalog, catalog_models
 from bigmerge.config import MergeConfig, load_config
 from bigmerge.dist.comm import Comm
 from bigmerge.dist.executor import DEFAULT_CACHE_BYTES, execute
 from bigmerge.dist.reader import BlockReader
-from bigmerge import errors
 from bigmerge.errors import BigmergeError, OutputExistsError
 from bigmerge.plan import DEFAULT_BLOCK_BYTES, Plan, build_plan
 from bigmerge.progress import Progress
-from bigmerge.storage.export import DEFAULT_SHARD_BYTES, MANIFEST_NAME, check_tokenizer_source, clear_finished_markers, export
-from bigmerge.storage.fs import Location, location
+from bigmerge.storage.export import (
+    DEFAULT_SHARD_BYTES,
+    MANIFEST_NAME,
+    check_tokenizer_source,
+    clear_finished_markers,
+    export,
+)
+from bigmerge.storage.fs import Location, location, retries_done
 from bigmerge.storage.zarr_store import BlockStore
 
 STORE_DIR = ".bigmerge-store.zarr"
@@ -31,8 +37,8 @@ class MergeOptions:
     cache_bytes: int = DEFAULT_CACHE_BYTES
     io_threads: int = 4
     prefetch: int = 2
-    seed: Optional[int] = None
-    store: Optional[str] = None
+    seed: int | None = None
+    store: str | None = None
     overwrite: bool = False
     keep_store: bool = False
     quiet: bool = False
@@ -41,7 +47,7 @@ class MergeOptions:
 def _collective(comm: Comm, fn: Any) -> Any:
     """Run fn on rank 0 and broadcast its result, or its user error, to every rank."""
     result: Any = None
-    error: Optional[tuple[str, str]] = None
+    error: tuple[str, str] | None = None
     if comm.rank == 0:
         try:
             result = fn()
@@ -67,6 +73,7 @@ def plan_merge(cfg: MergeConfig, world_size: int, opts: MergeOptions) -> tuple[P
 
 def run_merge(config_path: str, out_url: str, comm: Comm, opts: MergeOptions) -> dict[str, Any]:
     t0 = time.perf_counter()
+    retries0 = retries_done()  # the counter is per process; this run's share is the difference
     log = _logger(comm, opts.quiet)
     state: dict[str, Any] = {}
 
@@ -86,7 +93,7 @@ def run_merge(config_path: str, out_url: str, comm: Comm, opts: MergeOptions) ->
 
     plan_json, store_url = _collective(comm, prepare)
     plan = state.get("plan") or Plan.from_json(plan_json)
-    cfg: Optional[MergeConfig] = state.get("cfg")
+    cfg: MergeConfig | None = state.get("cfg")
     storage_options = cfg.storage_options if cfg else None
     storage_options = comm.bcast(storage_options)
     store: BlockStore = state.get("store") or BlockStore(location(store_url, storage_options))
@@ -125,13 +132,14 @@ def run_merge(config_path: str, out_url: str, comm: Comm, opts: MergeOptions) ->
         store.loc.remove(recursive=True)
     wall = time.perf_counter() - t0
     peak = [g for g in comm.allgather(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)]
-    blocks = comm.allgather((stats.blocks_done, stats.blocks_skipped, stats.bytes_read))
+    blocks = comm.allgather((stats.blocks_done, stats.blocks_skipped, stats.bytes_read, retries_done() - retries0))
     summary = {
         "out": out.url,
         "tensors": len(plan.tensors),
         "blocks_computed": sum(b[0] for b in blocks),
         "blocks_resumed": len(done),
         "bytes_read": sum(b[2] for b in blocks),
+        "io_retries": sum(b[3] for b in blocks),
         "wall_s": round(wall, 3),
         "merge_s": round(t_merge, 3),
         "peak_rss_bytes_per_rank": peak,
@@ -140,7 +148,9 @@ def run_merge(config_path: str, out_url: str, comm: Comm, opts: MergeOptions) ->
     log(
         f"done: {out.url} ({summary['blocks_computed']} blocks computed, {summary['blocks_resumed']} resumed, "
         f"{summary['bytes_read'] / 1e9:.2f} GB read in {wall:.1f} s, "
-        f"{summary['bytes_read'] / 1e9 / max(wall, 1e-9):.2f} GB/s, peak RSS {max(peak) / 2**20:.0f} MiB/rank)"
+        f"{summary['bytes_read'] / 1e9 / max(wall, 1e-9):.2f} GB/s, peak RSS {max(peak) / 2**20:.0f} MiB/rank"
+        + (f", {summary['io_retries']} storage calls retried" if summary["io_retries"] else "")
+        + ")"
     )
     return summary
 

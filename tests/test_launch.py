@@ -1,0 +1,103 @@
+"""The launchers in launch/: they parse, and they build the command a user expects.
+
+launch/mpirun.sh also starts real merges in tests/test_resume_mpi.py.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from helpers import REPO
+
+LAUNCH = REPO / "launch"
+SECRET = "launcher-secret-value"
+
+
+@pytest.mark.parametrize("script", ["mpirun.sh", "slurm.sbatch", "quickstart.sh"])
+def test_launch_scripts_parse(script: str) -> None:
+    proc = subprocess.run(["bash", "-n", str(LAUNCH / script)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+def fake_command(tmp_path: Path, name: str) -> Path:
+    """A stand-in for mpirun or srun that prints its arguments, one a line, and two env vars."""
+    path = tmp_path / "bin" / name
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(
+        '#!/bin/sh\nprintf "%s\\n" "$@"\necho "env OMPI_ALLOW_RUN_AS_ROOT=$OMPI_ALLOW_RUN_AS_ROOT OMP_NUM_THREADS=$OMP_NUM_THREADS"\n'
+    )
+    path.chmod(0o755)
+    return path
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PMI", "PRTE_", "AWS_", "SLURM_"))}
+    env.update(extra)
+    return env
+
+
+def test_mpirun_wrapper_passes_arguments_and_forwards_secrets_by_name(tmp_path: Path) -> None:
+    fake = fake_command(tmp_path, "mpirun")
+    env = clean_env(
+        MPIRUN=str(fake),
+        BIGMERGE_PYTHON="/opt/py/bin/python",
+        AWS_SECRET_ACCESS_KEY=SECRET,
+        AWS_ENDPOINT_URL="http://s3.local:9000",
+    )
+    proc = subprocess.run(
+        [str(LAUNCH / "mpirun.sh"), "-n", "3", "c.yaml", "s3://b/out", "--block-size", "64M"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr
+    args = proc.stdout.splitlines()
+    assert args[:6] == ["-n", "3", "--oversubscribe", "--bind-to", "none", "-x"]
+    assert {"AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"} <= {args[i + 1] for i, a in enumerate(args) if a == "-x"}
+    assert args[-9:-1] == [
+        "/opt/py/bin/python",
+        "-m",
+        "bigmerge",
+        "merge",
+        "c.yaml",
+        "s3://b/out",
+        "--block-size",
+        "64M",
+    ]
+    assert SECRET not in proc.stdout  # by name only: values never reach a command line
+    if os.geteuid() == 0:
+        assert "OMPI_ALLOW_RUN_AS_ROOT=1" in args[-1]
+
+
+def test_mpirun_wrapper_usage(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [str(LAUNCH / "mpirun.sh"), "-n", "2", "only-a-config.yaml"], capture_output=True, text=True, env=clean_env()
+    )
+    assert proc.returncode == 2 and "usage:" in proc.stderr
+
+
+def test_slurm_script_runs_bigmerge_on_every_task(tmp_path: Path) -> None:
+    fake = fake_command(tmp_path, "srun")
+    env = clean_env(
+        PATH=f"{fake.parent}:{os.environ['PATH']}",
+        BIGMERGE_PYTHON="/shared/venv/bin/python",
+        SLURM_NTASKS_PER_NODE="8",
+        SLURM_NTASKS="64",
+        SLURM_JOB_NUM_NODES="8",
+        SLURM_CPUS_PER_TASK="16",
+    )
+    proc = subprocess.run(
+        ["bash", str(LAUNCH / "slurm.sbatch"), "c.yaml", "s3://b/out", "--quiet"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr
+    args = proc.stdout.splitlines()
+    assert args[:3] == ["--mpi=pmix", "--kill-on-bad-exit=1", "--cpu-bind=cores"]
+    assert args[3:-1] == ["/shared/venv/bin/python", "-m", "bigmerge", "merge", "c.yaml", "s3://b/out", "--quiet"]
+    assert "OMP_NUM_THREADS=16" in args[-1]
+    assert "8 nodes x 8 ranks = 64 ranks" in proc.stderr
