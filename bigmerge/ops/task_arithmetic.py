@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from bigmerge.dist.comm import SerialComm, reduce_stats
 from bigmerge.errors import ConfigError
 from bigmerge.ops import kernels, select
 from bigmerge.ops.base import Block, MergeOp, Param, Scratch, Stats, TensorTask, as_compute, require_base
@@ -64,11 +65,24 @@ class TaskArithmeticOp(MergeOp):
         return [i for i in task.non_base if task.per_model[i]["density"] < 1.0]
 
     def rounds(self, task: TensorTask) -> int:
+        # A tensor that is one block needs no reduction: apply computes its statistics itself.
+        return self._stat_rounds(task) if task.n_blocks > 1 else 0
+
+    def _stat_rounds(self, task: TensorTask) -> int:
         # 0: high-bits histogram, 1: low-bits histogram (the threshold), 2: ties per block
         # (skipped unless ties straddle the k-th element), 3: L1 after masking (rescale only)
         if not self._sparse_models(task):
             return 0
         return 4 if task.shared["rescale"] else 3
+
+    def _local_stats(self, task: TensorTask, block: Block) -> Any:
+        """The statistics rounds on a tensor's only block: the same stats/finish code, the
+        reduction of one block being the block itself, so the result cannot differ."""
+        prev: Any = None
+        for rnd in range(self._stat_rounds(task)):
+            reduced = reduce_stats(SerialComm(), {block.index: self.stats(rnd, task, block, prev)}, 1)
+            prev = self.finish(rnd, task, reduced, prev)
+        return prev
 
     def _delta(self, task: TensorTask, block: Block, i: int, base: torch.Tensor) -> torch.Tensor:
         out = block.scratch.get("stats_delta", base.shape, task.compute_dtype)
@@ -221,6 +235,9 @@ class TaskArithmeticOp(MergeOp):
             return base
         shape = base.shape
         n = len(others)
+        if stats is None and task.n_blocks == 1 and self._stat_rounds(task):
+            stats = self._local_stats(task, block)
+            base = sc.get("base", src.shape, dt).copy_(src)  # the stats rounds share the scratch
         if _fused(task):
             return self._apply_fused(task, block, stats, shape)
         deltas = sc.get("deltas", (n, *shape), dt)
