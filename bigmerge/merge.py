@@ -109,12 +109,29 @@ def run_merge(config_path: str, out_url: str, comm: Comm, opts: MergeOptions) ->
         + (f"; resuming: {len(done)} blocks already done" if done else "")
     )
     reader = BlockReader(plan, storage_options, threads=opts.io_threads, prefetch=opts.prefetch)
-    progress = Progress(my_bytes, enabled=(comm.rank == 0 and not opts.quiet), desc="merge")
+    all_bytes = sum(plan.rank_bytes())
+    progress = Progress(all_bytes, enabled=(comm.rank == 0 and not opts.quiet), desc="merge", ranks=comm.size)
+    mine = {"bytes": 0, "sent": 0.0}
+
+    def on_block(n: int) -> None:
+        # rank 0 shows the sum over ranks; the others report to it at most every second
+        mine["bytes"] += n
+        if comm.rank == 0:
+            others = comm.poll_progress()
+            progress.set(mine["bytes"] + sum(others.values()))
+        elif time.perf_counter() - mine["sent"] >= 1.0:
+            mine["sent"] = time.perf_counter()
+            comm.send_progress(mine["bytes"])
+
+    t_exec0 = time.perf_counter()
     try:
-        stats = execute(plan, comm, store, reader, done, cache_bytes=opts.cache_bytes, on_block=progress.update)
+        stats = execute(plan, comm, store, reader, done, cache_bytes=opts.cache_bytes, on_block=on_block)
+        comm.send_progress(mine["bytes"], final=True)
+        comm.drain_progress()
     finally:
         reader.close()
         progress.close()
+    t_exec = time.perf_counter() - t_exec0
     t_merge = time.perf_counter() - t0
     comm.barrier()
     log("exporting safetensors")
@@ -132,7 +149,9 @@ def run_merge(config_path: str, out_url: str, comm: Comm, opts: MergeOptions) ->
         store.loc.remove(recursive=True)
     wall = time.perf_counter() - t0
     peak = [g for g in comm.allgather(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)]
-    blocks = comm.allgather((stats.blocks_done, stats.blocks_skipped, stats.bytes_read, retries_done() - retries0))
+    blocks = comm.allgather(
+        (stats.blocks_done, stats.blocks_skipped, stats.bytes_read, retries_done() - retries0, t_exec)
+    )
     summary = {
         "out": out.url,
         "tensors": len(plan.tensors),
@@ -144,7 +163,19 @@ def run_merge(config_path: str, out_url: str, comm: Comm, opts: MergeOptions) ->
         "merge_s": round(t_merge, 3),
         "peak_rss_bytes_per_rank": peak,
         "ranks": comm.size,
+        "per_rank": [
+            {"rank": r, "exec_s": round(b[4], 3), "blocks": b[0], "bytes_read": b[2]} for r, b in enumerate(blocks)
+        ],
     }
+    if comm.size > 1:
+        times = [b[4] for b in blocks]
+        mean = sum(times) / len(times)
+        slowest = max(range(len(times)), key=times.__getitem__)
+        per = ", ".join(f"r{r} {b[4]:.1f}s/{b[0]}blk" for r, b in enumerate(blocks[:16]))
+        more = f", ... ({comm.size - 16} more)" if comm.size > 16 else ""
+        log(
+            f"per rank (merge time/blocks): {per}{more}; slowest rank {slowest}: {times[slowest] / max(mean, 1e-9):.2f}x the mean"
+        )
     log(
         f"done: {out.url} ({summary['blocks_computed']} blocks computed, {summary['blocks_resumed']} resumed, "
         f"{summary['bytes_read'] / 1e9:.2f} GB read in {wall:.1f} s, "

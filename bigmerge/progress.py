@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from typing import Any
 
 
 class Progress:
-    def __init__(self, total: int, *, enabled: bool, desc: str, interval: float = 10.0) -> None:
+    def __init__(
+        self, total: int, *, enabled: bool, desc: str, interval: Optional[float] = None, ranks: int = 1
+    ) -> None:
         self._bar: Any | None = None
         self._enabled = enabled and total > 0
         self._total = total
@@ -16,7 +19,9 @@ class Progress:
         self._done = 0
         self._t0 = time.perf_counter()
         self._last = self._t0
-        self._interval = interval
+        # seconds between log lines when stderr is not a terminal (BIGMERGE_PROGRESS_INTERVAL)
+        self._interval = interval if interval is not None else float(os.environ.get("BIGMERGE_PROGRESS_INTERVAL", "10"))
+        self._where = "all ranks" if ranks > 1 else "1 rank"
         if self._enabled and sys.stderr.isatty():
             from tqdm import tqdm
 
@@ -32,9 +37,14 @@ class Progress:
             )
 
     def update(self, n: int) -> None:
+        self.set(self._done + n)
+
+    def set(self, done: int) -> None:
+        """The bytes done so far (rank 0 passes the sum over all ranks)."""
         if not self._enabled:
             return
-        self._done += n
+        n = done - self._done
+        self._done = done
         if self._bar is not None:
             self._bar.update(n)
             return
@@ -44,7 +54,7 @@ class Progress:
             rate = self._done / max(now - self._t0, 1e-9) / 1e9
             pct = 100.0 * self._done / self._total
             print(
-                f"bigmerge: {self._desc} {pct:5.1f}% ({self._done / 1e9:.2f}/{self._total / 1e9:.2f} GB on rank 0, {rate:.2f} GB/s)",
+                f"bigmerge: {self._desc} {pct:5.1f}% ({self._done / 1e9:.2f}/{self._total / 1e9:.2f} GB read on {self._where}, {rate:.2f} GB/s)",
                 file=sys.stderr,
                 flush=True,
             )

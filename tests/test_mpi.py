@@ -92,3 +92,16 @@ def test_user_error_under_mpi_is_one_line_no_abort(bf16_family: dict[str, Path],
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("bigmerge: error:")]
     assert len(lines) == 1 and "density" in lines[0]
     assert "Traceback" not in proc.stderr
+
+
+def test_summary_shows_every_rank(bf16_family: dict[str, Path], tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(CONFIGS["ties"].format(**{k: str(v) for k, v in bf16_family.items()}))
+    proc = mpirun(
+        3, "merge", str(cfg), str(tmp_path / "out"), "--block-size", "200", env={"BIGMERGE_PROGRESS_INTERVAL": "0"}
+    )
+    assert proc.returncode == 0, proc.stderr
+    line = next(ln for ln in proc.stderr.splitlines() if "per rank" in ln)
+    assert "r0 " in line and "r1 " in line and "r2 " in line and "slowest rank" in line
+    progress = [ln for ln in proc.stderr.splitlines() if "GB read on all ranks" in ln]
+    assert progress, proc.stderr  # rank 0 reports the sum over ranks

@@ -23,6 +23,9 @@ class Comm(Protocol):
     size: int
 
     def bcast(self, obj: T) -> T: ...
+    def send_progress(self, value: int, final: bool = False) -> None: ...
+    def poll_progress(self) -> dict[int, int]: ...
+    def drain_progress(self) -> dict[int, int]: ...
     def allreduce_sum(self, arr: np.ndarray) -> np.ndarray: ...
     def allgather(self, obj: T) -> list[T]: ...
     def barrier(self) -> None: ...
@@ -32,6 +35,15 @@ class Comm(Protocol):
 class SerialComm:
     rank = 0
     size = 1
+
+    def send_progress(self, value: int, final: bool = False) -> None:
+        pass
+
+    def poll_progress(self) -> dict[int, int]:
+        return {}
+
+    def drain_progress(self) -> dict[int, int]:
+        return {}
 
     def bcast(self, obj: T) -> T:
         return obj
@@ -49,6 +61,9 @@ class SerialComm:
         sys.exit(code)
 
 
+PROGRESS_TAG = 7707
+
+
 class MPIComm:
     def __init__(self) -> None:
         from mpi4py import MPI
@@ -57,6 +72,41 @@ class MPIComm:
         self._comm = MPI.COMM_WORLD
         self.rank = self._comm.Get_rank()
         self.size = self._comm.Get_size()
+        self._sends: list[Any] = []
+        self._finals: set[int] = set()
+        self._latest: dict[int, int] = {}
+
+    # Progress: ranks > 0 send their cumulative bytes to rank 0 now and then (non-blocking,
+    # a few small messages per second at most), and a final one at the end, which rank 0
+    # drains so that no message is left in flight.
+
+    def send_progress(self, value: int, final: bool = False) -> None:
+        if self.rank == 0:
+            return
+        self._sends.append(self._comm.isend((value, final), dest=0, tag=PROGRESS_TAG))
+        self._sends = [r for r in self._sends if not r.Test()]
+        if final:
+            self._mpi.Request.Waitall(self._sends)
+            self._sends = []
+
+    def _receive_one(self) -> None:
+        status = self._mpi.Status()
+        value, final = self._comm.recv(source=self._mpi.ANY_SOURCE, tag=PROGRESS_TAG, status=status)
+        src = status.Get_source()
+        self._latest[src] = value
+        if final:
+            self._finals.add(src)
+
+    def poll_progress(self) -> dict[int, int]:
+        while self._comm.iprobe(source=self._mpi.ANY_SOURCE, tag=PROGRESS_TAG):
+            self._receive_one()
+        return dict(self._latest)
+
+    def drain_progress(self) -> dict[int, int]:
+        if self.rank == 0:
+            while len(self._finals) < self.size - 1:
+                self._receive_one()
+        return dict(self._latest)
 
     def bcast(self, obj: T) -> T:
         return self._comm.bcast(obj, root=0)
