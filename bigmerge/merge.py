@@ -102,7 +102,6 @@ def run_merge(config_path: str, out_url: str, comm: Comm, opts: MergeOptions) ->
         log(f"warning: {w}")
     done = _collective(comm, store.done_blocks)
     total_blocks = sum(t.n_blocks for t in plan.tensors)
-    my_bytes = plan.rank_bytes()[comm.rank]
     log(
         f"merging {len(plan.tensors)} tensors ({total_blocks} blocks, {sum(t.in_bytes() for t in plan.tensors) / 1e9:.2f} GB "
         f"to read) from {len(plan.models)} models with {plan.merge_method} on {comm.size} rank(s)"
