@@ -68,6 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="per-rank memory for keeping a tensor's blocks between statistic passes (default 512M)",
     )
     m.add_argument("--quiet", action="store_true", help="no progress output; errors still print")
+    m.add_argument(
+        "--device",
+        choices=("cpu", "cuda", "auto"),
+        default="cpu",
+        help="where the operators compute: cpu (default), cuda (each rank its node-local GPU; an error without one), auto (the GPU if there is one)",
+    )
 
     p = sub.add_parser("plan", help="show what a merge would read, write and need, reading no tensor data")
     p.add_argument("config")
@@ -162,6 +168,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         keep_store=args.keep_store,
         quiet=args.quiet,
+        device=args.device,
     )
     run_merge(args.config, args.out, get_comm(), opts)
     return 0

@@ -8,9 +8,12 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from bigmerge import errors
 from bigmerge.catalog import ModelCatalog, catalog_models
 from bigmerge.config import MergeConfig, load_config
+from bigmerge.device import pick_device
 from bigmerge.dist.comm import Comm
 from bigmerge.dist.executor import DEFAULT_CACHE_BYTES, execute
 from bigmerge.dist.reader import BlockReader
@@ -42,6 +45,7 @@ class MergeOptions:
     overwrite: bool = False
     keep_store: bool = False
     quiet: bool = False
+    device: str = "cpu"
 
 
 def _collective(comm: Comm, fn: Any) -> Any:
@@ -75,6 +79,7 @@ def run_merge(config_path: str, out_url: str, comm: Comm, opts: MergeOptions) ->
     t0 = time.perf_counter()
     retries0 = retries_done()  # the counter is per process; this run's share is the difference
     log = _logger(comm, opts.quiet)
+    device = pick_device(opts.device)  # before anything is written: a missing GPU is known now
     state: dict[str, Any] = {}
 
     def prepare() -> tuple[str, str]:
@@ -107,6 +112,11 @@ def run_merge(config_path: str, out_url: str, comm: Comm, opts: MergeOptions) ->
         f"to read) from {len(plan.models)} models with {plan.merge_method} on {comm.size} rank(s)"
         + (f"; resuming: {len(done)} blocks already done" if done else "")
     )
+    if device.type != "cpu":
+        torch.cuda.set_device(device)
+    log(
+        f"computing on {device}" + (" (per rank: the node-local GPU)" if device.type != "cpu" and comm.size > 1 else "")
+    )
     reader = BlockReader(plan, storage_options, threads=opts.io_threads, prefetch=opts.prefetch)
     all_bytes = sum(plan.rank_bytes())
     progress = Progress(all_bytes, enabled=(comm.rank == 0 and not opts.quiet), desc="merge", ranks=comm.size)
@@ -124,7 +134,7 @@ def run_merge(config_path: str, out_url: str, comm: Comm, opts: MergeOptions) ->
 
     t_exec0 = time.perf_counter()
     try:
-        stats = execute(plan, comm, store, reader, done, cache_bytes=opts.cache_bytes, on_block=on_block)
+        stats = execute(plan, comm, store, reader, done, cache_bytes=opts.cache_bytes, on_block=on_block, device=device)
         comm.send_progress(mine["bytes"], final=True)
         comm.drain_progress()
     finally:

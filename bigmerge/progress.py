@@ -9,9 +9,7 @@ from typing import Any
 
 
 class Progress:
-    def __init__(
-        self, total: int, *, enabled: bool, desc: str, interval: float | None = None, ranks: int = 1
-    ) -> None:
+    def __init__(self, total: int, *, enabled: bool, desc: str, interval: float | None = None, ranks: int = 1) -> None:
         self._bar: Any | None = None
         self._enabled = enabled and total > 0
         self._total = total

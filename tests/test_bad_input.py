@@ -200,3 +200,14 @@ def test_pickle_checkpoints_are_refused(tmp_path: Path, capsys: pytest.CaptureFi
     (f["ft1"] / "pytorch_model.bin").write_bytes(b"\x80\x04not really a pickle: must never be loaded")
     code, err = run(capsys, write(tmp_path, f), tmp_path / "out")
     assert_clean_failure(code, err, tmp_path / "out", str(f["ft1"]), "pickle", "safetensors")
+
+
+def test_device_cuda_without_a_gpu(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    f = synthetic_family(tmp_path / "m")
+    code = main(["merge", str(write(tmp_path, f)), str(tmp_path / "out"), "--quiet", "--device", "cuda"])
+    err = capsys.readouterr().err
+    if torch.cuda.is_available():
+        assert code == 0
+        return
+    assert_clean_failure(code, err, tmp_path / "out", "--device cuda", "no CUDA device")
+    assert not (tmp_path / "out").exists()

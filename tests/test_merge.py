@@ -236,3 +236,16 @@ def test_store_shards_are_sized_to_their_tensor(family: dict[str, Path], tmp_pat
     shard_bytes = sum(p.stat().st_size for p in store.glob("t*/c/**/*") if p.is_file())
     out_bytes = sum(v.numel() * v.element_size() for v in load_output(tmp_path / "s").values())
     assert shard_bytes <= out_bytes + 20 * 6  # data plus a 20-byte shard index per tensor
+
+
+def test_device_auto_and_local_rank(family: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from bigmerge.device import local_rank, pick_device
+
+    monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_RANK", "3")
+    assert local_rank() == 3
+    want = pick_device("auto")
+    assert want.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    ref = merge(linear_cfg(family, 0.3, 0.7), tmp_path, "cpu")
+    got = merge(linear_cfg(family, 0.3, 0.7), tmp_path, "auto", device="auto")
+    if want.type == "cpu":
+        assert_bit_identical(ref, got)

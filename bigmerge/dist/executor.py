@@ -51,6 +51,7 @@ def execute(
     *,
     cache_bytes: int = DEFAULT_CACHE_BYTES,
     on_block: Optional[Callable[[int], None]] = None,
+    device: torch.device | None = None,
 ) -> ExecStats:
     op = get_op(plan.merge_method)
     rank = comm.rank
@@ -71,7 +72,7 @@ def execute(
     writer = ThreadPoolExecutor(max_workers=WRITERS, thread_name_prefix="bigmerge-write")
 
     fault = _fault(rank)
-    scratch = Scratch()
+    scratch = Scratch(device or "cpu")  # operator work buffers live where the arithmetic runs
     ring = [Scratch() for _ in range(WRITERS + 2)]  # output buffers; at most WRITERS + 1 in flight
     n_written = 0
 
@@ -149,4 +150,6 @@ def execute(
 
 def _block(t: TensorPlan, b: int, inputs: list[torch.Tensor], scratch: Scratch) -> Block:
     r0, r1 = t.block_range(b)
+    if scratch.device.type != "cpu":  # a GPU rank: the block's inputs go to its device
+        inputs = [x.to(scratch.device, non_blocking=True) for x in inputs]
     return Block(b, r0, r1, inputs, scratch)

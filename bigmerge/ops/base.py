@@ -62,7 +62,8 @@ class Scratch:
     """Reusable work buffers, by name: a fresh 64 MiB tensor per block costs page faults
     that take longer than the arithmetic, so operators borrow these instead."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
         self._flat: dict[tuple[str, torch.dtype], torch.Tensor] = {}
 
     def get(self, name: str, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tensor:
@@ -71,7 +72,7 @@ class Scratch:
             n *= d
         flat = self._flat.get((name, dtype))
         if flat is None or flat.numel() < n:
-            flat = torch.empty(max(n, 1), dtype=dtype)
+            flat = torch.empty(max(n, 1), dtype=dtype, device=self.device)
             self._flat[(name, dtype)] = flat
         return flat[:n].view(tuple(shape))
 

@@ -21,7 +21,7 @@ class LinearOp(MergeOp):
     def apply(self, task: TensorTask, block: Block, stats: Any) -> torch.Tensor:
         # mergekit's arithmetic: a float32 (float64 for float64) accumulator, addcmul per model.
         acc = torch.float64 if task.compute_dtype == torch.float64 else torch.float32
-        weights = torch.tensor([p["weight"] for p in task.per_model], dtype=acc)
+        weights = torch.tensor([p["weight"] for p in task.per_model], dtype=acc, device=block.scratch.device)
         out = block.scratch.get("acc", block.inputs[0].shape, acc).zero_()
         for x, w in zip(block.inputs, weights):
             out.addcmul_(as_compute(x, task.compute_dtype, block.scratch), w)

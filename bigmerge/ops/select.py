@@ -30,7 +30,7 @@ def magnitude_bits(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Te
 
 def hist_high(bits: torch.Tensor, work: torch.Tensor | None = None) -> np.ndarray:
     hi = torch.bitwise_right_shift(bits, 16, out=work) if work is not None else torch.bitwise_right_shift(bits, 16)
-    return torch.bincount(hi, minlength=HI_BINS).numpy().astype(np.int64)
+    return torch.bincount(hi, minlength=HI_BINS).cpu().numpy().astype(np.int64)
 
 
 def hist_low(bits: torch.Tensor, hi_bin: int, work: torch.Tensor | None = None) -> np.ndarray:
@@ -38,7 +38,7 @@ def hist_low(bits: torch.Tensor, hi_bin: int, work: torch.Tensor | None = None) 
     lo_bound = hi_bin << 16
     inside = (bits >= lo_bound) & (bits < lo_bound + LO_BINS)
     lo = torch.bitwise_and(bits[inside], 0xFFFF)
-    return torch.bincount(lo, minlength=LO_BINS).numpy().astype(np.int64)
+    return torch.bincount(lo, minlength=LO_BINS).cpu().numpy().astype(np.int64)
 
 
 def find_bin(hist: np.ndarray, k: int) -> tuple[int, int]:

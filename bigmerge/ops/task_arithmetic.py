@@ -94,7 +94,7 @@ class TaskArithmeticOp(MergeOp):
             return out  # no ties straddle the k-th element: nothing to count
         sc = block.scratch
         rescale = task.shared["rescale"]
-        if rnd < 3 and _fused(task):
+        if rnd < 3 and _fused(task, block):
             sparse = self._sparse_models(task)
             if rnd == 2:
                 sparse = [i for i in sparse if prev.tie_quota[i] is not None]
@@ -238,7 +238,7 @@ class TaskArithmeticOp(MergeOp):
         if stats is None and task.n_blocks == 1 and self._stat_rounds(task):
             stats = self._local_stats(task, block)
             base = sc.get("base", src.shape, dt).copy_(src)  # the stats rounds share the scratch
-        if _fused(task):
+        if _fused(task, block):
             return self._apply_fused(task, block, stats, shape)
         deltas = sc.get("deltas", (n, *shape), dt)
         for row, i in enumerate(others):
@@ -253,7 +253,7 @@ class TaskArithmeticOp(MergeOp):
                 delta.mul_(_as_float(keep, dt, sc).view(shape))
                 if stats.scale[i] is not None:
                     delta.mul_(torch.tensor(stats.scale[i], dtype=dt))
-        weights = torch.tensor([task.per_model[i]["weight"] for i in others], dtype=dt)
+        weights = torch.tensor([task.per_model[i]["weight"] for i in others], dtype=dt, device=sc.device)
         for row in range(n):
             deltas[row].mul_(weights[row])
         mixed = sc.get("mixed", shape, dt)
@@ -288,8 +288,9 @@ class TaskArithmeticOp(MergeOp):
         return base.add_(mixed)
 
 
-def _fused(task: TensorTask) -> bool:
-    return kernels.AVAILABLE and task.compute_dtype == torch.float32 and task.numel > 0
+def _fused(task: TensorTask, block: Block | None = None) -> bool:
+    on_cpu = block is None or block.scratch.device.type == "cpu"
+    return kernels.AVAILABLE and on_cpu and task.compute_dtype == torch.float32 and task.numel > 0
 
 
 def _stack(block: Block, sc: Scratch) -> np.ndarray:
