@@ -12,6 +12,7 @@ import torch
 
 from bigmerge.errors import ConfigError
 
+_LOCAL_SIZE_VARS = ("OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "SLURM_NTASKS_PER_NODE", "LOCAL_WORLD_SIZE")
 _LOCAL_RANK_VARS = ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID", "LOCAL_RANK")
 
 
@@ -37,3 +38,29 @@ def pick_device(choice: str) -> torch.device:
             )
         return torch.device("cpu")
     return torch.device("cuda", local_rank() % torch.cuda.device_count())
+
+
+def share_cores() -> int:
+    """Give each rank its share of the node's cores for compute threads (torch and numba).
+
+    Every rank would otherwise start as many threads as the node has cores, and N ranks on
+    a node would run N times too many. Returns the threads per rank.
+    """
+    local = 1
+    for var in _LOCAL_SIZE_VARS:
+        value = os.environ.get(var, "")
+        if value.isdigit() and int(value) > 0:
+            local = int(value)
+            break
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = max(cores, os.cpu_count() or 1) if local > 1 else cores  # a rank may be pinned; share the node
+    threads = max(1, cores // local)
+    if local > 1:
+        torch.set_num_threads(threads)
+        try:
+            import numba
+
+            numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+        except ImportError:
+            pass
+    return threads

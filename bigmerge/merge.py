@@ -13,7 +13,7 @@ import torch
 from bigmerge import errors
 from bigmerge.catalog import ModelCatalog, catalog_models
 from bigmerge.config import MergeConfig, load_config
-from bigmerge.device import pick_device
+from bigmerge.device import pick_device, share_cores
 from bigmerge.dist.comm import Comm
 from bigmerge.dist.executor import DEFAULT_CACHE_BYTES, execute
 from bigmerge.dist.reader import BlockReader
@@ -80,6 +80,7 @@ def run_merge(config_path: str, out_url: str, comm: Comm, opts: MergeOptions) ->
     retries0 = retries_done()  # the counter is per process; this run's share is the difference
     log = _logger(comm, opts.quiet)
     device = pick_device(opts.device)  # before anything is written: a missing GPU is known now
+    share_cores()
     state: dict[str, Any] = {}
 
     def prepare() -> tuple[str, str]:

@@ -18,7 +18,6 @@ import numpy as np
 try:  # numba is a dependency, but keep the torch path usable without it
     if os.environ.get("BIGMERGE_NO_NUMBA") == "1":
         raise ImportError("disabled by BIGMERGE_NO_NUMBA")
-    from numba import config as numba_config
     from numba import njit, prange
 
     AVAILABLE = True
@@ -33,7 +32,11 @@ except ImportError:  # pragma: no cover - exercised by BIGMERGE_NO_NUMBA=1 in te
 
 def threads() -> int:
     """Parts to split a block into: a few per numba thread, for balance."""
-    return int(numba_config.NUMBA_NUM_THREADS) if AVAILABLE else 1
+    if not AVAILABLE:
+        return 1
+    from numba import get_num_threads
+
+    return int(get_num_threads())
 
 
 HI_BINS = 1 << 15
