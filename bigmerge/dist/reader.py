@@ -50,6 +50,11 @@ class BlockReader:
             self._pooled.add(buf.data_ptr())
         return buf
 
+    def _count(self, n: int) -> None:
+        # called from the reader threads: `+=` on an attribute is not atomic
+        with self._free_lock:
+            self.bytes_read += n
+
     def release(self, inputs: list[torch.Tensor]) -> None:
         """Give a block's input buffers back for reuse; the caller must not touch them again."""
         with self._free_lock:
@@ -90,7 +95,7 @@ class BlockReader:
         buf = self._buffer(end - start)
         if end > start:
             self._loc(t.sources[i].file).read_into(start, memoryview(buf.numpy()).cast("B"))
-        self.bytes_read += end - start
+        self._count(end - start)
         return self._view(buf, t, b, i)
 
     def _read_group(self, group: list[tuple[TensorPlan, int]], i: int) -> list[torch.Tensor]:
@@ -109,7 +114,7 @@ class BlockReader:
         cover = torch.empty(hi - lo, dtype=torch.uint8)
         if hi > lo:
             self._loc(next(iter(files))).read_into(lo, memoryview(cover.numpy()).cast("B"))
-        self.bytes_read += useful
+        self._count(useful)
         return [self._view(cover[s - lo : e - lo], t, b, i) for (t, b), (s, e) in zip(group, spans)]
 
     def _submit(self, t: TensorPlan, b: int) -> list[Future[torch.Tensor]]:
