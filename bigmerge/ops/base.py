@@ -89,6 +89,8 @@ class Block:
     row1: int
     inputs: list[torch.Tensor]  # storage dtype, shape (rows, *shape[1:])
     scratch: Scratch = field(default_factory=Scratch)
+    # derived views an operator may keep while it works on this same block object
+    memo: dict[str, Any] = field(default_factory=dict)
 
 
 class MergeOp:

@@ -294,12 +294,19 @@ def _fused(task: TensorTask, block: Block | None = None) -> bool:
 
 
 def _stack(block: Block, sc: Scratch) -> np.ndarray:
-    """Every source of the block as one float32 [n_sources, m] array (exact widening casts)."""
+    """Every source of the block as one float32 [n_sources, m] array (exact widening casts).
+
+    Made once per block object: a one-block tensor runs its statistics rounds and apply on
+    the same block, which would otherwise cast every source up to four times.
+    """
+    if "stack" in block.memo:
+        return block.memo["stack"]
     m = block.inputs[0].numel()
     x = sc.get("stack", (len(block.inputs), m), torch.float32)
     for i, src in enumerate(block.inputs):
         x[i].copy_(src.reshape(-1))
-    return x.numpy()
+    block.memo["stack"] = x.numpy()
+    return block.memo["stack"]
 
 
 def _keep_mask(bits: torch.Tensor, topk: TopK, i: int, block: int, sc: Scratch) -> torch.Tensor:
