@@ -1,4 +1,4 @@
-"""The `bigmerge` command: merge, plan, verify."""
+"""The `bigmerge` command: merge, plan, verify, methods."""
 
 from __future__ import annotations
 
@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--world-size", "-n", type=int, default=1, help="number of ranks to plan for (default 1)")
     p.add_argument("--json", action="store_true", help="print the whole plan as JSON")
     p.add_argument("--tensors", action="store_true", help="list every tensor with its blocks")
+
+    sub.add_parser("methods", help="list every merge method with its parameters")
 
     v = sub.add_parser("verify", help="re-check every tensor of a finished merge against its manifest")
     v.add_argument("out")
@@ -174,6 +176,21 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_methods(args: argparse.Namespace) -> int:
+    from bigmerge.ops import REGISTRY
+
+    for name in sorted(REGISTRY):
+        op = REGISTRY[name]
+        summary = (op.__doc__ or "").strip().splitlines()[0] if op.__doc__ else ""
+        print(f"{name}: {summary}")
+        print(f"  base model: {op.base}; at least {op.min_models} model(s){'; random (seeded)' if op.random else ''}")
+        for p in op.params:
+            where = {"shared": "global", "input": "per model", "non_base": "per model, not the base"}[p.scope]
+            dflt = "required" if p.required else f"default {p.default!r}"
+            print(f"  {p.name:<24} {p.type.__name__:<6} {where:<24} {dflt:<16} {p.doc}")
+    return 0
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     from bigmerge.storage.export import verify
     from bigmerge.storage.fs import location
@@ -186,7 +203,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"merge": cmd_merge, "plan": cmd_plan, "verify": cmd_verify}[args.command]
+    handler = {"merge": cmd_merge, "plan": cmd_plan, "verify": cmd_verify, "methods": cmd_methods}[args.command]
     from bigmerge.dist.comm import get_comm, launched_by_mpi
 
     comm = get_comm() if args.command == "merge" and launched_by_mpi() else None

@@ -568,7 +568,16 @@ def main(argv: list[str] | None = None) -> int:
         "--verify-repeat", action="store_true", help="rerun each config with plain mergekit-yaml and compare"
     )
     ap.add_argument("--keep-temp", action="store_true", help="keep the fixtures and raw mergekit outputs")
+    ap.add_argument(
+        "--only",
+        nargs="+",
+        metavar="NAME",
+        help="(re)build only these cases (names or prefixes, e.g. slerp); the manifest keeps the others",
+    )
     a = ap.parse_args(argv)
+    cases = [c for c in CASES if not a.only or any(c.name == o or c.name.startswith(o) for o in a.only)]
+    if a.only and not cases:
+        raise SystemExit(f"--only {' '.join(a.only)}: no such case")
 
     mergekit = find_mergekit(a.mergekit, setup=a.setup)
     versions = mergekit_versions(mergekit.parent / "python")
@@ -578,12 +587,14 @@ def main(argv: list[str] | None = None) -> int:
     (golden / "resolved").mkdir(parents=True, exist_ok=True)
 
     tmp = Path(tempfile.mkdtemp(prefix="bigmerge-golden-"))
+    previous = golden / "MANIFEST.json"
+    old_configs = json.loads(previous.read_text())["configs"] if a.only and previous.exists() else {}
     manifest: dict[str, Any] = {
         "about": "golden outputs of mergekit-yaml on tools/toy_models.py fixtures; rebuild with tools/make_golden.py",
         "mergekit": versions,
         "mergekit_args": MERGEKIT_ARGS,
         "families": {},
-        "configs": {},
+        "configs": {k: v for k, v in old_configs.items() if k in {c.name for c in CASES}},
     }
     try:
         families: dict[str, dict[str, Path]] = {}
@@ -595,7 +606,7 @@ def main(argv: list[str] | None = None) -> int:
                 "torch": torch.__version__,
                 "sha256": {rel: sha256_file(p) for rel, p in family_files(families[fam])},
             }
-        for case in CASES:
+        for case in cases:
             paths = families[case.family]
             used = placeholders(case.yaml)
             rendered = render_config(case.yaml, paths)

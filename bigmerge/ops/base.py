@@ -14,6 +14,7 @@ on how blocks are spread over ranks.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -36,6 +37,7 @@ class Param:
     scope: Scope
     default: Any = None
     required: bool = False
+    doc: str = ""
 
 
 @dataclass
@@ -94,7 +96,10 @@ class Block:
 
 
 class MergeOp:
-    """Base of every operator. Subclasses declare `name`, `params`, `base`, and `apply`."""
+    """Base of every operator. Subclasses declare `name`, `params`, `base`, and `apply`.
+
+    The class docstring's first line is the one-line summary `bigmerge methods` prints.
+    """
 
     name: ClassVar[str]
     params: ClassVar[tuple[Param, ...]] = ()
@@ -118,6 +123,16 @@ class MergeOp:
 
     def apply(self, task: TensorTask, block: Block, stats: Any) -> torch.Tensor:
         raise NotImplementedError
+
+
+def block_generator(task: TensorTask, block_index: int, stream: str = "") -> torch.Generator:
+    """A CPU generator seeded by (seed, tensor name, block index[, stream]) and nothing else,
+    so random operators draw the same numbers whatever the world size or the block order."""
+    key = f"{task.seed}\0{task.name}\0{block_index}\0{stream}".encode()
+    seed = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") & ((1 << 63) - 1)
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(seed)
+    return gen
 
 
 def require_base(op: MergeOp, task: TensorTask) -> int:

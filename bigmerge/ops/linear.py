@@ -10,10 +10,12 @@ from bigmerge.ops.base import Block, MergeOp, Param, TensorTask, as_compute
 
 
 class LinearOp(MergeOp):
+    """Weighted average of the models (model soup; equal weights give the uniform soup)."""
+
     name = "linear"
     params = (
-        Param("weight", float, "input", required=True),
-        Param("normalize", bool, "shared", default=True),
+        Param("weight", float, "input", required=True, doc="this model's weight"),
+        Param("normalize", bool, "shared", default=True, doc="divide by the sum of the weights"),
     )
     base = "ignored"
     workspace_per_source = 0.0  # accumulates one source at a time

@@ -7,6 +7,7 @@ select (select.py), never by sorting the tensor.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,14 +38,16 @@ class TopK:
 
 
 class TaskArithmeticOp(MergeOp):
+    """base + lambda * sum of weighted task vectors (model - base)."""
+
     name = "task_arithmetic"
     params = (
-        Param("weight", float, "non_base", required=True),
-        Param("normalize", bool, "shared", default=False),
-        Param("lambda", float, "shared", default=1.0),
-        Param("int8_mask", bool, "shared", default=False),
-        Param("rescale", bool, "shared", default=False),
-        Param("density", float, "non_base", default=1.0),
+        Param("weight", float, "non_base", required=True, doc="weight of this model's task vector"),
+        Param("normalize", bool, "shared", default=False, doc="divide by the sum of the weights"),
+        Param("lambda", float, "shared", default=1.0, doc="scale of the merged task vector"),
+        Param("int8_mask", bool, "shared", default=False, doc="accepted for mergekit configs; no effect on values"),
+        Param("rescale", bool, "shared", default=False, doc="rescale sparsified deltas to their L1 norm before"),
+        Param("density", float, "non_base", default=1.0, doc="fraction of each task vector kept (by magnitude)"),
     )
     base = "required"
     sign_consensus = False
@@ -351,9 +354,11 @@ def _threshold_bits(thr: float) -> int:
 
 
 class TiesOp(TaskArithmeticOp):
+    """TIES: top-k magnitude per task vector, sign election, disjoint mean (Yadav et al.)."""
+
     name = "ties"
     params = tuple(
-        Param(p.name, p.type, p.scope, default=True) if p.name == "normalize" else p for p in TaskArithmeticOp.params
+        dataclasses.replace(p, default=True) if p.name == "normalize" else p for p in TaskArithmeticOp.params
     )
     sign_consensus = True
     sparsify = True
