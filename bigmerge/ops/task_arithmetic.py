@@ -3,12 +3,16 @@
 Arithmetic follows mergekit 0.1.5 operation by operation, so the same config gives the
 same bits; the top-k threshold is exact over the whole tensor but found by a radix
 select (select.py), never by sorting the tensor.
+
+The sparsifying variants (breadcrumbs, DARE, DELLA, SCE) subclass TaskArithmeticOp: they
+change which elements of each task vector are kept (`_selections` / `_keep`) and the
+statistics rounds; the arithmetic after the mask is this module's.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -19,22 +23,29 @@ from bigmerge.errors import ConfigError
 from bigmerge.ops import kernels, select
 from bigmerge.ops.base import Block, MergeOp, Param, Scratch, Stats, TensorTask, as_compute, require_base
 
+# The statistics phases of a selecting operator: high-bits histogram, low-bits histogram (the
+# threshold), ties per block (skipped unless ties straddle the k-th element), then statistics
+# that need the final masks (the L1 norm after masking for `rescale`).
+HI, LO, TIES, AFTER = "hi", "lo", "ties", "after"
+
 
 @dataclass
 class TopK:
-    """Per non-base model: the magnitude threshold (None = keep all) and the L1 rescale factor.
+    """Exact top-k selections (by key) and per-model L1 rescale factors.
 
-    Exactly k elements are kept, as mergekit does: all above the threshold and, of those
-    equal to it, the first `k - n_above` in flat index order (`tie_quota[i][block]` per block).
+    A selection keeps exactly k elements of its source's magnitudes, as mergekit does: all
+    above the threshold and, of those equal to it, the first `k - n_above` in flat index order
+    (`tie_quota[key][block]` per block). A selection with k = 0 keeps nothing.
     """
 
-    k: list[int | None]
-    hi_bin: list[int | None]
-    rank_in_bin: list[int | None]
-    threshold: list[float | None]
-    l1_before: list[float]
-    scale: list[float | None]
-    tie_quota: list[list[int] | None]
+    k: dict[str, int] = field(default_factory=dict)
+    hi_bin: dict[str, int] = field(default_factory=dict)
+    rank_in_bin: dict[str, int] = field(default_factory=dict)
+    threshold: dict[str, float] = field(default_factory=dict)
+    tie_quota: dict[str, list[int]] = field(default_factory=dict)
+    l1_before: dict[int, float] = field(default_factory=dict)
+    scale: dict[int, float] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class TaskArithmeticOp(MergeOp):
@@ -52,9 +63,11 @@ class TaskArithmeticOp(MergeOp):
     base = "required"
     sign_consensus = False
     sparsify = False
+    # True: selections rank |delta| of a model (the fused histogram kernel applies)
+    select_deltas = True
     workspace_per_source = 2.0
 
-    # -- statistics: exact magnitude thresholds (only operators that sparsify) --------
+    # -- what is kept ------------------------------------------------------------------
 
     def check(self, task: TensorTask) -> None:
         for i in task.non_base:
@@ -67,16 +80,38 @@ class TaskArithmeticOp(MergeOp):
             return []
         return [i for i in task.non_base if task.per_model[i]["density"] < 1.0]
 
+    def _selections(self, task: TensorTask) -> dict[str, int]:
+        """Exact top-k selections this operator needs: key -> source (model index)."""
+        return {str(i): i for i in self._sparse_models(task)}
+
+    def _k(self, task: TensorTask, key: str, reduced: Stats) -> int:
+        # mergekit keeps k = max(1, int(density * numel)) elements
+        return max(1, int(task.per_model[int(key)]["density"] * task.numel))
+
+    def _keep(self, task: TensorTask, block: Block, stats: Any, i: int, delta: torch.Tensor) -> torch.Tensor | None:
+        """Model i's keep mask on this block (bool, flat), or None to keep every element."""
+        if not isinstance(stats, TopK) or str(i) not in stats.k:
+            return None
+        return _keep_mask(_mag_bits(delta, block.scratch), stats, str(i), block.index, block.scratch)
+
+    def _scale(self, stats: Any, i: int) -> float | None:
+        return stats.scale.get(i) if isinstance(stats, TopK) else None
+
+    # -- statistics: exact magnitude thresholds (only operators that sparsify) --------
+
     def rounds(self, task: TensorTask) -> int:
         # A tensor that is one block needs no reduction: apply computes its statistics itself.
         return self._stat_rounds(task) if task.n_blocks > 1 else 0
 
+    def _phases(self, task: TensorTask) -> list[str]:
+        out = [HI, LO, TIES] if self._selections(task) else []
+        return out + ([AFTER] if self._needs_after(task) else [])
+
+    def _needs_after(self, task: TensorTask) -> bool:
+        return bool(task.shared.get("rescale")) and bool(self._sparse_models(task))
+
     def _stat_rounds(self, task: TensorTask) -> int:
-        # 0: high-bits histogram, 1: low-bits histogram (the threshold), 2: ties per block
-        # (skipped unless ties straddle the k-th element), 3: L1 after masking (rescale only)
-        if not self._sparse_models(task):
-            return 0
-        return 4 if task.shared["rescale"] else 3
+        return len(self._phases(task))
 
     def _local_stats(self, task: TensorTask, block: Block) -> Any:
         """The statistics rounds on a tensor's only block: the same stats/finish code, the
@@ -91,96 +126,160 @@ class TaskArithmeticOp(MergeOp):
         out = block.scratch.get("stats_delta", base.shape, task.compute_dtype)
         return torch.sub(as_compute(block.inputs[i], task.compute_dtype, block.scratch, "cast_x"), base, out=out)
 
+    def _deltas(self, task: TensorTask, block: Block, models: list[int]) -> Any:
+        """(i, delta of model i) for each model, flat, in the compute dtype, one scratch buffer."""
+        sc = block.scratch
+        b = require_base(self, task)
+        if "stack" in block.memo:  # the float32 stack the fused kernels made: no second cast
+            x = torch.from_numpy(block.memo["stack"])
+            for i in models:
+                yield i, torch.sub(x[i], x[b], out=sc.get("stats_delta", x[b].shape, torch.float32))
+            return
+        base = as_compute(block.inputs[b], task.compute_dtype, sc, "cast_base")
+        for i in models:
+            yield i, self._delta(task, block, i, base).reshape(-1)
+
+    def _values(self, task: TensorTask, block: Block, src: int) -> torch.Tensor:
+        """The magnitudes a selection ranks, as int32 bit patterns (flat): |delta| of model src."""
+        _, delta = next(self._deltas(task, block, [src]))
+        return _mag_bits(delta, block.scratch)
+
+    def _first_stats(self, task: TensorTask, block: Block, out: Stats) -> None:
+        """Statistics of the first round besides the histograms: |delta| summed for rescale."""
+        if task.shared.get("rescale"):
+            for i, delta in self._deltas(task, block, self._sparse_models(task)):
+                out[f"l1_{i}"] = np.array([delta.abs().sum(dtype=torch.float64).item()])
+
+    def _after_stats(self, task: TensorTask, block: Block, prev: Any, out: Stats) -> None:
+        """Statistics over the kept elements: their |delta| summed for rescale."""
+        for i, delta in self._deltas(task, block, self._sparse_models(task)):
+            keep = self._keep(task, block, prev, i, delta)
+            kept = delta if keep is None else delta * keep.to(delta.dtype)
+            out[f"l1k_{i}"] = np.array([kept.abs().sum(dtype=torch.float64).item()])
+
+    def _finish_after(self, task: TensorTask, reduced: Stats, topk: TopK) -> None:
+        for i in self._sparse_models(task):
+            scale = l1_scale(topk.l1_before[i], float(reduced[f"l1k_{i}"].sum()), task.compute_dtype)
+            if scale is not None:
+                topk.scale[i] = scale
+
     def stats(self, rnd: int, task: TensorTask, block: Block, prev: Any) -> Stats:
         out: Stats = {}
-        if rnd == 2 and not any(q is not None for q in prev.tie_quota):
-            return out  # no ties straddle the k-th element: nothing to count
-        sc = block.scratch
-        rescale = task.shared["rescale"]
-        if rnd < 3 and _fused(task, block):
-            sparse = self._sparse_models(task)
-            if rnd == 2:
-                sparse = [i for i in sparse if prev.tie_quota[i] is not None]
-            x = _stack(block, sc)
-            if rnd == 0:
-                params = np.zeros(len(sparse), dtype=np.int64)
-            elif rnd == 1:
-                params = np.array([prev.hi_bin[i] for i in sparse], dtype=np.int64)
-            else:
-                params = np.array([_threshold_bits(prev.threshold[i]) for i in sparse], dtype=np.int64)
-            hists = kernels.magnitude_hists(
-                x, require_base(self, task), np.array(sparse, dtype=np.int64), params, rnd, kernels.threads()
-            )
-            for k, i in enumerate(sparse):
-                if rnd == 2:
-                    out[f"pb_ties{i}"] = np.array([float(hists[k, 0])])
-                    continue
-                out[f"hi{i}" if rnd == 0 else f"lo{i}"] = hists[k]
-                if rnd == 0 and rescale:
-                    delta = torch.from_numpy(x[i]) - torch.from_numpy(x[require_base(self, task)])
-                    out[f"l1_{i}"] = np.array([delta.abs().sum(dtype=torch.float64).item()])
+        phase = self._phases(task)[rnd]
+        if phase == AFTER:
+            self._after_stats(task, block, prev, out)
             return out
-        base = as_compute(block.inputs[require_base(self, task)], task.compute_dtype, sc, "cast_base")
-        for i in self._sparse_models(task):
-            delta = self._delta(task, block, i, base)
-            mag = sc.get("mag", (delta.numel(),), torch.float32)
-            bits = select.magnitude_bits(delta, mag)
-            if rnd == 0:
-                out[f"hi{i}"] = select.hist_high(bits, sc.get("hi", (delta.numel(),), torch.int32))
-                if rescale:
-                    out[f"l1_{i}"] = np.array([delta.abs().sum(dtype=torch.float64).item()])
-            elif rnd == 1:
-                out[f"lo{i}"] = select.hist_low(bits, prev.hi_bin[i])
-            elif rnd == 2:
-                if prev.tie_quota[i] is not None:  # per-block counts, kept per block ("pb_")
-                    ties = int(torch.eq(bits, _threshold_bits(prev.threshold[i])).sum())
-                    out[f"pb_ties{i}"] = np.array([float(ties)])
+        sels = self._selections(task)
+        if phase == LO:
+            sels = {key: src for key, src in sels.items() if key in prev.hi_bin}
+        elif phase == TIES:
+            sels = {key: src for key, src in sels.items() if key in prev.tie_quota}
+            if not sels:
+                return out  # no ties straddle the k-th element: nothing to count
+        sc = block.scratch
+        if self.select_deltas and _fused(task, block):
+            x = _stack(block, sc)
+            if phase == HI:
+                rows, params, keys = sorted(set(sels.values())), [0] * len(set(sels.values())), None
             else:
-                keep = _keep_mask(bits, prev, i, block.index, sc).reshape(delta.shape)
-                kept = delta * keep.to(delta.dtype)
-                out[f"l1k_{i}"] = np.array([kept.abs().sum(dtype=torch.float64).item()])
+                keys = list(sels)
+                rows = [sels[key] for key in keys]
+                params = [prev.hi_bin[key] if phase == LO else _threshold_bits(prev.threshold[key]) for key in keys]
+            mode = {HI: 0, LO: 1, TIES: 2}[phase]
+            hists = kernels.magnitude_hists(
+                x,
+                require_base(self, task),
+                np.array(rows, dtype=np.int64),
+                np.array(params, dtype=np.int64),
+                mode,
+                kernels.threads(),
+            )
+            for r in range(len(rows)):
+                if phase == HI:
+                    out[f"hi{rows[r]}"] = hists[r]
+                elif phase == LO:
+                    out[f"lo{keys[r]}"] = hists[r]
+                else:
+                    out[f"pb_ties{keys[r]}"] = np.array([float(hists[r, 0])])
+        elif phase == HI:
+            for src in sorted(set(sels.values())):
+                bits = self._values(task, block, src)
+                out[f"hi{src}"] = select.hist_high(bits, sc.get("hi", bits.shape, torch.int32))
+        else:
+            for key, src in sels.items():
+                bits = self._values(task, block, src)
+                if phase == LO:
+                    out[f"lo{key}"] = select.hist_low(bits, prev.hi_bin[key])
+                else:  # per-block counts, kept per block ("pb_")
+                    ties = int(torch.eq(bits, _threshold_bits(prev.threshold[key])).sum())
+                    out[f"pb_ties{key}"] = np.array([float(ties)])
+        if phase == HI:
+            self._first_stats(task, block, out)
         return out
 
     def finish(self, rnd: int, task: TensorTask, reduced: Stats, prev: Any) -> Any:
-        n = len(task.per_model)
-        if rnd == 0:
-            topk = TopK([None] * n, [None] * n, [None] * n, [None] * n, [0.0] * n, [None] * n, [None] * n)
+        phase = self._phases(task)[rnd]
+        topk = prev if isinstance(prev, TopK) else TopK()
+        sels = self._selections(task)
+        if phase == HI:
+            for key, src in sels.items():
+                k = topk.k[key] = self._k(task, key, reduced)
+                if k > 0:
+                    topk.hi_bin[key], topk.rank_in_bin[key] = select.find_bin(reduced[f"hi{src}"], k)
             for i in self._sparse_models(task):
-                # mergekit keeps k = max(1, int(density * numel)) elements
-                k = max(1, int(task.per_model[i]["density"] * task.numel))
-                topk.k[i] = k
-                topk.hi_bin[i], topk.rank_in_bin[i] = select.find_bin(reduced[f"hi{i}"], k)
                 if f"l1_{i}" in reduced:
                     topk.l1_before[i] = float(reduced[f"l1_{i}"].sum())
-            return topk
-        topk = prev
-        if rnd == 1:
-            for i in self._sparse_models(task):
-                lo_hist = reduced[f"lo{i}"]
-                lo, rank = select.find_bin(lo_hist, topk.rank_in_bin[i])
-                topk.threshold[i] = select.threshold_value(topk.hi_bin[i], lo)
+        elif phase == LO:
+            for key in topk.hi_bin:
+                lo_hist = reduced[f"lo{key}"]
+                lo, rank = select.find_bin(lo_hist, topk.rank_in_bin[key])
+                topk.threshold[key] = select.threshold_value(topk.hi_bin[key], lo)
                 if int(lo_hist[lo]) > rank:
-                    topk.tie_quota[i] = [rank]  # how many ties to keep; spread per block in round 2
-        elif rnd == 2:
-            for i in self._sparse_models(task):
-                if topk.tie_quota[i] is None:
-                    continue
-                left = topk.tie_quota[i][0]
-                quota = []
-                for count in reduced[f"pb_ties{i}"].reshape(-1):
+                    topk.tie_quota[key] = [rank]  # how many ties to keep; spread per block next round
+        elif phase == TIES:
+            for key, quota in topk.tie_quota.items():
+                left = quota[0]
+                per_block = []
+                for count in reduced[f"pb_ties{key}"].reshape(-1):
                     take = min(int(count), left)
-                    quota.append(take)
+                    per_block.append(take)
                     left -= take
-                topk.tie_quota[i] = quota
+                topk.tie_quota[key] = per_block
         else:
-            for i in self._sparse_models(task):
-                before = torch.tensor(topk.l1_before[i], dtype=task.compute_dtype)
-                after = torch.tensor(float(reduced[f"l1k_{i}"].sum()), dtype=task.compute_dtype)
-                if before >= 1e-7 and after >= 1e-7:
-                    topk.scale[i] = (before / after).item()
+            self._finish_after(task, reduced, topk)
         return topk
 
     # -- apply: the arithmetic of mergekit's generalized task arithmetic ---------------
+
+    def _fused_keep(
+        self, task: TensorTask, block: Block, stats: Any, i: int, x: np.ndarray, mask_row: Callable[[], np.ndarray]
+    ) -> float | np.ndarray | None:
+        """Model i's mask for the fused kernel: a threshold (keep |delta| >= it), a uint8 mask
+        (from `mask_row()`), or None to keep every element."""
+        key = str(i)
+        if not isinstance(stats, TopK) or key not in stats.k:
+            return None
+        if key in stats.tie_quota or key not in stats.threshold:  # ties split by index, or k = 0
+            row = mask_row()
+            if key in stats.threshold:
+                thr_bits = np.int32(_threshold_bits(stats.threshold[key]))
+                kernels.tie_split_mask(x, require_base(self, task), i, thr_bits, stats.tie_quota[key][block.index], row)
+            else:
+                row.fill(0)
+            return row
+        return stats.threshold[key]
+
+    def _fused_keep_from_torch(
+        self, task: TensorTask, block: Block, stats: Any, i: int, x: np.ndarray, mask_row: Callable[[], np.ndarray]
+    ) -> np.ndarray | None:
+        """`_fused_keep` for rules other than one threshold: `_keep`'s mask, as bytes."""
+        _, delta = next(self._deltas(task, block, [i]))
+        keep = self._keep(task, block, stats, i, delta)
+        if keep is None:
+            return None
+        row = mask_row()
+        torch.from_numpy(row).copy_(keep)
+        return row
 
     def _apply_fused(self, task: TensorTask, block: Block, stats: Any, shape: torch.Size) -> torch.Tensor:
         """The same arithmetic as the torch code below, in one pass (kernels.task_vector_merge)."""
@@ -189,23 +288,27 @@ class TaskArithmeticOp(MergeOp):
         b = require_base(self, task)
         x = _stack(block, sc)
         n = len(others)
-        topk = stats if isinstance(stats, TopK) else None
         thr = np.full(n, np.nan, dtype=np.float32)
         scale = np.full(n, np.nan, dtype=np.float32)
         use_mask = np.zeros(n, dtype=np.bool_)
-        masks = np.zeros((n, 1), dtype=np.uint8)
-        if topk is not None:
-            for r, i in enumerate(others):
-                if topk.threshold[i] is not None:
-                    thr[r] = topk.threshold[i]
-                if topk.scale[i] is not None:
-                    scale[r] = np.float32(torch.tensor(topk.scale[i], dtype=torch.float32).item())
-                if topk.tie_quota[i] is not None:  # ties split by index: the mask says which
-                    if masks.shape[1] == 1:
-                        masks = sc.get("tie_masks", (n, x.shape[1]), torch.uint8).numpy()
-                    thr_bits = np.int32(_threshold_bits(topk.threshold[i]))
-                    kernels.tie_split_mask(x, b, i, thr_bits, topk.tie_quota[i][block.index], masks[r])
-                    use_mask[r] = True
+        masks = [np.zeros((n, 1), dtype=np.uint8)]
+
+        for r, i in enumerate(others):
+
+            def mask_row(r: int = r) -> np.ndarray:
+                if masks[0].shape[1] == 1:
+                    masks[0] = sc.get("tie_masks", (n, x.shape[1]), torch.uint8).numpy()
+                return masks[0][r]
+
+            keep = self._fused_keep(task, block, stats, i, x, mask_row)
+            if isinstance(keep, np.ndarray):
+                thr[r] = 0.0
+                use_mask[r] = True
+            elif keep is not None:
+                thr[r] = keep
+            s = self._scale(stats, i)
+            if s is not None:
+                scale[r] = np.float32(torch.tensor(s, dtype=torch.float32).item())
         weights = torch.tensor([task.per_model[i]["weight"] for i in others], dtype=torch.float32)
         plain = weights.sum(dim=0, keepdim=True)
         plain[plain.abs() < 1e-8] = 1
@@ -216,7 +319,7 @@ class TaskArithmeticOp(MergeOp):
             np.array(others, dtype=np.int64),
             weights.numpy(),
             thr,
-            masks,
+            masks[0],
             use_mask,
             scale,
             self.sign_consensus,
@@ -247,15 +350,14 @@ class TaskArithmeticOp(MergeOp):
         for row, i in enumerate(others):
             delta = deltas[row]
             torch.sub(as_compute(block.inputs[i], dt, sc), base, out=delta)
-            thr = stats.threshold[i] if isinstance(stats, TopK) else None
-            if thr is not None:
-                bits = select.magnitude_bits(delta, sc.get("mag", (delta.numel(),), torch.float32))
-                keep = _keep_mask(bits, stats, i, block.index, sc)
+            keep = self._keep(task, block, stats, i, delta.reshape(-1))
+            if keep is not None:
                 # delta * mask as mergekit computes it, with the mask as floats: torch's
                 # float-times-bool kernel is several times slower than float-times-float.
                 delta.mul_(_as_float(keep, dt, sc).view(shape))
-                if stats.scale[i] is not None:
-                    delta.mul_(torch.tensor(stats.scale[i], dtype=dt))
+            s = self._scale(stats, i)
+            if s is not None:
+                delta.mul_(torch.tensor(s, dtype=dt))
         weights = torch.tensor([task.per_model[i]["weight"] for i in others], dtype=dt, device=sc.device)
         for row in range(n):
             deltas[row].mul_(weights[row])
@@ -263,17 +365,11 @@ class TaskArithmeticOp(MergeOp):
         divisor = sc.get("divisor", shape, dt)
         if self.sign_consensus:
             # majority sign from the weighted sum; a delta counts where its sign agrees
-            _sum_rows(deltas, mixed, sc)
-            majority = _as_float(torch.ge(mixed, 0, out=sc.get("ge", shape, torch.bool)), dt, sc, "majority")
-            majority.mul_(2).sub_(1)
-            sign = sc.get("sign", shape, dt)
-            agree = sc.get("agree", shape, torch.bool)
+            agree = sign_agreement(deltas, sc)
             masked = sc.get("masked", (n, *shape), dt)
             wmask = sc.get("wmask", (n, *shape), dt)
             for row in range(n):
-                torch.sign(deltas[row], out=sign)
-                torch.eq(sign, majority, out=agree)
-                agree_f = _as_float(agree, dt, sc, "agree_f")
+                agree_f = _as_float(agree[row], dt, sc, "agree_f")
                 torch.mul(deltas[row], agree_f, out=masked[row])
                 torch.mul(agree_f, weights[row], out=wmask[row])
             _sum_rows(masked, mixed, sc)
@@ -289,6 +385,30 @@ class TaskArithmeticOp(MergeOp):
         if lam != 1:
             mixed *= lam
         return base.add_(mixed)
+
+
+def sign_agreement(deltas: torch.Tensor, sc: Scratch) -> torch.Tensor:
+    """mergekit's sign election ("sum"): per row, where sign(delta) equals the sign of the sum
+    over rows (zero counting as positive). Bool [n, *shape] in scratch."""
+    shape = deltas.shape[1:]
+    dt = deltas.dtype
+    total = _sum_rows(deltas, sc.get("sign_total", shape, dt), sc)
+    majority = _as_float(torch.ge(total, 0, out=sc.get("ge", shape, torch.bool)), dt, sc, "majority")
+    majority.mul_(2).sub_(1)
+    sign = sc.get("sign", shape, dt)
+    agree = sc.get("agree", deltas.shape, torch.bool)
+    for row in range(deltas.shape[0]):
+        torch.sign(deltas[row], out=sign)
+        torch.eq(sign, majority, out=agree[row])
+    return agree
+
+
+def l1_scale(before: float, after: float, dt: torch.dtype) -> float | None:
+    """mergekit's L1 rescale factor before / after in the compute dtype; None where either
+    norm is below its 1e-7 tolerance (the masked delta is then left as it is)."""
+    b = torch.tensor(before, dtype=dt)
+    a = torch.tensor(after, dtype=dt)
+    return (b / a).item() if b >= 1e-7 and a >= 1e-7 else None
 
 
 def _fused(task: TensorTask, block: Block | None = None) -> bool:
@@ -312,13 +432,19 @@ def _stack(block: Block, sc: Scratch) -> np.ndarray:
     return block.memo["stack"]
 
 
-def _keep_mask(bits: torch.Tensor, topk: TopK, i: int, block: int, sc: Scratch) -> torch.Tensor:
-    """The top-k mask of model i on one block: above the threshold, plus this block's ties."""
-    thr = _threshold_bits(topk.threshold[i])
-    quota = topk.tie_quota[i]
+def _mag_bits(delta: torch.Tensor, sc: Scratch) -> torch.Tensor:
+    return select.magnitude_bits(delta, sc.get("mag", (delta.numel(),), torch.float32))
+
+
+def _keep_mask(bits: torch.Tensor, topk: TopK, key: str, block: int, sc: Scratch, name: str = "keep") -> torch.Tensor:
+    """The top-k mask of one selection on one block: above the threshold, plus this block's ties."""
+    if key not in topk.threshold:  # k = 0
+        return torch.zeros(bits.shape, dtype=torch.bool, out=sc.get(name, bits.shape, torch.bool))
+    thr = _threshold_bits(topk.threshold[key])
+    quota = topk.tie_quota.get(key)
     if quota is None:
-        return torch.ge(bits, thr, out=sc.get("keep", bits.shape, torch.bool))
-    keep = torch.gt(bits, thr, out=sc.get("keep", bits.shape, torch.bool))
+        return torch.ge(bits, thr, out=sc.get(name, bits.shape, torch.bool))
+    keep = torch.gt(bits, thr, out=sc.get(name, bits.shape, torch.bool))
     if quota[block]:
         ties = torch.eq(bits, thr)
         first = ties & (torch.cumsum(ties, 0, dtype=torch.int64) <= quota[block])
@@ -358,7 +484,7 @@ class TiesOp(TaskArithmeticOp):
 
     name = "ties"
     params = tuple(
-        dataclasses.replace(p, default=True) if p.name == "normalize" else p for p in TaskArithmeticOp.params
+        Param(p.name, p.type, p.scope, default=True) if p.name == "normalize" else p for p in TaskArithmeticOp.params
     )
     sign_consensus = True
     sparsify = True
