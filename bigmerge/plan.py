@@ -11,9 +11,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import posixpath
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from pydantic import TypeAdapter, ValidationError
@@ -23,7 +24,8 @@ from bigmerge.config import DTYPE_NAMES, MergeConfig, evaluate_setting
 from bigmerge.errors import ConfigError, SourceError
 from bigmerge.ops import get_op
 from bigmerge.ops.base import MergeOp, TensorTask
-from bigmerge.storage.safetensors import DTYPES, FLOAT_DTYPES
+from bigmerge.storage.fs import location
+from bigmerge.storage.safetensors import DTYPES, FLOAT_DTYPES, TensorInfo, read_header
 
 PLAN_VERSION = 1
 DEFAULT_BLOCK_BYTES = 32 * 1024 * 1024
@@ -36,6 +38,17 @@ class SourceSpan:
     start: int
     end: int
     dtype: str
+
+
+@dataclass
+class AuxSpan:
+    """An operator's auxiliary tensor (MergeOp.aux_inputs): file, absolute byte range, dtype, shape."""
+
+    file: str
+    start: int
+    end: int
+    dtype: str
+    shape: list[int]
 
 
 @dataclass
@@ -52,6 +65,11 @@ class TensorPlan:
     block_rows: int
     n_blocks: int
     owners: list[int] = field(default_factory=list)
+    aux: list[dict[str, AuxSpan]] = field(default_factory=list)  # per source, by key; [] = none
+    # position of the base model among this tensor's sources (slices may differ per tensor)
+    base_index: int | None = None
+    # mergekit's rule: the config's dtype, else the promoted dtype of this tensor's sources
+    compute_dtype: str | None = None
 
     @property
     def numel(self) -> int:
@@ -82,6 +100,9 @@ class Plan:
     source_headers: dict[str, dict[str, str]]
     config_fingerprint: str
     warnings: list[str] = field(default_factory=list)
+    # whose config.json the output takes, and what changes in it (the layer count of slices)
+    config_model: str = ""
+    config_updates: dict[str, Any] = field(default_factory=dict)
 
     # -- serialisation -----------------------------------------------------------------
 
@@ -94,6 +115,7 @@ class Plan:
         tensors = []
         for t in d.pop("tensors"):
             t["sources"] = [SourceSpan(**s) for s in t["sources"]]
+            t["aux"] = [{k: AuxSpan(**v) for k, v in a.items()} for a in t.get("aux", [])]
             tensors.append(TensorPlan(**t))
         return cls(tensors=tensors, **d)
 
@@ -118,10 +140,10 @@ class Plan:
             shape=tuple(t.shape),
             numel=t.numel,
             n_blocks=t.n_blocks,
-            base_index=self.base_index,
+            base_index=t.base_index,
             shared=t.shared,
             per_model=t.per_model,
-            compute_dtype=self.torch_compute_dtype,
+            compute_dtype=DTYPES[t.compute_dtype or self.compute_dtype][0],
             seed=self.seed,
         )
 
@@ -162,16 +184,19 @@ class Plan:
 
     def peak_memory_estimate(self, prefetch: int = 2, cache_bytes: int = 0) -> int:
         op = get_op(self.merge_method)
-        csize = DTYPES[self.compute_dtype][1]
         peak = 0
-        n = len(self.models)
         for t in self.tensors:
             if t.n_blocks == 0:
                 continue
+            n = len(t.sources)
+            csize = max(4, DTYPES[t.compute_dtype or self.compute_dtype][1])  # 16-bit ops work in float32 too
             elems = t.block_rows * t.row_elems
             raw = sum(elems * DTYPES[s.dtype][1] for s in t.sources)
             work = int((op.workspace_per_source + 1) * n * elems * csize) + elems * 4
-            peak = max(peak, (prefetch + 1) * raw + work)
+            # aux inputs: row-blocked ones travel with the block; whole ones (Gram matrices) are
+            # cached by the reader for two tensors and copied to float64 by the operator
+            aux_rows, aux_whole = _aux_bytes(t)
+            peak = max(peak, (prefetch + 1) * (raw + aux_rows) + work + 5 * aux_whole)
         return peak + cache_bytes
 
 
@@ -190,7 +215,147 @@ def _natural_key(name: str) -> tuple[Any, ...]:
 
 
 def _validator(op: MergeOp) -> dict[str, TypeAdapter[Any]]:
-    return {p.name: TypeAdapter(p.type) for p in op.params}
+    # a parameter whose default is None is optional: None means "not set"
+    return {
+        p.name: TypeAdapter(p.type if p.required or p.default is not None else Optional[p.type])  # noqa: UP045
+        for p in op.params
+    }
+
+
+@dataclass
+class _Output:
+    """One output tensor before it is planned: its inputs and where its parameters come from."""
+
+    name: str
+    inputs: list[tuple[int, str]]  # (index into the plan's models, tensor name in that model)
+    base: int | None  # position of the base among `inputs`
+    t: float  # relative depth for gradients
+    shared_scopes: list[Any]  # parameter dicts, highest precedence first
+    input_scopes: list[list[Any]]  # per input, highest precedence first
+
+
+def _model_outputs(cfg: MergeConfig, refs: list[str], ref_model: ModelCatalog, base_index: int | None) -> list[_Output]:
+    """The `models:` form: every tensor of the reference model, from every model."""
+    num_layers = ref_model.num_layers()
+    scopes = [[cfg.model_parameters(r), cfg.parameters] for r in refs]
+    outs = []
+    for name in ref_model.tensors:
+        _, t = layer_position(name, num_layers)
+        outs.append(_Output(name, [(i, name) for i in range(len(refs))], base_index, t, [cfg.parameters], scopes))
+    return outs
+
+
+def _is_pre_weight(name: str) -> bool:
+    # Tensors outside the layers: embeddings come before the layers, the rest (final norm,
+    # LM head) after them; mergekit takes the first slice's sources for the former and the
+    # last slice's for the latter.
+    return "embed" in name or name.endswith(("wte.weight", "wpe.weight"))
+
+
+def _slice_outputs(
+    op: MergeOp, cfg: MergeConfig, refs: list[str], by_ref: dict[str, ModelCatalog]
+) -> tuple[list[_Output], int]:
+    """The `slices:` form (layer surgery): output layers are the slices' layer ranges in order.
+
+    As mergekit: within a slice, layer i of n gets t = i/(n-1) (t = 1 for a one-layer slice);
+    parameters resolve slice source > slice > global; filters match the input tensor's name
+    for per-model parameters and the output name for global ones.
+    """
+    slices = cfg.slices or []
+    outs: list[_Output] = []
+
+    def base_of(k: int) -> int | None:
+        sl = slices[k]
+        base = sl.base_model or cfg.base_model
+        models = [src.model for src in sl.sources]
+        if base is None or base not in models:
+            if op.base == "required":
+                raise ConfigError(
+                    f"slices[{k}]: merge_method {op.name!r} needs its base model among the slice's sources"
+                    + (f" ({base} is not)" if base else " (no base_model given)")
+                )
+            return None
+        return models.index(base)
+
+    def unmerged(k: int, names: list[str], t: float) -> None:
+        sl = slices[k]
+        for name in names:
+            outs.append(
+                _Output(
+                    name,
+                    [(refs.index(src.model), name) for src in sl.sources],
+                    base_of(k),
+                    t,
+                    [sl.parameters, cfg.parameters],
+                    [[src.parameters, sl.parameters, cfg.parameters] for src in sl.sources],
+                )
+            )
+
+    first = by_ref[slices[0].sources[0].model]
+    last = by_ref[slices[-1].sources[0].model]
+    unmerged(0, [n for n in first.tensors if not LAYER_RE.search(n) and _is_pre_weight(n)], 0.0)
+    out_layer = 0
+    for k, sl in enumerate(slices):
+        if not sl.sources:
+            raise ConfigError(f"slices[{k}]: no sources")
+        if len(sl.sources) < op.min_models:
+            raise ConfigError(
+                f"slices[{k}]: merge_method {op.name!r} needs at least {op.min_models} sources, got {len(sl.sources)}"
+            )
+        lengths = {src.layer_range[1] - src.layer_range[0] for src in sl.sources}
+        if len(lengths) != 1:
+            raise ConfigError(f"slices[{k}]: every source must span the same number of layers, got {sorted(lengths)}")
+        for j, src in enumerate(sl.sources):
+            lo, hi = src.layer_range
+            have = by_ref[src.model].num_layers()
+            if lo < 0 or hi <= lo or (have is not None and hi > have):
+                raise ConfigError(
+                    f"slices[{k}].sources[{j}]: layer_range [{lo}, {hi}] is not a non-empty range inside "
+                    f"{src.model}'s {have if have is not None else '?'} layers"
+                )
+        n = lengths.pop()
+        shared_scopes = [sl.parameters, cfg.parameters]
+        input_scopes = [[src.parameters, sl.parameters, cfg.parameters] for src in sl.sources]
+        base = base_of(k)
+        head = by_ref[sl.sources[0].model]
+        for idx in range(n):
+            t = idx / (n - 1) if n > 1 else 1.0
+            src_layer = sl.sources[0].layer_range[0] + idx
+            names = [nm for nm in head.tensors if _layer_of(nm) == src_layer]
+            if not names:
+                raise SourceError(f"{head.ref}: no tensors of layer {src_layer} (slices[{k}])")
+            for nm in names:
+                inputs = [(refs.index(src.model), _with_layer(nm, src.layer_range[0] + idx)) for src in sl.sources]
+                outs.append(_Output(_with_layer(nm, out_layer), inputs, base, t, shared_scopes, input_scopes))
+            out_layer += 1
+    unmerged(len(slices) - 1, [n for n in last.tensors if not LAYER_RE.search(n) and not _is_pre_weight(n)], 0.0)
+    return outs, out_layer
+
+
+def _layer_of(name: str) -> int | None:
+    m = LAYER_RE.search(name)
+    return int(m.group(1)) if m else None
+
+
+def _with_layer(name: str, layer: int) -> str:
+    m = LAYER_RE.search(name)
+    assert m is not None
+    return f"{name[: m.start(1)]}{layer}{name[m.end(1) :]}"
+
+
+def _check_parameter_names(op: MergeOp, cfg: MergeConfig) -> None:
+    known = {p.name for p in op.params}
+    where_params: list[tuple[str, Any]] = [("parameters", cfg.parameters)]
+    where_params += [(f"models[{i}].parameters", m.parameters) for i, m in enumerate(cfg.models or [])]
+    for k, sl in enumerate(cfg.slices or []):
+        where_params.append((f"slices[{k}].parameters", sl.parameters))
+        where_params += [(f"slices[{k}].sources[{j}].parameters", src.parameters) for j, src in enumerate(sl.sources)]
+    for where, params in where_params:
+        for key in params or {}:
+            if key not in known:
+                raise ConfigError(
+                    f"{where}: unknown parameter {key!r} for merge_method {op.name!r} (known: {', '.join(sorted(known))})"
+                )
 
 
 def build_plan(
@@ -202,8 +367,6 @@ def build_plan(
     world_size: int = 1,
 ) -> Plan:
     op = get_op(cfg.merge_method)
-    if cfg.slices:
-        raise ConfigError("'slices' (passthrough and layer surgery) is not supported by this version yet")
     if cfg.tokenizer_source == "union":
         raise ConfigError("tokenizer_source: union is not supported by this version yet (use base or a model path)")
     if block_bytes < 64:
@@ -212,56 +375,65 @@ def build_plan(
     by_ref = {c.ref: c for c in catalogs}
     models = [by_ref[r] for r in refs]
     base_index = refs.index(cfg.base_model) if cfg.base_model else None
-    if op.base == "required" and base_index is None:
-        raise ConfigError(f"merge_method {op.name!r} needs a base_model")
-    if op.base == "ignored" and cfg.base_model and cfg.base_model not in [m.model for m in cfg.models or []]:
-        # mergekit adds an unlisted base as a source; for methods that ignore the base that only
-        # asks for a weight it cannot have, so say it plainly.
-        raise ConfigError(f"merge_method {op.name!r} does not use base_model; list it under models or drop it")
-    if len(refs) < op.min_models:
-        raise ConfigError(f"merge_method {op.name!r} needs at least {op.min_models} models, got {len(refs)}")
-
-    known = {p.name for p in op.params}
-    settings_global = cfg.parameters or {}
-    for where, params in [("parameters", settings_global)] + [
-        (f"models[{i}].parameters", m.parameters or {}) for i, m in enumerate(cfg.models or [])
-    ]:
-        for key in params:
-            if key not in known:
-                raise ConfigError(
-                    f"{where}: unknown parameter {key!r} for merge_method {op.name!r} (known: {', '.join(sorted(known))})"
+    _check_parameter_names(op, cfg)
+    warnings: list[str] = []
+    config_updates: dict[str, Any] = {}
+    if cfg.slices:
+        outputs, n_layers = _slice_outputs(op, cfg, refs, by_ref)
+        config_model = cfg.base_model or cfg.slices[0].sources[0].model
+        cfg_json = by_ref[config_model].config or {}
+        key = next(
+            (k for k in ("num_hidden_layers", "n_layer", "num_layers") if isinstance(cfg_json.get(k), int)), None
+        )
+        if key is not None:
+            config_updates[key] = n_layers
+    else:
+        if op.base == "required" and base_index is None:
+            raise ConfigError(f"merge_method {op.name!r} needs a base_model")
+        if op.base == "ignored" and cfg.base_model and cfg.base_model not in [m.model for m in cfg.models or []]:
+            # mergekit adds an unlisted base as a source; for methods that ignore the base that only
+            # asks for a weight it cannot have, so say it plainly.
+            raise ConfigError(f"merge_method {op.name!r} does not use base_model; list it under models or drop it")
+        if len(refs) < op.min_models:
+            raise ConfigError(f"merge_method {op.name!r} needs at least {op.min_models} models, got {len(refs)}")
+        ref_model = models[base_index] if base_index is not None else models[0]
+        outputs = _model_outputs(cfg, refs, ref_model, base_index)
+        config_model = ref_model.ref
+        for m in models:
+            extra = sorted(set(m.tensors) - set(ref_model.tensors))
+            if extra:
+                warnings.append(
+                    f"{m.ref}: {len(extra)} tensor(s) not in {ref_model.ref} are ignored, e.g. {extra[0]!r}"
                 )
 
-    compute = DTYPE_NAMES[cfg.dtype] if cfg.dtype else "F32"
-    ref_model = models[base_index] if base_index is not None else models[0]
-    num_layers = ref_model.num_layers()
+    compute = DTYPE_NAMES[cfg.dtype] if cfg.dtype else None
     adapters = _validator(op)
-    warnings: list[str] = []
 
-    for m in models:
-        extra = sorted(set(m.tensors) - set(ref_model.tensors))
-        if extra:
-            warnings.append(f"{m.ref}: {len(extra)} tensor(s) not in {ref_model.ref} are ignored, e.g. {extra[0]!r}")
-
+    aux_files = _AuxFiles(cfg.storage_options)
     tensors: list[TensorPlan] = []
-    for name in sorted(ref_model.tensors, key=_natural_key):
-        ref_info = ref_model.tensors[name]
+    for out in sorted(outputs, key=lambda o: _natural_key(o.name)):
+        name = out.name
+        first_idx, first_name = out.inputs[out.base if out.base is not None else 0]
+        ref_info = models[first_idx].tensors.get(first_name)
         spans: list[SourceSpan] = []
-        for m in models:
-            info = m.tensors.get(name)
+        for i, in_name in out.inputs:
+            m = models[i]
+            info = m.tensors.get(in_name)
             if info is None:
-                raise SourceError(f"{m.ref}: tensor {name!r} is missing (present in {ref_model.ref})")
+                raise SourceError(f"{m.ref}: tensor {in_name!r} is missing (present in {models[first_idx].ref})")
+            assert ref_info is not None
             if info.shape != ref_info.shape:
                 raise SourceError(
-                    f"{m.ref}: tensor {name!r} has shape {list(info.shape)}, expected {list(ref_info.shape)} as in {ref_model.ref}"
+                    f"{m.ref}: tensor {in_name!r} has shape {list(info.shape)}, expected {list(ref_info.shape)} as in {models[first_idx].ref}"
                 )
             if info.dtype not in FLOAT_DTYPES:
-                raise SourceError(f"{m.ref}: tensor {name!r} has dtype {info.dtype}; merging needs floating point")
+                raise SourceError(f"{m.ref}: tensor {in_name!r} has dtype {info.dtype}; merging needs floating point")
             spans.append(SourceSpan(info.file, info.start, info.end, info.dtype))
+        assert ref_info is not None
         src_dtype = _promote([s.dtype for s in spans])
-        out_dtype = DTYPE_NAMES[cfg.out_dtype] if cfg.out_dtype else (compute if cfg.dtype else src_dtype)
-        _, t = layer_position(name, num_layers)
-        shared, per_model = _resolve(op, cfg, refs, base_index, name, t, adapters)
+        t_compute = compute or src_dtype
+        out_dtype = DTYPE_NAMES[cfg.out_dtype] if cfg.out_dtype else t_compute
+        shared, per_model = _resolve(op, out, refs, adapters)
         shape = list(ref_info.shape)
         rows = shape[0] if shape else 1
         row_elems = math.prod(shape[1:]) if len(shape) > 1 else 1
@@ -269,10 +441,23 @@ def build_plan(
         block_rows = max(1, min(rows, block_bytes // row_bytes))  # a small tensor is one block of its own size
         n_blocks = math.ceil(rows / block_rows) if rows * row_elems > 0 else 0
         tp = TensorPlan(
-            len(tensors), name, shape, out_dtype, spans, shared, per_model, rows, row_elems, block_rows, n_blocks
+            len(tensors),
+            name,
+            shape,
+            out_dtype,
+            spans,
+            shared,
+            per_model,
+            rows,
+            row_elems,
+            block_rows,
+            n_blocks,
+            base_index=out.base,
+            compute_dtype=t_compute,
         )
-        task = TensorTask(name, tuple(shape), tp.numel, n_blocks, base_index, shared, per_model, DTYPES[compute][0])
+        task = TensorTask(name, tuple(shape), tp.numel, n_blocks, out.base, shared, per_model, DTYPES[t_compute][0])
         op.check(task)
+        tp.aux = aux_files.resolve(op, task, [(refs[i], in_name) for i, in_name in out.inputs])
         tensors.append(tp)
 
     plan = Plan(
@@ -280,7 +465,7 @@ def build_plan(
         merge_method=op.name,
         models=refs,
         base_index=base_index,
-        compute_dtype=compute,
+        compute_dtype=compute or _promote([t.compute_dtype or "F32" for t in tensors] or ["F32"]),
         seed=int(seed if seed is not None else (cfg.seed or 0)),
         block_bytes=block_bytes,
         world_size=world_size,
@@ -288,7 +473,10 @@ def build_plan(
         source_headers={m.ref: m.header_sha256 for m in models},
         config_fingerprint=cfg.fingerprint(),
         warnings=warnings,
+        config_model=config_model,
+        config_updates=config_updates,
     )
+    aux_files.annotate(plan)
     plan.assign(world_size)
     return plan
 
@@ -301,15 +489,9 @@ def _promote(dtypes: list[str]) -> str:
 
 
 def _resolve(
-    op: MergeOp,
-    cfg: MergeConfig,
-    refs: list[str],
-    base_index: int | None,
-    name: str,
-    t: float,
-    adapters: dict[str, TypeAdapter[Any]],
+    op: MergeOp, out: _Output, refs: list[str], adapters: dict[str, TypeAdapter[Any]]
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    def value(pname: str, scopes: list[Any], who: str) -> Any:
+    def value(pname: str, scopes: list[Any], tensor: str, who: str) -> Any:
         def validate(v: Any) -> Any:
             try:
                 return adapters[pname].validate_python(v)
@@ -319,23 +501,94 @@ def _resolve(
 
         for scope in scopes:
             if scope and pname in scope:
-                v = evaluate_setting(name, scope[pname], t, validate)
+                v = evaluate_setting(tensor, scope[pname], out.t, validate)
                 if v is not None:
                     return v
         spec = next(p for p in op.params if p.name == pname)
         if spec.required:
-            raise ConfigError(f"missing parameter {pname!r}{who} for tensor {name!r}")
+            raise ConfigError(f"missing parameter {pname!r}{who} for tensor {tensor!r}")
         return adapters[pname].validate_python(spec.default)
 
-    shared = {p.name: value(p.name, [cfg.parameters], "") for p in op.params if p.scope == "shared"}
+    shared = {p.name: value(p.name, out.shared_scopes, out.name, "") for p in op.params if p.scope == "shared"}
     per_model: list[dict[str, Any]] = []
-    for i, ref in enumerate(refs):
-        scopes = [cfg.model_parameters(ref), cfg.parameters]
+    for pos, (i, in_name) in enumerate(out.inputs):
         per_model.append(
             {
-                p.name: value(p.name, scopes, f" of model {ref}")
+                p.name: value(p.name, out.input_scopes[pos], in_name, f" of model {refs[i]}")
                 for p in op.params
-                if p.scope == "input" or (p.scope == "non_base" and i != base_index)
+                if p.scope == "input" or (p.scope == "non_base" and pos != out.base)
             }
         )
     return shared, per_model
+
+
+def _aux_bytes(t: TensorPlan) -> tuple[int, int]:
+    """(bytes of t's row-blocked aux inputs per block, bytes of its whole aux inputs)."""
+    rows = whole = 0
+    for per in t.aux:
+        for span in per.values():
+            if span.shape == t.shape:
+                rows += t.block_rows * t.row_elems * DTYPES[span.dtype][1]
+            else:
+                whole += span.end - span.start
+    return rows, whole
+
+
+class _AuxFiles:
+    """The headers of the files operators read auxiliary inputs from (statistics), each read once."""
+
+    def __init__(self, storage_options: dict[str, Any] | None) -> None:
+        self.storage_options = storage_options
+        self.headers: dict[str, tuple[str, dict[str, TensorInfo], str]] = {}  # as given -> url, tensors, sha256
+        self.used: dict[str, int] = {}
+
+    def _header(self, file: str) -> tuple[str, dict[str, TensorInfo], str]:
+        if file not in self.headers:
+            loc = location(file, self.storage_options)
+            if not loc.exists():
+                raise SourceError(f"{loc.url}: statistics file not found (`bigmerge stats` writes it)")
+            tensors, _meta, raw = read_header(loc)
+            self.headers[file] = (loc.url, tensors, hashlib.sha256(raw).hexdigest())
+            self.used[file] = 0
+        return self.headers[file]
+
+    def resolve(self, op: MergeOp, task: TensorTask, sources: list[tuple[str, str]]) -> list[dict[str, AuxSpan]]:
+        wanted = op.aux_inputs(task, sources)
+        if not wanted:
+            return []
+        out: list[dict[str, AuxSpan]] = []
+        for per in wanted:
+            spans: dict[str, AuxSpan] = {}
+            for key, req in per.items():
+                url, tensors, _ = self._header(req.file)
+                info = tensors.get(req.tensor)
+                if info is None:
+                    if req.optional:
+                        continue
+                    raise SourceError(f"{url}: no tensor {req.tensor!r} (needed to merge {task.name!r})")
+                if tuple(info.shape) != tuple(req.shape):
+                    raise SourceError(
+                        f"{url}: tensor {req.tensor!r} has shape {list(info.shape)}, expected {list(req.shape)} "
+                        f"(to merge {task.name!r})"
+                    )
+                if info.dtype not in FLOAT_DTYPES:
+                    raise SourceError(f"{url}: tensor {req.tensor!r} has dtype {info.dtype}; expected floating point")
+                spans[key] = AuxSpan(info.file, info.start, info.end, info.dtype, list(info.shape))
+                self.used[req.file] += 1
+            out.append(spans)
+        for key in sorted({k for per in wanted for k in per}):
+            have = [key in spans for spans in out]
+            if any(have) and not all(have):
+                req = wanted[have.index(False)][key]
+                other = wanted[have.index(True)][key]
+                raise SourceError(
+                    f"{self.headers[req.file][0]}: no tensor {req.tensor!r}, which {self.headers[other.file][0]} has"
+                )
+        return out
+
+    def annotate(self, plan: Plan) -> None:
+        """Record each file's header hash beside the sources' (a changed file is another merge)."""
+        for file, (url, _, digest) in self.headers.items():
+            plan.source_headers[url] = {posixpath.basename(url): digest}
+            if not self.used[file]:
+                plan.warnings.append(f"{url}: none of its tensors is used by this merge")

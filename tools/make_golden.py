@@ -337,6 +337,310 @@ dtype: float32
 out_dtype: bfloat16
 """,
     ),
+    # Layer surgery (slices): output layers are the slices' layer ranges in order.
+    GoldenCase(
+        "passthrough_frankenmerge_fp32",
+        "A",
+        """\
+merge_method: passthrough
+slices:
+  - sources:
+      - model: {ft1}
+        layer_range: [0, 2]
+  - sources:
+      - model: {base}
+        layer_range: [1, 4]
+        parameters:
+          scale:
+            - filter: o_proj
+              value: 0.5
+            - value: 1.0
+""",
+    ),
+    GoldenCase(
+        "passthrough_upscale_bf16",
+        "B",
+        """\
+merge_method: passthrough
+dtype: bfloat16
+slices:
+  - sources:
+      - model: {base}
+        layer_range: [0, 3]
+  - sources:
+      - model: {ft3}
+        layer_range: [1, 4]
+""",
+    ),
+    GoldenCase(
+        "linear_slices_gradient",
+        "A",
+        """\
+merge_method: linear
+parameters:
+  normalize: true
+slices:
+  - sources:
+      - model: {ft1}
+        layer_range: [0, 2]
+        parameters:
+          weight: [0.2, 0.8]
+      - model: {ft2}
+        layer_range: [1, 3]
+    parameters:
+      weight:
+        - filter: mlp
+          value: 0.6
+        - value: [0.3, 0.9]
+  - sources:
+      - model: {base}
+        layer_range: [2, 4]
+      - model: {ft1}
+        layer_range: [2, 4]
+        parameters:
+          weight: 0.25
+    parameters:
+      weight: 0.5
+""",
+    ),
+    GoldenCase(
+        "ties_slices_bf16",
+        "B",
+        """\
+merge_method: ties
+base_model: {base}
+slices:
+  - sources:
+      - model: {base}
+        layer_range: [0, 4]
+      - model: {ft1}
+        layer_range: [0, 4]
+        parameters:
+          density: 0.6
+          weight: [0.3, 1.0]
+      - model: {ft2}
+        layer_range: [0, 4]
+        parameters:
+          density: 0.4
+          weight: 0.5
+""",
+    ),
+    GoldenCase(
+        "slerp_fp32",
+        "A",
+        """\
+merge_method: slerp
+base_model: {base}
+models:
+  - model: {base}
+  - model: {ft1}
+parameters:
+  t: 0.3
+""",
+    ),
+    GoldenCase(
+        "slerp_gradient_bf16",
+        "B",
+        """\
+merge_method: slerp
+base_model: {ft2}
+models:
+  - model: {base}
+  - model: {ft2}
+parameters:
+  t:
+    - filter: self_attn
+      value: [0, 0.5, 0.3, 0.7, 1]
+    - filter: mlp
+      value: [1, 0.5, 0.7, 0.3, 0]
+    - value: 0.5
+""",
+    ),
+    GoldenCase(
+        "nuslerp_fp32",
+        "A",
+        """\
+merge_method: nuslerp
+models:
+  - model: {ft1}
+    parameters:
+      weight: 0.4
+  - model: {ft2}
+    parameters:
+      weight: 0.6
+""",
+    ),
+    GoldenCase(
+        "nuslerp_base_row_wise",
+        "A",
+        """\
+merge_method: nuslerp
+base_model: {base}
+models:
+  - model: {ft1}
+    parameters:
+      weight: [0.2, 0.8]
+  - model: {ft2}
+    parameters:
+      weight: 0.5
+parameters:
+  nuslerp_flatten: false
+  nuslerp_row_wise: true
+""",
+    ),
+    GoldenCase(
+        "nuslerp_rows_bf16",
+        "B",
+        """\
+merge_method: nuslerp
+base_model: {base}
+models:
+  - model: {ft1}
+    parameters:
+      weight:
+        - filter: mlp
+          value: 0.7
+        - value: 0.3
+  - model: {ft3}
+    parameters:
+      weight: 0.5
+parameters:
+  nuslerp_flatten: false
+dtype: float32
+out_dtype: bfloat16
+""",
+    ),
+    GoldenCase(
+        "multislerp_fp32",
+        "A",
+        """\
+merge_method: multislerp
+models:
+  - model: {ft1}
+    parameters:
+      weight: 0.6
+  - model: {ft2}
+    parameters:
+      weight: 0.4
+""",
+    ),
+    GoldenCase(
+        "multislerp_base_bf16",
+        "B",
+        """\
+merge_method: multislerp
+base_model: {base}
+models:
+  - model: {ft1}
+    parameters:
+      weight: [0.2, 0.6]
+  - model: {ft2}
+    parameters:
+      weight: 0.5
+  - model: {ft3}
+    parameters:
+      weight:
+        - filter: self_attn
+          value: 0.9
+        - value: 0.3
+dtype: float32
+out_dtype: bfloat16
+""",
+    ),
+    GoldenCase(
+        "karcher_fp32",
+        "A",
+        """\
+merge_method: karcher
+models:
+  - model: {base}
+  - model: {ft1}
+  - model: {ft2}
+""",
+    ),
+    GoldenCase(
+        "karcher_bf16",
+        "B",
+        """\
+merge_method: karcher
+models:
+  - model: {ft1}
+  - model: {ft2}
+  - model: {ft3}
+parameters:
+  max_iter: 4
+  tol: 1.0e-6
+dtype: float32
+out_dtype: bfloat16
+""",
+    ),
+    GoldenCase(
+        "model_stock_fp32",
+        "A",
+        """\
+merge_method: model_stock
+base_model: {base}
+models:
+  - model: {ft1}
+  - model: {ft2}
+""",
+    ),
+    GoldenCase(
+        "model_stock_filter_wise",
+        "A",
+        """\
+merge_method: model_stock
+base_model: {base}
+models:
+  - model: {ft1}
+  - model: {ft2}
+parameters:
+  filter_wise: true
+""",
+    ),
+    GoldenCase(
+        "model_stock_bf16",
+        "B",
+        """\
+merge_method: model_stock
+base_model: {base}
+models:
+  - model: {ft1}
+  - model: {ft2}
+  - model: {ft3}
+dtype: float32
+out_dtype: bfloat16
+""",
+    ),
+    GoldenCase(
+        "nearswap_fp32",
+        "A",
+        """\
+merge_method: nearswap
+base_model: {base}
+models:
+  - model: {base}
+  - model: {ft1}
+parameters:
+  t:
+    - filter: mlp
+      value: [0.001, 0.004]
+    - value: 0.002
+""",
+    ),
+    GoldenCase(
+        "nearswap_bf16",
+        "B",
+        """\
+merge_method: nearswap
+base_model: {base}
+models:
+  - model: {base}
+  - model: {ft2}
+parameters:
+  t: 0.002
+""",
+    ),
 )
 
 PLACEHOLDER = re.compile(r"\{(base|ft\d+)\}")

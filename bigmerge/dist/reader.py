@@ -36,6 +36,9 @@ class BlockReader:
         self._pooled: set[int] = set()  # data pointers of buffers that belong to the pool
         self._free_lock = threading.Lock()
         self._max_free = 4 * max(1, len(plan.models)) * (self.prefetch + 2)
+        self._aux_pending: dict[tuple[int, int], Future[list[dict[str, torch.Tensor]]]] = {}
+        # whole aux inputs of the latest two tensors; a future, so concurrent prefetches read each once
+        self._aux_whole: dict[tuple[str, int], Future[torch.Tensor]] = {}
 
     def _buffer(self, n: int) -> torch.Tensor:
         with self._free_lock:
@@ -69,6 +72,57 @@ class BlockReader:
                     self._free.append(base)
                 else:
                     self._pooled.discard(ptr)  # freed now; its address may be reused
+
+    def read_aux(self, t: TensorPlan, b: int) -> list[dict[str, torch.Tensor]]:
+        """Block b's auxiliary inputs per source: its rows of aux tensors shaped like t, others whole.
+
+        Whole ones (e.g. Gram matrices) are read once and kept while the next tensors come, so
+        the blocks of one tensor share them; they are fresh tensors, never pooled buffers.
+        """
+        r0, r1 = t.block_range(b)
+        out: list[dict[str, torch.Tensor]] = []
+        for per in t.aux:
+            got: dict[str, torch.Tensor] = {}
+            for key, span in per.items():
+                dtype, size = DTYPES[span.dtype]
+                if span.shape == t.shape:
+                    row_bytes = t.row_elems * size
+                    buf = torch.empty((r1 - r0) * row_bytes, dtype=torch.uint8)
+                    if r1 > r0:
+                        self._loc(span.file).read_into(span.start + r0 * row_bytes, memoryview(buf.numpy()).cast("B"))
+                    self._count(buf.numel())
+                    got[key] = buf.view(dtype).reshape((r1 - r0, *t.shape[1:]) if t.shape else (1,))
+                    continue
+                k = (span.file, span.start)
+                with self._free_lock:
+                    whole = self._aux_whole.get(k)
+                    mine = whole is None
+                    if whole is None:
+                        whole = self._aux_whole[k] = Future()
+                        while len(self._aux_whole) > 2 * sum(len(p) for p in t.aux):
+                            del self._aux_whole[next(iter(self._aux_whole))]
+                if mine:
+                    try:
+                        buf = torch.empty(span.end - span.start, dtype=torch.uint8)
+                        if span.end > span.start:
+                            self._loc(span.file).read_into(span.start, memoryview(buf.numpy()).cast("B"))
+                        self._count(buf.numel())
+                        whole.set_result(buf.view(dtype).reshape(span.shape))
+                    except BaseException as exc:
+                        whole.set_exception(exc)
+                        with self._free_lock:
+                            self._aux_whole.pop(k, None)
+                        raise
+                got[key] = whole.result()
+            out.append(got)
+        return out
+
+    def take_aux(self, t: TensorPlan, b: int) -> list[dict[str, torch.Tensor]]:
+        """The aux inputs of a block the stream prefetched, else read now; [] when t has none."""
+        if not t.aux:
+            return []
+        future = self._aux_pending.pop((t.index, b), None)
+        return future.result() if future is not None else self.read_aux(t, b)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -134,7 +188,7 @@ class BlockReader:
                     group, size = [], 0
                 yield [(t, b)]
                 continue
-            if group and size + nbytes > COALESCE_MAX_GROUP:
+            if group and (size + nbytes > COALESCE_MAX_GROUP or len(t.sources) != len(group[0][0].sources)):
                 yield group
                 group, size = [], 0
             group.append((t, b))
@@ -162,6 +216,9 @@ class BlockReader:
                 else:
                     futures = [self._pool.submit(self._read_group, group, i) for i in range(len(group[0][0].sources))]
                 pending.append((group, futures))
+                for t, b in group:
+                    if t.aux:
+                        self._aux_pending[(t.index, b)] = self._pool.submit(self.read_aux, t, b)
             if not pending:
                 return
             group, futures = pending.popleft()

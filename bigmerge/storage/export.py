@@ -167,10 +167,11 @@ def _finish(
 ) -> dict[str, Any]:
     by_ref = {c.ref: c for c in catalogs or []}
     base_ref = plan.models[plan.base_index] if plan.base_index is not None else plan.models[0]
-    cfg_src = by_ref.get(base_ref)
+    cfg_src = by_ref.get(plan.config_model or base_ref)
     out_dtypes = {t.out_dtype for t in plan.tensors}
     if cfg_src is not None and cfg_src.config is not None:
         cfg = dict(cfg_src.config)
+        cfg.update(plan.config_updates)  # e.g. the layer count of a slices merge
         if len(out_dtypes) == 1:
             dname = DTYPE_CONFIG_NAMES[next(iter(out_dtypes))]
             keys = [k for k in ("torch_dtype", "dtype") if k in cfg] or ["torch_dtype"]
