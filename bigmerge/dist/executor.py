@@ -101,7 +101,7 @@ def execute(
             if not rounds:
                 for b in first:
                     _, _, inputs = next(stream)
-                    write(t, b, op.apply(task, _block(t, b, inputs, scratch), None))
+                    write(t, b, op.apply(task, _block(t, b, inputs, scratch, reader), None))
                     if on_block:
                         on_block(sum(x.numel() * x.element_size() for x in inputs))
                     reader.release(inputs)
@@ -129,13 +129,13 @@ def execute(
                             on_block(sum(x.numel() * x.element_size() for x in inputs))
                     else:
                         inputs = inputs_of(b)
-                    partial[b] = op.stats(rnd, task, _block(t, b, inputs, scratch), prev)
+                    partial[b] = op.stats(rnd, task, _block(t, b, inputs, scratch, reader), prev)
                     done_with(b, inputs)
                 reduced = reduce_stats(comm, partial, t.n_blocks)
                 prev = op.finish(rnd, task, reduced, prev)
             for b in todo:
                 inputs = inputs_of(b)
-                write(t, b, op.apply(task, _block(t, b, inputs, scratch), prev))
+                write(t, b, op.apply(task, _block(t, b, inputs, scratch, reader), prev))
                 done_with(b, inputs)
             for inputs in cache.values():
                 reader.release(inputs)
@@ -148,8 +148,9 @@ def execute(
     return stats
 
 
-def _block(t: TensorPlan, b: int, inputs: list[torch.Tensor], scratch: Scratch) -> Block:
+def _block(t: TensorPlan, b: int, inputs: list[torch.Tensor], scratch: Scratch, reader: BlockReader) -> Block:
     r0, r1 = t.block_range(b)
+    aux = reader.take_aux(t, b)  # stays on the host: an operator moves what it needs (and may memoise it)
     if scratch.device.type != "cpu":  # a GPU rank: the block's inputs go to its device
         inputs = [x.to(scratch.device, non_blocking=True) for x in inputs]
-    return Block(b, r0, r1, inputs, scratch)
+    return Block(b, r0, r1, inputs, scratch, aux=aux)

@@ -93,6 +93,24 @@ class Block:
     scratch: Scratch = field(default_factory=Scratch)
     # derived views an operator may keep while it works on this same block object
     memo: dict[str, Any] = field(default_factory=dict)
+    # auxiliary inputs per source (see MergeOp.aux_inputs), on the host: aux[i][key]; the
+    # rows of this block when the aux tensor has the tensor's shape, else the whole aux tensor
+    aux: list[dict[str, torch.Tensor]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class AuxInput:
+    """An extra tensor an operator reads beside one source: `tensor` in the safetensors `file`.
+
+    With `shape` equal to the merged tensor's shape it is read row-blocked with the block;
+    any other shape is read whole. `optional`: when it is absent from every source's file the
+    key is simply missing from `block.aux[i]`; present in some files but not others is an error.
+    """
+
+    file: str  # local path or fsspec URL of a safetensors file
+    tensor: str
+    shape: tuple[int, ...]
+    optional: bool = False
 
 
 class MergeOp:
@@ -108,6 +126,13 @@ class MergeOp:
     random: ClassVar[bool] = False
     # Peak working memory of apply, in compute-dtype copies of one source block per source.
     workspace_per_source: ClassVar[float] = 1.0
+
+    def aux_inputs(self, task: TensorTask, sources: list[tuple[str, str]]) -> list[dict[str, AuxInput]]:
+        """Extra tensors to read per source, by key; `sources[i]` is (model ref, tensor name in it).
+
+        Resolved and checked at plan time (files, names, shapes); [] = none (the default).
+        """
+        return []
 
     def check(self, task: TensorTask) -> None:
         """Reject bad resolved parameters for one tensor; the message names the key."""
