@@ -26,6 +26,7 @@ from bigmerge.ops import get_op
 from bigmerge.ops.base import MergeOp, TensorTask
 from bigmerge.storage.fs import location
 from bigmerge.storage.safetensors import DTYPES, FLOAT_DTYPES, TensorInfo, read_header
+from bigmerge.vocab import build_tokenizer, is_identity, vocab_plan
 
 PLAN_VERSION = 1
 DEFAULT_BLOCK_BYTES = 32 * 1024 * 1024
@@ -70,6 +71,8 @@ class TensorPlan:
     base_index: int | None = None
     # mergekit's rule: the config's dtype, else the promoted dtype of this tensor's sources
     compute_dtype: str | None = None
+    # rows permuted onto the output vocabulary (tokenizer_source): see bigmerge.vocab.vocab_plan
+    vocab: dict[str, Any] | None = None
 
     @property
     def numel(self) -> int:
@@ -332,6 +335,17 @@ def _slice_outputs(
     return outs, out_layer
 
 
+def _is_vocab_tensor(out: _Output, models: list[ModelCatalog], vocab_sizes: list[int]) -> bool:
+    """Embeddings and LM heads: outside the layers, one row per token in every source."""
+    if LAYER_RE.search(out.name):
+        return False
+    for i, name in out.inputs:
+        info = models[i].tensors.get(name)
+        if info is None or len(info.shape) != 2 or info.shape[0] != vocab_sizes[i]:
+            return False
+    return True
+
+
 def _layer_of(name: str) -> int | None:
     m = LAYER_RE.search(name)
     return int(m.group(1)) if m else None
@@ -367,8 +381,6 @@ def build_plan(
     world_size: int = 1,
 ) -> Plan:
     op = get_op(cfg.merge_method)
-    if cfg.tokenizer_source == "union":
-        raise ConfigError("tokenizer_source: union is not supported by this version yet (use base or a model path)")
     if block_bytes < 64:
         raise ConfigError(f"block size {block_bytes} bytes is too small (minimum 64)")
     refs = cfg.model_refs()
@@ -407,6 +419,15 @@ def build_plan(
                 )
 
     compute = DTYPE_NAMES[cfg.dtype] if cfg.dtype else None
+    perms: list[list[int]] | None = None
+    vocab_sizes: list[int] = []
+    if cfg.tokenizer_source is not None:
+        base_ref = cfg.base_model or refs[0]
+        tok, perms, vocab_sizes = build_tokenizer(cfg.tokenizer_source, base_ref, refs, by_ref, cfg.storage_options)
+        if is_identity(perms, vocab_sizes):
+            perms = None
+        else:
+            config_updates["vocab_size"] = len(perms[0])
     adapters = _validator(op)
 
     aux_files = _AuxFiles(cfg.storage_options)
@@ -415,6 +436,9 @@ def build_plan(
         name = out.name
         first_idx, first_name = out.inputs[out.base if out.base is not None else 0]
         ref_info = models[first_idx].tensors.get(first_name)
+        vocab = None
+        if perms is not None and ref_info is not None and _is_vocab_tensor(out, models, vocab_sizes):
+            vocab = vocab_plan([perms[i] for i, _ in out.inputs], out.base)
         spans: list[SourceSpan] = []
         for i, in_name in out.inputs:
             m = models[i]
@@ -422,7 +446,7 @@ def build_plan(
             if info is None:
                 raise SourceError(f"{m.ref}: tensor {in_name!r} is missing (present in {models[first_idx].ref})")
             assert ref_info is not None
-            if info.shape != ref_info.shape:
+            if info.shape != ref_info.shape and not (vocab and info.shape[1:] == ref_info.shape[1:]):
                 raise SourceError(
                     f"{m.ref}: tensor {in_name!r} has shape {list(info.shape)}, expected {list(ref_info.shape)} as in {models[first_idx].ref}"
                 )
@@ -435,6 +459,8 @@ def build_plan(
         out_dtype = DTYPE_NAMES[cfg.out_dtype] if cfg.out_dtype else t_compute
         shared, per_model = _resolve(op, out, refs, adapters)
         shape = list(ref_info.shape)
+        if vocab:
+            shape[0] = vocab["rows"]
         rows = shape[0] if shape else 1
         row_elems = math.prod(shape[1:]) if len(shape) > 1 else 1
         row_bytes = max(1, row_elems * max(DTYPES[s.dtype][1] for s in spans))
@@ -454,6 +480,7 @@ def build_plan(
             n_blocks,
             base_index=out.base,
             compute_dtype=t_compute,
+            vocab=vocab,
         )
         task = TensorTask(name, tuple(shape), tp.numel, n_blocks, out.base, shared, per_model, DTYPES[t_compute][0])
         op.check(task)

@@ -102,6 +102,16 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "A": {"preset": "tiny", "dtype": "float32", "n_finetunes": 2, "sharded": False, "seed": 0, "tied": False},
     "B": {"preset": "tiny", "dtype": "bfloat16", "n_finetunes": 3, "sharded": True, "seed": 0, "tied": False},
     "C": {"preset": "tiny", "dtype": "bfloat16", "n_finetunes": 2, "sharded": False, "seed": 0, "tied": True},
+    # vocabularies that differ: ft1 adds two tokens, ft2 one of them (for tokenizer_source)
+    "D": {
+        "preset": "tiny",
+        "dtype": "float32",
+        "n_finetunes": 2,
+        "sharded": False,
+        "seed": 0,
+        "tied": False,
+        "extra_tokens": {"ft1": ["<|a|>", "<|b|>"], "ft2": ["<|a|>"]},
+    },
 }
 
 
@@ -639,6 +649,190 @@ models:
   - model: {ft2}
 parameters:
   t: 0.002
+dtype: bfloat16
+""",
+    ),
+    GoldenCase(
+        "breadcrumbs_fp32",
+        "A",
+        """\
+merge_method: breadcrumbs
+base_model: {base}
+models:
+  - model: {ft1}
+    parameters:
+      density: 0.5
+      gamma: 0.05
+      weight: 0.6
+  - model: {ft2}
+    parameters:
+      density: 0.3
+      gamma: 0.1
+      weight: 0.5
+""",
+    ),
+    GoldenCase(
+        "breadcrumbs_gradient_rescale",
+        "A",
+        """\
+merge_method: breadcrumbs
+base_model: {base}
+models:
+  - model: {ft1}
+    parameters:
+      density: [0.2, 0.9]
+      gamma: 0.02
+      weight: 0.7
+  - model: {ft2}
+    parameters:
+      density: 0.6
+      gamma:
+        - filter: mlp
+          value: 0.3
+        - value: 0.01
+      weight:
+        - filter: self_attn
+          value: 0.8
+        - value: 0.4
+parameters:
+  rescale: true
+  lambda: 0.9
+""",
+    ),
+    GoldenCase(
+        "breadcrumbs_ties_fp32",
+        "A",
+        """\
+merge_method: breadcrumbs_ties
+base_model: {base}
+models:
+  - model: {ft1}
+    parameters:
+      density: 0.4
+      gamma: 0.05
+      weight: 0.6
+  - model: {ft2}
+    parameters:
+      density: [0.3, 0.7]
+      gamma: 0.2
+      weight: 0.5
+parameters:
+  normalize: true
+""",
+    ),
+    GoldenCase(
+        "breadcrumbs_ties_bf16",
+        "B",
+        """\
+merge_method: breadcrumbs_ties
+base_model: {base}
+models:
+  - model: {ft1}
+    parameters:
+      density: 0.4
+      weight: 0.5
+  - model: {ft2}
+    parameters:
+      density: 0.5
+      gamma: 0.1
+      weight: 0.4
+  - model: {ft3}
+    parameters:
+      density: 0.6
+      gamma: 0.03
+      weight: 0.3
+dtype: float32
+out_dtype: bfloat16
+""",
+    ),
+    GoldenCase(
+        "sce_fp32",
+        "A",
+        """\
+merge_method: sce
+base_model: {base}
+models:
+  - model: {ft1}
+  - model: {ft2}
+parameters:
+  select_topk: [0.3, 0.7]
+""",
+    ),
+    GoldenCase(
+        "sce_all_fp32",
+        "A",
+        """\
+merge_method: sce
+base_model: {base}
+models:
+  - model: {ft1}
+  - model: {ft2}
+""",
+    ),
+    GoldenCase(
+        "sce_bf16",
+        "B",
+        """\
+merge_method: sce
+base_model: {base}
+models:
+  - model: {ft1}
+  - model: {ft2}
+  - model: {ft3}
+dtype: float32
+out_dtype: bfloat16
+""",
+    ),
+    # Vocabularies that differ (family D): the union tokenizer, and embedding rows for tokens a
+    # model lacks (the base's, else the only model's that has it, else the average).
+    GoldenCase(
+        "union_linear",
+        "D",
+        """\
+merge_method: linear
+tokenizer_source: union
+models:
+  - model: {base}
+    parameters:
+      weight: 0.2
+  - model: {ft1}
+    parameters:
+      weight: 0.5
+  - model: {ft2}
+    parameters:
+      weight: 0.3
+""",
+    ),
+    GoldenCase(
+        "union_task_arithmetic",
+        "D",
+        """\
+merge_method: task_arithmetic
+base_model: {base}
+tokenizer_source: union
+models:
+  - model: {ft1}
+    parameters:
+      weight: 0.7
+  - model: {ft2}
+    parameters:
+      weight: [0.2, 0.6]
+""",
+    ),
+    GoldenCase(
+        "tokenizer_base_linear",
+        "D",
+        """\
+merge_method: linear
+base_model: {ft2}
+tokenizer_source: base
+models:
+  - model: {ft1}
+    parameters:
+      weight: 0.5
+  - model: {ft2}
+    parameters:
+      weight: 0.5
 """,
     ),
 )
@@ -974,12 +1168,19 @@ def main(argv: list[str] | None = None) -> int:
         else:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    # Drop goldens of configs that no longer exist, so the directory matches the manifest.
-    keep = {c.name for c in CASES}
-    for pattern in ("*.safetensors", "configs/*.yaml", "resolved/*.json"):
-        for f in golden.glob(pattern):
-            if f.name.split(".")[0] not in keep:
-                f.unlink()
+    if a.only:
+        # Several people may build different cases at once: merge into the manifest as it is
+        # now, and leave every other case's files alone.
+        if previous.exists():
+            current = json.loads(previous.read_text())["configs"]
+            manifest["configs"] = {**current, **{c.name: manifest["configs"][c.name] for c in cases}}
+    else:
+        # Drop goldens of configs that no longer exist, so the directory matches the manifest.
+        keep = {c.name for c in CASES}
+        for pattern in ("*.safetensors", "configs/*.yaml", "resolved/*.json"):
+            for f in golden.glob(pattern):
+                if f.name.split(".")[0] not in keep:
+                    f.unlink()
     write_json(golden / "MANIFEST.json", manifest)
     total = sum(f.stat().st_size for f in golden.rglob("*") if f.is_file())
     print(f"wrote {golden} ({total / 1e6:.2f} MB)")

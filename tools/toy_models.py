@@ -328,11 +328,15 @@ def make_family(
     seed: int = 0,
     tied: bool = False,
     force: bool = False,
+    extra_tokens: dict[str, list[str]] | None = None,
 ) -> dict[str, Path]:
     """Build (or reuse) a family under ``out_dir``; returns {"base": path, "ft1": path, ...}.
 
     ``sharded`` is forced on for presets marked ``always_sharded`` (medium, large). A directory
     whose ``family.json`` matches these arguments and whose files are all present is reused.
+    ``extra_tokens`` ({"ft1": ["<|a|>", ...]}) gives those models added tokens after the byte
+    vocabulary, with embedding (and LM head) rows of their own: vocabularies that differ, for
+    ``tokenizer_source: union``.
     """
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
@@ -346,6 +350,8 @@ def make_family(
     names = ["base", *finetunes]
     paths = {name: out / name for name in names}
     args = _stamp_args(preset, dtype, n_finetunes, sharded, seed, tied)
+    if extra_tokens:
+        args["extra_tokens"] = {k: list(v) for k, v in sorted(extra_tokens.items())}
     if not force and _cached(out, args):
         return paths
 
@@ -383,9 +389,45 @@ def make_family(
     for name, p in paths.items():
         for fname, text in side_files.items():
             _write_text(p / fname, text)
+        if extra_tokens and extra_tokens.get(name):
+            _add_tokens(p, extra_tokens[name], seed, name)
         files[name] = {f.name: f.stat().st_size for f in sorted(p.iterdir()) if f.is_file()}
     _write_text(out / STAMP, json.dumps({"args": args, "files": files}, indent=2, sort_keys=True) + "\n")
     return paths
+
+
+def _add_tokens(model_dir: Path, tokens: list[str], seed: int, model: str) -> None:
+    """Append `tokens` to a model's tokenizer (ids from VOCAB_SIZE up) and rows to its vocabulary tensors."""
+    from safetensors.torch import load_file
+    from tokenizers import AddedToken, Tokenizer
+
+    tok = Tokenizer.from_str((model_dir / "tokenizer.json").read_text())
+    tok.add_tokens([AddedToken(t, normalized=False) for t in tokens])
+    _write_text(model_dir / "tokenizer.json", tok.to_str(pretty=True))
+    cfg = json.loads((model_dir / "config.json").read_text())
+    cfg["vocab_size"] = VOCAB_SIZE + len(tokens)
+    _write_text(model_dir / "config.json", json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    index = model_dir / "model.safetensors.index.json"
+    for shard in sorted(model_dir.glob("model*.safetensors")):
+        tensors = load_file(str(shard))
+        grown = False
+        for name in ("model.embed_tokens.weight", "lm_head.weight"):
+            if name in tensors:
+                t = tensors[name]
+                g = _generator(seed, f"extra-{model}", name)
+                rows = (torch.randn((len(tokens), *t.shape[1:]), generator=g) * 0.02).to(t.dtype)
+                tensors[name] = torch.cat([t, rows])
+                grown = True
+        if grown:
+            save_file(tensors, str(shard), metadata={"format": "pt"})
+            shard.chmod(0o644)
+    if index.exists():
+        doc = json.loads(index.read_text())
+        total = 0
+        for shard in sorted(model_dir.glob("model*.safetensors")):
+            total += sum(t.numel() * t.element_size() for t in load_file(str(shard)).values())
+        doc["metadata"]["total_size"] = total
+        _write_text(index, json.dumps(doc, indent=2) + "\n")
 
 
 def family_files(paths: dict[str, Path]) -> Iterator[tuple[str, Path]]:

@@ -145,12 +145,52 @@ class BlockReader:
         return buf.view(DTYPES[t.sources[i].dtype][0]).reshape((r1 - r0, *t.shape[1:]) if t.shape else (1,))
 
     def _read_one(self, t: TensorPlan, b: int, i: int) -> torch.Tensor:
+        if t.vocab is not None:
+            return self._read_vocab(t, b, i)
         start, end = self._span(t, b, i)
         buf = self._buffer(end - start)
         if end > start:
             self._loc(t.sources[i].file).read_into(start, memoryview(buf.numpy()).cast("B"))
         self._count(end - start)
         return self._view(buf, t, b, i)
+
+    def _source_rows(self, t: TensorPlan, j: int, row: int, n: int) -> torch.Tensor:
+        """Rows [row, row + n) of source j's own tensor (its row numbering, its dtype)."""
+        src = t.sources[j]
+        dtype, size = DTYPES[src.dtype]
+        row_bytes = t.row_elems * size
+        buf = torch.empty(n * row_bytes, dtype=torch.uint8)
+        if n:
+            self._loc(src.file).read_into(src.start + row * row_bytes, memoryview(buf.numpy()).cast("B"))
+        self._count(buf.numel())
+        return buf.view(dtype).reshape(n, *t.shape[1:])
+
+    def _read_vocab(self, t: TensorPlan, b: int, i: int) -> torch.Tensor:
+        """Block b of source i permuted onto the output vocabulary (bigmerge.vocab), in the
+        tensor's compute dtype: one ranged read per run of consecutive rows, then the rows
+        this source lacks, filled as mergekit fills them."""
+        assert t.vocab is not None
+        r0, r1 = t.block_range(b)
+        dt = DTYPES[t.compute_dtype or self.plan.compute_dtype][0]
+        out = torch.zeros((r1 - r0, *t.shape[1:]), dtype=dt)
+        present = torch.zeros(r1 - r0, dtype=torch.bool)
+        for new, old, n in t.vocab["runs"][i]:
+            a, e = max(new, r0), min(new + n, r1)
+            if a < e:
+                out[a - r0 : e - r0] = self._source_rows(t, i, old + a - new, e - a)
+                present[a - r0 : e - r0] = True
+        for new, kind, donors in t.vocab["fills"]:
+            if not r0 <= new < r1 or present[new - r0] or kind == "zero":
+                continue
+            if kind == "copy":
+                j, row = donors[0]
+                out[new - r0] = self._source_rows(t, j, row, 1)[0]
+            else:  # the mean of the sources that have it, summed in model order as mergekit does
+                acc = torch.zeros(t.shape[1:], dtype=dt)
+                for j, row in donors:
+                    acc = acc + self._source_rows(t, j, row, 1)[0].to(dt)
+                out[new - r0] = acc / len(donors)
+        return out
 
     def _read_group(self, group: list[tuple[TensorPlan, int]], i: int) -> list[torch.Tensor]:
         """Source i's bytes for several small blocks, in as few requests as their layout allows.
@@ -182,7 +222,7 @@ class BlockReader:
         size = 0
         for t, b in items:
             nbytes = max(e - s for s, e in (self._span(t, b, i) for i in range(len(t.sources))))
-            if nbytes > COALESCE_MAX_ITEM:
+            if nbytes > COALESCE_MAX_ITEM or t.vocab is not None:
                 if group:
                     yield group
                     group, size = [], 0

@@ -26,21 +26,11 @@ from bigmerge.plan import Plan, TensorPlan
 from bigmerge.storage.fs import Location, location
 from bigmerge.storage.safetensors import DTYPES, build_header, read_header
 from bigmerge.storage.zarr_store import BlockStore
+from bigmerge.vocab import TOKENIZER_FILES, build_tokenizer, save_tokenizer
 
 MANIFEST_NAME = "bigmerge-manifest.json"
 SHARD_RE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 DEFAULT_SHARD_BYTES = 5 * 1000**3
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-)
 DTYPE_CONFIG_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 
 
@@ -63,7 +53,7 @@ def file_name(i: int, n: int) -> str:
 
 def check_tokenizer_source(tokenizer_source: str | None, storage_options: dict[str, Any] | None) -> None:
     """A tokenizer_source path must hold a tokenizer: known before anything is written."""
-    if tokenizer_source in (None, "base"):
+    if tokenizer_source in (None, "base", "union"):
         return
     root = location(tokenizer_source, storage_options)
     if not any(root.join(f).exists() for f in TOKENIZER_FILES):
@@ -183,7 +173,12 @@ def _finish(
             out.join("generation_config.json").write_bytes(gen.read_bytes())
     tok_ref = base_ref if tokenizer_source in (None, "base") else tokenizer_source
     tok_root = by_ref[tok_ref].root if tok_ref in by_ref else location(tok_ref, out.storage_options)
-    if tok_root is not None:
+    if tokenizer_source == "union" and catalogs:
+        # the union is built from every source's tokenizer, exactly as the plan built it
+        union_base = plan.models[plan.base_index] if plan.base_index is not None else plan.models[0]
+        tok, _, _ = build_tokenizer("union", union_base, plan.models, by_ref, out.storage_options)
+        save_tokenizer(tok, out)
+    elif tok_root is not None:
         for fname in TOKENIZER_FILES:
             src = tok_root.join(fname)
             if src.exists():
