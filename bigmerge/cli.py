@@ -84,6 +84,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("methods", help="list every merge method with its parameters")
 
+    e = sub.add_parser(
+        "eval",
+        help="score models with lm-eval (the zoo's tasks or lm-eval's own): a table, JSON, Markdown and a PNG chart",
+    )
+    e.add_argument("models", nargs="+", metavar="MODEL", help="local Hugging Face checkpoint directories")
+    e.add_argument("--tasks", default="zoo", help="zoo (all zoo tasks), or names such as zoo_add,zoo_rev (default zoo)")
+    e.add_argument("--limit", type=float, default=None, help="items per task (an int), or a fraction below 1")
+    e.add_argument("--out", default=None, metavar="DIR", help="write DIR/eval.json, eval.md and eval.png")
+    e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    e.add_argument("--dtype", default="float32", help="load dtype (default float32)")
+    e.add_argument("--quiet", action="store_true", help="print only the table")
+
     v = sub.add_parser("verify", help="re-check every tensor of a finished merge against its manifest")
     v.add_argument("out")
     v.add_argument("--quiet", action="store_true")
@@ -191,6 +204,12 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from bigmerge.eval.harness import run_cli
+
+    return run_cli(args)
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     from bigmerge.storage.export import verify
     from bigmerge.storage.fs import location
@@ -203,7 +222,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"merge": cmd_merge, "plan": cmd_plan, "verify": cmd_verify, "methods": cmd_methods}[args.command]
+    handler = {"merge": cmd_merge, "plan": cmd_plan, "verify": cmd_verify, "methods": cmd_methods, "eval": cmd_eval}[
+        args.command
+    ]
     from bigmerge.dist.comm import get_comm, launched_by_mpi
 
     comm = get_comm() if args.command == "merge" and launched_by_mpi() else None

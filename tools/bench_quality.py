@@ -1,0 +1,217 @@
+"""Every merge operator on every zoo scenario, scored with lm-eval beside the scenario's sources.
+
+    python tools/bench_quality.py ZOO [--out DIR] [--limit 200] [--scenarios a,b] [--methods m,n]
+                                      [--set METHOD.PARAM=VALUE ...] [--preset full]
+
+ZOO is a zoo built by tools/make_zoo.py (built here with ``--preset`` if ZOO/zoo.json is missing).
+For each scenario of ZOO/zoo.json and each operator in ``bigmerge.ops.REGISTRY`` (new operators
+appear without edits here) it writes a config with the operator's usual parameters:
+
+- ``base_model`` the scenario's base unless the operator ignores the base;
+- per model ``weight: 1.0``; ``density: 0.5`` where the operator has a density (mergekit's examples);
+- ``normalize: true`` where the operator has it (mergekit's default for every task-vector method:
+  the merged task vector is a weighted mean, so task_arithmetic equals the uniform soup);
+- ``t: 0.5`` where an operator requires a ``t``; every other parameter at its default;
+- ``--set METHOD.PARAM=VALUE`` overrides any of them (``*.PARAM`` for every method).
+
+An operator that cannot run on the scenario (it raises ConfigError or SourceError: it needs data
+statistics, exactly two models, a parameter without a usual value, ...) is skipped with the reason.
+Each merge runs in this process (``run_merge`` with a serial communicator), is scored, and
+removed. Output: DIR/quality.{json,md,png} (rows "scenario/model", sources first, one chart
+panel per scenario) and DIR/configs/*.yaml.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bigmerge.errors import BigmergeError  # noqa: E402
+from bigmerge.eval import Evaluator, Table, load_model  # noqa: E402
+
+USUAL = {"weight": 1.0, "density": 0.5, "normalize": True, "t": 0.5}
+
+
+def _parse_value(text: str) -> Any:
+    return yaml.safe_load(text)
+
+
+def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        method, dot, param = key.partition(".")
+        if not sep or not dot or not method or not param:
+            raise SystemExit(f"--set {item!r}: expected METHOD.PARAM=VALUE (METHOD may be *)")
+        out.setdefault(method, {})[param] = _parse_value(value)
+    return out
+
+
+def merge_config(method: str, base: str, models: list[str], overrides: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The config for one operator on one scenario, with the usual parameters (module docstring)."""
+    from bigmerge.ops import REGISTRY
+
+    op = REGISTRY[method]
+    chosen = {**overrides.get("*", {}), **overrides.get(method, {})}
+    shared: dict[str, Any] = {}
+    per_model: dict[str, Any] = {}
+    for p in op.params:
+        if p.name in chosen:
+            value = chosen[p.name]
+        elif p.name in USUAL and (p.required or p.name in ("weight", "density", "normalize")):
+            value = USUAL[p.name]
+        elif p.required:
+            raise KeyError(p.name)
+        else:
+            continue
+        (shared if p.scope == "shared" else per_model)[p.name] = value
+    cfg: dict[str, Any] = {"merge_method": method}
+    if op.base != "ignored":
+        cfg["base_model"] = base
+    cfg["models"] = [{"model": m, **({"parameters": dict(per_model)} if per_model else {})} for m in models]
+    if shared:
+        cfg["parameters"] = shared
+    cfg["dtype"] = "float32"
+    return cfg
+
+
+def run(args: argparse.Namespace) -> int:
+    from bigmerge.dist.comm import SerialComm
+    from bigmerge.merge import MergeOptions, run_merge
+    from bigmerge.ops import REGISTRY
+
+    zoo = Path(args.zoo).resolve()
+    if not (zoo / "zoo.json").is_file():
+        from make_zoo import make_zoo
+
+        print(f"building the {args.preset} zoo in {zoo}", file=sys.stderr)
+        make_zoo(zoo, preset=args.preset, log=lambda m: print(m, file=sys.stderr))
+    info = json.loads((zoo / "zoo.json").read_text())
+    scenarios = {k: v for k, v in info["scenarios"].items() if not args.scenarios or k in args.scenarios.split(",")}
+    methods = sorted(REGISTRY) if not args.methods else args.methods.split(",")
+    unknown = [m for m in methods if m not in REGISTRY]
+    if unknown:
+        raise SystemExit(f"unknown method(s): {', '.join(unknown)}; known: {', '.join(sorted(REGISTRY))}")
+    overrides = parse_overrides(args.set or [])
+    out = Path(args.out).resolve()
+    (out / "configs").mkdir(parents=True, exist_ok=True)
+    work = out / "merged"
+    t_start = time.perf_counter()
+
+    rows: list[str] = []
+    scores: dict[str, dict[str, float]] = {}
+    groups: dict[str, str] = {}
+    skipped: dict[str, str] = {}
+    seconds: dict[str, dict[str, float]] = {}
+    cache: dict[str, dict[str, float]] = {}  # a source scored once, whatever scenarios share it
+
+    with Evaluator(args.tasks, limit=args.limit, batch_size=args.batch_size) as ev:
+
+        def score(name: str, path: Path) -> dict[str, float]:
+            model, tok = load_model(path)
+            return ev.score(name, model, tok)
+
+        def add(row: str, group: str, sc: dict[str, float]) -> None:
+            rows.append(row)
+            scores[row] = sc
+            groups[row] = group
+            vals = [v for v in sc.values() if not math.isnan(v)]
+            avg = sum(vals) / len(vals) if vals else math.nan
+            print(
+                f"{row:<34} "
+                + " ".join(f"{t.removeprefix('zoo_')}={v:.3f}" for t, v in sc.items())
+                + f"  avg={avg:.3f}",
+                flush=True,
+            )
+
+        for sc_name, sc in scenarios.items():
+            base, models = sc["base"], list(sc["models"])
+            for m in [base, *models]:
+                if m not in cache:
+                    t0 = time.perf_counter()
+                    cache[m] = score(m, zoo / m)
+                    seconds.setdefault(sc_name, {})[m] = round(time.perf_counter() - t0, 1)
+                add(f"{sc_name}/{m}", sc_name, cache[m])
+            for method in methods:
+                row = f"{sc_name}/{method}"
+                try:
+                    cfg = merge_config(method, str(zoo / base), [str(zoo / m) for m in models], overrides)
+                except KeyError as exc:
+                    skipped[row] = f"needs parameter {exc.args[0]!r} (give --set {method}.{exc.args[0]}=VALUE)"
+                    print(f"{row:<34} skipped: {skipped[row]}", flush=True)
+                    continue
+                cfg_path = out / "configs" / f"{sc_name}-{method}.yaml"
+                cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+                target = work / f"{sc_name}-{method}"
+                t0 = time.perf_counter()
+                try:
+                    run_merge(str(cfg_path), str(target), SerialComm(), MergeOptions(quiet=True, overwrite=True))
+                except BigmergeError as exc:
+                    skipped[row] = str(exc).splitlines()[0]
+                    print(f"{row:<34} skipped: {skipped[row]}", flush=True)
+                    shutil.rmtree(target, ignore_errors=True)
+                    continue
+                t_merge = time.perf_counter() - t0
+                add(row, sc_name, score(row, target))
+                seconds.setdefault(sc_name, {})[method] = round(time.perf_counter() - t0, 1)
+                seconds[sc_name][f"{method}:merge"] = round(t_merge, 1)
+                if not args.keep:
+                    shutil.rmtree(target, ignore_errors=True)
+        tasks = list(ev.tasks)
+        metric = dict(ev.metric)
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+
+    meta = {
+        "zoo": str(zoo),
+        "zoo_args": info.get("args"),
+        "limit": args.limit,
+        "usual_parameters": USUAL,
+        "overrides": overrides,
+        "skipped": skipped,
+        "seconds": seconds,
+        "total_seconds": round(time.perf_counter() - t_start, 1),
+        "scenarios": {
+            k: {"base": v["base"], "models": v["models"], "about": v.get("about", "")} for k, v in scenarios.items()
+        },
+    }
+    table = Table(rows, tasks, scores, metric, groups, meta)
+    paths = table.write(out, stem="quality", title="bigmerge: quality of every operator on the zoo's scenarios")
+    with paths["md"].open("a", encoding="utf-8") as f:
+        f.write(
+            f"\nSources are listed first in each scenario (base, then the models merged). limit={args.limit} items per task.\n"
+        )
+        if skipped:
+            f.write("\nSkipped:\n\n" + "".join(f"- {k}: {v}\n" for k, v in skipped.items()))
+    print(f"wrote {', '.join(str(p) for p in paths.values())} in {meta['total_seconds']:.0f} s", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("zoo", help="a zoo directory (tools/make_zoo.py)")
+    ap.add_argument("--out", default="bench-quality", help="output directory (default ./bench-quality)")
+    ap.add_argument("--tasks", default="zoo")
+    ap.add_argument("--limit", type=int, default=200, help="items per task (default 200)")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--scenarios", default="", help="comma-separated scenario names (default all)")
+    ap.add_argument("--methods", default="", help="comma-separated merge methods (default every registered one)")
+    ap.add_argument("--set", action="append", metavar="METHOD.PARAM=VALUE", help="override a parameter (repeatable)")
+    ap.add_argument("--preset", default="full", help="zoo preset to build when ZOO has no zoo.json (default full)")
+    ap.add_argument("--keep", action="store_true", help="keep the merged checkpoints under OUT/merged")
+    return run(ap.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
