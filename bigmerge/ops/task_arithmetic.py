@@ -12,7 +12,7 @@ statistics rounds; the arithmetic after the mask is this module's.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -260,14 +260,20 @@ class TaskArithmeticOp(MergeOp):
         if not isinstance(stats, TopK) or key not in stats.k:
             return None
         if key in stats.tie_quota or key not in stats.threshold:  # ties split by index, or k = 0
-            row = mask_row()
-            if key in stats.threshold:
-                thr_bits = np.int32(_threshold_bits(stats.threshold[key]))
-                kernels.tie_split_mask(x, require_base(self, task), i, thr_bits, stats.tie_quota[key][block.index], row)
-            else:
-                row.fill(0)
-            return row
+            return self._selection_row(task, block, stats, key, i, x, mask_row())
         return stats.threshold[key]
+
+    def _selection_row(
+        self, task: TensorTask, block: Block, stats: TopK, key: str, i: int, x: np.ndarray, row: np.ndarray
+    ) -> np.ndarray:
+        """One selection's exact top-k mask of model i on this block, as bytes, in one pass."""
+        if key not in stats.threshold:  # k = 0
+            row.fill(0)
+            return row
+        thr_bits = np.int32(_threshold_bits(stats.threshold[key]))
+        quota = stats.tie_quota[key][block.index] if key in stats.tie_quota else x.shape[1]  # no split: keep all ties
+        kernels.tie_split_mask(x, require_base(self, task), i, thr_bits, quota, row)
+        return row
 
     def _fused_keep_from_torch(
         self, task: TensorTask, block: Block, stats: Any, i: int, x: np.ndarray, mask_row: Callable[[], np.ndarray]
@@ -403,6 +409,11 @@ def sign_agreement(deltas: torch.Tensor, sc: Scratch) -> torch.Tensor:
     return agree
 
 
+def with_defaults(params: tuple[Param, ...], **defaults: Any) -> tuple[Param, ...]:
+    """`params` with other defaults (mergekit's variants differ only in those)."""
+    return tuple(replace(p, default=defaults[p.name]) if p.name in defaults else p for p in params)
+
+
 def l1_scale(before: float, after: float, dt: torch.dtype) -> float | None:
     """mergekit's L1 rescale factor before / after in the compute dtype; None where either
     norm is below its 1e-7 tolerance (the masked delta is then left as it is)."""
@@ -483,8 +494,6 @@ class TiesOp(TaskArithmeticOp):
     """TIES: top-k magnitude per task vector, sign election, disjoint mean (Yadav et al.)."""
 
     name = "ties"
-    params = tuple(
-        Param(p.name, p.type, p.scope, default=True) if p.name == "normalize" else p for p in TaskArithmeticOp.params
-    )
+    params = with_defaults(TaskArithmeticOp.params, normalize=True)
     sign_consensus = True
     sparsify = True
