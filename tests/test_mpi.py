@@ -105,3 +105,41 @@ def test_summary_shows_every_rank(bf16_family: dict[str, Path], tmp_path: Path) 
     assert "r0 " in line and "r1 " in line and "r2 " in line and "slowest rank" in line
     progress = [ln for ln in proc.stderr.splitlines() if "GB read on all ranks" in ln]
     assert progress, proc.stderr  # rank 0 reports the sum over ranks
+
+
+# Spherical and geometric operators: every config in one mpirun session per world size (cheaper
+# than one session per operator). nuslerp row-wise reduces per-column statistics across ranks.
+SPHERICAL = {
+    "slerp": "merge_method: slerp\nbase_model: {base}\nmodels: [{{model: {base}}}, {{model: {ft1}}}]\nparameters: {{t: [0.2, 0.9]}}\n",
+    "nuslerp": "merge_method: nuslerp\nbase_model: {base}\nmodels:\n  - {{model: {ft1}, parameters: {{weight: 0.3}}}}\n  - {{model: {ft2}, parameters: {{weight: 0.6}}}}\nparameters: {{nuslerp_flatten: false, nuslerp_row_wise: true}}\n",
+    "multislerp": "merge_method: multislerp\nbase_model: {base}\nmodels:\n  - {{model: {ft1}, parameters: {{weight: 0.3}}}}\n  - {{model: {ft2}, parameters: {{weight: 0.6}}}}\n",
+    "karcher": "merge_method: karcher\nmodels: [{{model: {base}}}, {{model: {ft1}}}, {{model: {ft2}}}]\n",
+    "model_stock": "merge_method: model_stock\nbase_model: {base}\nmodels: [{{model: {ft1}}}, {{model: {ft2}}}]\ndtype: float32\nout_dtype: bfloat16\n",
+    "nearswap": "merge_method: nearswap\nbase_model: {base}\nmodels: [{{model: {base}}}, {{model: {ft1}}}]\nparameters: {{t: 0.05}}\n",
+}
+SPHERICAL_DRIVER = """
+import sys
+from pathlib import Path
+from bigmerge.dist.comm import get_comm
+from bigmerge.merge import MergeOptions, run_merge
+comm = get_comm()
+for cfg in sorted(Path(sys.argv[1]).glob("*.yaml")):
+    run_merge(str(cfg), str(Path(sys.argv[2]) / cfg.stem), comm, MergeOptions(block_bytes=200, quiet=True))
+"""
+
+
+def test_spherical_ops_same_bytes_on_1_2_3_ranks(bf16_family: dict[str, Path], tmp_path: Path) -> None:
+    cfgs = tmp_path / "cfgs"
+    cfgs.mkdir()
+    for name, text in SPHERICAL.items():
+        (cfgs / f"{name}.yaml").write_text(text.format(**{k: str(v) for k, v in bf16_family.items()}))
+    outs = []
+    for n in (1, 2, 3):
+        out = tmp_path / f"out{n}"
+        cmd = [MPIRUN, "-n", str(n), "--oversubscribe", sys.executable, "-c", SPHERICAL_DRIVER, str(cfgs), str(out)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=mpi_env(), timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        outs.append({name: load_output(out / name) for name in SPHERICAL})
+    for name in SPHERICAL:
+        assert_bit_identical(outs[0][name], outs[1][name])
+        assert_bit_identical(outs[0][name], outs[2][name])

@@ -1,0 +1,634 @@
+"""Spherical operators: SLERP, NuSLERP, Multi-SLERP and the Karcher mean.
+
+Each follows mergekit 0.1.5 operation by operation. Their whole-tensor statistics (norms
+and dot products) are sums of exact float64 products of the compute-dtype values, reduced
+in block order (so the same on any world size); the scalar arithmetic that turns them into
+coefficients is mergekit's own torch code on the rounded values, and the element-wise
+arithmetic is mergekit's, in the same dtype and order. The only difference left is in the
+statistics: mergekit sums float32 products in float32, in an order torch picks; bigmerge
+sums them exactly and rounds once.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from bigmerge.dist.comm import SerialComm, reduce_stats
+from bigmerge.errors import ConfigError
+from bigmerge.ops.base import Block, MergeOp, Param, Scratch, Stats, TensorTask, as_compute, require_base
+from bigmerge.ops.kernels import AVAILABLE, njit, prange
+
+_SEG = 1 << 16  # elements per partial sum: fixed, so sums never depend on thread counts
+
+
+# -- exact-ish float64 sums (numba; torch when numba is missing) ----------------------------
+
+
+@njit(cache=True, parallel=True)
+def _seg_gram_kernel(x: np.ndarray, seg: int) -> np.ndarray:  # pragma: no cover - compiled
+    """[n_seg, k, k] sums of x[a, j] * x[b, j] over consecutive segments of `seg` elements,
+    in float64 (products of float32 values are exact), four fixed lanes per sum."""
+    k, m = x.shape
+    nseg = (m + seg - 1) // seg
+    out = np.zeros((nseg, k, k), dtype=np.float64)
+    for s in prange(nseg):
+        j0 = s * seg
+        j1 = min(m, j0 + seg)
+        for a in range(k):
+            for b in range(a, k):
+                a0 = 0.0
+                a1 = 0.0
+                a2 = 0.0
+                a3 = 0.0
+                j = j0
+                while j + 4 <= j1:
+                    a0 += np.float64(x[a, j]) * np.float64(x[b, j])
+                    a1 += np.float64(x[a, j + 1]) * np.float64(x[b, j + 1])
+                    a2 += np.float64(x[a, j + 2]) * np.float64(x[b, j + 2])
+                    a3 += np.float64(x[a, j + 3]) * np.float64(x[b, j + 3])
+                    j += 4
+                while j < j1:
+                    a0 += np.float64(x[a, j]) * np.float64(x[b, j])
+                    j += 1
+                tot = (a0 + a1) + (a2 + a3)
+                out[s, a, b] = tot
+                out[s, b, a] = tot
+    return out
+
+
+@njit(cache=True, parallel=True)
+def _col_gram_kernel(x: np.ndarray, cols: int) -> np.ndarray:  # pragma: no cover - compiled
+    """[cols, k, k] sums over rows of x[a, r, c] * x[b, r, c] (x given as [k, rows * cols])."""
+    k, m = x.shape
+    rows = m // cols
+    out = np.zeros((cols, k, k), dtype=np.float64)
+    step = 256
+    for p in prange((cols + step - 1) // step):
+        c0 = p * step
+        c1 = min(cols, c0 + step)
+        for r in range(rows):
+            o = r * cols
+            for c in range(c0, c1):
+                for a in range(k):
+                    va = np.float64(x[a, o + c])
+                    for b in range(a, k):
+                        out[c, a, b] += va * np.float64(x[b, o + c])
+        for c in range(c0, c1):
+            for a in range(k):
+                for b in range(a):
+                    out[c, a, b] = out[c, b, a]
+    return out
+
+
+@njit(cache=True, parallel=True)
+def _lincomb_kernel(x: np.ndarray, coef: np.ndarray, out: np.ndarray) -> None:  # pragma: no cover
+    """out[j] = sum_i coef[i] * x[i, j], accumulated in float64, rounded once."""
+    k, m = x.shape
+    for s in prange((m + _SEG - 1) // _SEG):
+        for j in range(s * _SEG, min(m, (s + 1) * _SEG)):
+            acc = 0.0
+            for i in range(k):
+                acc += coef[i] * np.float64(x[i, j])
+            out[j] = acc
+
+
+def seg_gram(x: torch.Tensor, seg: int) -> np.ndarray:
+    """Gram matrices of the rows of x [k, m] over segments of `seg` elements: [n_seg, k, k]."""
+    k, m = x.shape
+    if m == 0:
+        return np.zeros((0, k, k))
+    if AVAILABLE and x.device.type == "cpu":
+        return _seg_gram_kernel(x.numpy(), seg)
+    nseg = (m + seg - 1) // seg
+    pad = torch.zeros((k, nseg * seg), dtype=torch.float64, device=x.device)
+    pad[:, :m] = x
+    v = pad.view(k, nseg, seg)
+    return torch.einsum("asj,bsj->sab", v, v).cpu().numpy()
+
+
+def whole_gram(x: torch.Tensor) -> np.ndarray:
+    """Gram matrix [k, k] of the rows of x over all of the block, segments summed in order."""
+    parts = seg_gram(x, _SEG)
+    acc = np.zeros((x.shape[0], x.shape[0]))
+    for p in parts:
+        acc = acc + p
+    return acc
+
+
+def col_gram(x: torch.Tensor, cols: int) -> np.ndarray:
+    """Per column: the Gram matrix over rows of x [k, rows * cols] -> [cols, k, k]."""
+    k = x.shape[0]
+    if AVAILABLE and x.device.type == "cpu":
+        return _col_gram_kernel(x.numpy(), cols)
+    v = x.to(torch.float64).view(k, -1, cols)
+    return torch.einsum("arc,brc->cab", v, v).cpu().numpy()
+
+
+def lincomb(x: torch.Tensor, coef: np.ndarray, out: torch.Tensor) -> torch.Tensor:
+    """out = sum_i coef[i] * x[i], in float64, rounded once to out's dtype (float32/64)."""
+    if AVAILABLE and x.device.type == "cpu" and out.dtype == x.dtype:
+        _lincomb_kernel(x.numpy(), coef.astype(np.float64), out.numpy())
+        return out
+    acc = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
+    for i in range(x.shape[0]):
+        acc.add_(x[i].to(torch.float64), alpha=float(coef[i]))
+    return out.copy_(acc)
+
+
+def wide(task: TensorTask) -> torch.dtype:
+    """The dtype exact sums start from: float64 for float64, else float32 (exact widening)."""
+    return torch.float64 if task.compute_dtype == torch.float64 else torch.float32
+
+
+def stack_rows(rows: list[torch.Tensor], sc: Scratch, dtype: torch.dtype, name: str = "stack") -> torch.Tensor:
+    """Tensors of one block, flattened into one [k, m] buffer of `dtype` (exact widening)."""
+    m = rows[0].numel()
+    out = sc.get(name, (len(rows), m), dtype)
+    for i, r in enumerate(rows):
+        out[i].copy_(r.reshape(-1))
+    return out
+
+
+def sum_rows(parts: list[torch.Tensor], out: torch.Tensor, sc: Scratch) -> torch.Tensor:
+    """torch's sum over dim 0 of stacked rows, left to right (its order up to 4 rows), with
+    16-bit floats accumulated in float32 and rounded once, as torch does; for 5+ rows a fixed
+    order, so the result never depends on the block size."""
+    if out.dtype in (torch.bfloat16, torch.float16):
+        acc = sc.get("sum_rows_acc", out.shape, torch.float32).copy_(parts[0])
+        for p in parts[1:]:
+            acc.add_(p)
+        return out.copy_(acc)
+    out.copy_(parts[0])
+    for p in parts[1:]:
+        out.add_(p)
+    return out
+
+
+def _scalar(v: float, dtype: torch.dtype) -> torch.Tensor:
+    return torch.tensor(v, dtype=dtype)
+
+
+class StatsOp(MergeOp):
+    """An operator with whole-tensor statistics; a one-block tensor computes them in apply,
+    with the same stats/finish code (a reduction over one block is that block)."""
+
+    def stat_rounds(self, task: TensorTask) -> int:
+        return 0
+
+    def rounds(self, task: TensorTask) -> int:
+        return self.stat_rounds(task) if task.n_blocks > 1 else 0
+
+    def stats_or_local(self, task: TensorTask, block: Block, stats: Any) -> Any:
+        if stats is not None or task.n_blocks > 1:
+            return stats
+        prev: Any = None
+        for rnd in range(self.stat_rounds(task)):
+            reduced = reduce_stats(SerialComm(), {block.index: self.stats(rnd, task, block, prev)}, 1)
+            prev = self.finish(rnd, task, reduced, prev)
+        return prev
+
+
+def _flat(block: Block, sc: Scratch, i: int, dtype: torch.dtype, name: str) -> torch.Tensor:
+    """Source i of the block, flattened, in `dtype`, in its own scratch buffer."""
+    x = block.inputs[i].reshape(-1)
+    return sc.get(name, x.shape, dtype).copy_(x)
+
+
+# -- SLERP -------------------------------------------------------------------------------
+
+
+class SlerpOp(StatsOp):
+    """Spherical interpolation from base_model (t = 0) to the other model (t = 1), per tensor."""
+
+    name = "slerp"
+    params = (
+        Param("t", float, "shared", required=True, doc="position on the arc: 0 gives base_model, 1 the other model"),
+    )
+    base = "required"
+    min_models = 2
+    workspace_per_source = 2.0
+    DOT_THRESHOLD = 0.9995  # above it (|cos|), mergekit interpolates linearly
+    EPS = 1e-8
+
+    def check(self, task: TensorTask) -> None:
+        if len(task.per_model) != 2:
+            raise ConfigError(
+                f"merge_method 'slerp' needs exactly two models (base_model and one other), got {len(task.per_model)}"
+            )
+
+    def stat_rounds(self, task: TensorTask) -> int:
+        return 1 if task.numel else 0
+
+    def _pair(self, task: TensorTask, block: Block) -> torch.Tensor:
+        """[base, other] of the block in the compute dtype, then in float32 (float64) as mergekit."""
+        b = require_base(self, task)
+        sc = block.scratch
+        rows = [as_compute(block.inputs[i], task.compute_dtype, sc, f"cast{i}") for i in (b, 1 - b)]
+        return stack_rows(rows, sc, wide(task), "pair")
+
+    def stats(self, rnd: int, task: TensorTask, block: Block, prev: Any) -> Stats:
+        return {"gram": whole_gram(self._pair(task, block))}
+
+    def finish(self, rnd: int, task: TensorTask, reduced: Stats, prev: Any) -> Any:
+        g = reduced["gram"]
+        f = wide(task)
+        t = torch.tensor([[task.shared["t"]]], dtype=f)
+        norm_a = _scalar(math.sqrt(g[0, 0]), f).view(1, 1)
+        norm_b = _scalar(math.sqrt(g[1, 1]), f).view(1, 1)
+        norm_a = torch.where(norm_a > self.EPS, norm_a, 1)
+        norm_b = torch.where(norm_b > self.EPS, norm_b, 1)
+        # mergekit dots the normalised vectors: the same sum, divided once
+        dot = _scalar(float(g[0, 1]) / (float(norm_a) * float(norm_b)), f).view(1, 1).clamp(-1, 1)
+        linear = dot.abs() > self.DOT_THRESHOLD
+        theta = torch.acos(torch.where(linear, 0, dot))
+        sin_theta = torch.sin(theta)
+        coef_a = torch.where(linear, 1 - t, torch.sin((1 - t) * theta) / sin_theta)
+        coef_b = torch.where(linear, t, torch.sin(t * theta) / sin_theta)
+        return coef_a.view(()), coef_b.view(())
+
+    def apply(self, task: TensorTask, block: Block, stats: Any) -> torch.Tensor:
+        shape = block.inputs[0].shape
+        if task.numel == 0:
+            return torch.empty(shape, dtype=task.compute_dtype)
+        coef_a, coef_b = self.stats_or_local(task, block, stats)
+        x = self._pair(task, block)
+        sc = block.scratch
+        out = torch.mul(x[0], coef_a, out=sc.get("out", x[0].shape, x.dtype))
+        out.add_(torch.mul(x[1], coef_b, out=sc.get("tmp", x[1].shape, x.dtype)))
+        return out.view(shape).to(task.compute_dtype)
+
+
+# -- NuSLERP -----------------------------------------------------------------------------
+
+
+@dataclass
+class NuSlerpCoefs:
+    """Per normalised vector (broadcast over a [rows, cols] view): mergekit's scalars."""
+
+    colinear: torch.Tensor
+    sin_theta: torch.Tensor
+    sin_a: torch.Tensor
+    sin_b: torch.Tensor
+
+
+class NuSlerpOp(StatsOp):
+    """SLERP of two models (or of their task vectors, with a base_model), weighted, per tensor or per row."""
+
+    name = "nuslerp"
+    params = (
+        Param("weight", float, "non_base", required=True, doc="weight of this model; t = w2 / (w1 + w2)"),
+        Param("nuslerp_flatten", bool, "shared", default=True, doc="interpolate the whole tensor as one vector"),
+        Param(
+            "nuslerp_row_wise",
+            bool,
+            "shared",
+            default=False,
+            doc="without flatten: interpolate each column (dim 0) instead of each row (last dim)",
+        ),
+    )
+    base = "optional"
+    min_models = 2
+    workspace_per_source = 3.0
+    EPS = 1e-8
+    NORM_EPS = 1e-7
+
+    def check(self, task: TensorTask) -> None:
+        if len(task.non_base) != 2:
+            raise ConfigError(
+                f"merge_method 'nuslerp' needs exactly two models besides base_model, got {len(task.non_base)}"
+            )
+
+    @staticmethod
+    def mode(task: TensorTask) -> str:
+        """whole: one vector; cols: one vector per index of dims 1.. (across rows); rows: per last-dim vector."""
+        if task.shared["nuslerp_flatten"] or len(task.shape) <= 1:
+            return "whole"
+        return "cols" if task.shared["nuslerp_row_wise"] else "rows"
+
+    @staticmethod
+    def cols(task: TensorTask) -> int:
+        if NuSlerpOp.mode(task) == "rows":
+            return task.shape[-1]
+        return max(1, task.numel // task.shape[0]) if len(task.shape) > 1 else 1
+
+    def t(self, task: TensorTask) -> float:
+        w = [task.per_model[i]["weight"] for i in task.non_base]
+        total = sum(w)
+        return 0.5 if abs(total) < 1e-6 else w[1] / total
+
+    def stat_rounds(self, task: TensorTask) -> int:
+        return 1 if task.numel and self.mode(task) != "rows" else 0
+
+    def _vectors(self, task: TensorTask, block: Block) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two vectors of the block in the compute dtype: the models, or their task vectors."""
+        dt = task.compute_dtype
+        sc = block.scratch
+        i, j = task.non_base
+        v0 = _flat(block, sc, i, dt, "v0")
+        v1 = _flat(block, sc, j, dt, "v1")
+        if task.base_index is not None:
+            base = as_compute(block.inputs[task.base_index], dt, sc, "cast_base").reshape(-1)
+            v0.sub_(base)
+            v1.sub_(base)
+        return v0, v1
+
+    def _gram(self, task: TensorTask, block: Block) -> np.ndarray:
+        v0, v1 = self._vectors(task, block)
+        x = stack_rows([v0, v1], block.scratch, wide(task), "pair")
+        mode = self.mode(task)
+        if mode == "whole":
+            return whole_gram(x)
+        if mode == "cols":
+            return col_gram(x, self.cols(task))
+        return seg_gram(x, self.cols(task))
+
+    def stats(self, rnd: int, task: TensorTask, block: Block, prev: Any) -> Stats:
+        return {"gram": self._gram(task, block)}
+
+    def finish(self, rnd: int, task: TensorTask, reduced: Stats, prev: Any) -> Any:
+        return self._coefs(task, reduced["gram"])
+
+    def _coefs(self, task: TensorTask, g: np.ndarray) -> NuSlerpCoefs:
+        dt = task.compute_dtype
+        g = g.reshape(-1, 2, 2)
+        n0 = torch.from_numpy(np.sqrt(g[:, 0, 0])).to(dt).clamp(min=self.NORM_EPS)
+        n1 = torch.from_numpy(np.sqrt(g[:, 1, 1])).to(dt).clamp(min=self.NORM_EPS)
+        # mergekit sums the products of the normalised vectors: the same sum, divided once
+        prod = n0.to(torch.float64) * n1.to(torch.float64)
+        cos = (torch.from_numpy(g[:, 0, 1]) / prod).to(dt).clamp(-1, 1)
+        colinear = (1 - cos.square()) <= self.EPS**2
+        theta = torch.acos(torch.where(colinear, 0, cos))
+        t = self.t(task)
+        view = (1, -1) if self.mode(task) != "rows" else (-1, 1)
+        return NuSlerpCoefs(
+            colinear.view(view),
+            torch.sin(theta).view(view),
+            torch.sin((1 - t) * theta).view(view),
+            torch.sin(t * theta).view(view),
+        )
+
+    def apply(self, task: TensorTask, block: Block, stats: Any) -> torch.Tensor:
+        shape = block.inputs[0].shape
+        dt = task.compute_dtype
+        if task.numel == 0:
+            return torch.empty(shape, dtype=dt)
+        if self.mode(task) == "rows":
+            stats = self._coefs(task, self._gram(task, block))
+        c: NuSlerpCoefs = self.stats_or_local(task, block, stats)
+        sc = block.scratch
+        v0, v1 = self._vectors(task, block)
+        cols = self.cols(task) if self.mode(task) != "whole" else v0.numel()
+        v0 = v0.view(-1, cols)
+        v1 = v1.view(-1, cols)
+        t = self.t(task)
+        out = torch.mul(c.sin_a, v0, out=sc.get("out", v0.shape, dt))
+        out.add_(torch.mul(c.sin_b, v1, out=sc.get("tmp", v1.shape, dt)))
+        out.div_(c.sin_theta)
+        if bool(c.colinear.any()):
+            lin = torch.mul(v0, 1 - t, out=sc.get("lin", v0.shape, dt))
+            lin.add_(torch.mul(v1, t, out=sc.get("tmp", v1.shape, dt)))
+            out = torch.where(c.colinear, lin, out)
+        if task.base_index is not None:
+            base = as_compute(block.inputs[task.base_index], dt, sc, "cast_base").reshape(v0.shape)
+            out = torch.add(base, out, out=sc.get("res", v0.shape, dt))
+        return out.view(shape)
+
+
+# -- Multi-SLERP -------------------------------------------------------------------------
+
+
+@dataclass
+class MultiSlerpState:
+    weights: torch.Tensor  # [n, 1], compute dtype, normalised if asked
+    norms: torch.Tensor  # [n, 1]
+    mean_norm: torch.Tensor | None = None
+    dots: torch.Tensor | None = None  # [n, 1]
+    linear: bool = False  # the weighted mean vanished with two models: mergekit's linear fallback
+    tangent_norm: torch.Tensor | None = None
+
+
+class MultiSlerpOp(StatsOp):
+    """Barycentric interpolation of any number of models on the hypersphere (optionally of task vectors)."""
+
+    name = "multislerp"
+    params = (
+        Param("weight", float, "non_base", required=True, doc="this model's weight"),
+        Param("normalize_weights", bool, "shared", default=True, doc="divide the weights by their sum"),
+        Param("eps", float, "shared", default=1e-8, doc="added to norms for numerical stability"),
+    )
+    base = "optional"
+    min_models = 1
+    workspace_per_source = 3.0
+
+    def stat_rounds(self, task: TensorTask) -> int:
+        # 0: norms; 1: norm of the weighted mean and the dots with it; 2: norm of the tangent
+        return 3 if task.numel and len(task.non_base) > 1 else 0
+
+    def _vectors(self, task: TensorTask, block: Block) -> torch.Tensor:
+        dt = task.compute_dtype
+        sc = block.scratch
+        rows = [block.inputs[i] for i in task.non_base]
+        x = sc.get("ms_x", (len(rows), rows[0].numel()), dt)
+        for r, src in enumerate(rows):
+            x[r].copy_(src.reshape(-1))
+        if task.base_index is not None:
+            x -= as_compute(block.inputs[task.base_index], dt, sc, "cast_base").reshape(1, -1)
+        return x
+
+    def _weights(self, task: TensorTask) -> torch.Tensor:
+        w = torch.tensor([task.per_model[i]["weight"] for i in task.non_base], dtype=task.compute_dtype)
+        if task.shared["normalize_weights"]:
+            w = w / w.sum()
+        return w.view(-1, 1)
+
+    def _units_mean(self, task: TensorTask, block: Block, st: MultiSlerpState) -> tuple[torch.Tensor, torch.Tensor]:
+        sc = block.scratch
+        x = self._vectors(task, block)
+        units = x.div_(st.norms + task.shared["eps"])
+        weighted = torch.mul(units, st.weights, out=sc.get("ms_w", units.shape, units.dtype))
+        mean = sum_rows(list(weighted), sc.get("ms_mean", units.shape[1:], units.dtype), sc)
+        return units, mean
+
+    def _tangent(self, task: TensorTask, block: Block, st: MultiSlerpState) -> tuple[torch.Tensor, torch.Tensor]:
+        sc = block.scratch
+        units, mean = self._units_mean(task, block, st)
+        assert st.mean_norm is not None and st.dots is not None
+        mean.div_(st.mean_norm)
+        tv = units.sub_(torch.mul(st.dots, mean, out=sc.get("ms_w", units.shape, units.dtype)))
+        tv.mul_(st.weights)
+        tangent = sum_rows(list(tv), sc.get("ms_tan", mean.shape, mean.dtype), sc)
+        return mean, tangent
+
+    def stats(self, rnd: int, task: TensorTask, block: Block, prev: Any) -> Stats:
+        sc = block.scratch
+        f = wide(task)
+        if rnd == 0:
+            x = self._vectors(task, block)
+            return {"sq": np.diagonal(whole_gram(stack_rows(list(x), sc, f))).copy()}
+        if rnd == 1:
+            units, mean = self._units_mean(task, block, prev)
+            g = whole_gram(stack_rows([*units, mean], sc, f))
+            return {"mean": g[-1].copy()}
+        if prev.linear:
+            return {}
+        _, tangent = self._tangent(task, block, prev)
+        return {"tan": whole_gram(stack_rows([tangent], sc, f))[0]}
+
+    def finish(self, rnd: int, task: TensorTask, reduced: Stats, prev: Any) -> Any:
+        dt = task.compute_dtype
+        eps = task.shared["eps"]
+        if rnd == 0:
+            norms = torch.from_numpy(np.sqrt(reduced["sq"])).to(dt).view(-1, 1)
+            return MultiSlerpState(self._weights(task), norms)
+        st: MultiSlerpState = prev
+        if rnd == 1:
+            g = reduced["mean"]
+            st.mean_norm = _scalar(math.sqrt(g[-1]), dt)
+            if st.mean_norm < eps:
+                if len(task.non_base) != 2:
+                    raise ConfigError(
+                        f"multislerp: the weighted sum of the inputs of tensor {task.name!r} is zero (antipodal "
+                        "vectors with weights that balance out); try different weights"
+                    )
+                st.linear = True
+                return st
+            # mergekit dots the units with the normalised mean: the same sum, divided once
+            st.dots = (torch.from_numpy(g[:-1]) / float(st.mean_norm)).to(dt).view(-1, 1)
+            return st
+        if not st.linear:
+            st.tangent_norm = _scalar(math.sqrt(reduced["tan"][0]), dt) + eps
+        return st
+
+    def apply(self, task: TensorTask, block: Block, stats: Any) -> torch.Tensor:
+        shape = block.inputs[0].shape
+        dt = task.compute_dtype
+        sc = block.scratch
+        if len(task.non_base) == 1:  # mergekit returns the one model as is, base or not
+            return as_compute(block.inputs[task.non_base[0]], dt, sc)
+        if task.numel == 0:
+            return torch.empty(shape, dtype=dt)
+        st: MultiSlerpState = self.stats_or_local(task, block, stats)
+        if st.linear:
+            x = self._vectors(task, block)
+            w = self._weights(task).view(-1)
+            out = torch.mul(x[0], w[0], out=sc.get("ms_out", x[0].shape, dt))
+            out.add_(x[1].mul_(w[1]))
+        else:
+            mean, tangent = self._tangent(task, block, st)
+            tn = st.tangent_norm
+            assert tn is not None
+            out = mean.mul_(torch.cos(tn)).add_(tangent.mul_(torch.sin(tn) / tn))
+            avg_norm = (st.norms.squeeze(-1) * st.weights.view(-1)).sum()
+            out.mul_(avg_norm)
+        if task.base_index is not None:
+            out.add_(as_compute(block.inputs[task.base_index], dt, sc, "cast_base").reshape(-1))
+        return out.view(shape)
+
+
+# -- Karcher mean ------------------------------------------------------------------------
+
+
+class KarcherOp(StatsOp):
+    """Weighted Karcher (Riemannian) mean of the models' directions on the sphere, times their mean norm."""
+
+    name = "karcher"
+    params = (
+        Param("max_iter", int, "shared", default=10, doc="most fixed-point iterations"),
+        Param("tol", float, "shared", default=1e-5, doc="stop when the tangent step is shorter than this"),
+    )
+    base = "ignored"
+    min_models = 1
+    workspace_per_source = 1.0
+
+    def stat_rounds(self, task: TensorTask) -> int:
+        return 1 if task.numel and len(task.per_model) > 1 else 0
+
+    def stats(self, rnd: int, task: TensorTask, block: Block, prev: Any) -> Stats:
+        return {"gram": whole_gram(self._stack(task, block))}
+
+    def _stack(self, task: TensorTask, block: Block) -> torch.Tensor:
+        sc = block.scratch
+        rows = [as_compute(x, task.compute_dtype, sc, f"cast{i}") for i, x in enumerate(block.inputs)]
+        return stack_rows(rows, sc, wide(task), "karcher")
+
+    def finish(self, rnd: int, task: TensorTask, reduced: Stats, prev: Any) -> Any:
+        return self.solve(task, reduced["gram"])
+
+    def solve(self, task: TensorTask, gram: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
+        """mergekit's iteration, run on the coefficients of the mean in the span of the inputs.
+
+        Every vector mergekit forms (units, the mean, the tangent) is a combination of the
+        inputs, so a Gram matrix of the inputs gives every norm and dot product it takes;
+        the scalars are rounded to the dtypes mergekit computes them in and go through the
+        same torch operations. Returns (coefficient of each input, scale) with the output
+        scale * sum_i coef_i * input_i.
+        """
+        f = wide(task)
+        dt = task.compute_dtype
+        max_iter, tol = task.shared["max_iter"], task.shared["tol"]
+        n = gram.shape[0]
+        norms = [_scalar(math.sqrt(gram[i, i]), f) for i in range(n)]
+        nv = np.array([float(x) for x in norms])
+        alphas = [1.0 / n] * n
+        scale = sum(alpha * norm for alpha, norm in zip(alphas, norms))
+        valid = [i for i in range(n) if float(norms[i]) > tol]
+        if not valid:
+            return np.zeros(n), torch.zeros((), dtype=f)
+        safe = np.where(nv == 0, 1.0, nv)
+        units = gram / np.outer(safe, safe)  # Gram matrix of the unit vectors
+        alpha_sum = sum(alphas[i] for i in valid)
+        norm_alphas = {i: alphas[i] / alpha_sum for i in valid}
+
+        def norm_of(a: np.ndarray) -> torch.Tensor:
+            return _scalar(math.sqrt(max(float(a @ units @ a), 0.0)), f)
+
+        mean = np.zeros(n)
+        for i in valid:
+            mean[i] += norm_alphas[i]
+        mean_norm = norm_of(mean)
+        if float(mean_norm) < tol:
+            mean = np.zeros(n)
+            mean[valid[0]] = 1.0
+        else:
+            mean = mean / float(mean_norm)
+        for _ in range(max_iter):
+            tangent = np.zeros(n)
+            for i in valid:
+                dot = _scalar(float(mean @ units[:, i]), dt).clamp(-1.0, 1.0)
+                theta = torch.arccos(dot)
+                if theta.item() < tol:
+                    continue
+                c = float(norm_alphas[i] * (theta / torch.sin(theta)))
+                step = -float(dot) * mean
+                step[i] += 1.0
+                tangent += c * step
+            tangent_norm = norm_of(tangent)
+            if tangent_norm.item() < tol:
+                break
+            mean = float(torch.cos(tangent_norm)) * mean + float(torch.sin(tangent_norm)) * (
+                tangent / float(tangent_norm)
+            )
+            unit_norm = norm_of(mean)
+            if unit_norm.item() > tol:
+                mean = mean / float(unit_norm)
+        return mean / safe, scale
+
+    def apply(self, task: TensorTask, block: Block, stats: Any) -> torch.Tensor:
+        dt = task.compute_dtype
+        sc = block.scratch
+        shape = block.inputs[0].shape
+        if len(block.inputs) == 1:
+            return as_compute(block.inputs[0], dt, sc)
+        if task.numel == 0:
+            return torch.empty(shape, dtype=dt)
+        coef, scale = self.stats_or_local(task, block, stats)
+        x = self._stack(task, block)
+        mean = lincomb(x, coef, sc.get("karcher_mean", (x.shape[1],), x.dtype))
+        if mean.dtype != dt:  # mergekit keeps the mean in the compute dtype
+            mean = sc.get("karcher_mean_c", mean.shape, dt).copy_(mean)
+        return torch.mul(scale, mean).view(shape)
