@@ -69,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     m.add_argument("--quiet", action="store_true", help="no progress output; errors still print")
     m.add_argument(
+        "--allow-nonfinite",
+        action="store_true",
+        help="merge sources that hold NaN or Inf values (by default the first one found is an error)",
+    )
+    m.add_argument(
         "--device",
         choices=("cpu", "cuda", "auto"),
         default="cpu",
@@ -82,7 +87,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the whole plan as JSON")
     p.add_argument("--tensors", action="store_true", help="list every tensor with its blocks")
 
-    sub.add_parser("methods", help="list every merge method with its parameters")
+    me = sub.add_parser("methods", help="list every merge method with its parameters")
+    me.add_argument("--markdown", action="store_true", help="one Markdown table (the README's operator table)")
+
+    st = sub.add_parser(
+        "stats",
+        help="compute the data statistics of fisher / regmean for each source model",
+        description="Run each model (a local Hugging Face checkpoint) on a small jsonl data set (a 'text' field per "
+        "line) and write DIR/<model-name>/fisher.safetensors (--kind fisher: diagonal Fisher, the model's tensor "
+        "names) or DIR/<model-name>/gram.safetensors (--kind regmean: each linear layer's input Gram matrix, under "
+        "the linear weight's name). <model-name> is the last component of the model's path. Then merge with "
+        "'merge_method: fisher' (or regmean) and 'parameters: {statistics_dir: DIR}', or give a model its own file "
+        "with its parameter 'statistics: PATH'.",
+    )
+    st.add_argument("models", nargs="+", metavar="CONFIG_OR_MODELS", help="a merge config (its models) or model paths")
+    st.add_argument("--kind", choices=("fisher", "regmean"), required=True, help="which statistics")
+    st.add_argument(
+        "--data", nargs="+", required=True, metavar="DATA.jsonl", help="one jsonl file for all models, or one per model"
+    )
+    st.add_argument("--out", required=True, metavar="DIR", help="directory to write DIR/<model-name>/<file> into")
+    st.add_argument("--max-examples", type=int, default=256, help="examples read from each data file (default 256)")
+    st.add_argument("--max-length", type=int, default=512, help="tokens per example, truncated (default 512)")
+    st.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu", help="where the models run")
+    st.add_argument("--quiet", action="store_true")
 
     e = sub.add_parser(
         "eval",
@@ -184,14 +211,42 @@ def cmd_merge(args: argparse.Namespace) -> int:
         keep_store=args.keep_store,
         quiet=args.quiet,
         device=args.device,
+        allow_nonfinite=args.allow_nonfinite,
     )
     run_merge(args.config, args.out, get_comm(), opts)
     return 0
 
 
+def methods_markdown() -> str:
+    """Every operator as one Markdown table row: name, summary, base model, parameters."""
+    from bigmerge.ops import REGISTRY
+
+    rows = ["| `merge_method` | what it does | base model | parameters (default) |", "|---|---|---|---|"]
+    for name in sorted(REGISTRY):
+        op = REGISTRY[name]
+        summary = (op.__doc__ or "").strip().splitlines()[0].rstrip(".") if op.__doc__ else ""
+        params = []
+        for p in op.params:
+            where = "" if p.scope == "shared" else " per model"
+            dflt = (
+                "required"
+                if p.required
+                else repr(p.default).lower()
+                if isinstance(p.default, bool)
+                else repr(p.default)
+            )
+            params.append(f"`{p.name}`{where} ({dflt})")
+        rand = "; random, seeded" if op.random else ""
+        rows.append(f"| `{name}` | {summary}{rand} | {op.base} | {', '.join(params) or '—'} |")
+    return "\n".join(rows)
+
+
 def cmd_methods(args: argparse.Namespace) -> int:
     from bigmerge.ops import REGISTRY
 
+    if args.markdown:
+        print(methods_markdown())
+        return 0
     for name in sorted(REGISTRY):
         op = REGISTRY[name]
         summary = (op.__doc__ or "").strip().splitlines()[0] if op.__doc__ else ""
@@ -201,6 +256,14 @@ def cmd_methods(args: argparse.Namespace) -> int:
             where = {"shared": "global", "input": "per model", "non_base": "per model, not the base"}[p.scope]
             dflt = "required" if p.required else f"default {p.default!r}"
             print(f"  {p.name:<24} {p.type.__name__:<6} {where:<24} {dflt:<16} {p.doc}")
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from bigmerge.stats import StatsOptions, compute_statistics, resolve_models
+
+    opts = StatsOptions(args.max_examples, args.max_length, args.device, args.quiet)
+    compute_statistics(resolve_models(args.models), args.kind, args.data, args.out, opts)
     return 0
 
 
@@ -222,9 +285,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"merge": cmd_merge, "plan": cmd_plan, "verify": cmd_verify, "methods": cmd_methods, "eval": cmd_eval}[
-        args.command
-    ]
+    handler = {
+        "merge": cmd_merge,
+        "plan": cmd_plan,
+        "verify": cmd_verify,
+        "methods": cmd_methods,
+        "eval": cmd_eval,
+        "stats": cmd_stats,
+    }[args.command]
     from bigmerge.dist.comm import get_comm, launched_by_mpi
 
     comm = get_comm() if args.command == "merge" and launched_by_mpi() else None

@@ -46,6 +46,7 @@ class MergeOptions:
     keep_store: bool = False
     quiet: bool = False
     device: str = "cpu"
+    allow_nonfinite: bool = False
 
 
 def _collective(comm: Comm, fn: Any) -> Any:
@@ -88,8 +89,8 @@ def run_merge(config_path: str, out_url: str, comm: Comm, opts: MergeOptions) ->
         out = location(out_url, cfg.storage_options)
         if out.join(MANIFEST_NAME).exists() and not opts.overwrite:
             raise OutputExistsError(f"{out.url}: already holds a finished merge ({MANIFEST_NAME}); use --overwrite")
-        plan, catalogs = plan_merge(cfg, comm.size, opts)
         check_tokenizer_source(cfg.tokenizer_source, cfg.storage_options)
+        plan, catalogs = plan_merge(cfg, comm.size, opts)
         store_loc = location(opts.store, cfg.storage_options) if opts.store else out.join(STORE_DIR)
         store = BlockStore(store_loc)
         store.prepare(plan, opts.overwrite)
@@ -118,7 +119,9 @@ def run_merge(config_path: str, out_url: str, comm: Comm, opts: MergeOptions) ->
     log(
         f"computing on {device}" + (" (per rank: the node-local GPU)" if device.type != "cpu" and comm.size > 1 else "")
     )
-    reader = BlockReader(plan, storage_options, threads=opts.io_threads, prefetch=opts.prefetch)
+    reader = BlockReader(
+        plan, storage_options, threads=opts.io_threads, prefetch=opts.prefetch, allow_nonfinite=opts.allow_nonfinite
+    )
     all_bytes = sum(plan.rank_bytes())
     progress = Progress(all_bytes, enabled=(comm.rank == 0 and not opts.quiet), desc="merge", ranks=comm.size)
     mine = {"bytes": 0, "sent": 0.0}

@@ -20,7 +20,7 @@ import torch
 from pydantic import TypeAdapter, ValidationError
 
 from bigmerge.catalog import ModelCatalog
-from bigmerge.config import DTYPE_NAMES, MergeConfig, evaluate_setting
+from bigmerge.config import DTYPE_NAMES, ConditionalParameter, MergeConfig, evaluate_setting
 from bigmerge.errors import ConfigError, SourceError
 from bigmerge.ops import get_op
 from bigmerge.ops.base import MergeOp, TensorTask
@@ -39,6 +39,7 @@ class SourceSpan:
     start: int
     end: int
     dtype: str
+    tensor: str = ""  # the tensor's name in that file (slices rename layers)
 
 
 @dataclass
@@ -357,6 +358,57 @@ def _with_layer(name: str, layer: int) -> str:
     return f"{name[: m.start(1)]}{layer}{name[m.end(1) :]}"
 
 
+def _check_architectures(models: list[ModelCatalog]) -> None:
+    """Models of different architectures do not merge tensor by tensor (mergekit refuses them too)."""
+    known = [(m.ref, (m.config or {}).get("architectures")) for m in models if (m.config or {}).get("architectures")]
+    for ref, arch in known[1:]:
+        if arch != known[0][1]:
+            raise SourceError(
+                f"{ref}: architecture {arch} differs from {known[0][0]}'s {known[0][1]} (config.json 'architectures'); "
+                "merging needs models of one architecture"
+            )
+
+
+def _all_settings(cfg: MergeConfig) -> list[tuple[str, Any]]:
+    """(parameter name, setting) for every parameter written anywhere in the config."""
+    scopes: list[Any] = [cfg.parameters] + [m.parameters for m in cfg.models or []]
+    for sl in cfg.slices or []:
+        scopes += [sl.parameters] + [src.parameters for src in sl.sources]
+    return [(k, v) for sc in scopes for k, v in (sc or {}).items()]
+
+
+def _filters_and_gradients(setting: Any, filters: set[str]) -> bool:
+    """Collect the name filters of a setting; True when it holds a gradient (a list of 2+ values)."""
+    if isinstance(setting, ConditionalParameter):
+        setting = [setting]
+    if not isinstance(setting, list):
+        return False
+    if all(not isinstance(e, ConditionalParameter) for e in setting):
+        return len(setting) > 1
+    gradient = False
+    for e in setting:
+        if isinstance(e, ConditionalParameter):
+            if e.filter not in (None, "*"):
+                filters.add(e.filter)
+            gradient |= _filters_and_gradients(e.value, filters)
+    return gradient
+
+
+def _check_settings_against_tensors(cfg: MergeConfig, names: list[str], warnings: list[str]) -> None:
+    """A gradient needs layers to spread over; a filter that matches no tensor is most likely a typo."""
+    has_layers = any(LAYER_RE.search(n) for n in names)
+    for pname, setting in _all_settings(cfg):
+        filters: set[str] = set()
+        if _filters_and_gradients(setting, filters) and not has_layers:
+            raise ConfigError(
+                f"parameter {pname!r} is a gradient (a list over layer depth) but the model has no layers "
+                "(no tensor named like '...layers.N...'); give one value"
+            )
+        for f in sorted(filters):
+            if not any(f in n for n in names):
+                warnings.append(f"parameter {pname!r}: filter {f!r} matches no tensor")
+
+
 def _check_parameter_names(op: MergeOp, cfg: MergeConfig) -> None:
     known = {p.name for p in op.params}
     where_params: list[tuple[str, Any]] = [("parameters", cfg.parameters)]
@@ -388,6 +440,7 @@ def build_plan(
     models = [by_ref[r] for r in refs]
     base_index = refs.index(cfg.base_model) if cfg.base_model else None
     _check_parameter_names(op, cfg)
+    _check_architectures(models)
     warnings: list[str] = []
     config_updates: dict[str, Any] = {}
     if cfg.slices:
@@ -452,7 +505,7 @@ def build_plan(
                 )
             if info.dtype not in FLOAT_DTYPES:
                 raise SourceError(f"{m.ref}: tensor {in_name!r} has dtype {info.dtype}; merging needs floating point")
-            spans.append(SourceSpan(info.file, info.start, info.end, info.dtype))
+            spans.append(SourceSpan(info.file, info.start, info.end, info.dtype, in_name))
         assert ref_info is not None
         src_dtype = _promote([s.dtype for s in spans])
         t_compute = compute or src_dtype
@@ -487,6 +540,9 @@ def build_plan(
         tp.aux = aux_files.resolve(op, task, [(refs[i], in_name) for i, in_name in out.inputs])
         tensors.append(tp)
 
+    _check_settings_against_tensors(
+        cfg, sorted({t.name for t in tensors} | {n for o in outputs for _, n in o.inputs}), warnings
+    )
     plan = Plan(
         version=PLAN_VERSION,
         merge_method=op.name,

@@ -60,7 +60,8 @@ def _load_tokenizer(root: Location, scratch: Path) -> Any:
     try:
         return transformers.AutoTokenizer.from_pretrained(str(path), use_fast=True, trust_remote_code=False)
     except Exception as exc:  # noqa: BLE001 - transformers raises many kinds; all mean "no usable tokenizer"
-        raise SourceError(f"{root.url}: cannot load its tokenizer: {exc}") from None
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise SourceError(f"{root.url}: cannot load its tokenizer ({first})") from None
 
 
 def _vocab_size(cat: ModelCatalog, tok: Any) -> int:
@@ -74,7 +75,15 @@ def build_tokenizer(
     """(output tokenizer, per ref the source row of every output token or -1, per ref vocab size)."""
     with tempfile.TemporaryDirectory(prefix="bigmerge-tok-") as tmp:
         scratch = Path(tmp)
-        toks = {ref: _load_tokenizer(catalogs[ref].root, scratch / f"m{i}") for i, ref in enumerate(refs)}
+        toks = {base_ref: _load_tokenizer(catalogs[base_ref].root, scratch / "base")}
+        for i, ref in enumerate(refs):
+            if ref in toks:
+                continue
+            try:
+                toks[ref] = _load_tokenizer(catalogs[ref].root, scratch / f"m{i}")
+            except SourceError as exc:  # as mergekit: a model without a tokenizer is taken to share the base's
+                log.warning("%s; assuming it is the same as %s's", exc, base_ref)
+                toks[ref] = toks[base_ref]
         sizes = {ref: _vocab_size(catalogs[ref], toks[ref]) for ref in refs}
         base_tok = toks[base_ref]
         if any(idx >= sizes[base_ref] for idx in base_tok.get_vocab().values()):

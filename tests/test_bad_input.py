@@ -211,3 +211,109 @@ def test_device_cuda_without_a_gpu(tmp_path: Path, capsys: pytest.CaptureFixture
         return
     assert_clean_failure(code, err, tmp_path / "out", "--device cuda", "no CUDA device")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_nonfinite_source_is_an_error_unless_allowed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], bad: float
+) -> None:
+    f = synthetic_family(tmp_path / "m", dtype=torch.bfloat16)
+    from safetensors.torch import load_file, save_file
+
+    p = f["ft2"] / "model.safetensors"
+    tensors = load_file(str(p))
+    tensors["model.layers.1.mlp.up_proj.weight"][5, 3] = bad
+    save_file(tensors, str(p), metadata={"format": "pt"})
+    code, err = run(capsys, write(tmp_path, f), tmp_path / "out")
+    assert_clean_failure(
+        code, err, tmp_path / "out", str(p), "'model.layers.1.mlp.up_proj.weight'", "row 5", "--allow-nonfinite"
+    )
+    code = main(["merge", str(write(tmp_path, f)), str(tmp_path / "out2"), "--quiet", "--allow-nonfinite"])
+    assert code == 0
+    assert (tmp_path / "out2" / "bigmerge-manifest.json").exists()
+
+
+def test_weights_summing_to_zero_with_normalize(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    f = synthetic_family(tmp_path / "m")
+    p = tmp_path / "c.yaml"
+    p.write_text(
+        f"merge_method: linear\nmodels:\n  - model: {f['ft1']}\n    parameters: {{weight: 0.5}}\n"
+        f"  - model: {f['ft2']}\n    parameters: {{weight: -0.5}}\n"
+    )
+    code, err = run(capsys, p, tmp_path / "out")
+    assert_clean_failure(code, err, tmp_path / "out", "sum to 0", "normalize")
+    assert not (tmp_path / "out").exists()
+
+
+def test_gradient_on_a_model_without_layers(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    flat = {"embed.weight": torch.randn(6, 4), "head.weight": torch.randn(6, 4)}
+    a = write_checkpoint(tmp_path / "a", flat)
+    b = write_checkpoint(tmp_path / "b", {k: v + 1 for k, v in flat.items()})
+    p = tmp_path / "c.yaml"
+    p.write_text(
+        f"merge_method: linear\nmodels:\n  - model: {a}\n    parameters: {{weight: [0.1, 0.9]}}\n  - model: {b}\n    parameters: {{weight: 0.5}}\n"
+    )
+    code, err = run(capsys, p, tmp_path / "out")
+    assert_clean_failure(code, err, tmp_path / "out", "parameter 'weight' is a gradient", "no layers")
+
+
+def test_filter_that_matches_nothing_is_a_warning(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    f = synthetic_family(tmp_path / "m")
+    p = tmp_path / "c.yaml"
+    p.write_text(
+        f"merge_method: linear\nmodels:\n  - model: {f['ft1']}\n    parameters:\n      weight:\n"
+        "        - {filter: mpl, value: 0.9}\n        - {value: 0.5}\n"
+        f"  - model: {f['ft2']}\n    parameters: {{weight: 0.5}}\n"
+    )
+    code = main(["merge", str(p), str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 0
+    assert "warning: parameter 'weight': filter 'mpl' matches no tensor" in err
+
+
+def test_mismatched_architectures(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    f = synthetic_family(tmp_path / "m")
+    cfg = json.loads((f["ft2"] / "config.json").read_text())
+    cfg["architectures"] = ["MistralForCausalLM"]
+    (f["ft2"] / "config.json").write_text(json.dumps(cfg))
+    cfg["architectures"] = ["LlamaForCausalLM"]
+    for k in ("base", "ft1"):
+        (f[k] / "config.json").write_text(json.dumps(cfg))
+    code, err = run(capsys, write(tmp_path, f), tmp_path / "out")
+    assert_clean_failure(code, err, tmp_path / "out", str(f["ft2"]), "MistralForCausalLM", "LlamaForCausalLM")
+
+
+def test_duplicate_tensor_name_in_header(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    f = synthetic_family(tmp_path / "m")
+    p = f["ft1"] / "model.safetensors"
+    data = p.read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    header = data[8 : 8 + n].decode()
+    entry = header[header.index('"model.norm.weight"') :]
+    entry = entry[: entry.index("}") + 1]
+    doubled = header.rstrip()[:-1] + "," + entry + "}"
+    doubled += " " * ((8 - len(doubled) % 8) % 8)
+    p.write_bytes(struct.pack("<Q", len(doubled)) + doubled.encode() + data[8 + n :])
+    code, err = run(capsys, write(tmp_path, f), tmp_path / "out")
+    assert_clean_failure(code, err, tmp_path / "out", str(p), "'model.norm.weight'", "more than once")
+
+
+def test_disk_full_keeps_the_journal_and_a_rerun_resumes(tmp_path: Path) -> None:
+    f = synthetic_family(tmp_path / "m")
+    cfg = write(tmp_path, f)
+    out = tmp_path / "out"
+    proc = bigmerge("merge", str(cfg), str(out), "--block-size", "128", env={"BIGMERGE_FAULT_DISK_FULL": "5"})
+    assert proc.returncode == 2, proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]
+    assert "no space left on device" in line and "rerun" in line, proc.stderr
+    assert not (out / "model.safetensors.index.json").exists() and not (out / "bigmerge-manifest.json").exists()
+    shards = [p for p in (out / ".bigmerge-store.zarr").rglob("*") if p.is_file() and "/c/" in str(p)]
+    assert len(shards) == 5 and not [p for p in shards if ".tmp" in p.name]  # the journal: 5 whole blocks
+    again = bigmerge("merge", str(cfg), str(out), "--block-size", "128")
+    assert again.returncode == 0, again.stderr
+    assert "resum" in again.stderr.lower() or "skipped" in again.stderr.lower(), again.stderr
+    fresh = tmp_path / "fresh"
+    bigmerge("merge", str(cfg), str(fresh), "--block-size", "128", "--quiet", check=True)
+    from helpers import assert_bit_identical, load_output
+
+    assert_bit_identical(load_output(out), load_output(fresh))

@@ -5,6 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from pydantic import TypeAdapter
 
 from bigmerge.config import evaluate_setting, load_config, parse_config
@@ -105,3 +108,82 @@ def test_no_match_without_fallback_is_none() -> None:
         }
     )
     assert evaluate_setting("model.norm.weight", cfg.parameters["weight"], 0, FLOAT) is None
+
+
+# -- fuzzing: any config, valid YAML or not, ends in our own error type or a plan -----------
+
+_scalar = st.one_of(
+    st.floats(0, 1),
+    st.booleans(),
+    st.integers(-3, 3),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from(["", "mlp", "*", "self_attn", "float32", "bf16", "union", "base"]),
+)
+_value = st.recursive(
+    _scalar,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4),
+        st.dictionaries(st.sampled_from(["filter", "value", "weight", "x"]), inner, max_size=3),
+    ),
+    max_leaves=8,
+)
+_param_value = st.one_of(
+    st.floats(0, 1),
+    st.floats(0, 1),
+    st.lists(st.floats(-0.5, 1.5), min_size=1, max_size=4),
+    st.lists(st.fixed_dictionaries({"filter": st.sampled_from(["mlp", "attn", "*", "nope"]), "value": _scalar})),
+    st.booleans(),
+    _value,
+)
+
+
+def _params(method: str) -> st.SearchStrategy[dict[str, object]]:
+    from bigmerge.ops import REGISTRY
+
+    names = [p.name for p in REGISTRY[method].params] if method in REGISTRY else []
+    return st.dictionaries(st.sampled_from(names * 4 + ["weight", "bogus"]), _param_value, max_size=4)
+
+
+@st.composite
+def _configs(draw: st.DrawFn) -> object:
+    from bigmerge.ops import REGISTRY
+
+    models = draw(st.lists(st.sampled_from(["base", "ft1", "ft2", "ft2", "missing"]), min_size=1, max_size=3))
+    method = draw(st.sampled_from(sorted(REGISTRY) + ["nope"]))
+    cfg: dict[str, object] = {
+        "merge_method": method,
+        "models": [{"model": f"@{m}", "parameters": draw(_params(method))} for m in models],
+    }
+    if draw(st.booleans()):
+        cfg["base_model"] = draw(st.sampled_from(["@base", "@ft1", "@missing"]))
+    if draw(st.booleans()):
+        cfg["parameters"] = draw(_params(method))
+    for key in ("dtype", "out_dtype", "tokenizer_source", "slices", "extra_key"):
+        if draw(st.integers(0, 11)) == 0:
+            cfg[key] = draw(_value)
+    return cfg if draw(st.integers(0, 19)) else draw(_value)
+
+
+@pytest.fixture(scope="module")
+def fuzz_family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from helpers import synthetic_family
+
+    fam = synthetic_family(tmp_path_factory.mktemp("fuzz"))
+    fam["missing"] = fam["base"].parent / "missing"
+    return fam
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=_configs())
+def test_fuzz_config_and_plan_raise_only_our_errors(data: object, fuzz_family: dict[str, Path]) -> None:
+    from bigmerge.errors import BigmergeError
+    from bigmerge.merge import MergeOptions, plan_merge
+
+    text = yaml.safe_dump(data)
+    for k, v in fuzz_family.items():
+        text = text.replace("@" + k, str(v))
+    try:
+        cfg = parse_config(yaml.safe_load(text), "fuzz.yaml")
+        plan_merge(cfg, 2, MergeOptions(block_bytes=256))
+    except BigmergeError:
+        pass

@@ -4,14 +4,22 @@ BIGMERGE_FAULT_INJECT="RANK:WHEN:KIND": rank RANK fails when WHEN is reached, wh
 a number of blocks written by that rank, or "export" (its output files written, before
 the index and the manifest). KIND is "error" (an exception, as a bug would raise) or
 "kill" (SIGKILL, as the kernel's OOM killer or a lost node would do).
+
+BIGMERGE_FAULT_DISK_FULL=N: after N block writes to local disk, every further write of this
+process fails with ENOSPC, as a full disk does.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
+import threading
 
 FAULT_ENV = "BIGMERGE_FAULT_INJECT"
+DISK_FULL_ENV = "BIGMERGE_FAULT_DISK_FULL"
+_writes = 0
+_writes_lock = threading.Lock()
 
 
 def fault_spec(rank: int) -> tuple[str, str] | None:
@@ -35,3 +43,16 @@ def fault_point(rank: int, when: str) -> None:
     spec = fault_spec(rank)
     if spec is not None and spec[0] == when:
         fail_now(rank, spec[1], f"at {when}")
+
+
+def disk_full_point() -> None:
+    """Raise ENOSPC here once this process has written BIGMERGE_FAULT_DISK_FULL blocks."""
+    global _writes
+    limit = os.environ.get(DISK_FULL_ENV)
+    if not limit:
+        return
+    with _writes_lock:
+        _writes += 1
+        full = _writes > int(limit)
+    if full:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))

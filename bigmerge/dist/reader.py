@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from bigmerge.dist.finite import first_nonfinite
+from bigmerge.errors import SourceError
 from bigmerge.plan import Plan, TensorPlan
 from bigmerge.storage.fs import Location, location
 from bigmerge.storage.safetensors import DTYPES
@@ -24,8 +26,16 @@ COALESCE_SLACK = 64 << 10  # tolerated gap bytes when merging ranges
 
 
 class BlockReader:
-    def __init__(self, plan: Plan, storage_options: dict[str, Any] | None = None, threads: int = 4, prefetch: int = 2):
+    def __init__(
+        self,
+        plan: Plan,
+        storage_options: dict[str, Any] | None = None,
+        threads: int = 4,
+        prefetch: int = 2,
+        allow_nonfinite: bool = False,
+    ):
         self.plan = plan
+        self.allow_nonfinite = allow_nonfinite
         self.storage_options = storage_options or {}
         self.prefetch = max(0, prefetch)
         self._pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="bigmerge-read")
@@ -146,13 +156,27 @@ class BlockReader:
 
     def _read_one(self, t: TensorPlan, b: int, i: int) -> torch.Tensor:
         if t.vocab is not None:
-            return self._read_vocab(t, b, i)
+            return self._checked(self._read_vocab(t, b, i), t, b, i)
         start, end = self._span(t, b, i)
         buf = self._buffer(end - start)
         if end > start:
             self._loc(t.sources[i].file).read_into(start, memoryview(buf.numpy()).cast("B"))
         self._count(end - start)
-        return self._view(buf, t, b, i)
+        return self._checked(self._view(buf, t, b, i), t, b, i)
+
+    def _checked(self, x: torch.Tensor, t: TensorPlan, b: int, i: int) -> torch.Tensor:
+        """x, after making sure it holds no NaN or Inf (unless the user allows them)."""
+        if self.allow_nonfinite:
+            return x
+        k = first_nonfinite(x)
+        if k >= 0:
+            src = t.sources[i]
+            row = t.block_range(b)[0] + k // max(1, t.row_elems)
+            raise SourceError(
+                f"{src.file}: tensor {src.tensor or t.name!r} holds {float(x.reshape(-1)[k])} at row {row}; "
+                "a NaN or Inf would poison the merge (pass --allow-nonfinite to merge it anyway)"
+            )
+        return x
 
     def _source_rows(self, t: TensorPlan, j: int, row: int, n: int) -> torch.Tensor:
         """Rows [row, row + n) of source j's own tensor (its row numbering, its dtype)."""
@@ -209,7 +233,9 @@ class BlockReader:
         if hi > lo:
             self._loc(next(iter(files))).read_into(lo, memoryview(cover.numpy()).cast("B"))
         self._count(useful)
-        return [self._view(cover[s - lo : e - lo], t, b, i) for (t, b), (s, e) in zip(group, spans)]
+        return [
+            self._checked(self._view(cover[s - lo : e - lo], t, b, i), t, b, i) for (t, b), (s, e) in zip(group, spans)
+        ]
 
     def _submit(self, t: TensorPlan, b: int) -> list[Future[torch.Tensor]]:
         return [self._pool.submit(self._read_one, t, b, i) for i in range(len(t.sources))]

@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from bigmerge.errors import ConfigError
 from bigmerge.ops.base import Block, MergeOp, Param, TensorTask, as_compute
 
 
@@ -19,6 +20,14 @@ class LinearOp(MergeOp):
     )
     base = "ignored"
     workspace_per_source = 0.0  # accumulates one source at a time
+
+    def check(self, task: TensorTask) -> None:
+        total = sum(p["weight"] for p in task.per_model)
+        if task.shared["normalize"] and abs(total) < 1e-12:
+            raise ConfigError(
+                f"the weights of tensor {task.name!r} sum to {total:g}: 'normalize' would divide by zero "
+                "(change the weights or set normalize: false)"
+            )
 
     def apply(self, task: TensorTask, block: Block, stats: Any) -> torch.Tensor:
         # mergekit's arithmetic: a float32 (float64 for float64) accumulator, addcmul per model.

@@ -240,6 +240,11 @@ def _failure(
             f"{url}: access denied{why} ({what}); check the credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
             "AWS_PROFILE, or storage_options in the config) and the bucket's permissions"
         )
+    if any(isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) for e in _chain(exc)):
+        return StorageError(
+            f"{url}: {what} failed: no space left on device; free some space (or give --store another disk) "
+            "and rerun the same command: finished blocks are kept and the merge resumes"
+        )
     after = f" after {attempts} attempts" if attempts > 1 else ""
     return StorageError(f"{url}: {what} failed{after}: {describe(exc, secrets)}")
 

@@ -81,9 +81,11 @@ def parse_header(raw: bytes, file_size: int, url: str) -> tuple[dict[str, Tensor
     if len(raw) < 8 + n:
         raise ValueError("caller must pass the whole header")
     try:
-        header = json.loads(raw[8 : 8 + n].decode("utf-8"))
+        header = json.loads(raw[8 : 8 + n].decode("utf-8"), object_pairs_hook=_unique_keys)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise SourceError(f"{url}: safetensors header is not valid JSON ({exc.__class__.__name__}: {exc})") from None
+    except _DuplicateKey as exc:
+        raise SourceError(f"{url}: tensor {exc.args[0]!r} is named more than once in the safetensors header") from None
     if not isinstance(header, dict):
         raise SourceError(f"{url}: safetensors header is a JSON {type(header).__name__}, expected an object")
     data_start = 8 + n
@@ -132,6 +134,20 @@ def _check_entry(url: str, name: str, entry: Any, data_start: int, data_len: int
     if end - begin != expected:
         raise SourceError(f"{where}: {end - begin} bytes for dtype {dtype} and shape {shape}, expected {expected}")
     return TensorInfo(name, url, dtype, tuple(shape), data_start + begin, data_start + end)
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are unique: json.loads silently keeps the last of duplicates."""
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DuplicateKey(k)
+        out[k] = v
+    return out
 
 
 def read_header(loc: Location) -> tuple[dict[str, TensorInfo], dict[str, Any], bytes]:

@@ -11,6 +11,7 @@ extra object per block.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import posixpath
@@ -23,6 +24,7 @@ import torch
 import zarr
 import zarr.storage
 
+from bigmerge.dist.faults import disk_full_point
 from bigmerge.errors import OutputExistsError
 from bigmerge.plan import Plan, TensorPlan
 from bigmerge.storage.fs import Location
@@ -129,15 +131,21 @@ class BlockStore:
             # temporary name, then rename: the shard exists whole or not at all.
             os.makedirs(posixpath.dirname(loc.path), exist_ok=True)
             tmp = f"{loc.path}{TMP_MARK}{os.getpid()}"
-            with open(tmp, "wb") as f:
-                f.write(data)
-                left = pad
-                while left > 0:
-                    n = min(left, len(_ZEROS))
-                    f.write(_ZEROS[:n])
-                    left -= n
-                f.write(trailer)
-            os.replace(tmp, loc.path)
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    disk_full_point()
+                    left = pad
+                    while left > 0:
+                        n = min(left, len(_ZEROS))
+                        f.write(_ZEROS[:n])
+                        left -= n
+                    f.write(trailer)
+                os.replace(tmp, loc.path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)  # a failed write leaves nothing behind, not even a temporary
+                raise
 
         loc.call(f"writing block {b} of tensor {t.name!r}", write_local)
 
