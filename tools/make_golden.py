@@ -623,6 +623,57 @@ out_dtype: bfloat16
 """,
     ),
     GoldenCase(
+        "nuslerp_bf16_native",
+        "B",
+        """\
+merge_method: nuslerp
+base_model: {base}
+models:
+  - model: {ft1}
+    parameters:
+      weight: 0.6
+  - model: {ft2}
+    parameters:
+      weight: 0.4
+""",
+    ),
+    GoldenCase(
+        "multislerp_bf16_native",
+        "B",
+        """\
+merge_method: multislerp
+models:
+  - model: {ft1}
+    parameters:
+      weight: 0.7
+  - model: {ft2}
+    parameters:
+      weight: 0.3
+""",
+    ),
+    GoldenCase(
+        "karcher_bf16_native",
+        "B",
+        """\
+merge_method: karcher
+models:
+  - model: {ft1}
+  - model: {ft2}
+""",
+    ),
+    GoldenCase(
+        "model_stock_bf16_native",
+        "B",
+        """\
+merge_method: model_stock
+base_model: {base}
+models:
+  - model: {ft1}
+  - model: {ft2}
+  - model: {ft3}
+""",
+    ),
+    GoldenCase(
         "nearswap_fp32",
         "A",
         """\

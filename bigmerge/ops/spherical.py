@@ -24,77 +24,106 @@ from bigmerge.ops.base import Block, MergeOp, Param, Scratch, Stats, TensorTask,
 from bigmerge.ops.kernels import AVAILABLE, njit, prange
 
 _SEG = 1 << 16  # elements per partial sum: fixed, so sums never depend on thread counts
+_PARALLEL_MIN = 1 << 20  # elements of a block below which the kernels run on one thread
 
 
 # -- exact-ish float64 sums (numba; torch when numba is missing) ----------------------------
 
 
-@njit(cache=True, parallel=True)
-def _seg_gram_kernel(x: np.ndarray, seg: int) -> np.ndarray:  # pragma: no cover - compiled
-    """[n_seg, k, k] sums of x[a, j] * x[b, j] over consecutive segments of `seg` elements,
-    in float64 (products of float32 values are exact), four fixed lanes per sum."""
-    k, m = x.shape
-    nseg = (m + seg - 1) // seg
-    out = np.zeros((nseg, k, k), dtype=np.float64)
-    for s in prange(nseg):
-        j0 = s * seg
-        j1 = min(m, j0 + seg)
-        for a in range(k):
-            for b in range(a, k):
-                a0 = 0.0
-                a1 = 0.0
-                a2 = 0.0
-                a3 = 0.0
-                j = j0
-                while j + 4 <= j1:
-                    a0 += np.float64(x[a, j]) * np.float64(x[b, j])
-                    a1 += np.float64(x[a, j + 1]) * np.float64(x[b, j + 1])
-                    a2 += np.float64(x[a, j + 2]) * np.float64(x[b, j + 2])
-                    a3 += np.float64(x[a, j + 3]) * np.float64(x[b, j + 3])
-                    j += 4
-                while j < j1:
-                    a0 += np.float64(x[a, j]) * np.float64(x[b, j])
-                    j += 1
-                tot = (a0 + a1) + (a2 + a3)
-                out[s, a, b] = tot
-                out[s, b, a] = tot
-    return out
+@njit(cache=True)
+def _gram_part(x: np.ndarray, j0: int, j1: int, out: np.ndarray) -> None:  # pragma: no cover - compiled
+    """out[k, k] = sums of x[a, j] * x[b, j] for j in [j0, j1), in float64 (products of float32
+    values are exact), four fixed lanes per sum: the same bits on any thread count."""
+    k = x.shape[0]
+    for a in range(k):
+        for b in range(a, k):
+            a0 = 0.0
+            a1 = 0.0
+            a2 = 0.0
+            a3 = 0.0
+            j = j0
+            while j + 4 <= j1:
+                a0 += np.float64(x[a, j]) * np.float64(x[b, j])
+                a1 += np.float64(x[a, j + 1]) * np.float64(x[b, j + 1])
+                a2 += np.float64(x[a, j + 2]) * np.float64(x[b, j + 2])
+                a3 += np.float64(x[a, j + 3]) * np.float64(x[b, j + 3])
+                j += 4
+            while j < j1:
+                a0 += np.float64(x[a, j]) * np.float64(x[b, j])
+                j += 1
+            tot = (a0 + a1) + (a2 + a3)
+            out[a, b] = tot
+            out[b, a] = tot
+
+
+@njit(cache=True)
+def _seg_gram_serial(x: np.ndarray, seg: int, out: np.ndarray) -> None:  # pragma: no cover - compiled
+    m = x.shape[1]
+    for s in range(out.shape[0]):
+        _gram_part(x, s * seg, min(m, (s + 1) * seg), out[s])
 
 
 @njit(cache=True, parallel=True)
-def _col_gram_kernel(x: np.ndarray, cols: int) -> np.ndarray:  # pragma: no cover - compiled
-    """[cols, k, k] sums over rows of x[a, r, c] * x[b, r, c] (x given as [k, rows * cols])."""
+def _seg_gram_parallel(x: np.ndarray, seg: int, out: np.ndarray) -> None:  # pragma: no cover - compiled
+    m = x.shape[1]
+    for s in prange(out.shape[0]):
+        _gram_part(x, s * seg, min(m, (s + 1) * seg), out[s])
+
+
+@njit(cache=True)
+def _col_gram_part(x: np.ndarray, cols: int, c0: int, c1: int, out: np.ndarray) -> None:  # pragma: no cover
+    """out[c, k, k] for columns c in [c0, c1): sums over rows of x[a, r, c] * x[b, r, c]."""
     k, m = x.shape
-    rows = m // cols
-    out = np.zeros((cols, k, k), dtype=np.float64)
-    step = 256
-    for p in prange((cols + step - 1) // step):
-        c0 = p * step
-        c1 = min(cols, c0 + step)
-        for r in range(rows):
-            o = r * cols
-            for c in range(c0, c1):
-                for a in range(k):
-                    va = np.float64(x[a, o + c])
-                    for b in range(a, k):
-                        out[c, a, b] += va * np.float64(x[b, o + c])
+    for r in range(m // cols):
+        o = r * cols
         for c in range(c0, c1):
             for a in range(k):
-                for b in range(a):
-                    out[c, a, b] = out[c, b, a]
-    return out
+                va = np.float64(x[a, o + c])
+                for b in range(a, k):
+                    out[c, a, b] += va * np.float64(x[b, o + c])
+    for c in range(c0, c1):
+        for a in range(k):
+            for b in range(a):
+                out[c, a, b] = out[c, b, a]
+
+
+@njit(cache=True)
+def _col_gram_serial(x: np.ndarray, cols: int, out: np.ndarray) -> None:  # pragma: no cover - compiled
+    _col_gram_part(x, cols, 0, cols, out)
 
 
 @njit(cache=True, parallel=True)
-def _lincomb_kernel(x: np.ndarray, coef: np.ndarray, out: np.ndarray) -> None:  # pragma: no cover
-    """out[j] = sum_i coef[i] * x[i, j], accumulated in float64, rounded once."""
-    k, m = x.shape
+def _col_gram_parallel(x: np.ndarray, cols: int, out: np.ndarray) -> None:  # pragma: no cover - compiled
+    step = 256
+    for p in prange((cols + step - 1) // step):
+        _col_gram_part(x, cols, p * step, min(cols, (p + 1) * step), out)
+
+
+@njit(cache=True)
+def _lincomb_part(x: np.ndarray, coef: np.ndarray, j0: int, j1: int, out: np.ndarray) -> None:  # pragma: no cover
+    """out[j] = sum_i coef[i] * x[i, j] for j in [j0, j1), accumulated in float64, rounded once."""
+    for j in range(j0, j1):
+        acc = 0.0
+        for i in range(x.shape[0]):
+            acc += coef[i] * np.float64(x[i, j])
+        out[j] = acc
+
+
+@njit(cache=True)
+def _lincomb_serial(x: np.ndarray, coef: np.ndarray, out: np.ndarray) -> None:  # pragma: no cover - compiled
+    _lincomb_part(x, coef, 0, x.shape[1], out)
+
+
+@njit(cache=True, parallel=True)
+def _lincomb_parallel(x: np.ndarray, coef: np.ndarray, out: np.ndarray) -> None:  # pragma: no cover - compiled
+    m = x.shape[1]
     for s in prange((m + _SEG - 1) // _SEG):
-        for j in range(s * _SEG, min(m, (s + 1) * _SEG)):
-            acc = 0.0
-            for i in range(k):
-                acc += coef[i] * np.float64(x[i, j])
-            out[j] = acc
+        _lincomb_part(x, coef, s * _SEG, min(m, (s + 1) * _SEG), out)
+
+
+def _parallel(x: torch.Tensor) -> bool:
+    """Threads only pay off on large blocks: starting them costs more than a small block's sums."""
+    return x.numel() >= _PARALLEL_MIN
 
 
 def seg_gram(x: torch.Tensor, seg: int) -> np.ndarray:
@@ -102,9 +131,11 @@ def seg_gram(x: torch.Tensor, seg: int) -> np.ndarray:
     k, m = x.shape
     if m == 0:
         return np.zeros((0, k, k))
-    if AVAILABLE and x.device.type == "cpu":
-        return _seg_gram_kernel(x.numpy(), seg)
     nseg = (m + seg - 1) // seg
+    if AVAILABLE and x.device.type == "cpu":
+        out = np.zeros((nseg, k, k))
+        (_seg_gram_parallel if _parallel(x) else _seg_gram_serial)(x.numpy(), seg, out)
+        return out
     pad = torch.zeros((k, nseg * seg), dtype=torch.float64, device=x.device)
     pad[:, :m] = x
     v = pad.view(k, nseg, seg)
@@ -124,7 +155,9 @@ def col_gram(x: torch.Tensor, cols: int) -> np.ndarray:
     """Per column: the Gram matrix over rows of x [k, rows * cols] -> [cols, k, k]."""
     k = x.shape[0]
     if AVAILABLE and x.device.type == "cpu":
-        return _col_gram_kernel(x.numpy(), cols)
+        out = np.zeros((cols, k, k))
+        (_col_gram_parallel if _parallel(x) else _col_gram_serial)(x.numpy(), cols, out)
+        return out
     v = x.to(torch.float64).view(k, -1, cols)
     return torch.einsum("arc,brc->cab", v, v).cpu().numpy()
 
@@ -132,7 +165,7 @@ def col_gram(x: torch.Tensor, cols: int) -> np.ndarray:
 def lincomb(x: torch.Tensor, coef: np.ndarray, out: torch.Tensor) -> torch.Tensor:
     """out = sum_i coef[i] * x[i], in float64, rounded once to out's dtype (float32/64)."""
     if AVAILABLE and x.device.type == "cpu" and out.dtype == x.dtype:
-        _lincomb_kernel(x.numpy(), coef.astype(np.float64), out.numpy())
+        (_lincomb_parallel if _parallel(x) else _lincomb_serial)(x.numpy(), coef.astype(np.float64), out.numpy())
         return out
     acc = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
     for i in range(x.shape[0]):
