@@ -35,6 +35,9 @@ def mpirun(
 CONFIGS = {
     "linear": "merge_method: linear\nmodels:\n  - model: {ft1}\n    parameters: {{weight: [0.2, 0.9]}}\n  - model: {ft2}\n    parameters: {{weight: 0.5}}\n",
     "task_arithmetic": "merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n  - model: {ft1}\n    parameters: {{weight: 0.7}}\n  - model: {ft2}\n    parameters: {{weight: 0.4}}\nparameters: {{lambda: 0.9}}\n",
+    # random operators: per-block draws and exact L1 reductions give the same bytes on any world size
+    "dare_ties": "merge_method: dare_ties\nbase_model: {base}\nmodels:\n  - model: {ft1}\n    parameters: {{weight: 0.7, density: 0.4}}\n  - model: {ft2}\n    parameters: {{weight: 0.4, density: [0.2, 0.7]}}\nseed: 7\ndtype: float32\nout_dtype: bfloat16\n",
+    "della": "merge_method: della\nbase_model: {base}\nmodels:\n  - model: {ft1}\n    parameters: {{weight: 0.7, density: 0.4, epsilon: 0.2}}\n  - model: {ft2}\n    parameters: {{weight: 0.4, density: [0.3, 0.6]}}\nseed: 7\ndtype: float32\nout_dtype: bfloat16\n",
     "ties": "merge_method: ties\nbase_model: {base}\nmodels:\n  - model: {ft1}\n    parameters: {{weight: 0.7, density: 0.4}}\n  - model: {ft2}\n    parameters: {{weight: 0.4, density: [0.2, 0.7]}}\nparameters: {{rescale: true}}\ndtype: float32\nout_dtype: bfloat16\n",
 }
 
