@@ -4,16 +4,23 @@ from __future__ import annotations
 
 from bigmerge.errors import ConfigError
 from bigmerge.ops.base import MergeOp
+from bigmerge.ops.breadcrumbs import BreadcrumbsOp, BreadcrumbsTiesOp
+from bigmerge.ops.dare import DareLinearOp, DareTiesOp
+from bigmerge.ops.della import DellaLinearOp, DellaOp
 from bigmerge.ops.geometric import ModelStockOp, NearSwapOp
 from bigmerge.ops.linear import LinearOp
+from bigmerge.ops.sce import SceOp
 from bigmerge.ops.spherical import KarcherOp, MultiSlerpOp, NuSlerpOp, SlerpOp
 from bigmerge.ops.task_arithmetic import TaskArithmeticOp, TiesOp
 
-# One line per operator (keep it that way: several families register here).
-REGISTRY: dict[str, type[MergeOp]] = {}
-REGISTRY[LinearOp.name] = LinearOp
-REGISTRY[TaskArithmeticOp.name] = TaskArithmeticOp
-REGISTRY[TiesOp.name] = TiesOp
+REGISTRY: dict[str, type[MergeOp]] = {op.name: op for op in (LinearOp, TaskArithmeticOp, TiesOp)}
+REGISTRY[BreadcrumbsOp.name] = BreadcrumbsOp
+REGISTRY[BreadcrumbsTiesOp.name] = BreadcrumbsTiesOp
+REGISTRY[SceOp.name] = SceOp
+REGISTRY[DareLinearOp.name] = DareLinearOp
+REGISTRY[DareTiesOp.name] = DareTiesOp
+REGISTRY[DellaOp.name] = DellaOp
+REGISTRY[DellaLinearOp.name] = DellaLinearOp
 REGISTRY[SlerpOp.name] = SlerpOp
 REGISTRY[NuSlerpOp.name] = NuSlerpOp
 REGISTRY[MultiSlerpOp.name] = MultiSlerpOp
