@@ -80,10 +80,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="where the operators compute: cpu (default), cuda (each rank its node-local GPU; an error without one), auto (the GPU if there is one)",
     )
 
-    p = sub.add_parser("plan", help="show what a merge would read, write and need, reading no tensor data")
-    p.add_argument("config")
+    p = sub.add_parser(
+        "plan",
+        help="show what a merge would read, write and need, reading no tensor data",
+        description="Show a merge's blocks, bytes per rank and estimated time and memory, reading only headers. "
+        "Without a config, --params/--models/--method estimate a merge of that size: "
+        "bigmerge plan --params 70B --models 3 --method ties --nodes 8 --ranks-per-node 8",
+    )
+    p.add_argument("config", nargs="?", help="merge config (leave out with --params)")
     _merge_args(p)
-    p.add_argument("--world-size", "-n", type=int, default=1, help="number of ranks to plan for (default 1)")
+    p.add_argument(
+        "--world-size", "-n", type=int, default=None, help="ranks to plan for (default nodes x ranks-per-node)"
+    )
+    est = p.add_argument_group("estimate (the model is in the README)")
+    est.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
+    est.add_argument("--ranks-per-node", type=int, default=None, help="ranks per node (default: -n, or 1)")
+    est.add_argument("--cores-per-node", type=int, default=None, help="cores per node (default: this machine's)")
+    est.add_argument(
+        "--read-gbps", type=float, default=2.0, help="read bandwidth per node from the sources, GB/s (default 2)"
+    )
+    est.add_argument(
+        "--write-gbps", type=float, default=1.0, help="write bandwidth per node to the output, GB/s (default 1)"
+    )
+    est.add_argument("--params", default=None, help="without a config: parameters per model, e.g. 70B")
+    est.add_argument("--models", type=int, default=2, help="without a config: number of source models (default 2)")
+    est.add_argument("--method", default="linear", help="without a config: merge_method (default linear)")
     p.add_argument("--json", action="store_true", help="print the whole plan as JSON")
     p.add_argument("--tensors", action="store_true", help="list every tensor with its blocks")
 
@@ -124,6 +145,21 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", default="float32", help="load dtype (default float32)")
     e.add_argument("--quiet", action="store_true", help="print only the table")
 
+    d = sub.add_parser(
+        "dam",
+        help="train DAM merge coefficients (DeepSpeed ZeRO-3), write them and a merge config",
+        description="Train DAM coefficients (W = sum_i W_i diag(f(c_i)) per linear layer) by distilling each source "
+        "model on its own data into the merged model; launch under deepspeed, torchrun or mpirun for several processes. "
+        "Writes OUTPUT/coefficients/*.safetensors and OUTPUT/merge.yaml (merge_method: dam); see configs/dam-zoo.yaml.",
+    )
+    d.add_argument("config", help="DAM config (YAML)")
+    d.add_argument("--merge", metavar="OUT", default=None, help="then merge into OUT with the written merge.yaml")
+    d.add_argument("--overwrite", action="store_true", help="--merge: replace a finished merge at OUT")
+    d.add_argument("--restart", action="store_true", help="ignore checkpoints in the output directory")
+    d.add_argument("--dry-run", action="store_true", help="check the config and sources; print memory per process")
+    d.add_argument("--quiet", action="store_true")
+    d.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+
     v = sub.add_parser("verify", help="re-check every tensor of a finished merge against its manifest")
     v.add_argument("out")
     v.add_argument("--quiet", action="store_true")
@@ -138,12 +174,45 @@ def _human(n: float) -> str:
     return f"{n:.1f} TB"
 
 
+def _cluster(args: argparse.Namespace) -> tuple[int, object]:
+    from bigmerge.errors import ConfigError
+    from bigmerge.estimate import Cluster
+
+    rpn = args.ranks_per_node or (max(1, (args.world_size or 1) // args.nodes) if args.world_size else 1)
+    world = args.world_size or args.nodes * rpn
+    if world != args.nodes * rpn or min(args.nodes, rpn, world) < 1:
+        raise ConfigError(f"--world-size {world} is not --nodes {args.nodes} x --ranks-per-node {rpn}")
+    cores = args.cores_per_node or os.cpu_count() or 1
+    return world, Cluster(args.nodes, rpn, cores, args.read_gbps, args.write_gbps)
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from bigmerge.config import load_config
+    from bigmerge.errors import ConfigError
+    from bigmerge.estimate import estimate_model, estimate_plan, parse_count
     from bigmerge.merge import MergeOptions, plan_merge
 
+    world, cluster = _cluster(args)
+    if args.config is None:
+        if args.params is None:
+            raise ConfigError(
+                "give a config, or --params (with --models and --method) to estimate a merge of that size"
+            )
+        try:
+            params = parse_count(args.params)
+        except ValueError:
+            raise ConfigError(f"--params {args.params!r}: expected a count such as 70B, 8e9 or 1.5T") from None
+        from bigmerge.ops import get_op
+
+        get_op(args.method)  # an unknown method is a clear error
+        e = estimate_model(args.method, params, args.models, cluster, block_bytes=args.block_size)  # type: ignore[arg-type]
+        print(f"method        {args.method}; {args.models} models of {params / 1e9:g}B parameters (bf16)")
+        print(f"cluster       {cluster}")
+        print(f"to read       {_human(e.bytes_read)}; to write {_human(e.bytes_written)} (store) + the same (export)")
+        print(f"estimate      {e.describe()}")
+        return 0
     cfg = load_config(args.config)
-    plan, _ = plan_merge(cfg, args.world_size, MergeOptions(block_bytes=args.block_size, seed=args.seed))
+    plan, _ = plan_merge(cfg, world, MergeOptions(block_bytes=args.block_size, seed=args.seed))
     if args.json:
         print(json.dumps(json.loads(plan.to_json()), indent=1))
         return 0
@@ -153,9 +222,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     per_rank = plan.rank_bytes()
     mean = sum(per_rank) / len(per_rank)
     peak = plan.peak_memory_estimate()
-    # A simple model: each rank reads its share and writes it twice (store, then export).
-    bw = 1.0e9
-    est = max(per_rank) / bw + 2 * write / len(per_rank) / bw
+    est = estimate_plan(plan, cluster)  # type: ignore[arg-type]
     for w in plan.warnings:
         print(f"warning: {w}")
     print(f"method        {plan.merge_method}")
@@ -186,7 +253,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         )
     print(f"imbalance     {max(per_rank) / mean if mean else 1.0:.3f} (max/mean bytes per rank)")
     print(f"peak memory   ~{_human(peak)} per rank (estimate)")
-    print(f"time          ~{est:.1f} s per rank at 1 GB/s read and write (estimate)")
+    print(f"estimate      {est.describe()}")
+    print(f"              on {cluster}")
     if args.tensors:
         for t in plan.tensors:
             print(
@@ -273,6 +341,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return run_cli(args)
 
 
+def cmd_dam(args: argparse.Namespace) -> int:
+    from bigmerge.dam.train import DamOptions, run_dam
+
+    opts = DamOptions(args.merge, args.restart, args.quiet, args.dry_run, args.overwrite)
+    return run_dam(args.config, opts)
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     from bigmerge.storage.export import verify
     from bigmerge.storage.fs import location
@@ -292,6 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         "methods": cmd_methods,
         "eval": cmd_eval,
         "stats": cmd_stats,
+        "dam": cmd_dam,
     }[args.command]
     from bigmerge.dist.comm import get_comm, launched_by_mpi
 

@@ -1,0 +1,152 @@
+"""What a merge will cost before it is launched: time and peak memory per rank.
+
+The model (stated in the README, checked against measured runs there):
+
+- Every rank reads its blocks' bytes from every source once; the ranks of a node share
+  the node's read bandwidth. Reads are prefetched, so they overlap the arithmetic: a rank
+  spends max(read, compute) on its blocks.
+- Compute: the operator's throughput in source bytes per second per core, measured on the
+  benchmark machine (`tools/bench.py`, medium preset, warm page cache): the time above the
+  I/O floor divided into the bytes read. Operators with several statistics rounds (TIES and
+  the other sparsifying ones) cost more per byte than single-pass ones (linear).
+- Writes: each rank writes its output blocks twice (the zarr store, then the exported
+  safetensors), sharing the node's write bandwidth.
+- The slowest rank sets the time; blocks are balanced by bytes, so that is about the mean.
+- Memory per rank: `Plan.peak_memory_estimate` (a few blocks per source in flight, the
+  operator's work buffers, the statistics cache), independent of the model's size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from bigmerge.plan import Plan
+
+# Source bytes merged per second per core, by operator family (GB/s), from tools/bench.py on
+# the 2-core development machine (medium preset, 4 x 1 GB bf16 sources, dtype float32):
+# linear 17.7 s and ties 40 s against a 5.3 s I/O floor.
+COMPUTE_GBPS_PER_CORE = {
+    "single_pass": 0.16,  # linear, task_arithmetic, passthrough, nearswap, fisher, dam
+    "statistics": 0.10,  # slerp, nuslerp, model_stock, multislerp, karcher (norms, dots, cosines)
+    "selection": 0.057,  # ties and every sparsifying operator (exact top-k, sign election)
+}
+SELECTION = {"ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "sce"}
+STATISTICS = {"slerp", "nuslerp", "multislerp", "karcher", "model_stock", "regmean"}
+
+
+def family(method: str) -> str:
+    return "selection" if method in SELECTION else "statistics" if method in STATISTICS else "single_pass"
+
+
+@dataclass(frozen=True)
+class Cluster:
+    nodes: int = 1
+    ranks_per_node: int = 1
+    cores_per_node: int = 2
+    read_gbps: float = 2.0  # per node, from the sources' storage
+    write_gbps: float = 1.0  # per node, to the output's storage
+
+
+@dataclass(frozen=True)
+class Estimate:
+    seconds: float
+    read_s: float
+    compute_s: float
+    write_s: float
+    peak_bytes_per_rank: int
+    bytes_read: int
+    bytes_written: int
+
+    def describe(self) -> str:
+        return (
+            f"~{_duration(self.seconds)} (slowest rank: read {_duration(self.read_s)} overlapped with compute "
+            f"{_duration(self.compute_s)}, then write {_duration(self.write_s)}); peak memory "
+            f"~{self.peak_bytes_per_rank / 1e9:.2f} GB per rank"
+        )
+
+
+def _duration(s: float) -> str:
+    if s < 120:
+        return f"{s:.1f} s"
+    if s < 7200:
+        return f"{s / 60:.1f} min"
+    return f"{s / 3600:.1f} h"
+
+
+def estimate_plan(plan: Plan, cluster: Cluster, prefetch: int = 2, cache_bytes: int = 512 << 20) -> Estimate:
+    """The time of `plan` on `cluster`: plan.world_size must be nodes x ranks_per_node."""
+    per_rank = plan.rank_bytes()
+    out_per_rank = [0] * plan.world_size
+    for t in plan.tensors:
+        per_block = t.out_bytes() // max(1, t.n_blocks)
+        for r in t.owners:
+            out_per_rank[r] += per_block
+    return _estimate(
+        plan.merge_method,
+        per_rank,
+        out_per_rank,
+        cluster,
+        plan.peak_memory_estimate(prefetch, cache_bytes),
+    )
+
+
+def estimate_model(
+    method: str,
+    params: float,
+    n_models: int,
+    cluster: Cluster,
+    *,
+    source_bytes_per_param: int = 2,
+    out_bytes_per_param: int = 2,
+    block_bytes: int = 32 << 20,
+    prefetch: int = 2,
+    cache_bytes: int = 512 << 20,
+) -> Estimate:
+    """The same model for a model size alone (no config, no sources): balanced ranks assumed."""
+    world = cluster.nodes * cluster.ranks_per_node
+    read = params * source_bytes_per_param * n_models
+    write = params * out_bytes_per_param
+    peak = _block_peak(method, n_models, block_bytes, source_bytes_per_param, prefetch) + cache_bytes
+    return _estimate(method, [int(read / world)] * world, [int(write / world)] * world, cluster, peak)
+
+
+def _block_peak(method: str, n: int, block_bytes: int, itemsize: int, prefetch: int) -> int:
+    # as Plan.peak_memory_estimate: blocks in flight per source plus float32 work buffers
+    from bigmerge.ops import get_op
+
+    elems = block_bytes // itemsize
+    work = int((get_op(method).workspace_per_source + 1) * n * elems * 4) + elems * 4
+    return (prefetch + 1) * n * block_bytes + work
+
+
+def _estimate(method: str, read_per_rank: list[int], write_per_rank: list[int], c: Cluster, peak: int) -> Estimate:
+    cores_per_rank = max(1.0, c.cores_per_node / c.ranks_per_node)
+    gbps = COMPUTE_GBPS_PER_CORE[family(method)] * cores_per_rank
+    read_bw = c.read_gbps / c.ranks_per_node
+    write_bw = c.write_gbps / c.ranks_per_node
+    worst = (0.0, 0.0, 0.0, 0.0)
+    for rb, wb in zip(read_per_rank, write_per_rank):
+        read_s, compute_s, write_s = rb / 1e9 / read_bw, rb / 1e9 / gbps, 2 * wb / 1e9 / write_bw
+        total = max(read_s, compute_s) + write_s
+        if total > worst[0]:
+            worst = (total, read_s, compute_s, write_s)
+    return Estimate(
+        seconds=worst[0],
+        read_s=worst[1],
+        compute_s=worst[2],
+        write_s=worst[3],
+        peak_bytes_per_rank=peak,
+        bytes_read=sum(read_per_rank),
+        bytes_written=sum(write_per_rank),
+    )
+
+
+def parse_count(text: str) -> float:
+    """'70B', '1.5T', '8e9' -> a number of parameters."""
+    t = text.strip().upper()
+    mult = {"K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9, "T": 1e12}.get(t[-1:], 1.0)
+    value = float(t[:-1] if t[-1:] in "KMBGT" else t)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(text)
+    return value * mult
