@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from bigmerge.errors import ConfigError
 from bigmerge.ops.base import MergeOp
+from bigmerge.ops.data_informed import FisherOp, RegMeanOp
 from bigmerge.ops.breadcrumbs import BreadcrumbsOp, BreadcrumbsTiesOp
 from bigmerge.ops.dare import DareLinearOp, DareTiesOp
 from bigmerge.ops.della import DellaLinearOp, DellaOp
@@ -21,6 +22,8 @@ REGISTRY[DareLinearOp.name] = DareLinearOp
 REGISTRY[DareTiesOp.name] = DareTiesOp
 REGISTRY[DellaOp.name] = DellaOp
 REGISTRY[DellaLinearOp.name] = DellaLinearOp
+REGISTRY[FisherOp.name] = FisherOp
+REGISTRY[RegMeanOp.name] = RegMeanOp
 REGISTRY[SlerpOp.name] = SlerpOp
 REGISTRY[NuSlerpOp.name] = NuSlerpOp
 REGISTRY[MultiSlerpOp.name] = MultiSlerpOp
