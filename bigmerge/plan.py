@@ -537,7 +537,7 @@ def build_plan(
         )
         task = TensorTask(name, tuple(shape), tp.numel, n_blocks, out.base, shared, per_model, DTYPES[t_compute][0])
         op.check(task)
-        tp.aux = aux_files.resolve(op, task, [(refs[i], in_name) for i, in_name in out.inputs])
+        tp.aux = aux_files.resolve(op, task, [(refs[i], in_name) for i, in_name in out.inputs], bool(tp.vocab))
         tensors.append(tp)
 
     _check_settings_against_tensors(
@@ -635,10 +635,18 @@ class _AuxFiles:
             self.used[file] = 0
         return self.headers[file]
 
-    def resolve(self, op: MergeOp, task: TensorTask, sources: list[tuple[str, str]]) -> list[dict[str, AuxSpan]]:
+    def resolve(
+        self, op: MergeOp, task: TensorTask, sources: list[tuple[str, str]], permuted: bool = False
+    ) -> list[dict[str, AuxSpan]]:
         wanted = op.aux_inputs(task, sources)
         if not wanted:
             return []
+        if permuted and any(req.shape == task.shape for per in wanted for req in per.values()):
+            # the statistics' rows are in each source's own vocabulary order, the block's are not
+            raise ConfigError(
+                f"merge_method {op.name!r} with a tokenizer_source that changes the vocabulary: the statistics "
+                f"of {task.name!r} would need the same row permutation (not supported; use the sources' tokenizer)"
+            )
         out: list[dict[str, AuxSpan]] = []
         for per in wanted:
             spans: dict[str, AuxSpan] = {}

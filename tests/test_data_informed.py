@@ -392,3 +392,20 @@ def test_same_bytes_on_1_and_2_ranks(tmp_path: Path, method: str) -> None:
     proc = mpirun(2, "merge", str(tmp_path / "out1.yaml"), str(tmp_path / "out2"), "--block-size", "500", "--quiet")
     assert proc.returncode == 0, proc.stderr
     assert_bit_identical(one, load_output(tmp_path / "out2"))
+
+
+def test_stats_bad_data_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    fam = _family(tmp_path / "models", n=1)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"prompt": "no text field"}\n')
+    argv = ["stats", str(fam["m1"]), "--kind", "fisher", "--data", str(bad), "--out", str(tmp_path / "s")]
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"bigmerge: error: {bad}:2: expected an object with a string 'text' field"
+    assert cli_main(argv[:2] + [str(tmp_path / "nope")] + argv[2:]) == 2
+    assert (
+        capsys.readouterr().err.strip() == f"bigmerge: error: {tmp_path / 'nope'}: model not found (no such directory)"
+    )
+    assert cli_main(argv[:4] + ["--data", str(bad), str(bad), str(bad), "--out", str(tmp_path / "s")]) == 2
+    assert "--data: give one file for every model or one per model (1), got 3" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
