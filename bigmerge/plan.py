@@ -477,7 +477,7 @@ def build_plan(
     if cfg.tokenizer_source is not None:
         base_ref = cfg.base_model or refs[0]
         tok, perms, vocab_sizes = build_tokenizer(cfg.tokenizer_source, base_ref, refs, by_ref, cfg.storage_options)
-        if is_identity(perms, vocab_sizes):
+        if tok is None or is_identity(perms, vocab_sizes):
             perms = None
         else:
             config_updates["vocab_size"] = len(perms[0])

@@ -72,10 +72,20 @@ def _vocab_size(cat: ModelCatalog, tok: Any) -> int:
 def build_tokenizer(
     tokenizer_source: str, base_ref: str, refs: list[str], catalogs: dict[str, ModelCatalog], storage_options: Any
 ) -> tuple[Any, list[list[int]], list[int]]:
-    """(output tokenizer, per ref the source row of every output token or -1, per ref vocab size)."""
+    """(output tokenizer, per ref the source row of every output token or -1, per ref vocab size).
+
+    (None, [], []) when the base model has no tokenizer and the source is not `union`.
+    """
     with tempfile.TemporaryDirectory(prefix="bigmerge-tok-") as tmp:
         scratch = Path(tmp)
-        toks = {base_ref: _load_tokenizer(catalogs[base_ref].root, scratch / "base")}
+        try:
+            toks = {base_ref: _load_tokenizer(catalogs[base_ref].root, scratch / "base")}
+        except SourceError as exc:
+            if tokenizer_source == "union":
+                raise
+            # Nothing to align embeddings against: the tokenizer files are copied as they are.
+            log.warning("%s; the embeddings are merged as they are, without vocabulary alignment", exc)
+            return None, [], []
         for i, ref in enumerate(refs):
             if ref in toks:
                 continue
