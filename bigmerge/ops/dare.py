@@ -12,19 +12,26 @@ sums, reduced exactly across blocks and ranks.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 
-from bigmerge.ops.base import Block, Stats, TensorTask, block_generator
-from bigmerge.ops.task_arithmetic import AFTER, TaskArithmeticOp, TiesOp, TopK, with_defaults
+from bigmerge.ops import kernels
+from bigmerge.ops.base import Block, Param, Stats, TensorTask, block_generator, require_base
+from bigmerge.ops.task_arithmetic import AFTER, TaskArithmeticOp, TiesOp, TopK, _fused, _stack, with_defaults
 
 
 class RandomDropOp(TaskArithmeticOp):
     """Base of the operators that drop task-vector elements at random (DARE, DELLA)."""
 
-    params = with_defaults(TaskArithmeticOp.params, rescale=True)
+    params = tuple(
+        Param(p.name, p.type, p.scope, p.default, p.required, "fraction of each task vector kept, at random")
+        if p.name == "density"
+        else p
+        for p in with_defaults(TaskArithmeticOp.params, rescale=True)
+    )
     sparsify = True
     random = True
 
@@ -33,19 +40,53 @@ class RandomDropOp(TaskArithmeticOp):
         return [AFTER] if self._needs_after(task) else []
 
     def _uniform(self, task: TensorTask, block: Block, i: int, n: int) -> torch.Tensor:
-        """U[0, 1) draws for model i on this block, the same whenever they are drawn again."""
-        gen = block_generator(task, block.index, f"drop{i}")
-        return torch.rand(n, generator=gen, out=block.scratch.get("uniform", (n,), torch.float32))
+        """U[0, 1) draws for model i on this block's elements, the same whenever drawn again.
+
+        One counter-based stream per (seed, tensor, model), keyed like block_generator's seeds
+        (block 0's), indexed by the element's flat position in the tensor: the draws depend on
+        neither the world size nor the block size, and take one hash per element.
+        """
+        key = block_generator(task, 0, f"drop{i}").initial_seed()
+        start = block.row0 * (n // max(1, block.row1 - block.row0))
+        out = block.scratch.get("uniform", (n,), torch.float32)
+        kernels.uniform(key, start, out.numpy())
+        return out
+
+    def _draw(self, task: TensorTask, block: Block, stats: Any, i: int, delta: torch.Tensor) -> torch.Tensor:
+        """Model i's random keep mask on this block (bool, flat, in scratch)."""
+        u = self._uniform(task, block, i, delta.numel())
+        return torch.lt(u, task.per_model[i]["density"], out=block.scratch.get("keep", u.shape, torch.bool))
 
     def _keep(self, task: TensorTask, block: Block, stats: Any, i: int, delta: torch.Tensor) -> torch.Tensor | None:
         if i not in self._sparse_models(task):
             return None
-        u = self._uniform(task, block, i, delta.numel())
-        return torch.lt(u, task.per_model[i]["density"], out=block.scratch.get("keep", u.shape, torch.bool))
+        if f"keep{i}" in block.memo:
+            return block.memo[f"keep{i}"]
+        keep = self._draw(task, block, stats, i, delta)
+        if task.n_blocks == 1 and self._stat_rounds(task):
+            # a one-block tensor runs its statistics and apply on this same block: draw once
+            block.memo[f"keep{i}"] = keep = keep.clone()
+        return keep
 
-    _fused_keep = TaskArithmeticOp._fused_keep_from_torch
+    def _fused_keep(
+        self, task: TensorTask, block: Block, stats: Any, i: int, x: np.ndarray, mask_row: Callable[[], np.ndarray]
+    ) -> np.ndarray | None:
+        if f"keep{i}" in block.memo:
+            row = mask_row()
+            torch.from_numpy(row).copy_(block.memo[f"keep{i}"])
+            return row
+        return self._fused_keep_from_torch(task, block, stats, i, x, mask_row)
 
     def _after_stats(self, task: TensorTask, block: Block, prev: Any, out: Stats) -> None:
+        if _fused(task, block):  # both norms in one pass over the float32 stack
+            x = _stack(block, block.scratch)
+            b = require_base(self, task)
+            for i, delta in self._deltas(task, block, self._sparse_models(task)):
+                keep = self._keep(task, block, prev, i, delta)
+                before, after = kernels.l1_before_after(x, b, i, keep.numpy())
+                out[f"l1_{i}"] = np.array([before])
+                out[f"l1k_{i}"] = np.array([after])
+            return
         for i, delta in self._deltas(task, block, self._sparse_models(task)):
             out[f"l1_{i}"] = np.array([delta.abs().sum(dtype=torch.float64).item()])
         super()._after_stats(task, block, prev, out)

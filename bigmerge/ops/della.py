@@ -79,9 +79,7 @@ class DellaOp(RandomDropOp):
             topk.extra[f"ranks{i}"] = ranks
         return topk
 
-    def _keep(self, task: TensorTask, block: Block, stats: Any, i: int, delta: torch.Tensor) -> torch.Tensor | None:
-        if i not in self._sparse_models(task):
-            return None
+    def _draw(self, task: TensorTask, block: Block, stats: Any, i: int, delta: torch.Tensor) -> torch.Tensor:
         d, e = task.per_model[i]["density"], task.per_model[i]["epsilon"]
         n = delta.numel()
         u = self._uniform(task, block, i, n)

@@ -246,3 +246,67 @@ def rank_keep(
                 j = start + idx[r] * inner
                 prob = density if flen == 1 else lo + (r / (flen - 1)) * 2.0 * eps
                 out[j] = u[j] < prob
+
+
+@njit(cache=True, parallel=True)
+def l1_kept(x: np.ndarray, base_row: int, row: int, keep: np.ndarray, out: np.ndarray) -> None:
+    """sum |x[row] - x[base]| and the same over the kept elements, in float64, per chunk of
+    _CHUNK elements (out: [n_chunks, 2]; the caller adds the chunks in order). Fixed chunks, not
+    per-thread parts, so the sums do not depend on the number of threads."""
+    m = x.shape[1]
+    for c in prange(out.shape[0]):
+        before = 0.0
+        after = 0.0
+        for j in range(c * _CHUNK, min(m, (c + 1) * _CHUNK)):
+            a = np.float64(np.abs(np.float32(x[row, j] - x[base_row, j])))
+            before += a
+            if keep[j]:
+                after += a
+        out[c, 0] = before
+        out[c, 1] = after
+
+
+def l1_before_after(x: np.ndarray, base_row: int, row: int, keep: np.ndarray) -> tuple[float, float]:
+    """(L1 of a delta, L1 of its kept elements), each summed chunk by chunk in index order."""
+    out = np.zeros(((x.shape[1] + _CHUNK - 1) // _CHUNK, 2), dtype=np.float64)
+    l1_kept(x, base_row, row, keep, out)
+    before = after = 0.0
+    for c in range(out.shape[0]):
+        before += float(out[c, 0])
+        after += float(out[c, 1])
+    return before, after
+
+
+# splitmix64 (Steele, Lea & Flood): a counter-based generator, u = f(key, element index), so draws
+# are the same whatever the blocks, threads or ranks, and cost one hash per element.
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+_TO_UNIT = np.float32(2.0**-24)
+
+
+@njit(cache=True, parallel=True)
+def _uniform_kernel(key: np.uint64, start: np.uint64, out: np.ndarray, nparts: int) -> None:
+    n = out.shape[0]
+    step = (n + nparts - 1) // nparts
+    for p in prange(nparts):
+        for j in range(p * step, min(n, (p + 1) * step)):
+            z = key + (start + np.uint64(j) + np.uint64(1)) * _GOLDEN
+            z = (z ^ (z >> np.uint64(30))) * _MIX1
+            z = (z ^ (z >> np.uint64(27))) * _MIX2
+            z = z ^ (z >> np.uint64(31))
+            out[j] = np.float32(z >> np.uint64(40)) * _TO_UNIT
+
+
+def uniform(key: int, start: int, out: np.ndarray) -> np.ndarray:
+    """U[0, 1) float32 draws number start, start + 1, ... of the stream `key` (24-bit, exact),
+    into out: the numba kernel, or the same integer arithmetic in numpy."""
+    if AVAILABLE:
+        _uniform_kernel(np.uint64(key), np.uint64(start), out, max(1, min(4 * threads(), out.shape[0] // _CHUNK)))
+        return out
+    z = np.arange(start + 1, start + 1 + out.shape[0], dtype=np.uint64) * _GOLDEN + np.uint64(key)
+    z = (z ^ (z >> np.uint64(30))) * _MIX1
+    z = (z ^ (z >> np.uint64(27))) * _MIX2
+    z ^= z >> np.uint64(31)
+    np.multiply((z >> np.uint64(40)).astype(np.float32), _TO_UNIT, out=out)
+    return out
