@@ -47,22 +47,19 @@ class ModelStockOp(StatsOp):
     def stat_rounds(self, task: TensorTask) -> int:
         return 1 if task.numel and not self.per_row(task) else 0
 
-    def _offsets(self, task: TensorTask, block: Block) -> tuple[torch.Tensor, torch.Tensor]:
-        """(base, [fine-tune - base for each fine-tune]) of the block, flat, in the compute dtype."""
+    def _offsets(self, task: TensorTask, block: Block) -> torch.Tensor:
+        """[fine-tune - base for each fine-tune] of the block, flat, in the compute dtype."""
         dt = task.compute_dtype
         sc = block.scratch
-        b = require_base(self, task)
-        base = sc.get("ms_base", (block.inputs[b].numel(),), dt).copy_(block.inputs[b].reshape(-1))
-        others = task.non_base
-        off = sc.get("ms_off", (len(others), base.numel()), dt)
-        for r, i in enumerate(others):
-            off[r].copy_(block.inputs[i].reshape(-1))
-        off -= base
-        return base, off
+        base = as_compute(block.inputs[require_base(self, task)], dt, sc, "ms_base").reshape(-1)
+        off = sc.get("ms_off", (len(task.non_base), base.numel()), dt)
+        for r, i in enumerate(task.non_base):
+            torch.sub(as_compute(block.inputs[i], dt, sc).reshape(-1), base, out=off[r])
+        return off
 
     def _gram(self, task: TensorTask, block: Block) -> np.ndarray:
-        _, off = self._offsets(task, block)
-        x = stack_rows(list(off), block.scratch, wide(task), "ms_wide")
+        off = self._offsets(task, block)
+        x = off if off.dtype == wide(task) else stack_rows(list(off), block.scratch, wide(task), "ms_wide")
         if self.per_row(task):
             return seg_gram(x, task.shape[-1])
         return whole_gram(x)
@@ -115,20 +112,15 @@ class ModelStockOp(StatsOp):
             else self.stats_or_local(task, block, stats)
         )
         sc = block.scratch
-        base, off = self._offsets(task, block)
-        # average = sum(ws) / count, the fine-tunes rebuilt from base + offset exactly as read
-        ws = off
-        for r, i in enumerate(task.non_base):
-            ws[r].copy_(as_compute(block.inputs[i], dt, sc).reshape(-1))
-        avg = sc.get("ms_avg", base.shape, dt).copy_(ws[0])
-        for r in range(1, ws.shape[0]):
-            avg.add_(ws[r])
-        avg.div_(ws.shape[0])
-        cols = task.shape[-1] if self.per_row(task) else base.numel()
-        avg = avg.view(-1, cols)
-        base = base.view(-1, cols)
-        out = avg.mul_(t)
-        out.add_(base.mul_(1 - t))
+        cols = task.shape[-1] if self.per_row(task) else block.inputs[0].numel()
+        # t * (sum(ws) / count) + (1 - t) * base, the fine-tunes added left to right
+        ws = [as_compute(block.inputs[i], dt, sc, f"ms_cast{i}").view(-1, cols) for i in task.non_base]
+        out = torch.add(ws[0], ws[1], out=sc.get("ms_avg", ws[0].shape, dt))
+        for w in ws[2:]:
+            out.add_(w)
+        out.div_(len(ws)).mul_(t)
+        base = as_compute(block.inputs[require_base(self, task)], dt, sc, "ms_base").view(-1, cols)
+        out.add_(torch.mul(base, 1 - t, out=sc.get("ms_tmp", base.shape, dt)))
         return out.view(shape)
 
 

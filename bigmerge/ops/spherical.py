@@ -286,14 +286,20 @@ class SlerpOp(StatsOp):
 
     def apply(self, task: TensorTask, block: Block, stats: Any) -> torch.Tensor:
         shape = block.inputs[0].shape
+        dt = task.compute_dtype
         if task.numel == 0:
-            return torch.empty(shape, dtype=task.compute_dtype)
+            return torch.empty(shape, dtype=dt)
         coef_a, coef_b = self.stats_or_local(task, block, stats)
-        x = self._pair(task, block)
         sc = block.scratch
-        out = torch.mul(x[0], coef_a, out=sc.get("out", x[0].shape, x.dtype))
-        out.add_(torch.mul(x[1], coef_b, out=sc.get("tmp", x[1].shape, x.dtype)))
-        return out.view(shape).to(task.compute_dtype)
+        f = wide(task)
+        b = require_base(self, task)
+        x, y = (as_compute(block.inputs[i], dt, sc, f"cast{i}").reshape(-1) for i in (b, 1 - b))
+        # coef_a * x + coef_b * y in float32 (float64), from the compute dtype as mergekit
+        out = torch.mul(as_compute(x, f, sc, "wide_x"), coef_a, out=sc.get("out", x.shape, f))
+        out.add_(torch.mul(as_compute(y, f, sc, "wide_y"), coef_b, out=sc.get("tmp", y.shape, f)))
+        if dt == f:
+            return out.view(shape)
+        return sc.get("res", shape, dt).copy_(out.view(shape))
 
 
 # -- NuSLERP -----------------------------------------------------------------------------
