@@ -797,6 +797,44 @@ out_dtype: bfloat16
 """,
     ),
     GoldenCase(
+        "breadcrumbs_ties_bf16_native",
+        "B",
+        """\
+merge_method: breadcrumbs_ties
+base_model: {base}
+models:
+  - model: {ft1}
+    parameters:
+      density: 0.5
+      gamma: 0.05
+      weight: 0.5
+  - model: {ft2}
+    parameters:
+      density: 0.4
+      weight: 0.4
+  - model: {ft3}
+    parameters:
+      density: 0.6
+      gamma: 0.1
+      weight: 0.3
+parameters:
+  rescale: true
+dtype: bfloat16
+""",
+    ),
+    GoldenCase(
+        "sce_bf16_native",
+        "C",
+        """\
+merge_method: sce
+base_model: {base}
+models:
+  - model: {ft1}
+  - model: {ft2}
+dtype: bfloat16
+""",
+    ),
+    GoldenCase(
         "sce_fp32",
         "A",
         """\

@@ -4,9 +4,10 @@ on average, then task arithmetic (`dare_linear`) or TIES's sign election (`dare_
 As mergekit 0.1.5 (`sparsify.bernoulli`): each element is kept with probability `density`;
 with `rescale` (the default) the kept delta is scaled to the L1 norm of the whole delta
 (mergekit's norm matching, about 1 / density; not the paper's exact 1 / p). The draws come
-from a generator seeded by (seed, tensor, block, model), never a global one, so the output is
-the same bits on any number of ranks and in any block order; mergekit draws one mask per
-tensor, so the two agree in distribution, not bit for bit. The L1 norms are whole-tensor
+from a counter-based stream keyed by (seed, tensor, model) and indexed by the element's
+position in the tensor, never from a global generator, so the output is the same bits on any
+number of ranks, for any block size and in any block order; mergekit draws from torch's
+global generator, so the two agree in distribution, not bit for bit. The L1 norms are whole-tensor
 sums, reduced exactly across blocks and ranks.
 """
 

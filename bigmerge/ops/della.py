@@ -10,8 +10,8 @@ rescale of DARE. Ranks are exact, as the method defines them: a stable radix sor
 argsort leaves them unordered, and ranks are exact integers for bfloat16 compute too (mergekit
 holds them in the compute dtype). A 1-D tensor spread over several blocks is one row across
 blocks: its magnitudes are gathered in a statistics round (1-D tensors are small) and ranked
-once. Draws as in DARE: seeded by (seed, tensor, block, model), so the same bits on any number
-of ranks.
+once. Draws as in DARE (keyed by seed, tensor and model, indexed by position): the same bits on any
+number of ranks and for any block size.
 """
 
 from __future__ import annotations
