@@ -145,38 +145,13 @@ def _statistics_ulps(name: str) -> int | None:
     return STATISTICS_ULPS[max(hits, key=len)] if hits else None
 
 
-def _check_statistics(name: str, tname: str, a: torch.Tensor, b: torch.Tensor, srcs: list[torch.Tensor]) -> None:
-    scale = max(float(s.float().abs().max()) for s in srcs)
-    bound = _statistics_ulps(name) * torch.finfo(b.dtype).eps * scale  # type: ignore[operator]
-    diff = float((a.double() - b.double()).abs().max())
-    assert diff <= bound, f"{tname}: {diff:.3g} away from mergekit, more than {bound:.3g}"
+@functools.cache
+def _source(path: Path) -> dict[str, torch.Tensor]:
+    return load_output(path)
 
 
-# Methods with whole-tensor float statistics (norms, dot products, cosines): mergekit sums
-# float32 products in float32, in an order torch picks; bigmerge sums them exactly (float64,
-# block order: the same on any world size) and rounds once. Their coefficients then differ in
-# the last bits, and an element by a few ulps of the tensor's largest input (many ulps of a
-# small result where terms cancel), more where the method amplifies a coefficient: model_stock's
-# t = k cos / (1 + (k - 1) cos) near cos = -1 / (k - 1), as in rows of the filter-wise fixture
-# (64 random values, cos down to -0.97: x60). Bound: this many ulps of the output dtype times
-# the largest |value| among the tensor's sources (longest matching name prefix).
-STATISTICS_ULPS = {
-    "slerp": 4,
-    "nuslerp": 4,
-    "multislerp": 4,
-    "karcher": 4,
-    "model_stock": 4,
-    "model_stock_filter_wise": 128,
-}
-
-
-def _statistics_ulps(name: str) -> int | None:
-    hits = [k for k in STATISTICS_ULPS if name.startswith(k)]
-    return STATISTICS_ULPS[max(hits, key=len)] if hits else None
-
-
-def _check_statistics(name: str, tname: str, a: torch.Tensor, b: torch.Tensor, srcs: list[torch.Tensor]) -> None:
-    scale = max(float(s.float().abs().max()) for s in srcs)
+def _check_statistics(name: str, tname: str, a: torch.Tensor, b: torch.Tensor, srcs: list[Path]) -> None:
+    scale = max(float(_source(s)[tname].float().abs().max()) for s in srcs)
     bound = _statistics_ulps(name) * torch.finfo(b.dtype).eps * scale  # type: ignore[operator]
     diff = float((a.double() - b.double()).abs().max())
     assert diff <= bound, f"{tname}: {diff:.3g} away from mergekit, more than {bound:.3g}"
@@ -220,9 +195,7 @@ def test_same_tensors_as_mergekit(name: str, families: dict[str, dict[str, Path]
                 )
             differing_at_ties += int((ulps[ties] > 1).sum())
         elif _statistics_ulps(name) is not None:
-            _check_statistics(name, tname, a, b, [load_output(fam[m])[tname] for m in cfg["models"]])
-        elif _statistics_ulps(name) is not None:
-            _check_statistics(name, tname, a, b, [load_output(fam[m])[tname] for m in cfg["models"]])
+            _check_statistics(name, tname, a, b, [fam[m] for m in cfg["models"]])
         else:
             assert int(ulps.max()) <= 1, f"{tname}: {int(ulps.max())} ulps away from mergekit"
     # Differences sit only on exact ties at the threshold (asserted above). Their share is
