@@ -160,6 +160,21 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--quiet", action="store_true")
     d.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
 
+    se = sub.add_parser(
+        "search",
+        help="search merge coefficients (CMA-ES, greedy soup) against lm-eval scores; write the best config",
+        description="Search the parameters of a merge (weights of a pool, or per-layer-group weights and densities) "
+        "with CMA-ES or greedy soup against a weighted macro-average of lm-eval tasks; every evaluation is journaled "
+        "and a rerun resumes. Writes OUT/best.yaml (for bigmerge merge), history, Pareto front, plots. "
+        "See configs/recycle-zoo.yaml.",
+    )
+    se.add_argument("config", help="search config (YAML)")
+    se.add_argument("--out", required=True, help="result directory (a rerun on it resumes from its journal)")
+    se.add_argument("--workers", type=int, default=None, help="worker processes scoring candidates (default: config)")
+    se.add_argument("--mode", choices=("auto", "memory", "disk"), default=None, help="where candidates are merged")
+    se.add_argument("--overwrite", action="store_true", help="discard a previous search at OUT and start afresh")
+    se.add_argument("--quiet", action="store_true")
+
     v = sub.add_parser("verify", help="re-check every tensor of a finished merge against its manifest")
     v.add_argument("out")
     v.add_argument("--quiet", action="store_true")
@@ -348,6 +363,18 @@ def cmd_dam(args: argparse.Namespace) -> int:
     return run_dam(args.config, opts)
 
 
+def cmd_search(args: argparse.Namespace) -> int:
+    from bigmerge.dist.comm import get_comm
+    from bigmerge.search.run import SearchOptions, run_search
+
+    if args.workers is not None and args.workers < 1:
+        from bigmerge.errors import ConfigError
+
+        raise ConfigError(f"--workers must be at least 1, not {args.workers}")
+    run_search(args.config, args.out, get_comm(), SearchOptions(args.overwrite, args.quiet, args.workers, args.mode))
+    return 0
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     from bigmerge.storage.export import verify
     from bigmerge.storage.fs import location
@@ -367,11 +394,12 @@ def main(argv: list[str] | None = None) -> int:
         "methods": cmd_methods,
         "eval": cmd_eval,
         "stats": cmd_stats,
+        "search": cmd_search,
         "dam": cmd_dam,
     }[args.command]
     from bigmerge.dist.comm import get_comm, launched_by_mpi
 
-    comm = get_comm() if args.command == "merge" and launched_by_mpi() else None
+    comm = get_comm() if args.command in ("merge", "search") and launched_by_mpi() else None
     try:
         return handler(args)
     except BigmergeError as exc:

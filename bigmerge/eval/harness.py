@@ -198,8 +198,30 @@ class Evaluator:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def score(self, name: str, model: Any, tokenizer: Any) -> dict[str, float]:
-        """{task: score} of an in-memory model (a transformers causal LM and its tokenizer)."""
+    def doc_counts(self) -> dict[str, int]:
+        """{leaf task: number of evaluation documents}; a group's subtasks are listed, not the group."""
+        from lm_eval.tasks import get_task_dict
+
+        counts: dict[str, int] = {}
+
+        def walk(d: dict[Any, Any]) -> None:
+            for key, value in d.items():
+                if isinstance(value, dict):
+                    walk(value)
+                elif value is not None:
+                    counts[getattr(value, "task_name", None) or str(key)] = len(value.eval_docs)
+
+        walk(get_task_dict(list(self.tasks), self._tm))
+        return counts
+
+    def score(
+        self, name: str, model: Any, tokenizer: Any, *, samples: dict[str, list[int]] | None = None
+    ) -> dict[str, float]:
+        """{task: score} of an in-memory model (a transformers causal LM and its tokenizer).
+
+        ``samples`` ({leaf task: document indices}) scores those documents instead of the first
+        ``limit`` (a search scores one part of each task and reports on another).
+        """
         from lm_eval.models.huggingface import HFLM
 
         # lm-eval's progress bars cannot be turned off: in quiet mode they go nowhere.
@@ -209,7 +231,8 @@ class Evaluator:
                 model=lm,
                 tasks=list(self.tasks),
                 task_manager=self._tm,
-                limit=self.limit,
+                limit=None if samples is not None else self.limit,
+                samples=samples,
                 bootstrap_iters=0,
                 log_samples=False,
                 verbosity="ERROR",

@@ -1,0 +1,192 @@
+"""The search config: a merge template, a space over its parameters, an optimiser, a fitness.
+
+    merge:                      # a bigmerge merge config; the search fills in the searched parameters
+      merge_method: linear
+      models: [{model: zoo/pool_arith}, {model: zoo/pool_text}, ...]
+    space: {type: weights, constraint: simplex}            # or: {type: layer_groups, groups: 4,
+                                                            #      parameters: {weight: [0, 1], density: [0.1, 1]}}
+    optimizer: {name: cmaes, sigma0: 0.3, popsize: 8, budget: 64, seed: 0}     # or {name: greedy}
+    fitness:
+      tasks: {zoo_add: 1, zoo_rev: 1, zoo_sort: 1, zoo_fin: 1}   # weights of the macro-average
+      heldout: 0.5              # the first half of every task's documents: only for the final report
+      limit: 100                # documents per task the search scores (after the held-out ones; default all)
+    evaluation: {mode: auto, workers: 1}
+
+See README.md ("Searching merge coefficients") for every key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from bigmerge.config import MergeConfig, parse_config
+from bigmerge.errors import ConfigError
+
+OPTIMIZERS = ("cmaes", "greedy")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class WeightSpace(_Strict):
+    """One weight per model of the pool."""
+
+    type: Literal["weights"] = "weights"
+    # simplex: w = max(x, 0) / sum (non-negative, sum 1); normalized: w = x / sum(x); none: w = x
+    constraint: Literal["simplex", "normalized", "none"] = "simplex"
+    negative: bool = False  # normalized / none: allow negative weights
+    parameter: str = "weight"
+
+
+class LayerGroupSpace(_Strict):
+    """Per-layer-group values of operator parameters, per model (evolutionary merging's space)."""
+
+    type: Literal["layer_groups"] = "layer_groups"
+    groups: int = Field(default=4, ge=1)
+    # parameter -> [low, high]; the search moves each (group, model, parameter) inside its range
+    parameters: dict[str, tuple[float, float]]
+
+
+class Optimizer(_Strict):
+    name: str = "cmaes"
+    sigma0: float | None = Field(default=None, gt=0)
+    popsize: int | None = Field(default=None, ge=2)
+    budget: int = Field(default=64, ge=1)  # evaluations of candidates (baselines not counted)
+    seed: int = Field(default=0, ge=0)
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {v!r}; expected one of {', '.join(OPTIMIZERS)}")
+        return v
+
+
+class Fitness(_Strict):
+    tasks: dict[str, float] | list[str] | str
+    heldout: float = Field(default=0.5, gt=0)  # < 1: fraction of each task's documents; >= 1: a count
+    limit: int | None = Field(default=None, ge=1)
+    batch_size: int = Field(default=64, ge=1)
+    device: str = "cpu"
+    dtype: str = "float32"
+
+    def task_weights(self) -> dict[str, float]:
+        from bigmerge.eval import resolve_tasks
+
+        if isinstance(self.tasks, dict):
+            if not self.tasks:
+                raise ConfigError("fitness.tasks: no task given")
+            out: dict[str, float] = {}
+            for name, w in self.tasks.items():
+                if w < 0:
+                    raise ConfigError(f"fitness.tasks: weight of {name!r} is negative ({w:g})")
+                for t in resolve_tasks(name):
+                    out[t] = float(w)
+            if sum(out.values()) <= 0:
+                raise ConfigError("fitness.tasks: the task weights sum to zero")
+            return out
+        return {t: 1.0 for t in resolve_tasks(self.tasks)}
+
+
+class Evaluation(_Strict):
+    mode: Literal["auto", "memory", "disk"] = "auto"
+    workers: int = Field(default=1, ge=1)  # processes scoring candidates in parallel (MPI: the ranks)
+    scratch: str | None = None  # disk mode: where candidates are merged (default OUT/scratch)
+    memory_limit_gb: float = Field(default=8.0, gt=0)  # auto: in memory when the merged model is smaller
+
+
+class SearchConfig(_Strict):
+    merge: dict[str, Any]
+    space: WeightSpace | LayerGroupSpace = Field(default_factory=WeightSpace, discriminator="type")
+    optimizer: Optimizer = Field(default_factory=Optimizer)
+    fitness: Fitness
+    evaluation: Evaluation = Field(default_factory=Evaluation)
+    baselines: bool = True  # also score each checkpoint, the uniform soup and the greedy soup
+
+    @model_validator(mode="before")
+    @classmethod
+    def _space_type(cls, data: Any) -> Any:
+        # `type` may be left out of a weights space
+        if isinstance(data, dict) and isinstance(data.get("space"), dict) and "type" not in data["space"]:
+            data = {**data, "space": {**data["space"], "type": "weights"}}
+        return data
+
+    def template(self) -> MergeConfig:
+        return parse_config(self.merge, "merge")
+
+    def fingerprint(self) -> str:
+        """What the journal's entries depend on (not the evaluation's parallelism)."""
+        d = self.model_dump(mode="json")
+        d.pop("evaluation")
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _where(loc: tuple[Any, ...]) -> str:
+    return (
+        ".".join(
+            str(p)
+            for p in loc
+            if not str(p).startswith(("function-", "tagged-union")) and p not in ("weights", "layer_groups")
+        )
+        or "(top level)"
+    )
+
+
+def parse_search_config(data: Any, source: str = "search config") -> SearchConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        cfg = SearchConfig.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = _where(tuple(err["loc"]))
+        if err["type"] == "extra_forbidden":
+            raise ConfigError(f"{source}: unknown key {where!r}") from None
+        if err["type"] == "missing":
+            raise ConfigError(f"{source}: missing required key {where!r}") from None
+        msg = err["msg"].removeprefix("Value error, ")
+        raise ConfigError(f"{source}: bad value for {where!r}: {msg}") from None
+    if cfg.merge.get("slices"):
+        raise ConfigError(f"{source}: merge.slices: a search runs over 'models', not slices")
+    models = cfg.merge.get("models") or []
+    base = cfg.merge.get("base_model")
+    if not isinstance(models, list) or not [m for m in models if not isinstance(m, dict) or m.get("model") != base]:
+        raise ConfigError(f"{source}: merge.models: the pool is empty (list the checkpoints to merge)")
+    try:
+        cfg.template()
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    if cfg.optimizer.name == "greedy" and not isinstance(cfg.space, WeightSpace):
+        raise ConfigError(f"{source}: optimizer 'greedy' searches weights: use space.type 'weights'")
+    if isinstance(cfg.space, WeightSpace) and cfg.space.constraint == "simplex" and cfg.space.negative:
+        raise ConfigError(f"{source}: space: negative weights need constraint 'normalized' or 'none', not 'simplex'")
+    if isinstance(cfg.space, LayerGroupSpace):
+        for name, (lo, hi) in cfg.space.parameters.items():
+            if not lo < hi:
+                raise ConfigError(f"{source}: space.parameters.{name}: expected [low, high] with low < high")
+        if not cfg.space.parameters:
+            raise ConfigError(f"{source}: space.parameters: name at least one parameter to search")
+    if cfg.fitness.heldout >= 1 and cfg.fitness.heldout != int(cfg.fitness.heldout):
+        raise ConfigError(f"{source}: fitness.heldout: a fraction below 1 or a whole number of documents")
+    cfg.fitness.task_weights()  # unknown zoo task names are known now
+    return cfg
+
+
+def load_search_config(path: str | Path) -> SearchConfig:
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read config: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    return parse_search_config(data, str(p))
