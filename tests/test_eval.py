@@ -8,13 +8,19 @@ from pathlib import Path
 
 import pytest
 from make_zoo import greedy_accuracy, load_checkpoint
-from zoo_fixture import small_zoo  # noqa: F401  (a session fixture)
+from zoo_fixture import small_zoo_dir
 
 from bigmerge.cli import main as cli_main
 from bigmerge.dist.comm import SerialComm
 from bigmerge.errors import ConfigError, SourceError
 from bigmerge.eval import Evaluator, Table, evaluate, resolve_tasks, zoo_tasks
 from bigmerge.merge import MergeOptions, run_merge
+
+
+@pytest.fixture(scope="module")
+def small_zoo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return small_zoo_dir(tmp_path_factory)
+
 
 LIMIT = 40
 
@@ -25,7 +31,7 @@ def evaluator() -> Evaluator:
         yield ev
 
 
-def test_lm_eval_scores_are_greedy_exact_match(small_zoo: Path, evaluator: Evaluator) -> None:  # noqa: F811
+def test_lm_eval_scores_are_greedy_exact_match(small_zoo: Path, evaluator: Evaluator) -> None:
     """lm-eval's acc on a zoo task equals our own count of items answered greedily, on disk and in memory."""
     from bigmerge.eval import load_model
 
@@ -49,7 +55,7 @@ def test_lm_eval_scores_are_greedy_exact_match(small_zoo: Path, evaluator: Evalu
 
 def test_cli_scores_a_merge_beside_its_sources(
     small_zoo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:  # noqa: F811
+) -> None:
     cfg = tmp_path / "merge.yaml"
     cfg.write_text(
         f"merge_method: linear\nmodels:\n  - model: {small_zoo / 'mix1'}\n    parameters: {{weight: 1.0}}\n"

@@ -9,9 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 from make_zoo import encode, greedy_accuracy, load_checkpoint, make_zoo, zoo_files
-from zoo_fixture import small_zoo  # noqa: F401  (a session fixture)
+from zoo_fixture import small_zoo_dir
 
 from bigmerge.eval import zoo_tasks
+
+
+@pytest.fixture(scope="module")
+def small_zoo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return small_zoo_dir(tmp_path_factory)
 
 
 def test_eval_items_never_occur_in_training() -> None:
@@ -56,7 +61,7 @@ def test_micro_zoo_builds_bit_identical_twice(tmp_path: Path) -> None:
     assert a["models"]["sort_10"]["steps"] == 10
 
 
-def test_small_zoo_layout(small_zoo: Path) -> None:  # noqa: F811
+def test_small_zoo_layout(small_zoo: Path) -> None:
     info = json.loads((small_zoo / "zoo.json").read_text())
     assert set(info["scenarios"]) == {"specialists", "similar"}
     for sc in info["scenarios"].values():
@@ -75,7 +80,7 @@ def test_small_zoo_layout(small_zoo: Path) -> None:  # noqa: F811
     assert (small_zoo / "base" / "model.safetensors").stat().st_mtime_ns == before
 
 
-def test_specialists_beat_the_base_on_their_own_skill(small_zoo: Path) -> None:  # noqa: F811
+def test_specialists_beat_the_base_on_their_own_skill(small_zoo: Path) -> None:
     info = json.loads((small_zoo / "zoo.json").read_text())
     acc = {name: m["accuracy"] for name, m in info["models"].items()}
     for skill in info["scenarios"]["specialists"]["models"]:
@@ -86,7 +91,7 @@ def test_specialists_beat_the_base_on_their_own_skill(small_zoo: Path) -> None: 
         assert greedy_accuracy(model, zoo_tasks.eval_items("sort")) == pytest.approx(acc["sort"]["sort"], abs=1e-4)
 
 
-def test_hf_loads_a_zoo_model_and_its_tokenizer_matches_training(small_zoo: Path) -> None:  # noqa: F811
+def test_hf_loads_a_zoo_model_and_its_tokenizer_matches_training(small_zoo: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(small_zoo / "sort"))

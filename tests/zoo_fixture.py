@@ -1,4 +1,5 @@
-"""The small zoo, built once per test session (make_zoo's stamp makes a second call instant)."""
+"""The small zoo, built once per test session: every module's fixture calls this, and make_zoo's
+stamp makes every call after the first instant."""
 
 from __future__ import annotations
 
@@ -7,8 +8,7 @@ from pathlib import Path
 import pytest
 
 
-@pytest.fixture(scope="session")
-def small_zoo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def small_zoo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from make_zoo import make_zoo
 
     out = tmp_path_factory.getbasetemp() / "zoo-small"

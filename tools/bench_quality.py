@@ -14,7 +14,8 @@ appear without edits here) it writes a config with the operator's usual paramete
 - ``t: 0.5`` where an operator requires a ``t``; every other parameter at its default;
 - ``--set METHOD.PARAM=VALUE`` overrides any of them (``*.PARAM`` for every method).
 
-An operator that cannot run on the scenario (it raises ConfigError or SourceError: it needs data
+An operator that takes exactly two models (slerp, nearswap) runs on a two-model scenario with
+the first model in the base's place. An operator that cannot run on the scenario (it raises ConfigError or SourceError: it needs data
 statistics, exactly two models, a parameter without a usual value, ...) is skipped with the reason.
 Each merge runs in this process (``run_merge`` with a serial communicator), is scored, and
 removed. Output: DIR/quality.{json,md,png} (rows "scenario/model", sources first, one chart
@@ -40,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bigmerge.errors import BigmergeError  # noqa: E402
 from bigmerge.eval import Evaluator, Table, load_model  # noqa: E402
 
+SCENARIO_ORDER = ("specialists", "similar", "recycle", "domain")  # zoo.json keeps its keys sorted
 USUAL = {"weight": 1.0, "density": 0.5, "normalize": True, "t": 0.5}
 
 
@@ -98,7 +100,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"building the {args.preset} zoo in {zoo}", file=sys.stderr)
         make_zoo(zoo, preset=args.preset, log=lambda m: print(m, file=sys.stderr))
     info = json.loads((zoo / "zoo.json").read_text())
-    scenarios = {k: v for k, v in info["scenarios"].items() if not args.scenarios or k in args.scenarios.split(",")}
+    wanted = args.scenarios.split(",") if args.scenarios else list(info["scenarios"])
+    order = [s for s in SCENARIO_ORDER if s in wanted] + [s for s in wanted if s not in SCENARIO_ORDER]
+    missing = [s for s in order if s not in info["scenarios"]]
+    if missing:
+        raise SystemExit(f"no scenario {', '.join(missing)} in {zoo}/zoo.json; it has: {', '.join(info['scenarios'])}")
+    scenarios = {k: info["scenarios"][k] for k in order}
     methods = sorted(REGISTRY) if not args.methods else args.methods.split(",")
     unknown = [m for m in methods if m not in REGISTRY]
     if unknown:
@@ -113,6 +120,7 @@ def run(args: argparse.Namespace) -> int:
     scores: dict[str, dict[str, float]] = {}
     groups: dict[str, str] = {}
     skipped: dict[str, str] = {}
+    pairwise: dict[str, str] = {}
     seconds: dict[str, dict[str, float]] = {}
     cache: dict[str, dict[str, float]] = {}  # a source scored once, whatever scenarios share it
 
@@ -152,12 +160,22 @@ def run(args: argparse.Namespace) -> int:
                     print(f"{row:<34} skipped: {skipped[row]}", flush=True)
                     continue
                 cfg_path = out / "configs" / f"{sc_name}-{method}.yaml"
-                cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
                 target = work / f"{sc_name}-{method}"
                 t0 = time.perf_counter()
                 try:
-                    run_merge(str(cfg_path), str(target), SerialComm(), MergeOptions(quiet=True, overwrite=True))
-                except BigmergeError as exc:
+                    try:
+                        cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+                        run_merge(str(cfg_path), str(target), SerialComm(), MergeOptions(quiet=True, overwrite=True))
+                    except BigmergeError:
+                        if len(models) != 2 or REGISTRY[method].base == "ignored":
+                            raise
+                        # Pairwise operators (slerp, nearswap) interpolate between two models: the
+                        # first model takes the base's place, as in mergekit's two-model configs.
+                        cfg = merge_config(method, str(zoo / models[0]), [str(zoo / models[1])], overrides)
+                        cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+                        run_merge(str(cfg_path), str(target), SerialComm(), MergeOptions(quiet=True, overwrite=True))
+                        pairwise[row] = f"base_model {models[0]}, model {models[1]}"
+                except (BigmergeError, KeyError) as exc:
                     skipped[row] = str(exc).splitlines()[0]
                     print(f"{row:<34} skipped: {skipped[row]}", flush=True)
                     shutil.rmtree(target, ignore_errors=True)
@@ -180,6 +198,7 @@ def run(args: argparse.Namespace) -> int:
         "usual_parameters": USUAL,
         "overrides": overrides,
         "skipped": skipped,
+        "pairwise": pairwise,
         "seconds": seconds,
         "total_seconds": round(time.perf_counter() - t_start, 1),
         "scenarios": {
@@ -192,6 +211,8 @@ def run(args: argparse.Namespace) -> int:
         f.write(
             f"\nSources are listed first in each scenario (base, then the models merged). limit={args.limit} items per task.\n"
         )
+        if pairwise:
+            f.write("\nPairwise operators, first model as the base: " + ", ".join(pairwise) + "\n")
         if skipped:
             f.write("\nSkipped:\n\n" + "".join(f"- {k}: {v}\n" for k, v in skipped.items()))
     print(f"wrote {', '.join(str(p) for p in paths.values())} in {meta['total_seconds']:.0f} s", file=sys.stderr)

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+BAR_ROWS = 8  # panels with more rows are drawn as a heatmap: bars would be too thin to read
+
 
 @dataclass
 class Table:
@@ -93,7 +95,8 @@ class Table:
     # --- plot ------------------------------------------------------------------------------------
 
     def plot(self, path: str | Path, title: str = "") -> Path:
-        """A grouped bar chart (tasks and avg on the x axis, one bar per row), one panel per group."""
+        """One panel per group: a grouped bar chart (tasks and avg on the x axis, one bar per row)
+        when the panel has at most ``BAR_ROWS`` rows, else a heatmap with every score written in."""
         import matplotlib
 
         matplotlib.use("Agg")
@@ -103,26 +106,50 @@ class Table:
         for r in self.rows:
             panels.setdefault(self.groups.get(r, ""), []).append(r)
         cols = [*self.tasks, "avg"]
-        n = len(panels)
+        bounded = all(0 <= v <= 1 for s in self.scores.values() for v in s.values() if not math.isnan(v))
+        heights = [3.4 if len(rows) <= BAR_ROWS else 0.8 + 0.32 * len(rows) for rows in panels.values()]
         fig, axes = plt.subplots(
-            n,
+            len(panels),
             1,
-            figsize=(max(6.0, 1.2 * len(cols) + 0.25 * max(map(len, panels.values())) * len(cols)), 3.4 * n),
+            figsize=(max(7.0, 1.3 * len(cols) + 3.0), sum(heights) + 0.6),
             squeeze=False,
+            gridspec_kw={"height_ratios": heights},
         )
-        cmap = plt.get_cmap("tab20")
+        cmap = plt.get_cmap("tab10")
         for ax, (group, rows) in zip(axes[:, 0], panels.items()):
-            width = 0.8 / len(rows)
-            for i, r in enumerate(rows):
-                vals = [self.row(r)[c] for c in cols]
-                xs = [j + (i - (len(rows) - 1) / 2) * width for j in range(len(cols))]
-                ax.bar(xs, [0.0 if math.isnan(v) else v for v in vals], width, label=r, color=cmap(i % 20))
-            ax.set_xticks(range(len(cols)), cols)
-            ax.set_ylim(0, 1.0 if all(0 <= v <= 1 for r in rows for v in self.scores.get(r, {}).values()) else None)
-            ax.set_ylabel(", ".join(sorted(set(self.metric.values()))) or "score")
+            labels = [r.removeprefix(f"{group}/") if group else r for r in rows]
+            vals = [[self.row(r)[c] for c in cols] for r in rows]
+            if len(rows) <= BAR_ROWS:
+                width = 0.8 / len(rows)
+                for i, (label, v) in enumerate(zip(labels, vals)):
+                    xs = [j + (i - (len(rows) - 1) / 2) * width for j in range(len(cols))]
+                    ax.bar(xs, [0.0 if math.isnan(x) else x for x in v], width, label=label, color=cmap(i % 10))
+                ax.set_xticks(range(len(cols)), cols)
+                if bounded:
+                    ax.set_ylim(0, 1.0)
+                ax.set_ylabel(", ".join(sorted(set(self.metric.values()))) or "score")
+                ax.grid(axis="y", alpha=0.3)
+                ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+            else:
+                im = ax.imshow(
+                    vals, aspect="auto", cmap="viridis", vmin=0.0 if bounded else None, vmax=1.0 if bounded else None
+                )
+                ax.set_xticks(range(len(cols)), cols)
+                ax.set_yticks(range(len(rows)), labels, fontsize=8)
+                for i, v in enumerate(vals):
+                    for j, x in enumerate(v):
+                        if not math.isnan(x):
+                            ax.text(
+                                j,
+                                i,
+                                f"{x:.2f}",
+                                ha="center",
+                                va="center",
+                                fontsize=7,
+                                color="white" if x < 0.6 else "black",
+                            )
+                fig.colorbar(im, ax=ax, fraction=0.03, pad=0.01)
             ax.set_title(group or title)
-            ax.grid(axis="y", alpha=0.3)
-            ax.legend(fontsize=7, ncol=max(1, len(rows) // 8 + 1), loc="upper left", bbox_to_anchor=(1.0, 1.0))
         if title and panels.keys() != {""}:
             fig.suptitle(title)
         fig.tight_layout()

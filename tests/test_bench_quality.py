@@ -1,0 +1,69 @@
+"""tools/bench_quality.py: configs with each operator's usual parameters, and a run on the small zoo."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import bench_quality
+import pytest
+from zoo_fixture import small_zoo_dir
+
+from bigmerge.config import load_config
+from bigmerge.ops import REGISTRY
+
+
+@pytest.fixture(scope="module")
+def small_zoo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return small_zoo_dir(tmp_path_factory)
+
+
+def test_usual_parameters(tmp_path: Path) -> None:
+    ties = bench_quality.merge_config("ties", "B", ["m1", "m2"], {})
+    assert ties["base_model"] == "B"
+    assert ties["models"] == [{"model": m, "parameters": {"weight": 1.0, "density": 0.5}} for m in ("m1", "m2")]
+    assert ties["parameters"] == {"normalize": True}
+    lin = bench_quality.merge_config("linear", "B", ["m1", "m2"], {"linear": {"weight": 0.25}})
+    assert "base_model" not in lin and lin["models"][1]["parameters"] == {"weight": 0.25}
+    over = bench_quality.merge_config(
+        "ties", "B", ["m1"], bench_quality.parse_overrides(["*.density=0.3", "ties.lambda=2"])
+    )
+    assert over["models"][0]["parameters"]["density"] == 0.3 and over["parameters"]["lambda"] == 2
+    # every registered operator gets a config the config loader accepts, or a named missing parameter
+    for method in REGISTRY:
+        try:
+            cfg = bench_quality.merge_config(method, "B", ["m1", "m2"], {})
+        except KeyError as exc:
+            assert any(p.name == exc.args[0] and p.required for p in REGISTRY[method].params)
+            continue
+        path = tmp_path / f"{method}.yaml"
+        path.write_text(json.dumps(cfg))
+        assert load_config(str(path)).merge_method == method
+
+
+def test_bench_on_the_small_zoo(small_zoo: Path, tmp_path: Path) -> None:
+    rc = bench_quality.main(
+        [
+            str(small_zoo),
+            "--out",
+            str(tmp_path),
+            "--scenarios",
+            "specialists",
+            "--methods",
+            "linear,ties",
+            "--limit",
+            "10",
+        ]
+    )
+    assert rc == 0
+    data = json.loads((tmp_path / "quality.json").read_text())
+    rows = [r["name"] for r in data["rows"]]
+    assert rows == ["specialists/base", "specialists/sort", "specialists/fin", "specialists/linear", "specialists/ties"]
+    assert {r["group"] for r in data["rows"]} == {"specialists"}
+    assert sorted(p.name for p in (tmp_path / "configs").iterdir()) == [
+        "specialists-linear.yaml",
+        "specialists-ties.yaml",
+    ]
+    assert not (tmp_path / "merged").exists()  # merges are scored, then removed
+    assert (tmp_path / "quality.png").stat().st_size > 10_000
+    assert "| specialists/ties |" in (tmp_path / "quality.md").read_text()
