@@ -3,13 +3,16 @@
 Linear and task arithmetic: every element within 1 ulp of the output dtype. TIES: the
 same, except where a source's |delta| ties exactly with that tensor's top-k threshold:
 mergekit keeps an arbitrary subset of such ties (its argsort is not stable), bigmerge
-keeps all of them; no O(n) selection can reproduce an unstable sort's choice.
+keeps all of them; no O(n) selection can reproduce an unstable sort's choice. Breadcrumbs
+and SCE likewise, at both ends of breadcrumbs' window and at SCE's variance threshold.
+DARE and DELLA draw differently from mergekit by design: compared in distribution.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -23,7 +26,11 @@ from bigmerge.merge import MergeOptions, run_merge
 
 GOLDEN = Path(__file__).parent / "golden"
 MANIFEST = json.loads((GOLDEN / "MANIFEST.json").read_text())
-CONFIGS = sorted(MANIFEST["configs"])
+# Random operators draw differently from mergekit (per element position, not torch's global
+# generator): their goldens are compared in distribution (test_random_ops_agree_in_distribution).
+RANDOM = ("dare_", "della")
+CONFIGS = sorted(n for n in MANIFEST["configs"] if not n.startswith(RANDOM))
+RANDOM_CONFIGS = sorted(n for n in MANIFEST["configs"] if n.startswith(RANDOM))
 INT_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
 
 
@@ -208,3 +215,79 @@ def test_same_tensors_as_mergekit(name: str, families: dict[str, dict[str, Path]
         "torch.", ""
     )
     assert (tmp_path / "out" / "tokenizer.json").exists()
+
+
+def _kept_stats(
+    out: torch.Tensor, base: torch.Tensor, delta: torch.Tensor, factor: float, keep_p: torch.Tensor
+) -> tuple[int, int, float, list[tuple[int, int, float]], int]:
+    """One fine-tune's output read back as base + mask * delta * factor * L1 ratio: (kept,
+    nonzero deltas, expected kept, per quarter of keep probability (kept, n, expected),
+    kept elements whose scale is not factor * L1 ratio)."""
+    moved = out.to(base.dtype) - base
+    nz = delta != 0  # a zero delta reads as dropped either way
+    kept = (moved != 0) & nz
+    ratio = float(delta.abs().sum() / delta[kept].abs().sum()) if kept.any() else 1.0
+    expected = delta[kept] * (factor * ratio)
+    slack = 1e-4 * expected.abs() + 4 * torch.finfo(torch.float32).eps * base[kept].abs()  # out = base + ...
+    off = int(((moved[kept] - expected).abs() > slack).sum())
+    quarters = []
+    lo, hi = float(keep_p.min()), float(keep_p.max())
+    if hi > lo:
+        edges = torch.linspace(lo, hi, 5)
+        for q in range(4):
+            sel = (keep_p >= edges[q]) & ((keep_p < edges[q + 1]) if q < 3 else (keep_p <= hi)) & nz
+            quarters.append((int(kept[sel].sum()), int(sel.sum()), float(keep_p[sel].sum())))
+    return int(kept.sum()), int(nz.sum()), float(keep_p[nz].sum()), quarters, off
+
+
+def _keep_probability(delta: torch.Tensor, density: float, epsilon: float | None) -> torch.Tensor:
+    """Each element's keep probability: density (DARE), or DELLA's by magnitude rank along dim 1."""
+    if epsilon is None:
+        return torch.full(delta.shape, density)
+    rows = delta.abs().float().reshape(delta.shape[0], -1) if delta.dim() > 1 else delta.abs().float()[None]
+    n = rows.shape[1]
+    rank_norm = rows.argsort(dim=1).argsort(dim=1).float() / max(1, n - 1)
+    return (density - epsilon + 2 * epsilon * rank_norm).reshape(delta.shape)
+
+
+@pytest.mark.parametrize("name", RANDOM_CONFIGS)
+def test_random_ops_agree_in_distribution(name: str, families: dict[str, dict[str, Path]], tmp_path: Path) -> None:
+    """DARE and DELLA against mergekit's own output (one fine-tune per config): both keep
+    `density` of each task vector (DELLA: density - eps + 2 eps rank_norm, checked per quarter
+    of that probability),
+    both scale the kept deltas by one factor, weight x L1 ratio, and the two kept fractions
+    agree within sampling error."""
+    cfg = MANIFEST["configs"][name]
+    fam = families[cfg["family"]]
+    text = (GOLDEN / cfg["config"]).read_text().format(**{k: str(v) for k, v in fam.items()})
+    (tmp_path / "c.yaml").write_text(text)
+    run_merge(str(tmp_path / "c.yaml"), str(tmp_path / "out"), SerialComm(), MergeOptions(quiet=True, block_bytes=4096))
+    ours = load_output(tmp_path / "out")
+    theirs = load_file(str(GOLDEN / f"{name}.safetensors"))
+    resolved = json.loads((GOLDEN / "resolved" / f"{name}.json").read_text())
+    totals = {"ours": [0, 0, 0.0], "theirs": [0, 0, 0.0]}  # kept, n, expected kept
+    by_quarter = {who: [[0, 0, 0.0] for _ in range(4)] for who in totals}
+    for tname, info in resolved.items():
+        dt = getattr(torch, info["compute_dtype"])
+        (model,) = [m for m in info["inputs"] if m != info["base"]]
+        base = _source(fam[info["base"]])[tname].to(dt)
+        delta = _source(fam[model])[tname].to(dt) - base
+        p = info["params"]
+        factor = (1.0 if p["normalize"] else p["weight"][model]) * p["lambda"]
+        keep_p = _keep_probability(delta, p["density"][model], p["epsilon"][model] if "epsilon" in p else None)
+        for who, out in (("ours", ours[tname]), ("theirs", theirs[tname])):
+            kept, n, expected, quarters, off = _kept_stats(out, base, delta, factor, keep_p)
+            assert off == 0, f"{who} {tname}: {off} kept elements not scaled by weight x L1 ratio"
+            for acc, add in zip([totals[who], *by_quarter[who]], [(kept, n, expected), *quarters]):
+                for k in range(3):
+                    acc[k] += add[k]
+    fracs = {}
+    for who in totals:
+        for kept, n, expected in [totals[who], *by_quarter[who]]:
+            if n:
+                d = expected / n
+                assert abs(kept / n - d) < 5 * math.sqrt(d * (1 - d) / n) + 1e-3, (
+                    f"{who}: kept {kept / n:.4f} of {n}, expected {d:.4f}"
+                )
+        fracs[who] = totals[who][0] / totals[who][1]
+    assert abs(fracs["ours"] - fracs["theirs"]) < 5 * math.sqrt(2 * 0.25 / totals["ours"][1])

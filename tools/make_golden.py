@@ -834,6 +834,62 @@ models:
 dtype: bfloat16
 """,
     ),
+    # Random operators: one fine-tune each, so that the test can read the kept elements and
+    # the rescale factor of mergekit's draws from its output and compare them in distribution.
+    GoldenCase(
+        "dare_linear_fp32",
+        "A",
+        """\
+merge_method: dare_linear
+base_model: {base}
+models:
+  - model: {ft1}
+    parameters:
+      density: 0.3
+      weight: 0.8
+""",
+    ),
+    GoldenCase(
+        "dare_ties_fp32",
+        "A",
+        """\
+merge_method: dare_ties
+base_model: {base}
+models:
+  - model: {ft2}
+    parameters:
+      density: [0.6, 0.2]
+      weight: 0.7
+""",
+    ),
+    GoldenCase(
+        "della_fp32",
+        "A",
+        """\
+merge_method: della
+base_model: {base}
+models:
+  - model: {ft1}
+    parameters:
+      density: 0.4
+      epsilon: 0.2
+      weight: 0.7
+""",
+    ),
+    GoldenCase(
+        "della_linear_bf16",
+        "B",
+        """\
+merge_method: della_linear
+base_model: {base}
+models:
+  - model: {ft3}
+    parameters:
+      density: 0.5
+      weight: 0.6
+dtype: float32
+""",
+    ),
     GoldenCase(
         "sce_fp32",
         "A",
