@@ -50,8 +50,10 @@ class RandomDropOp(TaskArithmeticOp):
         key = block_generator(task, 0, f"drop{i}").initial_seed()
         start = block.row0 * (n // max(1, block.row1 - block.row0))
         out = block.scratch.get("uniform", (n,), torch.float32)
-        kernels.uniform(key, start, out.numpy())
-        return out
+        if out.device.type == "cpu":
+            kernels.uniform(key, start, out.numpy())
+            return out
+        return out.copy_(torch.from_numpy(kernels.uniform(key, start, np.empty(n, dtype=np.float32))))
 
     def _draw(self, task: TensorTask, block: Block, stats: Any, i: int, delta: torch.Tensor) -> torch.Tensor:
         """Model i's random keep mask on this block (bool, flat, in scratch)."""

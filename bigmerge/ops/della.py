@@ -63,7 +63,7 @@ class DellaOp(RandomDropOp):
         out: Stats = {}
         for i, delta in self._deltas(task, block, self._sparse_models(task)):
             row = np.full(block_rows, np.nan)
-            row[: delta.numel()] = delta.abs().float().numpy()
+            row[: delta.numel()] = delta.abs().float().cpu().numpy()
             out[f"pb_mag{i}"] = row
         return out
 
@@ -85,14 +85,14 @@ class DellaOp(RandomDropOp):
         u = self._uniform(task, block, i, n)
         keep = block.scratch.get("keep", (n,), torch.bool)
         if isinstance(stats, TopK) and f"ranks{i}" in stats.extra:  # a 1-D tensor over several blocks
-            ranks = torch.from_numpy(stats.extra[f"ranks{i}"][block.row0 : block.row1])
+            ranks = torch.from_numpy(stats.extra[f"ranks{i}"][block.row0 : block.row1]).to(u.device)
             return torch.lt(u.double(), _probabilities(ranks, task.numel, d, e), out=keep)
         shape = task.shape
         flen = shape[1] if len(shape) > 1 else n
         inner = math.prod(shape[2:]) if len(shape) > 2 else 1
         outer = n // max(1, flen * inner)
         bits = _mag_bits(delta, block.scratch)
-        if kernels.AVAILABLE:
+        if kernels.AVAILABLE and bits.device.type == "cpu":
             kernels.rank_keep(
                 bits.numpy(), outer, flen, inner, u.numpy(), d - e, e, d, keep.numpy(), 4 * kernels.threads()
             )
@@ -100,14 +100,14 @@ class DellaOp(RandomDropOp):
         # the same ranks by a stable sort along each fiber, the same float64 arithmetic
         fibers = bits.view(outer, flen, inner).transpose(1, 2)
         order = torch.sort(fibers, dim=-1, stable=True).indices
-        ranks = torch.empty_like(order).scatter_(-1, order, torch.arange(flen).expand_as(order))
+        ranks = torch.empty_like(order).scatter_(-1, order, torch.arange(flen, device=order.device).expand_as(order))
         return torch.lt(u.double(), _probabilities(ranks.transpose(1, 2).reshape(-1), flen, d, e), out=keep)
 
 
 def _probabilities(ranks: torch.Tensor, n: int, density: float, epsilon: float) -> torch.Tensor:
     """Keep probabilities of 0-based ranks among n, in float64 (as kernels.rank_keep)."""
     if n == 1:
-        return torch.full(ranks.shape, density, dtype=torch.float64)
+        return torch.full(ranks.shape, density, dtype=torch.float64, device=ranks.device)
     return (density - epsilon) + (ranks.double() / (n - 1)) * 2.0 * epsilon
 
 
