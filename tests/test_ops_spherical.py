@@ -183,6 +183,6 @@ def test_sums_are_the_same_on_one_thread_or_many(monkeypatch: pytest.MonkeyPatch
     for threshold in (1 << 62, 0):  # one thread, then the parallel kernels
         monkeypatch.setattr(spherical, "_PARALLEL_MIN", threshold)
         lin = spherical.lincomb(x, coef, torch.empty(x.shape[1]))
-        runs.append((spherical.seg_gram(x, 1000), spherical.col_gram(x, 51), lin))
+        runs.append((spherical.seg_gram(x, 1000), spherical.col_gram(x[:, : 51 * 3855], 51), lin))
     assert (runs[0][0] == runs[1][0]).all() and (runs[0][1] == runs[1][1]).all()
     assert torch.equal(runs[0][2], runs[1][2])

@@ -110,7 +110,7 @@ class ModelStockOp(StatsOp):
             self._ratio(task, self._gram(task, block))
             if self.per_row(task)
             else self.stats_or_local(task, block, stats)
-        )
+        ).to(block.scratch.device)
         sc = block.scratch
         cols = task.shape[-1] if self.per_row(task) else block.inputs[0].numel()
         # t * (sum(ws) / count) + (1 - t) * base, the fine-tunes added left to right

@@ -419,6 +419,8 @@ class NuSlerpOp(StatsOp):
         if self.mode(task) == "rows":
             stats = self._coefs(task, self._gram(task, block))
         c: NuSlerpCoefs = self.stats_or_local(task, block, stats)
+        dev = block.scratch.device
+        c = NuSlerpCoefs(c.colinear.to(dev), c.sin_theta.to(dev), c.sin_a.to(dev), c.sin_b.to(dev))
         sc = block.scratch
         v0, v1 = self._vectors(task, block)
         cols = self.cols(task) if self.mode(task) != "whole" else v0.numel()
@@ -449,6 +451,20 @@ class MultiSlerpState:
     dots: torch.Tensor | None = None  # [n, 1]
     linear: bool = False  # the weighted mean vanished with two models: mergekit's linear fallback
     tangent_norm: torch.Tensor | None = None
+
+
+def _on(st: MultiSlerpState, device: torch.device) -> MultiSlerpState:
+    """The state's per-model vectors on the block's device (statistics are kept on the host)."""
+    if device.type == "cpu":
+        return st
+    return MultiSlerpState(
+        st.weights.to(device),
+        st.norms.to(device),
+        st.mean_norm,
+        None if st.dots is None else st.dots.to(device),
+        st.linear,
+        st.tangent_norm,
+    )
 
 
 class MultiSlerpOp(StatsOp):
@@ -510,12 +526,12 @@ class MultiSlerpOp(StatsOp):
             x = self._vectors(task, block)
             return {"sq": np.diagonal(whole_gram(stack_rows(list(x), sc, f))).copy()}
         if rnd == 1:
-            units, mean = self._units_mean(task, block, prev)
+            units, mean = self._units_mean(task, block, _on(prev, sc.device))
             g = whole_gram(stack_rows([*units, mean], sc, f))
             return {"mean": g[-1].copy()}
         if prev.linear:
             return {}
-        _, tangent = self._tangent(task, block, prev)
+        _, tangent = self._tangent(task, block, _on(prev, sc.device))
         return {"tan": whole_gram(stack_rows([tangent], sc, f))[0]}
 
     def finish(self, rnd: int, task: TensorTask, reduced: Stats, prev: Any) -> Any:
@@ -552,6 +568,7 @@ class MultiSlerpOp(StatsOp):
         if task.numel == 0:
             return torch.empty(shape, dtype=dt)
         st: MultiSlerpState = self.stats_or_local(task, block, stats)
+        st = _on(st, sc.device)
         if st.linear:
             x = self._vectors(task, block)
             w = self._weights(task).view(-1)
