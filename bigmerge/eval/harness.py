@@ -36,6 +36,7 @@ dataset_path: json
 dataset_kwargs:
   data_files:
     test: {data}
+  cache_dir: {cache}
 test_split: test
 output_type: loglikelihood
 doc_to_text: "{{{{prompt}}}}"
@@ -71,7 +72,10 @@ def write_zoo_tasks(task_dir: str | Path) -> Path:
     d = Path(task_dir).resolve()
     data = zoo_tasks.write_eval_files(d)
     for skill, path in data.items():
-        text = _TASK_YAML.format(name=f"zoo_{skill}", data=str(path), version=zoo_tasks.DATA_VERSION)
+        # datasets' arrow cache beside the data: removed with it, not left in ~/.cache per run
+        text = _TASK_YAML.format(
+            name=f"zoo_{skill}", data=str(path), cache=str(d / "hf-cache"), version=zoo_tasks.DATA_VERSION
+        )
         (d / f"zoo_{skill}.yaml").write_text(text, encoding="utf-8")
     return d
 
