@@ -186,3 +186,16 @@ def test_sums_are_the_same_on_one_thread_or_many(monkeypatch: pytest.MonkeyPatch
         runs.append((spherical.seg_gram(x, 1000), spherical.col_gram(x[:, : 51 * 3855], 51), lin))
     assert (runs[0][0] == runs[1][0]).all() and (runs[0][1] == runs[1][1]).all()
     assert torch.equal(runs[0][2], runs[1][2])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_slerp_is_the_torch_code(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype) -> None:
+    from bigmerge.ops import spherical
+
+    f = synthetic_family(tmp_path / "fam", n=1, dtype=dtype, rows=40)
+    text = f"merge_method: slerp\nbase_model: {f['base']}\n" + models((f["base"], ""), (f["ft1"], ""))
+    text += "parameters: {t: [0.3, 0.8]}\n"
+    outs = [merge(text, tmp_path, "fused", 200), merge(text, tmp_path, "fused1", 1 << 20)]
+    monkeypatch.setattr(spherical, "fused_pair", lambda *args: None)
+    assert_bit_identical(merge(text, tmp_path, "torch", 200), outs[0])
+    assert_bit_identical(merge(text, tmp_path, "torch1", 1 << 20), outs[1])

@@ -121,6 +121,118 @@ def _lincomb_parallel(x: np.ndarray, coef: np.ndarray, out: np.ndarray) -> None:
         _lincomb_part(x, coef, s * _SEG, min(m, (s + 1) * _SEG), out)
 
 
+@njit(cache=True)
+def _chunk(
+    xf: np.ndarray, xb: np.ndarray, bf16: bool, j0: int, j1: int, buf: np.ndarray
+) -> np.ndarray:  # pragma: no cover
+    """x[j0:j1] as float32: the float32 source itself, or bfloat16 bits widened (exact) into buf."""
+    if not bf16:
+        return xf[j0:j1]
+    for j in range(j0, j1):
+        buf[j - j0] = np.uint32(np.uint16(xb[j])) << np.uint32(16)
+    return buf[: j1 - j0].view(np.float32)
+
+
+@njit(cache=True)
+def _pair_gram_part(
+    xf: np.ndarray, yf: np.ndarray, xb: np.ndarray, yb: np.ndarray, bf16: bool, j0: int, j1: int, out: np.ndarray
+) -> None:  # pragma: no cover - compiled
+    """_gram_part of the rows (x, y), read straight from the sources: the same sums, the same bits."""
+    bx = np.empty(j1 - j0, dtype=np.uint32)
+    by = np.empty(j1 - j0, dtype=np.uint32)
+    x = _chunk(xf, xb, bf16, j0, j1, bx)
+    y = _chunk(yf, yb, bf16, j0, j1, by)
+    rows = np.empty((2, j1 - j0), dtype=np.float32)
+    rows[0] = x
+    rows[1] = y
+    _gram_part(rows, 0, j1 - j0, out)
+
+
+@njit(cache=True)
+def _pair_gram_serial(
+    xf: np.ndarray, yf: np.ndarray, xb: np.ndarray, yb: np.ndarray, bf16: bool, m: int, out: np.ndarray
+) -> None:  # pragma: no cover - compiled
+    for s in range(out.shape[0]):
+        _pair_gram_part(xf, yf, xb, yb, bf16, s * _SEG, min(m, (s + 1) * _SEG), out[s])
+
+
+@njit(cache=True, parallel=True)
+def _pair_gram_parallel(
+    xf: np.ndarray, yf: np.ndarray, xb: np.ndarray, yb: np.ndarray, bf16: bool, m: int, out: np.ndarray
+) -> None:  # pragma: no cover - compiled
+    for s in prange(out.shape[0]):
+        _pair_gram_part(xf, yf, xb, yb, bf16, s * _SEG, min(m, (s + 1) * _SEG), out[s])
+
+
+@njit(cache=True)
+def _pair_lerp_part(
+    xf: np.ndarray,
+    yf: np.ndarray,
+    xb: np.ndarray,
+    yb: np.ndarray,
+    bf16: bool,
+    ca: np.float32,
+    cb: np.float32,
+    j0: int,
+    j1: int,
+    out: np.ndarray,
+) -> None:  # pragma: no cover - compiled
+    """out[j0:j1] = ca * x + cb * y in float32, each product rounded, as torch computes it."""
+    bx = np.empty(j1 - j0, dtype=np.uint32)
+    by = np.empty(j1 - j0, dtype=np.uint32)
+    x = _chunk(xf, xb, bf16, j0, j1, bx)
+    y = _chunk(yf, yb, bf16, j0, j1, by)
+    for j in range(j1 - j0):
+        out[j0 + j] = np.float32(ca * x[j]) + np.float32(cb * y[j])
+
+
+@njit(cache=True)
+def _pair_lerp_serial(
+    xf: np.ndarray,
+    yf: np.ndarray,
+    xb: np.ndarray,
+    yb: np.ndarray,
+    bf16: bool,
+    ca: np.float32,
+    cb: np.float32,
+    out: np.ndarray,
+) -> None:  # pragma: no cover - compiled
+    m = out.shape[0]
+    for s in range((m + _SEG - 1) // _SEG):
+        _pair_lerp_part(xf, yf, xb, yb, bf16, ca, cb, s * _SEG, min(m, (s + 1) * _SEG), out)
+
+
+@njit(cache=True, parallel=True)
+def _pair_lerp_parallel(
+    xf: np.ndarray,
+    yf: np.ndarray,
+    xb: np.ndarray,
+    yb: np.ndarray,
+    bf16: bool,
+    ca: np.float32,
+    cb: np.float32,
+    out: np.ndarray,
+) -> None:  # pragma: no cover - compiled
+    m = out.shape[0]
+    for s in prange((m + _SEG - 1) // _SEG):
+        _pair_lerp_part(xf, yf, xb, yb, bf16, ca, cb, s * _SEG, min(m, (s + 1) * _SEG), out)
+
+
+def fused_pair(task: TensorTask, block: Block, i: int, j: int) -> tuple[np.ndarray, ...] | None:
+    """Sources i and j of the block as (xf, yf, xb, yb, bf16) for the fused kernels, or None
+    where those do not apply (no numba, not on the CPU, or a source not in the compute dtype)."""
+    dt = task.compute_dtype
+    x, y = block.inputs[i], block.inputs[j]
+    if not AVAILABLE or block.scratch.device.type != "cpu" or dt not in (torch.float32, torch.bfloat16):
+        return None
+    if x.dtype != dt or y.dtype != dt or not (x.is_contiguous() and y.is_contiguous()):
+        return None
+    empty_f, empty_b = np.empty(0, np.float32), np.empty(0, np.int16)
+    if dt == torch.bfloat16:
+        return empty_f, empty_f, x.reshape(-1).view(torch.int16).numpy(), y.reshape(-1).view(torch.int16).numpy(), True
+    return x.reshape(-1).numpy(), y.reshape(-1).numpy(), empty_b, empty_b, False
+
+
 def _parallel(x: torch.Tensor) -> bool:
     """Threads only pay off on large blocks: starting them costs more than a small block's sums."""
     return x.numel() >= _PARALLEL_MIN
@@ -265,7 +377,17 @@ class SlerpOp(StatsOp):
         return stack_rows(rows, sc, wide(task), "pair")
 
     def stats(self, rnd: int, task: TensorTask, block: Block, prev: Any) -> Stats:
-        return {"gram": whole_gram(self._pair(task, block))}
+        b = require_base(self, task)
+        fused = fused_pair(task, block, b, 1 - b)
+        if fused is None:
+            return {"gram": whole_gram(self._pair(task, block))}
+        m = block.inputs[b].numel()
+        parts = np.zeros(((m + _SEG - 1) // _SEG, 2, 2))
+        (_pair_gram_parallel if 2 * m >= _PARALLEL_MIN else _pair_gram_serial)(*fused, m, parts)
+        acc = np.zeros((2, 2))
+        for p in parts:  # the same order and bits as whole_gram
+            acc = acc + p
+        return {"gram": acc}
 
     def finish(self, rnd: int, task: TensorTask, reduced: Stats, prev: Any) -> Any:
         g = reduced["gram"]
@@ -293,6 +415,12 @@ class SlerpOp(StatsOp):
         sc = block.scratch
         f = wide(task)
         b = require_base(self, task)
+        fused = fused_pair(task, block, b, 1 - b)
+        if fused is not None:  # the same float32 operations in one pass
+            out = sc.get("out", (block.inputs[b].numel(),), torch.float32)
+            lerp = _pair_lerp_parallel if 2 * out.numel() >= _PARALLEL_MIN else _pair_lerp_serial
+            lerp(*fused, np.float32(coef_a.item()), np.float32(coef_b.item()), out.numpy())
+            return out.view(shape) if dt == f else sc.get("res", shape, dt).copy_(out.view(shape))
         x, y = (as_compute(block.inputs[i], dt, sc, f"cast{i}").reshape(-1) for i in (b, 1 - b))
         # coef_a * x + coef_b * y in float32 (float64), from the compute dtype as mergekit
         out = torch.mul(as_compute(x, f, sc, "wide_x"), coef_a, out=sc.get("out", x.shape, f))
