@@ -267,3 +267,18 @@ def test_seed_on_the_command_line_changes_the_output(tmp_path: Path) -> None:
     assert_bit_identical(outs["config"], load_output(tmp_path / "again"))
     k = "model.layers.0.mlp.up_proj.weight"
     assert not torch.equal(outs["config"][k], outs["other"][k])
+
+
+def test_edge_cases_as_mergekit() -> None:
+    base, ft = family(1, (10, 10))
+    # breadcrumbs with int(density * numel) = 0 keeps nothing
+    assert torch.equal(run_op("breadcrumbs", [base, ft], weight=1.0, density=0.005, gamma=0.0), base)
+    # SCE of one fine-tune with select_topk < 1: no variance, nothing selected, the base
+    assert torch.equal(run_op("sce", [base, ft], shared={"select_topk": 0.5}), base)
+    # DARE without rescale: kept deltas are the deltas, weighted
+    out = run_op("dare_linear", [torch.zeros(10, 10), ft], shared={"rescale": False}, weight=0.5, density=0.5)
+    kept = out != 0
+    assert torch.equal(out[kept], ft[kept] * 0.5)
+    # DELLA on rows of one element keeps with probability density (mergekit cannot rank them)
+    col = run_op("della_linear", [torch.zeros(4000, 1), torch.ones(4000, 1)], weight=1.0, density=0.3, epsilon=0.1)
+    assert abs(float((col != 0).float().mean()) - 0.3) < 0.04
