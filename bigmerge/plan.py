@@ -148,6 +148,7 @@ class Plan:
             shared=t.shared,
             per_model=t.per_model,
             compute_dtype=DTYPES[t.compute_dtype or self.compute_dtype][0],
+            out_dtype=DTYPES[t.out_dtype][0],
             seed=self.seed,
         )
 

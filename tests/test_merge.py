@@ -227,6 +227,34 @@ models:
     assert_bit_identical(fused, plain)
 
 
+@pytest.mark.parametrize(
+    ("dtype", "extra"),
+    [
+        (torch.bfloat16, "dtype: float32\nout_dtype: bfloat16"),
+        (torch.bfloat16, ""),
+        (torch.bfloat16, "dtype: float32"),
+        (torch.float32, "parameters: {normalize: false}"),
+        (torch.float32, "out_dtype: bfloat16"),
+    ],
+)
+def test_fused_linear_matches_the_torch_code(
+    tmp_path: Path, dtype: torch.dtype, extra: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bigmerge.ops import kernels
+
+    assert kernels.AVAILABLE
+    f = synthetic_family(tmp_path / "m", n=4, dtype=dtype, rows=64)
+    text = "merge_method: linear\nmodels:\n" + "".join(
+        f"  - model: {f[k]}\n    parameters: {{weight: {w}}}\n"
+        for k, w in zip(["base", "ft1", "ft2", "ft3", "ft4"], [0.1, 0.7, 0.3, -0.25, 0.45])
+    )
+    text += extra + "\n"
+    fused = merge(text, tmp_path, "fused", block_bytes=700)
+    monkeypatch.setattr(kernels, "AVAILABLE", False)
+    plain = merge(text, tmp_path, "plain", block_bytes=700)
+    assert_bit_identical(fused, plain)
+
+
 def test_store_shards_are_sized_to_their_tensor(family: dict[str, Path], tmp_path: Path) -> None:
     """A small tensor is one block of its own size: no padding to the block budget on disk."""
     cfg = tmp_path / "s.yaml"

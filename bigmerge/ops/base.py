@@ -54,6 +54,7 @@ class TensorTask:
     compute_dtype: torch.dtype
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    out_dtype: torch.dtype | None = None  # what the writer stores; an operator may return it directly
 
     @property
     def non_base(self) -> list[int]:
