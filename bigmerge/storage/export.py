@@ -87,16 +87,22 @@ def write_file(
         # The whole file again on a retry: a streamed upload cannot resume mid-way.
         hashes.clear()
         loc.fs.makedirs(out.path, exist_ok=True)
+        # Hashing runs on its own thread (hashlib releases the GIL), beside the writes of the
+        # main thread and the reads ahead: sha256 of a large output is otherwise serial time.
         with (
             ThreadPoolExecutor(max_workers=prefetch, thread_name_prefix="bigmerge-export") as pool,
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="bigmerge-hash") as hash_pool,
             loc.fs.open(loc.path, "wb") as f,
         ):
             f.write(header)
             pending: deque[Future[np.ndarray]] = deque()
+            hashed: list[Future[None]] = []  # per block: its ring slot is free once hashed and written
             nxt = 0
             hasher = None
             for k, (t, b) in enumerate(blocks):
                 while nxt < len(blocks) and nxt - k <= prefetch - 1:
+                    if nxt >= len(ring):
+                        hashed[nxt - len(ring)].result()
                     tt, bb = blocks[nxt]
                     pending.append(pool.submit(store.read_block, tt, bb, ring[nxt % len(ring)]))
                     nxt += 1
@@ -104,9 +110,10 @@ def write_file(
                 if b == 0:
                     hasher = hashlib.sha256()
                 assert hasher is not None
-                hasher.update(data)
+                hashed.append(hash_pool.submit(hasher.update, data))
                 f.write(data)
                 if b == t.n_blocks - 1:
+                    hashed[-1].result()
                     hashes[t.name] = hasher.hexdigest()
             for t in tensors:
                 if t.n_blocks == 0:
