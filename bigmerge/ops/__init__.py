@@ -6,6 +6,7 @@ from bigmerge.errors import ConfigError
 from bigmerge.ops.base import MergeOp
 from bigmerge.ops.data_informed import FisherOp, RegMeanOp
 from bigmerge.ops.breadcrumbs import BreadcrumbsOp, BreadcrumbsTiesOp
+from bigmerge.ops.dam import DamOp
 from bigmerge.ops.dare import DareLinearOp, DareTiesOp
 from bigmerge.ops.della import DellaLinearOp, DellaOp
 from bigmerge.ops.geometric import ModelStockOp, NearSwapOp
@@ -30,6 +31,7 @@ REGISTRY[MultiSlerpOp.name] = MultiSlerpOp
 REGISTRY[KarcherOp.name] = KarcherOp
 REGISTRY[ModelStockOp.name] = ModelStockOp
 REGISTRY[NearSwapOp.name] = NearSwapOp
+REGISTRY[DamOp.name] = DamOp
 
 
 def get_op(name: str) -> MergeOp:

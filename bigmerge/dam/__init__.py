@@ -1,0 +1,1 @@
+"""DAM: learned per-column merge coefficients (`bigmerge dam`)."""

@@ -1,0 +1,540 @@
+"""`bigmerge dam`: train the DAM coefficients, then write them and a merge config.
+
+One optimizer step, as the paper states the loss:
+
+    for each micro batch (gradient_accumulation of them):
+        for each source k, on a batch of k's own data:
+            z_k = source k alone (no grad)             # teacher logits, on the fly
+            z   = the merged model                     # W = sum_i W_i diag(f(c_i)) in every layer
+            loss = T^2 KL(softmax(z_k/T) || softmax(z/T)) over non-padding tokens + regularisers
+            backward(loss)                             # DeepSpeed averages over the micro steps
+    step()
+
+so the gradient is that of mean_k KL_k + regularisers. Under DeepSpeed (the default) the model is
+built inside `zero.Init`: every source weight is partitioned over the processes and offloaded to
+the CPU as it is read; only the coefficients are trainable. `training.engine: torch` runs the
+same loop in one process without DeepSpeed.
+
+Launch with `deepspeed`, `torchrun` or `mpirun` (the rank comes from the launcher's
+environment; gloo on the CPU, NCCL with GPUs), or as a plain command (one process).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bigmerge.dam.config import DamConfig, load_dam_config
+from bigmerge.dam.data import model_name, read_texts
+from bigmerge.dam.model import (
+    DamModel,
+    Sources,
+    build_dam_model,
+    coefficient_tensors,
+    describe,
+    distillation_loss,
+    open_sources,
+    regulariser,
+)
+from bigmerge.errors import ConfigError, SourceError
+
+STATE_FILE = "state.safetensors"
+LATEST = "latest"
+
+
+@dataclass
+class DamOptions:
+    merge_out: str | None = None  # also run `bigmerge merge` of the written config into this directory
+    restart: bool = False  # ignore checkpoints in the output directory
+    quiet: bool = False
+    dry_run: bool = False
+    overwrite: bool = False  # --merge: replace a finished merge at OUT
+
+
+# ---------------------------------------------------------------------------- processes
+
+
+def dist_env() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun / deepspeed / mpirun variables; (0, 1, 0) alone."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
+    if "OMPI_COMM_WORLD_RANK" in env:
+        return (
+            int(env["OMPI_COMM_WORLD_RANK"]),
+            int(env["OMPI_COMM_WORLD_SIZE"]),
+            int(env.get("OMPI_COMM_WORLD_LOCAL_RANK", 0)),
+        )
+    if "PMI_RANK" in env:
+        return int(env["PMI_RANK"]), int(env["PMI_SIZE"]), int(env.get("MPI_LOCALRANKID", 0))
+    return 0, 1, 0
+
+
+def _device(cfg: DamConfig, local_rank: int) -> torch.device:
+    want = cfg.training.device
+    if want == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("training.device is cuda, but torch sees no GPU")
+    if want != "cpu" and torch.cuda.is_available():
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _import_deepspeed() -> Any:
+    import warnings
+
+    # torch 2.13 deprecates the collectives DeepSpeed calls, once per call
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed.*")
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    import deepspeed
+    import deepspeed.comm.torch  # noqa: F401
+
+    # The shared-memory comm op is a 50-85 s JIT build on the CPU; gloo does the same job here.
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None  # type: ignore[attr-defined]
+    return deepspeed
+
+
+def init_processes(cfg: DamConfig, device: torch.device) -> tuple[int, int]:
+    rank, world, _ = dist_env()
+    if cfg.training.engine == "torch":
+        if world > 1:
+            raise ConfigError("training.engine torch runs one process; use engine deepspeed for several")
+        return 0, 1
+    deepspeed = _import_deepspeed()
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29511")
+    os.environ.setdefault("RANK", str(rank))
+    os.environ.setdefault("WORLD_SIZE", str(world))
+    os.environ.setdefault("LOCAL_RANK", str(dist_env()[2]))
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(
+            dist_backend="nccl" if device.type == "cuda" else "gloo", auto_mpi_discovery=False, verbose=False
+        )
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+# ---------------------------------------------------------------------------- data
+
+
+def tokenize_sources(cfg: DamConfig, sources: Sources) -> list[list[list[int]]]:
+    """Per source, its examples as token ids (its own tokenizer), shuffled once by the seed."""
+    from transformers import AutoTokenizer
+
+    out = []
+    for k, m in enumerate(cfg.models):
+        if not Path(m.data).is_file():
+            raise ConfigError(f"{m.data}: data file of model {m.model} not found")
+        texts = read_texts(m.data, cfg.data.max_examples)
+        tok = AutoTokenizer.from_pretrained(sources.refs[k].removeprefix("file://"))
+        ids = [tok(t, truncation=True, max_length=cfg.data.max_length)["input_ids"] for t in texts]
+        ids = [x for x in ids if len(x) >= 1]
+        if not ids:
+            raise ConfigError(f"{m.data}: no example has a token after tokenization")
+        if cfg.data.shuffle:
+            random.Random(f"{cfg.training.seed}/{k}").shuffle(ids)
+        out.append(ids)
+    return out
+
+
+def pad_id(ref: str) -> int:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(ref.removeprefix("file://"))
+    for v in (tok.pad_token_id, tok.eos_token_id, 0):
+        if v is not None:
+            return int(v)
+    return 0
+
+
+def batch_of(
+    examples: list[int] | list[list[int]], micro: int, rank: int, world: int, size: int, pad: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Micro step `micro`'s batch on `rank`: examples rank, rank + world, ... cycled, right-padded."""
+    local = examples[rank::world] or examples
+    rows = [local[(micro * size + j) % len(local)] for j in range(size)]
+    width = max(len(r) for r in rows)
+    ids = torch.full((size, width), pad, dtype=torch.long)
+    mask = torch.zeros((size, width), dtype=torch.long)
+    for j, r in enumerate(rows):
+        ids[j, : len(r)] = torch.tensor(r)
+        mask[j, : len(r)] = 1
+    return ids, mask
+
+
+def micro_steps_per_epoch(data: list[list[list[int]]], world: int, batch: int) -> int:
+    """The same on every process: the longest source's per-process examples over the batch size."""
+    return max(math.ceil(math.ceil(len(d) / world) / batch) for d in data)
+
+
+# ---------------------------------------------------------------------------- engines
+
+
+class TorchEngine:
+    """DeepSpeed's engine interface (forward, backward, step) for one process without DeepSpeed."""
+
+    def __init__(self, model: DamModel, lr: float, betas: tuple[float, float], wd: float, accumulation: int):
+        self.module = model.module
+        self.params = model.trainable()
+        self.optimizer = torch.optim.AdamW(self.params.values(), lr=lr, betas=betas, weight_decay=wd)
+        self.accumulation = accumulation
+        self.micro = 0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.module(*args, **kwargs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.accumulation).backward()
+
+    def step(self) -> None:
+        self.micro += 1
+        if self.micro % self.accumulation == 0:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+
+    def full_values(self, model: DamModel) -> dict[str, torch.Tensor]:
+        return {k: p.detach().float().clone() for k, p in model.coefficient_params().items()}
+
+    def optimizer_state(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, p in self.params.items():
+            st = self.optimizer.state.get(p, {})
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in st:
+                    out[f"{key}/{name}"] = st[key].detach().float().clone()
+        return out
+
+    def load(self, values: dict[str, torch.Tensor], state: dict[str, torch.Tensor], step: int) -> None:
+        for name, p in self.params.items():
+            with torch.no_grad():
+                p.copy_(values[f"param/{name}"])
+            if f"exp_avg/{name}" in state:
+                self.optimizer.state[p] = {
+                    "step": torch.tensor(float(step)),
+                    "exp_avg": state[f"exp_avg/{name}"].clone(),
+                    "exp_avg_sq": state[f"exp_avg_sq/{name}"].clone(),
+                }
+
+
+class DeepSpeedEngine:
+    """deepspeed.initialize's engine, and the collective reads and writes of full coefficients."""
+
+    def __init__(self, model: DamModel, cfg: DamConfig, ds_config: dict[str, Any]):
+        deepspeed = _import_deepspeed()
+        self.params = model.trainable()
+        t = cfg.training
+        opt = torch.optim.AdamW(self.params.values(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=model.module, optimizer=opt, model_parameters=list(self.params.values()), config=ds_config
+        )
+        self.module = self.engine.module
+        self.deepspeed = deepspeed
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.engine(*args, **kwargs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+
+    def step(self) -> None:
+        self.engine.step()
+
+    def full_values(self, model: DamModel) -> dict[str, torch.Tensor]:
+        """Every coefficient, gathered (collective): fp32 master values of trainable ones."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        out = {}
+        for name, p in model.coefficient_params().items():
+            if p.requires_grad:
+                out[name] = safe_get_full_fp32_param(p).detach().float().clone()
+            else:
+                with self.deepspeed.zero.GatheredParameters([p]):
+                    out[name] = p.detach().float().clone()
+        return out
+
+    def optimizer_state(self) -> dict[str, torch.Tensor]:
+        from deepspeed.utils import safe_get_full_optimizer_state
+
+        out = {}
+        for name, p in self.params.items():
+            for key in ("exp_avg", "exp_avg_sq"):
+                v = safe_get_full_optimizer_state(p, key)
+                if v is not None:
+                    out[f"{key}/{name}"] = v.detach().float().clone()
+        return out
+
+    def load(self, values: dict[str, torch.Tensor], state: dict[str, torch.Tensor], step: int) -> None:
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        zero = self.engine.optimizer
+        inner = getattr(zero, "optimizer", None)
+        if inner is not None:  # torch's AdamW makes its state at the first step: make it now, to fill in
+            for flat in getattr(zero, "fp32_partitioned_groups_flat", []):
+                if not inner.state.get(flat):
+                    inner.state[flat] = {
+                        "step": torch.tensor(0.0),
+                        "exp_avg": torch.zeros_like(flat),
+                        "exp_avg_sq": torch.zeros_like(flat),
+                    }
+        for name, p in self.params.items():
+            # the optimizer's fp32 master copy, and the (offloaded) partition the forward gathers
+            safe_set_full_fp32_param(p, values[f"param/{name}"])
+            with self.deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                if torch.distributed.get_rank() == 0:
+                    p.data.copy_(values[f"param/{name}"].to(p.dtype))
+            for key in ("exp_avg", "exp_avg_sq"):
+                if f"{key}/{name}" in state:
+                    safe_set_full_optimizer_state(p, state[f"{key}/{name}"], key)
+        if inner is not None:  # Adam's bias correction counts steps: continue from the checkpoint's
+            for st in inner.state.values():
+                if "step" in st:
+                    st["step"] = torch.full_like(torch.as_tensor(st["step"]), float(step))
+
+
+# ---------------------------------------------------------------------------- checkpoints
+
+
+def run_fingerprint(cfg: DamConfig, sources: Sources) -> str:
+    import hashlib
+
+    keep = cfg.model_dump(
+        mode="json",
+        exclude={
+            "output": True,
+            "merge": True,
+            "training": {"log_every", "checkpoint_every", "max_steps", "epochs", "device"},
+        },
+    )
+    return hashlib.sha256((json.dumps(keep, sort_keys=True) + sources.fingerprint()).encode()).hexdigest()[:16]
+
+
+def save_checkpoint(out: Path, step: int, engine: Any, model: DamModel, fingerprint: str, rank: int) -> None:
+    """Collective: every process gathers; rank 0 writes checkpoints/step-N/state.safetensors, then `latest`."""
+    values = {f"param/{k}": v for k, v in engine.full_values(model).items()}
+    state = engine.optimizer_state()
+    if rank != 0:
+        return
+    from safetensors.torch import save_file
+
+    d = out / "checkpoints" / f"step-{step:08d}"
+    d.mkdir(parents=True, exist_ok=True)
+    tmp = d / (STATE_FILE + ".tmp")
+    save_file({**values, **state}, str(tmp), metadata={"step": str(step), "fingerprint": fingerprint})
+    tmp.replace(d / STATE_FILE)
+    latest = out / "checkpoints" / LATEST
+    (out / "checkpoints" / "latest.tmp").write_text(d.name + "\n")
+    (out / "checkpoints" / "latest.tmp").replace(latest)
+
+
+def find_checkpoint(out: Path, fingerprint: str) -> tuple[int, dict[str, torch.Tensor]] | None:
+    latest = out / "checkpoints" / LATEST
+    if not latest.is_file():
+        return None
+    path = out / "checkpoints" / latest.read_text().strip() / STATE_FILE
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("fingerprint") != fingerprint:
+        raise ConfigError(
+            f"{path}: a checkpoint of another DAM run (other models, data or settings); "
+            "use --restart to train from the start, or another output directory"
+        )
+    return int(meta["step"]), load_file(str(path))
+
+
+# ---------------------------------------------------------------------------- outputs
+
+
+def write_outputs(cfg: DamConfig, sources: Sources, model: DamModel, values: dict[str, torch.Tensor]) -> Path:
+    """coefficients/<i>-<model-name>.safetensors per source and merge.yaml; returns merge.yaml's path."""
+    import yaml
+    from safetensors.torch import save_file
+
+    out = Path(cfg.output)
+    (out / "coefficients").mkdir(parents=True, exist_ok=True)
+    per_source = coefficient_tensors(model, values)
+    files = []
+    for i, ref in enumerate(sources.refs):
+        f = out / "coefficients" / f"{i}-{model_name(ref)}.safetensors"
+        tmp = f.with_suffix(".tmp")
+        save_file(per_source[i], str(tmp), metadata={"model": ref, "activation": cfg.coefficients.activation})
+        tmp.replace(f)
+        files.append(f)
+    merge = {
+        "merge_method": "dam",
+        "models": [
+            {"model": ref, "parameters": {"coefficients": str(f.resolve())}} for ref, f in zip(sources.refs, files)
+        ],
+        "dtype": cfg.merge.dtype,
+    }
+    if cfg.merge.out_dtype:
+        merge["out_dtype"] = cfg.merge.out_dtype
+    path = out / "merge.yaml"
+    path.write_text(
+        "# written by `bigmerge dam`: the merged model is sum_i W_i diag(a_i), a_i in each coefficients file\n"
+        + yaml.safe_dump(merge, sort_keys=False)
+    )
+    return path
+
+
+# ---------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class TrainResult:
+    model: DamModel
+    history: list[dict[str, float]]  # per optimizer step of this run: kl, loss
+    merge_yaml: Path | None  # on rank 0
+
+
+def train(cfg: DamConfig, opts: DamOptions) -> TrainResult:
+    """Train, then write coefficients and merge.yaml (rank 0)."""
+    rank0, world0, local_rank = dist_env()
+    device = _device(cfg, local_rank)
+    sources = open_sources([m.model for m in cfg.models])
+    data = tokenize_sources(cfg, sources)
+    pads = [pad_id(r) for r in sources.refs]
+    rank, world = init_processes(cfg, device)
+    log = (
+        (lambda msg: None)
+        if opts.quiet or rank != 0
+        else (lambda msg: print(f"bigmerge dam: {msg}", file=sys.stderr, flush=True))
+    )
+
+    n = len(cfg.models)
+    t = cfg.training
+    per_epoch = micro_steps_per_epoch(data, world, t.batch_size)
+    total_micro = max(1, math.ceil(per_epoch * t.epochs))
+    total_steps = math.ceil(total_micro / t.gradient_accumulation)
+    if t.max_steps is not None:
+        total_steps = min(total_steps, t.max_steps)
+    dtype = torch.bfloat16 if t.dtype == "bfloat16" else torch.float32
+    fingerprint = run_fingerprint(cfg, sources)
+
+    partition = None
+    ds_config = None
+    if t.engine == "deepspeed":
+        deepspeed = _import_deepspeed()
+        ds_config = cfg.deepspeed_config(n * t.gradient_accumulation)  # one micro step per source
+        # dtype comes from the config's bf16 switch: an explicit dtype= is misread on CPUs
+        # (DeepSpeed 0.19 evaluates `dtype or fp16 if fp16_supported else bf16`, i.e. bf16 here)
+        partition = deepspeed.zero.Init(config_dict_or_path=ds_config) if _stage(ds_config) == 3 else None
+    t0 = time.perf_counter()
+    model = build_dam_model(sources, cfg.coefficients, dtype, t.seed, partition)
+    if not model.trainable():
+        raise ConfigError("no trainable coefficients: enable coefficients.linear, biases, embeddings or norms")
+    engine: Any
+    if t.engine == "deepspeed":
+        assert ds_config is not None
+        engine = DeepSpeedEngine(model, cfg, ds_config)
+    else:
+        model.module.to(device)
+        engine = TorchEngine(model, t.lr, t.betas, t.weight_decay, n * t.gradient_accumulation)
+    log(
+        f"{n} models, {describe(model)}; {world} process(es), engine {t.engine}, {device.type}; "
+        f"{total_steps} steps of {t.gradient_accumulation} x {n} micro batches of {t.batch_size} ({time.perf_counter() - t0:.1f} s to build)"
+    )
+
+    out = Path(cfg.output)
+    start = 0
+    found = None if opts.restart else find_checkpoint(out, fingerprint)
+    if found is not None:
+        start, state = found
+        engine.load(state, state, start)
+        log(f"resumed from step {start} ({out / 'checkpoints'})")
+
+    history = []
+    t_log, tokens = time.perf_counter(), 0
+    for step in range(start, total_steps):
+        losses = []
+        for acc in range(t.gradient_accumulation):
+            micro = step * t.gradient_accumulation + acc
+            for k in range(n):
+                ids, mask = batch_of(data[k], micro, rank, world, t.batch_size, pads[k])
+                ids, mask = ids.to(device), mask.to(device)
+                with torch.no_grad():
+                    model.set_teacher(k)
+                    z_k = engine(input_ids=ids, attention_mask=mask, use_cache=False).logits
+                model.set_teacher(None)
+                z = engine(input_ids=ids, attention_mask=mask, use_cache=False).logits
+                kd = distillation_loss(z_k, z, mask, cfg.loss.temperature)
+                loss = kd + regulariser(model.take_terms(), cfg.loss)
+                engine.backward(loss)
+                engine.step()
+                losses.append((kd.item(), loss.detach().item()))
+                tokens += int(mask.sum())
+        kd_mean = sum(x[0] for x in losses) / len(losses)
+        loss_mean = sum(x[1] for x in losses) / len(losses)
+        history.append({"step": step + 1, "kl": kd_mean, "loss": loss_mean})
+        done = step + 1
+        if done % t.log_every == 0 or done == total_steps or done == start + 1:
+            now = time.perf_counter()
+            rate = tokens * world / max(now - t_log, 1e-9)
+            log(f"step {done}/{total_steps}  loss {loss_mean:.5f}  kl {kd_mean:.5f}  {rate:,.0f} tokens/s")
+            t_log, tokens = now, 0
+        if done % t.checkpoint_every == 0 or done == total_steps:
+            save_checkpoint(out, done, engine, model, fingerprint, rank)
+    if rank == 0 and history:
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "train-log.jsonl", "a", encoding="utf-8") as f:
+            for h in history:
+                f.write(json.dumps(h) + "\n")
+    values = engine.full_values(model)  # collective
+    merge_yaml = None
+    if rank == 0:
+        merge_yaml = write_outputs(cfg, sources, model, values)
+        log(f"coefficients and {merge_yaml} written")
+    if world > 1:
+        torch.distributed.barrier()
+    return TrainResult(model, history, merge_yaml)
+
+
+def _stage(ds: dict[str, Any]) -> int:
+    return int(ds.get("zero_optimization", {}).get("stage", 0))
+
+
+def run_dam(config_path: str, opts: DamOptions) -> int:
+    cfg = load_dam_config(config_path)
+    if opts.dry_run:
+        return dry_run(cfg)
+    train(cfg, opts)
+    if opts.merge_out:
+        from bigmerge.dist.comm import SerialComm, get_comm, launched_by_mpi
+        from bigmerge.merge import MergeOptions, run_merge
+
+        # under mpirun the same processes merge together; under torchrun / deepspeed rank 0 alone
+        if launched_by_mpi():
+            comm: Any = get_comm()
+        elif dist_env()[0] == 0:
+            comm = SerialComm()
+        else:
+            return 0
+        merge_yaml = str(Path(cfg.output) / "merge.yaml")
+        run_merge(merge_yaml, opts.merge_out, comm, MergeOptions(quiet=opts.quiet, overwrite=opts.overwrite))
+    return 0
+
+
+def dry_run(cfg: DamConfig) -> int:
+    from bigmerge.dam.model import memory_estimate
+
+    sources = open_sources([m.model for m in cfg.models])
+    _, world, _ = dist_env()
+    dtype_bytes = 2 if cfg.training.dtype == "bfloat16" else 4
+    est = memory_estimate(sources, max(world, 1), cfg.training.batch_size, cfg.data.max_length, dtype_bytes)
+    print(f"{len(sources.refs)} models, {len(sources.tensors)} tensors each, {world} process(es)")
+    for k, v in est.items():
+        print(f"  {k:<28} {v / 1e9:10.2f} GB")
+    return 0
+
+
+__all__ = ["DamOptions", "run_dam", "train", "SourceError"]

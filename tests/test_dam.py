@@ -1,0 +1,252 @@
+"""DAM: the training loss, the merged model's arithmetic, the `dam` operator, ZeRO-3 on 2 processes.
+
+Models are tools/toy_models.py families (untrained random Llamas, byte tokenizer) and the data
+synthetic text; the quality comparison on the trained zoo is in the README, not here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from helpers import assert_bit_identical, load_output
+from safetensors.torch import load_file
+
+MPIRUN = shutil.which("mpirun", path=str(Path(sys.executable).parent)) or shutil.which("mpirun")
+TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+EXAMPLES = 8
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from toy_models import make_family
+
+    root = tmp_path_factory.mktemp("dam")
+    fam = make_family(root / "fam", preset="tiny", n_finetunes=2)
+    tied = make_family(root / "tied", preset="tiny", n_finetunes=1, tied=True)
+    rng = random.Random(0)
+    for name, alphabet in (("a", "abcdefgh "), ("b", "0123456789+=")):
+        with open(root / f"{name}.jsonl", "w") as f:
+            for _ in range(EXAMPLES):  # equal lengths: no padding, so 1 and 2 processes see the same tokens
+                f.write(json.dumps({"text": "".join(rng.choice(alphabet) for _ in range(23))}) + "\n")
+    return {"root": root, "ft1": fam["ft1"], "ft2": fam["ft2"], "tied": tied["ft1"], "tied_base": tied["base"]}
+
+
+def dam_config(s: dict[str, Path], out: Path, **training: object) -> dict:
+    return {
+        "models": [
+            {"model": str(s["ft1"]), "data": str(s["root"] / "a.jsonl")},
+            {"model": str(s["ft2"]), "data": str(s["root"] / "b.jsonl")},
+        ],
+        "output": str(out),
+        "training": {"engine": "torch", "batch_size": EXAMPLES, "lr": 0.02, "log_every": 1, "epochs": 4, **training},
+    }
+
+
+def write(path: Path, cfg: dict) -> Path:
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(setup: dict[str, Path]):
+    """Four steps on the whole data set each (batch = every example): a deterministic objective."""
+    from bigmerge.dam.config import parse_dam_config
+    from bigmerge.dam.train import DamOptions, train
+
+    out = setup["root"] / "trained"
+    cfg = parse_dam_config(dam_config(setup, out))
+    return cfg, train(cfg, DamOptions(quiet=True, restart=True))
+
+
+def test_loss_falls_and_coefficients_move(trained) -> None:
+    cfg, result = trained
+    kl = [h["kl"] for h in result.history]
+    assert len(kl) == 4
+    assert kl[-1] < 0.9 * kl[0], kl
+    coef = load_file(str(Path(cfg.output) / "coefficients" / "0-ft1.safetensors"))
+    q = coef["model.layers.0.self_attn.q_proj.weight"]
+    assert q.shape == (64,)
+    assert not torch.allclose(q, torch.full_like(q, 0.5))
+    # frozen by default: embeddings and norms keep 1/N
+    assert torch.equal(coef["model.norm.weight"], torch.full((64,), 0.5))
+    assert torch.equal(coef["model.embed_tokens.weight"], torch.full((64,), 0.5))
+
+
+def test_teachers_and_uniform_model_match_transformers(setup: dict[str, Path]) -> None:
+    """Teacher k is source k as transformers loads it; f(c) = 1/N everywhere is the average model."""
+    from transformers import LlamaForCausalLM
+
+    from bigmerge.dam.config import Coefficients
+    from bigmerge.dam.model import build_dam_model, open_sources
+
+    for refs in ([setup["ft1"], setup["ft2"]], [setup["tied"], setup["tied_base"]]):
+        sources = open_sources([str(r) for r in refs])
+        for act in ("identity", "sigmoid"):
+            dam = build_dam_model(sources, Coefficients(activation=act), torch.float32, 0)
+            ids = torch.tensor([[1, 50, 60, 70, 80, 90]])
+            hf = [LlamaForCausalLM.from_pretrained(str(r), dtype=torch.float32).eval() for r in refs]
+            with torch.no_grad():
+                for k, m in enumerate(hf):
+                    dam.set_teacher(k)
+                    torch.testing.assert_close(dam.module(input_ids=ids).logits, m(input_ids=ids).logits)
+                dam.set_teacher(None)
+                avg = hf[0]
+                for p, q in zip(avg.parameters(), hf[1].parameters()):
+                    p.copy_((p + q) / 2)
+                torch.testing.assert_close(dam.module(input_ids=ids).logits, avg(input_ids=ids).logits)
+
+
+def merge(config: Path, out: Path, *extra: str) -> dict[str, torch.Tensor]:
+    from bigmerge.cli import main
+
+    assert main(["merge", str(config), str(out), "--quiet", "--overwrite", *extra]) == 0
+    return load_output(out)
+
+
+def test_uniform_coefficients_equal_linear(setup: dict[str, Path], tmp_path: Path) -> None:
+    from bigmerge.dam.config import parse_dam_config
+    from bigmerge.dam.model import build_dam_model, open_sources
+    from bigmerge.dam.train import write_outputs
+
+    cfg = parse_dam_config(dam_config(setup, tmp_path / "u"))
+    sources = open_sources([m.model for m in cfg.models])
+    model = build_dam_model(sources, cfg.coefficients, torch.float32, 0)
+    values = {k: p.detach().clone() for k, p in model.coefficient_params().items()}
+    dam = merge(write_outputs(cfg, sources, model, values), tmp_path / "dam")
+    lin_cfg = {
+        "merge_method": "linear",
+        "models": [{"model": m.model, "parameters": {"weight": 1.0}} for m in cfg.models],
+    }
+    lin = merge(write(tmp_path / "lin.yaml", lin_cfg), tmp_path / "lin")
+    assert sorted(dam) == sorted(lin)
+    for k in dam:
+        torch.testing.assert_close(dam[k], lin[k], rtol=0, atol=1e-7)
+
+
+def test_merge_equals_in_memory_model(trained, tmp_path: Path) -> None:
+    """The `dam` operator's checkpoint is the trained DAM model: same weights, same logits."""
+    from transformers import LlamaForCausalLM
+
+    from bigmerge.dam.model import DamEmbedding, DamLinear, DamRMSNorm, activate
+
+    cfg, result = trained
+    out = merge(result.merge_yaml, tmp_path / "m", "--block-size", "1000")
+    model = result.model
+    with torch.no_grad():
+        for name, m in model.layers.items():
+            if isinstance(m, DamLinear):
+                w = m.merged()[0]
+            else:
+                assert isinstance(m, (DamEmbedding, DamRMSNorm))
+                a = activate(m.coef, m.activation)
+                w = sum(m.source(i) * a[i] for i in range(model.n))
+            torch.testing.assert_close(out[f"{name}.weight"], w, rtol=1e-6, atol=1e-7)
+        merged = LlamaForCausalLM.from_pretrained(str(tmp_path / "m"), dtype=torch.float32).eval()
+        ids = torch.tensor([[1, 60, 61, 62, 63, 64, 65]])
+        model.set_teacher(None)
+        torch.testing.assert_close(merged(input_ids=ids).logits, model.module(input_ids=ids).logits)
+
+
+def mpi_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMPI_MCA_rmaps_base_oversubscribe="1")
+    env.update(PRTE_MCA_rmaps_default_mapping_policy=":oversubscribe")
+    return env
+
+
+def test_merge_same_bytes_on_1_and_2_ranks(trained, tmp_path: Path) -> None:
+    _, result = trained
+    outs = []
+    for n in (1, 2):
+        cmd = [MPIRUN, "-n", str(n), "--oversubscribe", sys.executable, "-m", "bigmerge", "merge"]
+        cmd += [str(result.merge_yaml), str(tmp_path / f"o{n}"), "--block-size", "700", "--quiet"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=mpi_env(), timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        outs.append(load_output(tmp_path / f"o{n}"))
+    assert_bit_identical(outs[0], outs[1])
+
+
+def torchrun(cfg: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    assert TORCHRUN, "torchrun not found beside the test's python"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [TORCHRUN, "--nproc_per_node", "2", "--master_port", str(29600 + os.getpid() % 300)]
+    cmd += ["-m", "bigmerge", "dam", str(cfg), *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
+
+
+def test_zero3_two_processes_resumes_and_matches_one_process(setup: dict[str, Path], tmp_path: Path) -> None:
+    """ZeRO-3 with parameters and optimizer offloaded, 2 processes (torchrun, gloo): 2 steps, then a
+    rerun resumes at step 2 and finishes 3; the coefficients are those of 3 steps in one process
+    without DeepSpeed (the same examples per step: 2 processes x 4 = 1 process x 8)."""
+    from bigmerge.dam.config import parse_dam_config
+    from bigmerge.dam.train import DamOptions, train
+
+    out = tmp_path / "ds"
+    base = dam_config(setup, out, engine="deepspeed", batch_size=EXAMPLES // 2, checkpoint_every=1)
+    proc = torchrun(write(tmp_path / "a.yaml", {**base, "training": {**base["training"], "max_steps": 2}}))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "step 2/2" in proc.stderr and (out / "coefficients" / "1-ft2.safetensors").is_file()
+    assert (out / "checkpoints" / "step-00000002" / "state.safetensors").is_file()
+    proc = torchrun(write(tmp_path / "b.yaml", {**base, "training": {**base["training"], "max_steps": 3}}))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from step 2" in proc.stderr and "step 3/3" in proc.stderr
+    ds = load_file(str(out / "coefficients" / "0-ft1.safetensors"))
+
+    ref_cfg = parse_dam_config(dam_config(setup, tmp_path / "ref", max_steps=3))
+    train(ref_cfg, DamOptions(quiet=True))
+    ref = load_file(str(tmp_path / "ref" / "coefficients" / "0-ft1.safetensors"))
+    assert sorted(ds) == sorted(ref)
+    moved = 0
+    for k in ref:
+        torch.testing.assert_close(ds[k], ref[k], rtol=0, atol=2e-4)
+        moved += not torch.equal(ref[k], torch.full_like(ref[k], 0.5))
+    assert moved > 20
+
+
+def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    from bigmerge.cli import main
+
+    rc = main(args)
+    return rc, capsys.readouterr().err.strip()
+
+
+def test_bad_input_is_one_line(setup: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    good = dam_config(setup, tmp_path / "x")
+    cases = [
+        (
+            {**good, "models": [good["models"][0], {**good["models"][1], "data": str(tmp_path / "none.jsonl")}]},
+            "none.jsonl: data file",
+        ),
+        (
+            {**good, "models": [good["models"][0], {**good["models"][1], "model": str(setup["tied"])}]},
+            "tie_word_embeddings",
+        ),
+        ({**good, "coefficients": {"activation": "softplus"}}, "coefficients.activation"),
+        ({**good, "training": {"lr_schedule": "cosine"}}, "unknown key 'training.lr_schedule'"),
+        ({**good, "models": good["models"][:1]}, "models"),
+        ({**good, "deepspeed": {"train_batch_size": 8}}, "deepspeed.train_batch_size"),
+    ]
+    for i, (cfg, expected) in enumerate(cases):
+        rc, err = run_cli(["dam", str(write(tmp_path / f"c{i}.yaml", cfg)), "--quiet"], capsys)
+        assert rc != 0, expected
+        assert err.startswith("bigmerge: error:") and "\n" not in err and expected in err, err
+    # the dam operator: a coefficients file that is not there, before anything is written
+    merge_cfg = {
+        "merge_method": "dam",
+        "models": [
+            {"model": str(setup["ft1"]), "parameters": {"coefficients": str(tmp_path / "no.safetensors")}},
+            {"model": str(setup["ft2"]), "parameters": {"coefficients": str(tmp_path / "no.safetensors")}},
+        ],
+    }
+    rc, err = run_cli(["merge", str(write(tmp_path / "m.yaml", merge_cfg)), str(tmp_path / "mo")], capsys)
+    assert rc != 0 and "no.safetensors" in err and "\n" not in err, err
+    assert not (tmp_path / "mo").exists()
