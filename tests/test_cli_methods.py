@@ -1,0 +1,31 @@
+"""`bigmerge methods` lists every operator; the README's table is its --markdown output."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from helpers import bigmerge
+
+from bigmerge.cli import methods_markdown
+from bigmerge.ops import REGISTRY
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_readme_table_matches_the_registry() -> None:
+    text = README.read_text()
+    m = re.search(r"<!-- methods:[^>]*-->\n(.*?)\n<!-- /methods -->", text, re.S)
+    assert m, "README.md lacks the <!-- methods --> table"
+    assert m.group(1).strip() == methods_markdown().strip(), "regenerate it: bigmerge methods --markdown"
+
+
+def test_methods_lists_every_operator_with_documented_parameters() -> None:
+    proc = bigmerge("methods")
+    assert proc.returncode == 0, proc.stderr
+    for name, op in REGISTRY.items():
+        assert f"\n{name}: " in "\n" + proc.stdout, name
+        assert op.__doc__ and op.__doc__.strip(), f"{name} has no summary"
+        for p in op.params:
+            assert p.doc, f"{name}.{p.name} has no doc"
+            assert p.name in proc.stdout
