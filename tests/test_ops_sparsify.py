@@ -35,6 +35,7 @@ def run_op(
     block_rows: int | None = None,
     seed: int = 0,
     shared: dict[str, Any] | None = None,
+    compute: torch.dtype = torch.float32,
     **per_model: Any,
 ) -> torch.Tensor:
     """Merge one tensor as the executor does: inputs[0] is the base; per_model values are lists
@@ -50,7 +51,7 @@ def run_op(
         m = {p.name: p.default for p in op.params if p.scope != "shared"}
         m.update({k: (v[j - 1] if isinstance(v, list) else v) for k, v in per_model.items()})
         models.append(m)
-    task = TensorTask("t", shape, inputs[0].numel(), n_blocks, 0, sh, models, torch.float32, seed=seed)
+    task = TensorTask("t", shape, inputs[0].numel(), n_blocks, 0, sh, models, compute, seed=seed)
     op.check(task)
     scratch = Scratch()
 
@@ -166,6 +167,31 @@ def test_fused_kernels_match_the_torch_code(method: str, monkeypatch: pytest.Mon
     monkeypatch.setattr(kernels, "AVAILABLE", False)
     plain = run_op(method, x, block_rows=10, seed=2, **params)
     assert torch.equal(fused, plain)
+
+
+@pytest.mark.parametrize(
+    "method, shared",
+    [
+        ("task_arithmetic", {"lambda": 0.7, "normalize": True}),
+        ("ties", {"rescale": True}),
+        ("ties", {"lambda": 0.6}),
+        ("breadcrumbs_ties", {"rescale": True}),
+        ("breadcrumbs", {}),
+        ("dare_ties", {}),
+        ("della", {"lambda": 1.3}),
+    ],
+)
+@pytest.mark.parametrize("sources", [torch.bfloat16, torch.float32])
+def test_fused_kernels_do_bfloat16_arithmetic_as_torch(
+    method: str, shared: dict[str, Any], sources: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a bfloat16 compute dtype the kernels round every operation as torch does."""
+    x = [t.to(sources) for t in family(3, (40, 36), seed=7)]
+    params = {"weight": [0.6, 0.5, 0.3], "density": [0.4, 0.6, 0.3]}
+    fused = run_op(method, x, block_rows=9, seed=2, shared=shared, compute=torch.bfloat16, **params)
+    monkeypatch.setattr(kernels, "AVAILABLE", False)
+    plain = run_op(method, x, block_rows=9, seed=2, shared=shared, compute=torch.bfloat16, **params)
+    assert torch.equal(fused.float(), plain.float())
 
 
 @pytest.mark.parametrize("method", ["dare_linear", "della_linear"])

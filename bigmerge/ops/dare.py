@@ -81,7 +81,7 @@ class RandomDropOp(TaskArithmeticOp):
         return self._fused_keep_from_torch(task, block, stats, i, x, mask_row)
 
     def _after_stats(self, task: TensorTask, block: Block, prev: Any, out: Stats) -> None:
-        if _fused(task, block):  # both norms in one pass over the float32 stack
+        if _fused(task, block) and task.compute_dtype == torch.float32:  # both norms in one pass
             x = _stack(block, block.scratch)
             b = require_base(self, task)
             for i, delta in self._deltas(task, block, self._sparse_models(task)):

@@ -44,9 +44,20 @@ LO_BINS = 1 << 16
 _CHUNK = 1 << 16
 
 
+@njit(cache=True)
+def _round(v: np.float32, bf16: bool) -> np.float32:
+    """v itself, or v rounded to bfloat16 (to nearest, ties to even) as torch rounds every
+    bfloat16 operation's float32 result: with bf16 the kernels do bfloat16 arithmetic."""
+    if not bf16:
+        return v
+    b = np.float32(v).view(np.int32)
+    b = (b + np.int32(0x7FFF) + ((b >> 16) & np.int32(1))) & np.int32(-65536)
+    return np.int32(b).view(np.float32)
+
+
 @njit(cache=True, parallel=True)
 def magnitude_hists(
-    x: np.ndarray, base_row: int, rows: np.ndarray, params: np.ndarray, mode: int, nparts: int
+    x: np.ndarray, base_row: int, rows: np.ndarray, params: np.ndarray, mode: int, nparts: int, bf16: bool = False
 ) -> np.ndarray:
     """Counts over |x[r] - x[base]| for each r in rows, in one pass.
 
@@ -71,7 +82,7 @@ def magnitude_hists(
                 r = rows[k]
                 want = params[k]
                 for j in range(c0, c1):
-                    mag[j - c0] = np.abs(np.float32(x[r, j] - x[base_row, j]))
+                    mag[j - c0] = np.abs(_round(np.float32(x[r, j] - x[base_row, j]), bf16))
                 for q in range(c1 - c0):
                     b = bits[q]
                     if mode == 0:
@@ -88,7 +99,9 @@ def magnitude_hists(
 
 
 @njit(cache=True)
-def tie_split_mask(x: np.ndarray, base_row: int, row: int, thr_bits: np.int32, quota: int, out: np.ndarray) -> None:
+def tie_split_mask(
+    x: np.ndarray, base_row: int, row: int, thr_bits: np.int32, quota: int, out: np.ndarray, bf16: bool = False
+) -> None:
     """Top-k mask of one source where ties straddle k: above the threshold, plus the first
     `quota` values equal to it in index order (sequential by nature; one pass)."""
     taken = 0
@@ -98,7 +111,7 @@ def tie_split_mask(x: np.ndarray, base_row: int, row: int, thr_bits: np.int32, q
     for c0 in range(0, m, _CHUNK):
         c1 = min(m, c0 + _CHUNK)
         for j in range(c0, c1):
-            mag[j - c0] = np.abs(np.float32(x[row, j] - x[base_row, j]))
+            mag[j - c0] = np.abs(_round(np.float32(x[row, j] - x[base_row, j]), bf16))
         for q in range(c1 - c0):
             b = bits[q]
             if b > thr_bits:
@@ -126,6 +139,7 @@ def task_vector_merge(
     lam: np.float32,
     out: np.ndarray,
     nparts: int,
+    bf16: bool = False,
 ) -> None:
     """mergekit's generalized task arithmetic for one block, fused.
 
@@ -142,7 +156,7 @@ def task_vector_merge(
         for j in range(p * step, min(m, (p + 1) * step)):
             b = x[base_row, j]
             for r in range(n):
-                v = np.float32(x[others[r], j] - b)
+                v = _round(np.float32(x[others[r], j] - b), bf16)
                 if not math.isnan(thr[r]):
                     if use_mask[r]:
                         keep = keep_masks[r, j] != 0
@@ -151,11 +165,12 @@ def task_vector_merge(
                         keep = np.abs(v) >= thr[r] or math.isnan(v)
                     v = np.float32(v * (np.float32(1.0) if keep else np.float32(0.0)))
                 if not math.isnan(scale[r]):
-                    v = np.float32(v * scale[r])
-                d[r] = np.float32(v * weights[r])
+                    v = _round(np.float32(v * scale[r]), bf16)
+                d[r] = _round(np.float32(v * weights[r]), bf16)
             mixed = d[0]
             for r in range(1, n):
                 mixed = np.float32(mixed + d[r])
+            mixed = _round(mixed, bf16)  # rows summed in float32, rounded once (task_arithmetic._sum_rows)
             if consensus:
                 majority = np.float32(1.0) if mixed >= 0 else np.float32(-1.0)
                 mixed = np.float32(0.0)
@@ -176,15 +191,17 @@ def task_vector_merge(
                     else:
                         mixed = np.float32(mixed + mv)
                         div = np.float32(div + wv)
+                mixed = _round(mixed, bf16)
+                div = _round(div, bf16)
                 if div == 0:
                     div = np.float32(1.0)
             else:
                 div = plain_divisor
             if normalize:
-                mixed = np.float32(mixed / div)
+                mixed = _round(np.float32(mixed / div), bf16)
             if lam != 1:
-                mixed = np.float32(mixed * lam)
-            out[j] = np.float32(b + mixed)
+                mixed = _round(np.float32(mixed * lam), bf16)
+            out[j] = _round(np.float32(b + mixed), bf16)
 
 
 @njit(cache=True, parallel=True)

@@ -130,7 +130,7 @@ class TaskArithmeticOp(MergeOp):
         """(i, delta of model i) for each model, flat, in the compute dtype, one scratch buffer."""
         sc = block.scratch
         b = require_base(self, task)
-        if "stack" in block.memo:  # the float32 stack the fused kernels made: no second cast
+        if "stack" in block.memo and task.compute_dtype == torch.float32:  # the fused kernels' stack: no second cast
             x = torch.from_numpy(block.memo["stack"])
             for i in models:
                 yield i, torch.sub(x[i], x[b], out=sc.get("stats_delta", x[b].shape, torch.float32))
@@ -178,7 +178,7 @@ class TaskArithmeticOp(MergeOp):
                 return out  # no ties straddle the k-th element: nothing to count
         sc = block.scratch
         if self.select_deltas and _fused(task, block):
-            x = _stack(block, sc)
+            x = _stack(block, sc, task.compute_dtype)
             if phase == HI:
                 rows, params, keys = sorted(set(sels.values())), [0] * len(set(sels.values())), None
             else:
@@ -193,6 +193,7 @@ class TaskArithmeticOp(MergeOp):
                 np.array(params, dtype=np.int64),
                 mode,
                 kernels.threads(),
+                task.compute_dtype == torch.bfloat16,
             )
             for r in range(len(rows)):
                 if phase == HI:
@@ -272,7 +273,9 @@ class TaskArithmeticOp(MergeOp):
             return row
         thr_bits = np.int32(_threshold_bits(stats.threshold[key]))
         quota = stats.tie_quota[key][block.index] if key in stats.tie_quota else x.shape[1]  # no split: keep all ties
-        kernels.tie_split_mask(x, require_base(self, task), i, thr_bits, quota, row)
+        kernels.tie_split_mask(
+            x, require_base(self, task), i, thr_bits, quota, row, task.compute_dtype == torch.bfloat16
+        )
         return row
 
     def _fused_keep_from_torch(
@@ -292,7 +295,8 @@ class TaskArithmeticOp(MergeOp):
         sc = block.scratch
         others = task.non_base
         b = require_base(self, task)
-        x = _stack(block, sc)
+        dt = task.compute_dtype
+        x = _stack(block, sc, dt)
         n = len(others)
         thr = np.full(n, np.nan, dtype=np.float32)
         scale = np.full(n, np.nan, dtype=np.float32)
@@ -314,10 +318,12 @@ class TaskArithmeticOp(MergeOp):
                 thr[r] = keep
             s = self._scale(stats, i)
             if s is not None:
-                scale[r] = np.float32(torch.tensor(s, dtype=torch.float32).item())
-        weights = torch.tensor([task.per_model[i]["weight"] for i in others], dtype=torch.float32)
+                scale[r] = np.float32(torch.tensor(s, dtype=dt).item())
+        # weights and their sum in the compute dtype, as the torch code has them
+        weights = torch.tensor([task.per_model[i]["weight"] for i in others], dtype=dt)
         plain = weights.sum(dim=0, keepdim=True)
         plain[plain.abs() < 1e-8] = 1
+        weights = weights.float()
         out = sc.get("fused_out", (x.shape[1],), torch.float32)
         kernels.task_vector_merge(
             x,
@@ -334,6 +340,7 @@ class TaskArithmeticOp(MergeOp):
             np.float32(task.shared["lambda"]),
             out.numpy(),
             4 * kernels.threads(),
+            dt == torch.bfloat16,
         )
         return out.view(shape)
 
@@ -424,11 +431,13 @@ def l1_scale(before: float, after: float, dt: torch.dtype) -> float | None:
 
 def _fused(task: TensorTask, block: Block | None = None) -> bool:
     on_cpu = block is None or block.scratch.device.type == "cpu"
-    return kernels.AVAILABLE and on_cpu and task.compute_dtype == torch.float32 and task.numel > 0
+    exact = task.compute_dtype in (torch.float32, torch.bfloat16)  # the kernels' arithmetic
+    return kernels.AVAILABLE and on_cpu and exact and task.numel > 0
 
 
-def _stack(block: Block, sc: Scratch) -> np.ndarray:
-    """Every source of the block as one float32 [n_sources, m] array (exact widening casts).
+def _stack(block: Block, sc: Scratch, dt: torch.dtype = torch.float32) -> np.ndarray:
+    """Every source of the block as one float32 [n_sources, m] array (exact widening casts;
+    sources cast to the compute dtype first when that is bfloat16).
 
     Made once per block object: a one-block tensor runs its statistics rounds and apply on
     the same block, which would otherwise cast every source up to four times.
@@ -438,7 +447,7 @@ def _stack(block: Block, sc: Scratch) -> np.ndarray:
     m = block.inputs[0].numel()
     x = sc.get("stack", (len(block.inputs), m), torch.float32)
     for i, src in enumerate(block.inputs):
-        x[i].copy_(src.reshape(-1))
+        x[i].copy_((src if dt == torch.float32 else as_compute(src, dt, sc, "stack_cast")).reshape(-1))
     block.memo["stack"] = x.numpy()
     return block.memo["stack"]
 
