@@ -14,7 +14,151 @@ import torch
 
 from bigmerge.errors import ConfigError
 from bigmerge.ops.base import Block, MergeOp, Param, Stats, TensorTask, as_compute, require_base
-from bigmerge.ops.spherical import StatsOp, seg_gram, stack_rows, whole_gram, wide
+from bigmerge.ops.kernels import AVAILABLE, njit, prange
+from bigmerge.ops.spherical import (
+    _PARALLEL_MIN,
+    _SEG,
+    StatsOp,
+    _chunk,
+    _gram_part,
+    seg_gram,
+    stack_rows,
+    whole_gram,
+    wide,
+)
+
+# -- fused kernels: offsets, sums and the interpolation read straight from the sources ---------
+
+
+@njit(cache=True)
+def _round_bf16(v: np.ndarray) -> None:  # pragma: no cover - compiled
+    """Round float32 values to bfloat16 in place, to nearest even, as torch rounds a bf16 result."""
+    u = v.view(np.uint32)
+    for j in range(u.shape[0]):
+        b = u[j]
+        u[j] = (b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
+
+
+@njit(cache=True)
+def _stock_gram_part(
+    sf: Any, sb: Any, bf16: bool, rnd: bool, j0: int, j1: int, out: np.ndarray
+) -> None:  # pragma: no cover
+    """The Gram matrix of the offsets (fine-tune - base, rounded to the compute dtype) on [j0, j1)."""
+    n = j1 - j0
+    k = len(sf) - 1
+    buf = np.empty(n, dtype=np.uint32)
+    x0 = _chunk(sf[0], sb[0], bf16, j0, j1, buf).copy()
+    rows = np.empty((k, n), dtype=np.float32)
+    for i in range(k):
+        xi = _chunk(sf[i + 1], sb[i + 1], bf16, j0, j1, buf)
+        for j in range(n):
+            rows[i, j] = xi[j] - x0[j]
+        if rnd:
+            _round_bf16(rows[i])
+    _gram_part(rows, 0, n, out)
+
+
+@njit(cache=True)
+def _stock_gram_serial(
+    sf: Any, sb: Any, bf16: bool, rnd: bool, m: int, seg: int, out: np.ndarray
+) -> None:  # pragma: no cover
+    for s in range(out.shape[0]):
+        _stock_gram_part(sf, sb, bf16, rnd, s * seg, min(m, (s + 1) * seg), out[s])
+
+
+@njit(cache=True, parallel=True)
+def _stock_gram_parallel(
+    sf: Any, sb: Any, bf16: bool, rnd: bool, m: int, seg: int, out: np.ndarray
+) -> None:  # pragma: no cover
+    for s in prange(out.shape[0]):
+        _stock_gram_part(sf, sb, bf16, rnd, s * seg, min(m, (s + 1) * seg), out[s])
+
+
+@njit(cache=True)
+def _stock_apply_part(
+    sf: Any,
+    sb: Any,
+    bf16: bool,
+    rnd: bool,
+    t: np.ndarray,
+    omt: np.ndarray,
+    cols: int,
+    j0: int,
+    j1: int,
+    out: np.ndarray,
+) -> None:  # pragma: no cover - compiled
+    """t * (sum(ws) / k) + (1 - t) * base on [j0, j1), each operation rounded to the compute dtype."""
+    n = j1 - j0
+    k = len(sf) - 1
+    buf = np.empty(n, dtype=np.uint32)
+    acc = _chunk(sf[1], sb[1], bf16, j0, j1, buf).copy()
+    for i in range(2, k + 1):
+        xi = _chunk(sf[i], sb[i], bf16, j0, j1, buf)
+        for j in range(n):
+            acc[j] = acc[j] + xi[j]
+        if rnd:
+            _round_bf16(acc)
+    kk = np.float32(k)
+    for j in range(n):
+        acc[j] = acc[j] / kk
+    if rnd:
+        _round_bf16(acc)
+    x0 = _chunk(sf[0], sb[0], bf16, j0, j1, buf)
+    rest = np.empty(n, dtype=np.float32)
+    j = j0
+    while j < j1:  # row by row: t is per row with filter_wise, else one value (cols = the block)
+        r = j // cols
+        end = min(j1, (r + 1) * cols)
+        tr = t[r]
+        omtr = omt[r]
+        for q in range(j - j0, end - j0):
+            acc[q] = tr * acc[q]
+            rest[q] = omtr * x0[q]
+        j = end
+    if rnd:
+        _round_bf16(acc)
+        _round_bf16(rest)
+    for j in range(n):
+        acc[j] = acc[j] + rest[j]
+    if rnd:
+        _round_bf16(acc)
+    out[j0:j1] = acc
+
+
+@njit(cache=True)
+def _stock_apply_serial(
+    sf: Any, sb: Any, bf16: bool, rnd: bool, t: np.ndarray, omt: np.ndarray, cols: int, out: np.ndarray
+) -> None:  # pragma: no cover - compiled
+    m = out.shape[0]
+    for s in range((m + _SEG - 1) // _SEG):
+        _stock_apply_part(sf, sb, bf16, rnd, t, omt, cols, s * _SEG, min(m, (s + 1) * _SEG), out)
+
+
+@njit(cache=True, parallel=True)
+def _stock_apply_parallel(
+    sf: Any, sb: Any, bf16: bool, rnd: bool, t: np.ndarray, omt: np.ndarray, cols: int, out: np.ndarray
+) -> None:  # pragma: no cover - compiled
+    m = out.shape[0]
+    for s in prange((m + _SEG - 1) // _SEG):
+        _stock_apply_part(sf, sb, bf16, rnd, t, omt, cols, s * _SEG, min(m, (s + 1) * _SEG), out)
+
+
+def fused_sources(task: TensorTask, block: Block, order: list[int]) -> tuple[Any, Any, bool, bool] | None:
+    """The block's sources in `order` as (float32 arrays, bfloat16-bit arrays, sources are bf16,
+    compute is bf16) for the fused kernels, or None where those do not apply: no numba, not on
+    the CPU, sources of several dtypes, or a cast that rounds (float32 sources, bf16 compute)."""
+    dt = task.compute_dtype
+    xs = [block.inputs[i] for i in order]
+    src = xs[0].dtype
+    if not AVAILABLE or block.scratch.device.type != "cpu" or src not in (torch.float32, torch.bfloat16):
+        return None
+    if any(x.dtype != src or not x.is_contiguous() for x in xs) or dt not in (src, torch.float32):
+        return None
+    ef, eb = np.empty(0, np.float32), np.empty(0, np.int16)
+    rnd = dt == torch.bfloat16
+    if src == torch.bfloat16:
+        return tuple(ef for _ in xs), tuple(x.reshape(-1).view(torch.int16).numpy() for x in xs), True, rnd
+    return tuple(x.reshape(-1).numpy() for x in xs), tuple(eb for _ in xs), False, rnd
 
 
 class ModelStockOp(StatsOp):
@@ -58,6 +202,20 @@ class ModelStockOp(StatsOp):
         return off
 
     def _gram(self, task: TensorTask, block: Block) -> np.ndarray:
+        fused = fused_sources(task, block, [require_base(self, task), *task.non_base])
+        if fused is not None:
+            m = block.inputs[0].numel()
+            seg = task.shape[-1] if self.per_row(task) else _SEG
+            parts = np.zeros(((m + seg - 1) // seg, len(task.non_base), len(task.non_base)))
+            (_stock_gram_parallel if m * len(task.per_model) >= _PARALLEL_MIN else _stock_gram_serial)(
+                *fused, m, seg, parts
+            )
+            if self.per_row(task):
+                return parts
+            acc = np.zeros(parts.shape[1:])
+            for p in parts:  # the same order and bits as whole_gram
+                acc = acc + p
+            return acc
         off = self._offsets(task, block)
         x = off if off.dtype == wide(task) else stack_rows(list(off), block.scratch, wide(task), "ms_wide")
         if self.per_row(task):
@@ -113,6 +271,16 @@ class ModelStockOp(StatsOp):
         ).to(block.scratch.device)
         sc = block.scratch
         cols = task.shape[-1] if self.per_row(task) else block.inputs[0].numel()
+        fused = fused_sources(task, block, [require_base(self, task), *task.non_base])
+        if fused is not None:  # the same operations in one pass
+            m = block.inputs[0].numel()
+            out32 = sc.get("ms_out", (m,), torch.float32)
+            tt = t.reshape(-1)
+            t32 = tt.to(torch.float32).numpy()
+            omt32 = (1 - tt).to(torch.float32).numpy()
+            kernel = _stock_apply_parallel if m * len(task.per_model) >= _PARALLEL_MIN else _stock_apply_serial
+            kernel(*fused, t32, omt32, cols, out32.numpy())
+            return out32.view(shape) if dt == torch.float32 else sc.get("ms_res", shape, dt).copy_(out32.view(shape))
         # t * (sum(ws) / count) + (1 - t) * base, the fine-tunes added left to right
         ws = [as_compute(block.inputs[i], dt, sc, f"ms_cast{i}").view(-1, cols) for i in task.non_base]
         out = torch.add(ws[0], ws[1], out=sc.get("ms_avg", ws[0].shape, dt))

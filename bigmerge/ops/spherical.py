@@ -220,15 +220,16 @@ def _pair_lerp_parallel(
 
 def fused_pair(task: TensorTask, block: Block, i: int, j: int) -> tuple[np.ndarray, ...] | None:
     """Sources i and j of the block as (xf, yf, xb, yb, bf16) for the fused kernels, or None
-    where those do not apply (no numba, not on the CPU, or a source not in the compute dtype)."""
+    where those do not apply: no numba, not on the CPU, sources of two dtypes, or a cast that
+    rounds (float32 sources, bf16 compute). The kernels compute in float32 either way."""
     dt = task.compute_dtype
     x, y = block.inputs[i], block.inputs[j]
-    if not AVAILABLE or block.scratch.device.type != "cpu" or dt not in (torch.float32, torch.bfloat16):
+    if not AVAILABLE or block.scratch.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
         return None
-    if x.dtype != dt or y.dtype != dt or not (x.is_contiguous() and y.is_contiguous()):
+    if y.dtype != x.dtype or dt not in (x.dtype, torch.float32) or not (x.is_contiguous() and y.is_contiguous()):
         return None
     empty_f, empty_b = np.empty(0, np.float32), np.empty(0, np.int16)
-    if dt == torch.bfloat16:
+    if x.dtype == torch.bfloat16:
         return empty_f, empty_f, x.reshape(-1).view(torch.int16).numpy(), y.reshape(-1).view(torch.int16).numpy(), True
     return x.reshape(-1).numpy(), y.reshape(-1).numpy(), empty_b, empty_b, False
 
