@@ -81,12 +81,13 @@ class RandomDropOp(TaskArithmeticOp):
         return self._fused_keep_from_torch(task, block, stats, i, x, mask_row)
 
     def _after_stats(self, task: TensorTask, block: Block, prev: Any, out: Stats) -> None:
-        if _fused(task, block) and task.compute_dtype == torch.float32:  # both norms in one pass
-            x = _stack(block, block.scratch)
+        if _fused(task, block):  # both norms in one pass
+            x = _stack(block, block.scratch, task.compute_dtype)
             b = require_base(self, task)
             for i, delta in self._deltas(task, block, self._sparse_models(task)):
                 keep = self._keep(task, block, prev, i, delta)
-                before, after = kernels.l1_before_after(x, b, i, keep.numpy())
+                bf16 = task.compute_dtype == torch.bfloat16
+                before, after = kernels.l1_before_after(x, b, i, keep.numpy(), bf16)
                 out[f"l1_{i}"] = np.array([before])
                 out[f"l1k_{i}"] = np.array([after])
             return

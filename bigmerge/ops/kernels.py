@@ -266,7 +266,7 @@ def rank_keep(
 
 
 @njit(cache=True, parallel=True)
-def l1_kept(x: np.ndarray, base_row: int, row: int, keep: np.ndarray, out: np.ndarray) -> None:
+def l1_kept(x: np.ndarray, base_row: int, row: int, keep: np.ndarray, out: np.ndarray, bf16: bool) -> None:
     """sum |x[row] - x[base]| and the same over the kept elements, in float64, per chunk of
     _CHUNK elements (out: [n_chunks, 2]; the caller adds the chunks in order). Fixed chunks, not
     per-thread parts, so the sums do not depend on the number of threads."""
@@ -275,7 +275,7 @@ def l1_kept(x: np.ndarray, base_row: int, row: int, keep: np.ndarray, out: np.nd
         before = 0.0
         after = 0.0
         for j in range(c * _CHUNK, min(m, (c + 1) * _CHUNK)):
-            a = np.float64(np.abs(np.float32(x[row, j] - x[base_row, j])))
+            a = np.float64(np.abs(_round(np.float32(x[row, j] - x[base_row, j]), bf16)))
             before += a
             if keep[j]:
                 after += a
@@ -283,10 +283,12 @@ def l1_kept(x: np.ndarray, base_row: int, row: int, keep: np.ndarray, out: np.nd
         out[c, 1] = after
 
 
-def l1_before_after(x: np.ndarray, base_row: int, row: int, keep: np.ndarray) -> tuple[float, float]:
+def l1_before_after(
+    x: np.ndarray, base_row: int, row: int, keep: np.ndarray, bf16: bool = False
+) -> tuple[float, float]:
     """(L1 of a delta, L1 of its kept elements), each summed chunk by chunk in index order."""
     out = np.zeros(((x.shape[1] + _CHUNK - 1) // _CHUNK, 2), dtype=np.float64)
-    l1_kept(x, base_row, row, keep, out)
+    l1_kept(x, base_row, row, keep, out, bf16)
     before = after = 0.0
     for c in range(out.shape[0]):
         before += float(out[c, 0])
