@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
         "(run under mpirun for many ranks; without it, one process).",
     )
     parser.add_argument("--version", action="version", version=f"bigmerge {__version__}")
+    # the deepspeed launcher puts --local_rank=N before the command (`deepspeed --module bigmerge dam ...`)
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
 
     m = sub.add_parser("merge", help="merge the models of CONFIG into a Hugging Face checkpoint at OUT")
@@ -158,7 +160,6 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--restart", action="store_true", help="ignore checkpoints in the output directory")
     d.add_argument("--dry-run", action="store_true", help="check the config and sources; print memory per process")
     d.add_argument("--quiet", action="store_true")
-    d.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
 
     se = sub.add_parser(
         "search",

@@ -112,16 +112,20 @@ class DamConfig(_Strict):
             raise ValueError(f"model {dup[0]!r} is listed twice")
         return v
 
+    @field_validator("deepspeed")
+    @classmethod
+    def _not_ours(cls, v: dict[str, Any]) -> dict[str, Any]:
+        for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "optimizer"):
+            if key in v:
+                raise ValueError(
+                    f"{key} is set by bigmerge from training.batch_size, gradient_accumulation and lr; remove it"
+                )
+        return v
+
     def deepspeed_config(self, accumulation_micro_steps: int) -> dict[str, Any]:
         """The DeepSpeed config: the defaults, the user's `deepspeed:` over them, then what the
         training section decides (batch, accumulation, dtype), which must not be set twice."""
         ds = _deep_merge(copy.deepcopy(DEFAULT_DEEPSPEED), self.deepspeed)
-        for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "optimizer"):
-            if key in self.deepspeed:
-                raise ConfigError(
-                    f"deepspeed.{key}: set by bigmerge from training.batch_size / gradient_accumulation / lr; "
-                    "remove it from the deepspeed section"
-                )
         ds["train_micro_batch_size_per_gpu"] = self.training.batch_size
         ds["gradient_accumulation_steps"] = accumulation_micro_steps
         ds.setdefault("bf16", {})["enabled"] = self.training.dtype == "bfloat16"
@@ -160,7 +164,7 @@ def parse_dam_config(data: Any, source: str = "config") -> DamConfig:
             raise ConfigError(f"{source}: unknown key {where!r}") from None
         if err["type"] == "missing":
             raise ConfigError(f"{source}: missing required key {where!r}") from None
-        raise ConfigError(f"{source}: bad value for {where!r}: {err['msg']}") from None
+        raise ConfigError(f"{source}: bad value for {where!r}: {err['msg'].removeprefix('Value error, ')}") from None
 
 
 def load_dam_config(path: str | Path) -> DamConfig:

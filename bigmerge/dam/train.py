@@ -104,7 +104,7 @@ def _import_deepspeed() -> Any:
 
 
 def init_processes(cfg: DamConfig, device: torch.device) -> tuple[int, int]:
-    rank, world, _ = dist_env()
+    rank, world, local_rank = dist_env()
     if cfg.training.engine == "torch":
         if world > 1:
             raise ConfigError("training.engine torch runs one process; use engine deepspeed for several")
@@ -114,7 +114,7 @@ def init_processes(cfg: DamConfig, device: torch.device) -> tuple[int, int]:
     os.environ.setdefault("MASTER_PORT", "29511")
     os.environ.setdefault("RANK", str(rank))
     os.environ.setdefault("WORLD_SIZE", str(world))
-    os.environ.setdefault("LOCAL_RANK", str(dist_env()[2]))
+    os.environ.setdefault("LOCAL_RANK", str(local_rank))
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(
             dist_backend="nccl" if device.type == "cuda" else "gloo", auto_mpi_discovery=False, verbose=False
@@ -436,6 +436,10 @@ def train(cfg: DamConfig, opts: DamOptions) -> TrainResult:
     engine: Any
     if t.engine == "deepspeed":
         assert ds_config is not None
+        for mod in model.module.modules():  # buffers (rotary frequencies) are not partitioned: onto the device
+            for key, buf in list(mod._buffers.items()):
+                if buf is not None:
+                    mod._buffers[key] = buf.to(device)
         engine = DeepSpeedEngine(model, cfg, ds_config)
     else:
         model.module.to(device)
