@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from bigmerge.errors import ConfigError
 from bigmerge.ops.base import MergeOp
-from bigmerge.ops.data_informed import FisherOp, RegMeanOp
 from bigmerge.ops.breadcrumbs import BreadcrumbsOp, BreadcrumbsTiesOp
 from bigmerge.ops.dam import DamOp
 from bigmerge.ops.dare import DareLinearOp, DareTiesOp
+from bigmerge.ops.data_informed import FisherOp, RegMeanOp
 from bigmerge.ops.della import DellaLinearOp, DellaOp
 from bigmerge.ops.geometric import ModelStockOp, NearSwapOp
 from bigmerge.ops.linear import LinearOp
+from bigmerge.ops.passthrough import PassthroughOp
 from bigmerge.ops.sce import SceOp
 from bigmerge.ops.spherical import KarcherOp, MultiSlerpOp, NuSlerpOp, SlerpOp
 from bigmerge.ops.task_arithmetic import TaskArithmeticOp, TiesOp
@@ -32,6 +33,7 @@ REGISTRY[KarcherOp.name] = KarcherOp
 REGISTRY[ModelStockOp.name] = ModelStockOp
 REGISTRY[NearSwapOp.name] = NearSwapOp
 REGISTRY[DamOp.name] = DamOp
+REGISTRY[PassthroughOp.name] = PassthroughOp
 
 
 def get_op(name: str) -> MergeOp:
