@@ -159,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--overwrite", action="store_true", help="--merge: replace a finished merge at OUT")
     d.add_argument("--restart", action="store_true", help="ignore checkpoints in the output directory")
     d.add_argument("--dry-run", action="store_true", help="check the config and sources; print memory per process")
+    d.add_argument("--world-size", "-n", type=int, default=None, help="--dry-run: processes to plan for")
     d.add_argument("--quiet", action="store_true")
 
     se = sub.add_parser(
@@ -360,7 +361,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_dam(args: argparse.Namespace) -> int:
     from bigmerge.dam.train import DamOptions, run_dam
 
-    opts = DamOptions(args.merge, args.restart, args.quiet, args.dry_run, args.overwrite)
+    opts = DamOptions(args.merge, args.restart, args.quiet, args.dry_run, args.overwrite, args.world_size)
     return run_dam(args.config, opts)
 
 

@@ -248,3 +248,15 @@ def test_bad_input_is_one_line(setup: dict[str, Path], tmp_path: Path, capsys: p
     rc, err = run_cli(["merge", str(write(tmp_path / "m.yaml", merge_cfg)), str(tmp_path / "mo")], capsys)
     assert rc != 0 and "no.safetensors" in err and "\n" not in err, err
     assert not (tmp_path / "mo").exists()
+
+
+def test_dry_run_states_memory_per_process(
+    setup: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from bigmerge.cli import main
+
+    cfg = write(tmp_path / "c.yaml", dam_config(setup, tmp_path / "x"))
+    assert main(["dam", str(cfg), "--dry-run", "-n", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "4 process(es)" in out and "per process: CPU" in out and "per process: GPU" in out
+    assert not (tmp_path / "x").exists()

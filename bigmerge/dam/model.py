@@ -104,6 +104,40 @@ def _frozen(t: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(t, requires_grad=False)
 
 
+def combine(weights: list[torch.Tensor] | tuple[torch.Tensor, ...], a: torch.Tensor) -> torch.Tensor:
+    """sum_i W_i diag(a_i), left to right (the `dam` operator's order)."""
+    w = weights[0] * a[0]
+    for i in range(1, len(weights)):
+        w = w + weights[i] * a[i]
+    return w
+
+
+class MergedLinear(torch.autograd.Function):
+    """y = x (sum_i W_i diag(a_i))^T that keeps x, a and the W_i for backward, not the merged weight.
+
+    Plain autograd would hold every layer's merged [out, in] weight until backward: a whole merged
+    model on each process (140 GB for a 70B in bf16), outside ZeRO-3's partitions. Here backward
+    recomputes it from the W_i, which ZeRO-3 gathers again for the module's backward, as it does
+    for its own linear function: one layer at a time.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, a: torch.Tensor, *weights: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, a, *weights)
+        return F.linear(x, combine(weights, a))
+
+    @staticmethod
+    def backward(ctx: Any, gy: torch.Tensor) -> Any:
+        x, a, *weights = ctx.saved_tensors
+        gx = ga = None
+        if ctx.needs_input_grad[0]:
+            gx = gy @ combine(weights, a)
+        if ctx.needs_input_grad[1]:
+            gw = gy.reshape(-1, gy.shape[-1]).T @ x.reshape(-1, x.shape[-1])  # [out, in]
+            ga = torch.stack([(gw * w).sum(0) for w in weights])
+        return (gx, ga, *([None] * len(weights)))
+
+
 class DamLinear(DamModule):
     """y = x (sum_i W_i diag(f(c_i)))^T + sum_i s_i b_i."""
 
@@ -128,26 +162,28 @@ class DamLinear(DamModule):
                 setattr(self, f"bias_{i}", _frozen(b))
             self.bias_coef = nn.Parameter(bias_coef, requires_grad=train_bias)  # [N]
 
+    def sources(self) -> list[torch.Tensor]:
+        return [self.source(i) for i in range(self.n)]
+
+    def merged_bias(self) -> torch.Tensor | None:
+        if not self.has_bias:
+            return None
+        s = activate(self.bias_coef, self.activation)
+        return combine([getattr(self, f"bias_{i}") for i in range(self.n)], s)
+
     def merged(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        a = activate(self.coef, self.activation)
-        self._record_terms(a, self.coef)
-        w = self.weight_0 * a[0]
-        for i in range(1, self.n):
-            w = w + self.source(i) * a[i]
-        b = None
-        if self.has_bias:
-            s = activate(self.bias_coef, self.activation)
-            b = self.bias_0 * s[0]
-            for i in range(1, self.n):
-                b = b + getattr(self, f"bias_{i}") * s[i]
-        return w, b
+        """The merged weight and bias (for inspection and tests; forward does not keep the weight)."""
+        return combine(self.sources(), activate(self.coef, self.activation)), self.merged_bias()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.teacher is not None:
             k = self.teacher
             return F.linear(x, self.source(k), getattr(self, f"bias_{k}") if self.has_bias else None)
-        w, b = self.merged()
-        return F.linear(x, w, b)
+        a = activate(self.coef, self.activation)
+        self._record_terms(a, self.coef)
+        y = MergedLinear.apply(x, a, *self.sources())
+        b = self.merged_bias()
+        return y if b is None else y + b
 
 
 class TiedHead(DamLinear):
@@ -473,22 +509,27 @@ def describe(model: DamModel) -> str:
     return f"{len(model.layers)} DAM layers, {len(model.trainable())} trainable coefficient sets, {total} coefficients"
 
 
-def memory_estimate(sources: Sources, world: int, batch: int, seq: int, dtype_bytes: int) -> dict[str, float]:
-    """Rough per-process bytes under ZeRO-3 with parameters and optimizer offloaded to the CPU."""
+def memory_estimate(sources: Sources, world: int, tokens: int, dtype_bytes: int) -> list[tuple[str, float]]:
+    """Rough bytes per process under ZeRO-3 with parameters and optimizer offloaded to the CPU;
+    `tokens` = batch size x sequence length of one micro batch."""
     n = len(sources.refs)
     numel = {k: math.prod(s) for k, s in sources.tensors.items()}
-    weights = sum(numel.values()) * n * dtype_bytes
-    biggest = max(numel.values()) * n * dtype_bytes
     cfg = sources.config
-    vocab, hidden, layers = cfg.get("vocab_size", 0), cfg.get("hidden_size", 0), cfg.get("num_hidden_layers", 0)
-    coefs = sum(s[-1] if len(s) > 1 else s[0] for s in sources.tensors.values()) * n
-    acts = batch * seq * (hidden * layers * 16 + vocab * 3) * 4  # saved activations + fp32 logits (student, teacher)
-    return {
-        "cpu_weights_per_process": weights / world,
-        "cpu_optimizer_per_process": coefs * 16 / world,
-        "accelerator_gathered_layer": 2 * biggest,  # the layer being used and one prefetched
-        "accelerator_activations": acts,
-    }
+    vocab, hidden = int(cfg.get("vocab_size", 0)), int(cfg.get("hidden_size", 0))
+    layers, inter = int(cfg.get("num_hidden_layers", 0)), int(cfg.get("intermediate_size", 0))
+    coefs = n * sum(s[-1] if len(s) > 1 else 1 for s in sources.tensors.values())
+    biggest = max(numel.values())
+    layer = max(
+        (sum(v for k, v in numel.items() if f".{i}." in k) for i in range(layers)), default=biggest
+    )  # one decoder layer's tensors
+    return [
+        ("CPU: frozen weights (this process's partition)", n * sum(numel.values()) * dtype_bytes / world),
+        ("CPU: coefficients, fp32 master, AdamW moments, gradients", coefs * (dtype_bytes + 16) / world),
+        ("CPU: while building, one tensor of every source", n * biggest * 4),
+        ("GPU: gathered weights (a layer of N sources, and one prefetched)", 2 * n * max(layer, biggest) * dtype_bytes),
+        ("GPU: saved activations", tokens * layers * (6 * hidden + 3 * inter) * dtype_bytes),
+        ("GPU: logits (teacher, merged, log-softmaxes; fp32)", tokens * vocab * 4 * 4),
+    ]
 
 
 def read_config_json(path: str) -> dict[str, Any]:

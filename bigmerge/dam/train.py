@@ -58,6 +58,7 @@ class DamOptions:
     quiet: bool = False
     dry_run: bool = False
     overwrite: bool = False  # --merge: replace a finished merge at OUT
+    world_size: int | None = None  # --dry-run: processes to plan for (default: the launcher's)
 
 
 # ---------------------------------------------------------------------------- processes
@@ -510,7 +511,7 @@ def _stage(ds: dict[str, Any]) -> int:
 def run_dam(config_path: str, opts: DamOptions) -> int:
     cfg = load_dam_config(config_path)
     if opts.dry_run:
-        return dry_run(cfg)
+        return dry_run(cfg, opts.world_size)
     train(cfg, opts)
     if opts.merge_out:
         from bigmerge.dist.comm import SerialComm, get_comm, launched_by_mpi
@@ -528,16 +529,32 @@ def run_dam(config_path: str, opts: DamOptions) -> int:
     return 0
 
 
-def dry_run(cfg: DamConfig) -> int:
+def _gb(b: float) -> str:
+    return f"{b / 1e9:9.2f} GB" if b >= 1e8 else f"{b / 1e6:9.2f} MB"
+
+
+def dry_run(cfg: DamConfig, world: int | None = None) -> int:
+    """Check the config and the sources (headers and config.json only); print memory per process."""
     from bigmerge.dam.model import memory_estimate
 
     sources = open_sources([m.model for m in cfg.models])
-    _, world, _ = dist_env()
+    for m in cfg.models:
+        if not Path(m.data).is_file():
+            raise ConfigError(f"{m.data}: data file of model {m.model} not found")
+    world = world or dist_env()[1]
     dtype_bytes = 2 if cfg.training.dtype == "bfloat16" else 4
-    est = memory_estimate(sources, max(world, 1), cfg.training.batch_size, cfg.data.max_length, dtype_bytes)
-    print(f"{len(sources.refs)} models, {len(sources.tensors)} tensors each, {world} process(es)")
-    for k, v in est.items():
-        print(f"  {k:<28} {v / 1e9:10.2f} GB")
+    tokens = cfg.training.batch_size * cfg.data.max_length
+    params = sum(math.prod(s) for s in sources.tensors.values())
+    print(
+        f"{len(sources.refs)} models of {params / 1e9:.2f} B parameters ({len(sources.tensors)} tensors), "
+        f"{world} process(es), micro batch {cfg.training.batch_size} x {cfg.data.max_length} tokens, {cfg.training.dtype}"
+    )
+    total = {"CPU": 0.0, "GPU": 0.0}
+    for what, b in memory_estimate(sources, world, tokens, dtype_bytes):
+        print(f"  {what:<66} {_gb(b)}")
+        total[what[:3]] += b
+    print(f"  {'per process: CPU':<66} {_gb(total['CPU'])} (x processes per node)")
+    print(f"  {'per process: GPU (or CPU, without one)':<66} {_gb(total['GPU'])}")
     return 0
 
 
