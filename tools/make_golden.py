@@ -467,6 +467,27 @@ parameters:
 """,
     ),
     GoldenCase(
+        "slerp_slices_fp32",
+        "A",
+        """\
+merge_method: slerp
+base_model: {ft1}
+slices:
+  - sources:
+      - model: {ft1}
+        layer_range: [0, 4]
+      - model: {ft2}
+        layer_range: [0, 4]
+parameters:
+  t:
+    - filter: self_attn
+      value: [0, 0.5, 0.3, 0.7, 1]
+    - filter: mlp
+      value: [1, 0.5, 0.7, 0.3, 0]
+    - value: 0.5
+""",
+    ),
+    GoldenCase(
         "nuslerp_fp32",
         "A",
         """\
