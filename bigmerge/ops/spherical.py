@@ -7,6 +7,13 @@ coefficients is mergekit's own torch code on the rounded values, and the element
 arithmetic is mergekit's, in the same dtype and order. The only difference left is in the
 statistics: mergekit sums float32 products in float32, in an order torch picks; bigmerge
 sums them exactly and rounds once.
+
+The Karcher mean runs mergekit's fixed-point iteration on the coefficients of the mean in
+the span of the inputs (every vector it forms is such a combination), so one Gram matrix of
+the inputs, one reduction round, gives every norm and dot product of every iteration.
+
+SLERP's sums and interpolation also run as fused numba kernels that read float32 or bf16
+sources in place; they do the same float operations in the same order (tested to the bit).
 """
 
 from __future__ import annotations
