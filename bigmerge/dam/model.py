@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -500,7 +499,6 @@ def coefficient_tensors(model: DamModel, values: dict[str, torch.Tensor]) -> lis
         a = activate(raw, model.layers[mod].activation).detach()
         for i in range(model.n):
             out[i][tensor] = (a[i].reshape(1) if attr == "bias_coef" else a[i]).contiguous().clone()
-    # an LM head stored untied in the checkpoint although tied in the model takes the embedding's
     return out
 
 
@@ -530,7 +528,3 @@ def memory_estimate(sources: Sources, world: int, tokens: int, dtype_bytes: int)
         ("GPU: saved activations", tokens * layers * (6 * hidden + 3 * inter) * dtype_bytes),
         ("GPU: logits (teacher, merged, log-softmaxes; fp32)", tokens * vocab * 4 * 4),
     ]
-
-
-def read_config_json(path: str) -> dict[str, Any]:
-    return json.loads((Path(path) / "config.json").read_text())

@@ -45,7 +45,7 @@ from bigmerge.dam.model import (
     open_sources,
     regulariser,
 )
-from bigmerge.errors import ConfigError, SourceError
+from bigmerge.errors import ConfigError
 
 STATE_FILE = "state.safetensors"
 LATEST = "latest"
@@ -104,6 +104,17 @@ def _import_deepspeed() -> Any:
     return deepspeed
 
 
+def _master_addr(rank: int, world: int) -> str:
+    """Under mpirun on several nodes, rank 0's address (torchrun and deepspeed set MASTER_ADDR)."""
+    if world > 1 and "OMPI_COMM_WORLD_RANK" in os.environ:
+        import socket
+
+        from mpi4py import MPI
+
+        return str(MPI.COMM_WORLD.bcast(socket.gethostbyname(socket.gethostname()) if rank == 0 else None, root=0))
+    return "127.0.0.1"
+
+
 def init_processes(cfg: DamConfig, device: torch.device) -> tuple[int, int]:
     rank, world, local_rank = dist_env()
     if cfg.training.engine == "torch":
@@ -111,7 +122,8 @@ def init_processes(cfg: DamConfig, device: torch.device) -> tuple[int, int]:
             raise ConfigError("training.engine torch runs one process; use engine deepspeed for several")
         return 0, 1
     deepspeed = _import_deepspeed()
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_ADDR" not in os.environ:
+        os.environ["MASTER_ADDR"] = _master_addr(rank, world)
     os.environ.setdefault("MASTER_PORT", "29511")
     os.environ.setdefault("RANK", str(rank))
     os.environ.setdefault("WORLD_SIZE", str(world))
@@ -558,4 +570,4 @@ def dry_run(cfg: DamConfig, world: int | None = None) -> int:
     return 0
 
 
-__all__ = ["DamOptions", "run_dam", "train", "SourceError"]
+__all__ = ["DamOptions", "TrainResult", "run_dam", "train"]
