@@ -260,3 +260,30 @@ def test_dry_run_states_memory_per_process(
     out = capsys.readouterr().out
     assert "4 process(es)" in out and "per process: CPU" in out and "per process: GPU" in out
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_zero3_two_processes_on_the_small_zoo(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
+    """The issue's acceptance: `bigmerge dam` on 2 ZeRO-3 processes (offload to the CPU) merging the
+    small zoo's specialists on their own skills' data: the loss falls and the coefficients move.
+    Slow alone (the zoo takes about a minute to build); the suite builds it once for every module."""
+    from zoo_fixture import small_zoo_dir
+
+    from bigmerge.dam.zoo_data import write_zoo_data
+
+    zoo = small_zoo_dir(tmp_path_factory)
+    data = write_zoo_data(zoo, examples=16, out=tmp_path / "data")
+    out = tmp_path / "dam"
+    cfg = {
+        "models": [{"model": str(zoo / s), "data": str(data[s])} for s in ("sort", "fin")],
+        "output": str(out),
+        # 2 processes x 8 = every example in each step: the same objective at every step
+        "training": {"batch_size": 8, "epochs": 3, "lr": 0.01, "log_every": 1},
+    }
+    proc = torchrun(write(tmp_path / "zoo.yaml", cfg))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    kl = [json.loads(line)["kl"] for line in (out / "train-log.jsonl").read_text().splitlines()]
+    assert len(kl) == 3 and kl[-1] < 0.95 * kl[0], kl
+    coef = load_file(str(out / "coefficients" / "0-sort.safetensors"))
+    moved = [k for k, v in coef.items() if not torch.equal(v, torch.full_like(v, 0.5))]
+    assert len(moved) >= 14, moved  # the linear layers (2 layers x 7) and the LM head

@@ -65,7 +65,7 @@ class DamOptions:
 
 
 def dist_env() -> tuple[int, int, int]:
-    """(rank, world size, local rank) from torchrun / deepspeed / mpirun variables; (0, 1, 0) alone."""
+    """(rank, world size, local rank) from torchrun / deepspeed or mpirun variables; (0, 1, 0) alone."""
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:
         return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))

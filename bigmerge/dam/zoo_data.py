@@ -16,8 +16,11 @@ from pathlib import Path
 from bigmerge.eval import zoo_tasks
 
 
-def write_zoo_data(zoo: str | Path, examples: int = 256, seed: int = 7) -> dict[str, Path]:
-    out = Path(zoo) / "dam-data"
+def write_zoo_data(
+    zoo: str | Path, examples: int = 256, seed: int = 7, out: str | Path | None = None
+) -> dict[str, Path]:
+    """Write <skill>.jsonl into `out` (default ZOO/dam-data); returns {skill: path}."""
+    out = Path(out) if out is not None else Path(zoo) / "dam-data"
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
     for skill in zoo_tasks.SKILLS:
