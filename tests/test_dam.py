@@ -287,3 +287,33 @@ def test_zero3_two_processes_on_the_small_zoo(tmp_path_factory: pytest.TempPathF
     coef = load_file(str(out / "coefficients" / "0-sort.safetensors"))
     moved = [k for k, v in coef.items() if not torch.equal(v, torch.full_like(v, 0.5))]
     assert len(moved) >= 14, moved  # the linear layers (2 layers x 7) and the LM head
+
+
+def test_chat_examples_go_through_the_models_chat_template(setup: dict[str, Path], tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from bigmerge.dam.config import parse_dam_config
+    from bigmerge.dam.model import open_sources
+    from bigmerge.dam.train import tokenize_sources
+    from bigmerge.errors import ConfigError
+
+    model = tmp_path / "chat"
+    shutil.copytree(setup["ft1"], model)
+    tc = json.loads((model / "tokenizer_config.json").read_text())
+    tc["chat_template"] = "{{ bos_token }}{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}"
+    (model / "tokenizer_config.json").write_text(json.dumps(tc))
+    chat = {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]}
+    (tmp_path / "chat.jsonl").write_text(json.dumps(chat) + "\n" + json.dumps({"text": "plain"}) + "\n")
+    cfg = dam_config(setup, tmp_path / "o")
+    cfg["models"][0] = {"model": str(model), "data": str(tmp_path / "chat.jsonl")}
+    cfg["data"] = {"shuffle": False}
+    dam = parse_dam_config(cfg)
+    ids = tokenize_sources(dam, open_sources([m.model for m in dam.models]))[0]
+    tok = AutoTokenizer.from_pretrained(str(model))
+    assert ids[0] == tok("<s>[user] 2+2?\n[assistant] 4\n", add_special_tokens=False)["input_ids"]
+    assert ids[0].count(tok.bos_token_id) == 1
+    assert ids[1] == tok("plain")["input_ids"]
+    # a model without a chat template: one line naming the data file
+    cfg["models"][0]["model"] = str(setup["ft1"])
+    with pytest.raises(ConfigError, match="chat.jsonl: chat examples"):
+        tokenize_sources(parse_dam_config(cfg), open_sources([str(setup["ft1"]), str(setup["ft2"])]))

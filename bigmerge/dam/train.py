@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from bigmerge.dam.config import DamConfig, load_dam_config
-from bigmerge.dam.data import model_name, read_texts
+from bigmerge.dam.data import as_text, model_name, read_texts
 from bigmerge.dam.model import (
     DamModel,
     Sources,
@@ -148,7 +148,16 @@ def tokenize_sources(cfg: DamConfig, sources: Sources) -> list[list[list[int]]]:
             raise ConfigError(f"{m.data}: data file of model {m.model} not found")
         texts = read_texts(m.data, cfg.data.max_examples)
         tok = AutoTokenizer.from_pretrained(sources.refs[k].removeprefix("file://"))
-        ids = [tok(t, truncation=True, max_length=cfg.data.max_length)["input_ids"] for t in texts]
+        # a chat template writes its own special tokens (<s> ...): the tokenizer adds none to it
+        ids = [
+            tok(
+                as_text(t, tok, m.model, m.data),
+                truncation=True,
+                max_length=cfg.data.max_length,
+                add_special_tokens=isinstance(t, str),
+            )["input_ids"]
+            for t in texts
+        ]
         ids = [x for x in ids if len(x) >= 1]
         if not ids:
             raise ConfigError(f"{m.data}: no example has a token after tokenization")
