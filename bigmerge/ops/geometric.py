@@ -18,9 +18,11 @@ from bigmerge.ops.kernels import AVAILABLE, njit, prange
 from bigmerge.ops.spherical import (
     _PARALLEL_MIN,
     _SEG,
+    _SUB,
     StatsOp,
     _chunk,
-    _gram_part,
+    _gram_finish,
+    _gram_lanes,
     seg_gram,
     stack_rows,
     whole_gram,
@@ -42,20 +44,26 @@ def _round_bf16(v: np.ndarray) -> None:  # pragma: no cover - compiled
 @njit(cache=True)
 def _stock_gram_part(
     sf: Any, sb: Any, bf16: bool, rnd: bool, j0: int, j1: int, out: np.ndarray
-) -> None:  # pragma: no cover
-    """The Gram matrix of the offsets (fine-tune - base, rounded to the compute dtype) on [j0, j1)."""
-    n = j1 - j0
+) -> None:  # pragma: no cover - compiled
+    """The Gram matrix of the offsets (fine-tune - base, rounded to the compute dtype) on [j0, j1),
+    piece by piece with the lanes of _gram_part: the same sums as the torch code's."""
     k = len(sf) - 1
-    buf = np.empty(n, dtype=np.uint32)
-    x0 = _chunk(sf[0], sb[0], bf16, j0, j1, buf).copy()
-    rows = np.empty((k, n), dtype=np.float32)
-    for i in range(k):
-        xi = _chunk(sf[i + 1], sb[i + 1], bf16, j0, j1, buf)
-        for j in range(n):
-            rows[i, j] = xi[j] - x0[j]
-        if rnd:
-            _round_bf16(rows[i])
-    _gram_part(rows, 0, n, out)
+    buf = np.empty(_SUB, dtype=np.uint32)
+    x0 = np.empty(_SUB, dtype=np.float32)
+    rows = np.empty((k, _SUB), dtype=np.float32)
+    lanes = np.zeros((k, k, 4))
+    for c0 in range(j0, j1, _SUB):
+        c1 = min(j1, c0 + _SUB)
+        n = c1 - c0
+        x0[:n] = _chunk(sf[0], sb[0], bf16, c0, c1, buf)
+        for i in range(k):
+            xi = _chunk(sf[i + 1], sb[i + 1], bf16, c0, c1, buf)
+            for j in range(n):
+                rows[i, j] = xi[j] - x0[j]
+            if rnd:
+                _round_bf16(rows[i, :n])
+        _gram_lanes(rows, n, lanes)
+    _gram_finish(lanes, out)
 
 
 @njit(cache=True)
@@ -75,7 +83,7 @@ def _stock_gram_parallel(
 
 
 @njit(cache=True)
-def _stock_apply_part(
+def _stock_apply_piece(
     sf: Any,
     sb: Any,
     bf16: bool,
@@ -86,12 +94,16 @@ def _stock_apply_part(
     j0: int,
     j1: int,
     out: np.ndarray,
+    buf: np.ndarray,
+    acc: np.ndarray,
+    rest: np.ndarray,
 ) -> None:  # pragma: no cover - compiled
     """t * (sum(ws) / k) + (1 - t) * base on [j0, j1), each operation rounded to the compute dtype."""
     n = j1 - j0
     k = len(sf) - 1
-    buf = np.empty(n, dtype=np.uint32)
-    acc = _chunk(sf[1], sb[1], bf16, j0, j1, buf).copy()
+    acc = acc[:n]
+    rest = rest[:n]
+    acc[:] = _chunk(sf[1], sb[1], bf16, j0, j1, buf)
     for i in range(2, k + 1):
         xi = _chunk(sf[i], sb[i], bf16, j0, j1, buf)
         for j in range(n):
@@ -104,7 +116,6 @@ def _stock_apply_part(
     if rnd:
         _round_bf16(acc)
     x0 = _chunk(sf[0], sb[0], bf16, j0, j1, buf)
-    rest = np.empty(n, dtype=np.float32)
     j = j0
     while j < j1:  # row by row: t is per row with filter_wise, else one value (cols = the block)
         r = j // cols
@@ -123,6 +134,26 @@ def _stock_apply_part(
     if rnd:
         _round_bf16(acc)
     out[j0:j1] = acc
+
+
+@njit(cache=True)
+def _stock_apply_part(
+    sf: Any,
+    sb: Any,
+    bf16: bool,
+    rnd: bool,
+    t: np.ndarray,
+    omt: np.ndarray,
+    cols: int,
+    j0: int,
+    j1: int,
+    out: np.ndarray,
+) -> None:  # pragma: no cover - compiled
+    buf = np.empty(_SUB, dtype=np.uint32)
+    acc = np.empty(_SUB, dtype=np.float32)
+    rest = np.empty(_SUB, dtype=np.float32)
+    for c0 in range(j0, j1, _SUB):
+        _stock_apply_piece(sf, sb, bf16, rnd, t, omt, cols, c0, min(j1, c0 + _SUB), out, buf, acc, rest)
 
 
 @njit(cache=True)

@@ -32,6 +32,7 @@ from bigmerge.ops.kernels import AVAILABLE, njit, prange
 
 _SEG = 1 << 16  # elements per partial sum: fixed, so sums never depend on thread counts
 _PARALLEL_MIN = 1 << 20  # elements of a block below which the kernels run on one thread
+_SUB = 4096  # elements widened at a time by the fused kernels: small buffers, no page faults
 
 
 # -- exact-ish float64 sums (numba; torch when numba is missing) ----------------------------
@@ -59,6 +60,43 @@ def _gram_part(x: np.ndarray, j0: int, j1: int, out: np.ndarray) -> None:  # pra
                 a0 += np.float64(x[a, j]) * np.float64(x[b, j])
                 j += 1
             tot = (a0 + a1) + (a2 + a3)
+            out[a, b] = tot
+            out[b, a] = tot
+
+
+@njit(cache=True)
+def _gram_lanes(x: np.ndarray, n: int, lanes: np.ndarray) -> None:  # pragma: no cover - compiled
+    """Add x[a, :n] * x[b, :n] into the four lanes of lanes[a, b], as _gram_part does: a run of
+    calls on consecutive pieces (each a multiple of 4 long but the last) gives _gram_part's sums."""
+    k = x.shape[0]
+    for a in range(k):
+        for b in range(a, k):
+            a0 = lanes[a, b, 0]
+            a1 = lanes[a, b, 1]
+            a2 = lanes[a, b, 2]
+            a3 = lanes[a, b, 3]
+            j = 0
+            while j + 4 <= n:
+                a0 += np.float64(x[a, j]) * np.float64(x[b, j])
+                a1 += np.float64(x[a, j + 1]) * np.float64(x[b, j + 1])
+                a2 += np.float64(x[a, j + 2]) * np.float64(x[b, j + 2])
+                a3 += np.float64(x[a, j + 3]) * np.float64(x[b, j + 3])
+                j += 4
+            while j < n:
+                a0 += np.float64(x[a, j]) * np.float64(x[b, j])
+                j += 1
+            lanes[a, b, 0] = a0
+            lanes[a, b, 1] = a1
+            lanes[a, b, 2] = a2
+            lanes[a, b, 3] = a3
+
+
+@njit(cache=True)
+def _gram_finish(lanes: np.ndarray, out: np.ndarray) -> None:  # pragma: no cover - compiled
+    k = lanes.shape[0]
+    for a in range(k):
+        for b in range(a, k):
+            tot = (lanes[a, b, 0] + lanes[a, b, 1]) + (lanes[a, b, 2] + lanes[a, b, 3])
             out[a, b] = tot
             out[b, a] = tot
 
@@ -146,37 +184,39 @@ def _pair_gram_part(
 ) -> None:  # pragma: no cover - compiled
     """_gram_part of the rows (x, y) in one pass, read straight from the sources: each of the
     three sums takes the same four lanes in the same order, so the bits are the same."""
-    n = j1 - j0
-    bx = np.empty(n, dtype=np.uint32)
-    by = np.empty(n, dtype=np.uint32)
-    x = _chunk(xf, xb, bf16, j0, j1, bx)
-    y = _chunk(yf, yb, bf16, j0, j1, by)
+    bx = np.empty(_SUB, dtype=np.uint32)
+    by = np.empty(_SUB, dtype=np.uint32)
     xx0 = xx1 = xx2 = xx3 = 0.0
     xy0 = xy1 = xy2 = xy3 = 0.0
     yy0 = yy1 = yy2 = yy3 = 0.0
-    j = 0
-    while j + 4 <= n:
-        a0, a1, a2, a3 = np.float64(x[j]), np.float64(x[j + 1]), np.float64(x[j + 2]), np.float64(x[j + 3])
-        b0, b1, b2, b3 = np.float64(y[j]), np.float64(y[j + 1]), np.float64(y[j + 2]), np.float64(y[j + 3])
-        xx0 += a0 * a0
-        xx1 += a1 * a1
-        xx2 += a2 * a2
-        xx3 += a3 * a3
-        xy0 += a0 * b0
-        xy1 += a1 * b1
-        xy2 += a2 * b2
-        xy3 += a3 * b3
-        yy0 += b0 * b0
-        yy1 += b1 * b1
-        yy2 += b2 * b2
-        yy3 += b3 * b3
-        j += 4
-    while j < n:
-        a0, b0 = np.float64(x[j]), np.float64(y[j])
-        xx0 += a0 * a0
-        xy0 += a0 * b0
-        yy0 += b0 * b0
-        j += 1
+    for c0 in range(j0, j1, _SUB):
+        c1 = min(j1, c0 + _SUB)
+        n = c1 - c0
+        x = _chunk(xf, xb, bf16, c0, c1, bx)
+        y = _chunk(yf, yb, bf16, c0, c1, by)
+        j = 0
+        while j + 4 <= n:
+            a0, a1, a2, a3 = np.float64(x[j]), np.float64(x[j + 1]), np.float64(x[j + 2]), np.float64(x[j + 3])
+            b0, b1, b2, b3 = np.float64(y[j]), np.float64(y[j + 1]), np.float64(y[j + 2]), np.float64(y[j + 3])
+            xx0 += a0 * a0
+            xx1 += a1 * a1
+            xx2 += a2 * a2
+            xx3 += a3 * a3
+            xy0 += a0 * b0
+            xy1 += a1 * b1
+            xy2 += a2 * b2
+            xy3 += a3 * b3
+            yy0 += b0 * b0
+            yy1 += b1 * b1
+            yy2 += b2 * b2
+            yy3 += b3 * b3
+            j += 4
+        while j < n:  # only in the last piece: _SUB is a multiple of 4
+            a0, b0 = np.float64(x[j]), np.float64(y[j])
+            xx0 += a0 * a0
+            xy0 += a0 * b0
+            yy0 += b0 * b0
+            j += 1
     out[0, 0] = (xx0 + xx1) + (xx2 + xx3)
     out[0, 1] = out[1, 0] = (xy0 + xy1) + (xy2 + xy3)
     out[1, 1] = (yy0 + yy1) + (yy2 + yy3)
@@ -212,12 +252,14 @@ def _pair_lerp_part(
     out: np.ndarray,
 ) -> None:  # pragma: no cover - compiled
     """out[j0:j1] = ca * x + cb * y in float32, each product rounded, as torch computes it."""
-    bx = np.empty(j1 - j0, dtype=np.uint32)
-    by = np.empty(j1 - j0, dtype=np.uint32)
-    x = _chunk(xf, xb, bf16, j0, j1, bx)
-    y = _chunk(yf, yb, bf16, j0, j1, by)
-    for j in range(j1 - j0):
-        out[j0 + j] = np.float32(ca * x[j]) + np.float32(cb * y[j])
+    bx = np.empty(_SUB, dtype=np.uint32)
+    by = np.empty(_SUB, dtype=np.uint32)
+    for c0 in range(j0, j1, _SUB):
+        c1 = min(j1, c0 + _SUB)
+        x = _chunk(xf, xb, bf16, c0, c1, bx)
+        y = _chunk(yf, yb, bf16, c0, c1, by)
+        for j in range(c1 - c0):
+            out[c0 + j] = np.float32(ca * x[j]) + np.float32(cb * y[j])
 
 
 @njit(cache=True)
