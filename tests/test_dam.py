@@ -317,3 +317,20 @@ def test_chat_examples_go_through_the_models_chat_template(setup: dict[str, Path
     cfg["models"][0]["model"] = str(setup["ft1"])
     with pytest.raises(ConfigError, match="chat.jsonl: chat examples"):
         tokenize_sources(parse_dam_config(cfg), open_sources([str(setup["ft1"]), str(setup["ft2"])]))
+
+
+def test_topk_teachers(setup: dict[str, Path], tmp_path: Path) -> None:
+    """Precomputed top-k teacher logits: with k = the vocabulary the loss is the online one; with
+    a small k training still lowers the (online) KL."""
+    from bigmerge.dam.config import parse_dam_config
+    from bigmerge.dam.train import DamOptions, train
+
+    def run(name: str, **loss: object) -> list[float]:
+        cfg = {**dam_config(setup, tmp_path / name, max_steps=3), "loss": loss}
+        return [h["kl"] for h in train(parse_dam_config(cfg), DamOptions(quiet=True)).history]
+
+    online = run("online")
+    full = run("full", teacher="topk", top_k=260)
+    assert full == pytest.approx(online, rel=1e-5)
+    small = run("small", teacher="topk", top_k=8)
+    assert small[-1] < small[0]

@@ -59,6 +59,8 @@ class Coefficients(_Strict):
 
 class Loss(_Strict):
     temperature: float = Field(2.0, gt=0)  # T: T^2 KL(softmax(z_k/T) || softmax(z/T))
+    teacher: Literal["online", "topk"] = "online"  # online: z_k computed at every step; topk: once, kept
+    top_k: int = Field(64, ge=1)  # topk: the teacher's k largest logits per token (renormalised over them)
     similarity: float = Field(0.01, ge=0)  # lambda_sim x mean pairwise cosine similarity of c_i, c_j
     l1: float = Field(0.0, ge=0)  # lambda x sum |f(c)|; the paper's value when on: 1e-6
     l2: float = Field(0.0, ge=0)  # lambda x sum f(c)^2; the paper's value when on: 1e-6

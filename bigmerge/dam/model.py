@@ -472,6 +472,18 @@ def distillation_loss(
     return temperature**2 * (kl * m).sum() / m.sum().clamp_min(1)
 
 
+def topk_distillation_loss(
+    values: torch.Tensor, indices: torch.Tensor, student: torch.Tensor, mask: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """The same loss from the teacher's top-k logits ([B, T, k] values and vocabulary indices): the
+    teacher's distribution renormalised over its k, the student's log-probabilities at those k."""
+    t = torch.log_softmax(values.float() / temperature, dim=-1)
+    s = torch.log_softmax(student.float() / temperature, dim=-1).gather(-1, indices)
+    kl = (t.exp() * (t - s)).sum(-1)
+    m = mask.to(kl.dtype)
+    return temperature**2 * (kl * m).sum() / m.sum().clamp_min(1)
+
+
 def regulariser(terms: dict[str, list[torch.Tensor]], loss: Any) -> torch.Tensor | float:
     """lambda_sim mean cos + lambda_1 sum|a| + lambda_2 sum a^2 + lambda_H mean H + lambda_o mean overlap."""
     total: torch.Tensor | float = 0.0

@@ -44,6 +44,7 @@ from bigmerge.dam.model import (
     distillation_loss,
     open_sources,
     regulariser,
+    topk_distillation_loss,
 )
 from bigmerge.errors import ConfigError
 
@@ -177,12 +178,18 @@ def pad_id(ref: str) -> int:
     return 0
 
 
+def local_rows(n_examples: int, micro: int, rank: int, world: int, size: int) -> list[int]:
+    """Micro step `micro`'s examples on `rank`, as indices into its share (rank, rank + world, ...), cycled."""
+    n_local = len(range(rank, n_examples, world)) or n_examples
+    return [(micro * size + j) % n_local for j in range(size)]
+
+
 def batch_of(
     examples: list[int] | list[list[int]], micro: int, rank: int, world: int, size: int, pad: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Micro step `micro`'s batch on `rank`: examples rank, rank + world, ... cycled, right-padded."""
     local = examples[rank::world] or examples
-    rows = [local[(micro * size + j) % len(local)] for j in range(size)]
+    rows = [local[i] for i in local_rows(len(examples), micro, rank, world, size)]
     width = max(len(r) for r in rows)
     ids = torch.full((size, width), pad, dtype=torch.long)
     mask = torch.zeros((size, width), dtype=torch.long)
@@ -195,6 +202,50 @@ def batch_of(
 def micro_steps_per_epoch(data: list[list[list[int]]], world: int, batch: int) -> int:
     """The same on every process: the longest source's per-process examples over the batch size."""
     return max(math.ceil(math.ceil(len(d) / world) / batch) for d in data)
+
+
+class TopkTeachers:
+    """`loss.teacher: topk`: each source's top-k logits on every example of this process's share,
+    computed once before training (the same number of forwards on every process, as ZeRO-3 needs)."""
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+        self.cache: list[dict[int, tuple[torch.Tensor, torch.Tensor]]] = []  # per source: row -> (values, indices)
+
+    @torch.no_grad()
+    def compute(
+        self,
+        engine: Any,
+        model: DamModel,
+        data: list[list[list[int]]],
+        pads: list[int],
+        rank: int,
+        world: int,
+        size: int,
+        device: torch.device,
+    ) -> None:
+        for k, examples in enumerate(data):
+            model.set_teacher(k)
+            per: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+            for chunk in range(math.ceil(math.ceil(len(examples) / world) / size)):
+                rows = local_rows(len(examples), chunk, rank, world, size)
+                ids, mask = batch_of(examples, chunk, rank, world, size, pads[k])
+                z = engine(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+                v, i = z.float().topk(min(self.k, z.shape[-1]), dim=-1)
+                for j, row in enumerate(rows):
+                    n = int(mask[j].sum())
+                    per.setdefault(row, (v[j, :n].cpu(), i[j, :n].cpu()))
+            self.cache.append(per)
+        model.set_teacher(None)
+
+    def batch(self, k: int, rows: list[int], width: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        kk = next(iter(self.cache[k].values()))[0].shape[-1]
+        values = torch.zeros((len(rows), width, kk))
+        indices = torch.zeros((len(rows), width, kk), dtype=torch.long)
+        for j, row in enumerate(rows):
+            v, i = self.cache[k][row]
+            values[j, : len(v)], indices[j, : len(i)] = v, i
+        return values.to(device), indices.to(device)
 
 
 # ---------------------------------------------------------------------------- engines
@@ -479,6 +530,13 @@ def train(cfg: DamConfig, opts: DamOptions) -> TrainResult:
         engine.load(state, state, start)
         log(f"resumed from step {start} ({out / 'checkpoints'})")
 
+    teachers = None
+    if cfg.loss.teacher == "topk":
+        t1 = time.perf_counter()
+        teachers = TopkTeachers(cfg.loss.top_k)
+        teachers.compute(engine, model, data, pads, rank, world, t.batch_size, device)
+        log(f"teachers' top-{cfg.loss.top_k} logits computed ({time.perf_counter() - t1:.1f} s)")
+
     history = []
     t_log, tokens = time.perf_counter(), 0
     for step in range(start, total_steps):
@@ -488,12 +546,18 @@ def train(cfg: DamConfig, opts: DamOptions) -> TrainResult:
             for k in range(n):
                 ids, mask = batch_of(data[k], micro, rank, world, t.batch_size, pads[k])
                 ids, mask = ids.to(device), mask.to(device)
-                with torch.no_grad():
-                    model.set_teacher(k)
-                    z_k = engine(input_ids=ids, attention_mask=mask, use_cache=False).logits
-                model.set_teacher(None)
+                if teachers is None:
+                    with torch.no_grad():
+                        model.set_teacher(k)
+                        z_k = engine(input_ids=ids, attention_mask=mask, use_cache=False).logits
+                    model.set_teacher(None)
                 z = engine(input_ids=ids, attention_mask=mask, use_cache=False).logits
-                kd = distillation_loss(z_k, z, mask, cfg.loss.temperature)
+                if teachers is None:
+                    kd = distillation_loss(z_k, z, mask, cfg.loss.temperature)
+                else:
+                    rows = local_rows(len(data[k]), micro, rank, world, t.batch_size)
+                    values, indices = teachers.batch(k, rows, ids.shape[1], device)
+                    kd = topk_distillation_loss(values, indices, z, mask, cfg.loss.temperature)
                 loss = kd + regulariser(model.take_terms(), cfg.loss)
                 engine.backward(loss)
                 engine.step()
