@@ -317,3 +317,36 @@ def test_disk_full_keeps_the_journal_and_a_rerun_resumes(tmp_path: Path) -> None
     from helpers import assert_bit_identical, load_output
 
     assert_bit_identical(load_output(out), load_output(fresh))
+
+
+def test_nul_in_a_tensor_name_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tensors = {"model.layers.0.mlp.up_proj.weight": torch.randn(4, 4), "a\x00b.weight": torch.randn(4, 4)}
+    a = write_checkpoint(tmp_path / "m" / "a", tensors)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"merge_method: linear\nmodels:\n  - model: {a}\n    parameters: {{weight: 1.0}}\n")
+    code, err = run(capsys, cfg, tmp_path / "out")
+    assert_clean_failure(code, err, tmp_path / "out", str(a / "model.safetensors"), "invalid tensor name")
+
+
+@pytest.mark.parametrize("name", ["../../escape.weight", "/abs/path.weight", "..\\win\\path.weight"])
+def test_tensor_names_never_become_paths(tmp_path: Path, name: str) -> None:
+    """A tensor name is data: it is stored in headers only, never joined into a file path."""
+    tensors = {"model.layers.0.mlp.up_proj.weight": torch.randn(4, 4), name: torch.randn(4, 4)}
+    a = write_checkpoint(tmp_path / "m" / "a", tensors)
+    b = write_checkpoint(tmp_path / "m" / "b", {k: v + 1 for k, v in tensors.items()})
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        f"merge_method: linear\nmodels:\n  - model: {a}\n    parameters: {{weight: 0.5}}\n  - model: {b}\n    parameters: {{weight: 0.5}}\n"
+    )
+    before = {p for p in tmp_path.rglob("*")}
+    out = tmp_path / "work" / "out"
+    assert main(["merge", str(cfg), str(out), "--quiet"]) == 0
+    created = {p for p in tmp_path.rglob("*")} - before
+    assert all(out in p.parents or p == out or p == out.parent for p in created), sorted(map(str, created))
+    merged = {}
+    from safetensors.torch import load_file
+
+    for f in out.glob("*.safetensors"):
+        merged.update(load_file(str(f)))
+    torch.testing.assert_close(merged[name], tensors[name] + 0.5)
+    assert main(["verify", str(out), "--quiet"]) == 0
