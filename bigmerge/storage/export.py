@@ -80,7 +80,7 @@ def write_file(
     hashes: dict[str, str] = {}
     biggest = max((t.block_rows * t.row_elems * DTYPES[t.out_dtype][1] for t in tensors), default=0)
     # A small ring of buffers, reused for every block: no page faults per block.
-    ring = [np.empty(biggest, dtype=np.uint8) for _ in range(prefetch + 1)]
+    ring = [np.empty(biggest + 4, dtype=np.uint8) for _ in range(prefetch + 1)]  # + the block's crc32c
     blocks = [(t, b) for t in tensors for b in range(t.n_blocks)]
 
     def write() -> None:

@@ -16,6 +16,7 @@ import json
 import os
 import posixpath
 import re
+import struct
 from typing import Any
 
 import google_crc32c
@@ -25,7 +26,7 @@ import zarr
 import zarr.storage
 
 from bigmerge.dist.faults import disk_full_point
-from bigmerge.errors import OutputExistsError
+from bigmerge.errors import OutputExistsError, StorageError
 from bigmerge.plan import Plan, TensorPlan
 from bigmerge.storage.fs import Location
 from bigmerge.storage.safetensors import DTYPES
@@ -39,6 +40,10 @@ SHARD_KEY = re.compile(r"t(\d{6})/c/(\d+)(?:/0)*")
 
 def array_name(t: TensorPlan) -> str:
     return f"t{t.index:06d}"
+
+
+# bump when the stored layout changes: a store of another format is not resumed
+STORE_FORMAT = 2
 
 
 def to_storage(x: torch.Tensor, dtype: str) -> np.ndarray:
@@ -66,7 +71,7 @@ class BlockStore:
     def prepare(self, plan: Plan, overwrite: bool) -> None:
         """Create the arrays, or check that an existing store was made by the same plan."""
         plan_loc = self.loc.join(PLAN_FILE)
-        fingerprint = plan.fingerprint()
+        fingerprint = f"{plan.fingerprint()}:{STORE_FORMAT}"
         if plan_loc.exists():
             try:
                 old = json.loads(plan_loc.read_bytes())
@@ -93,7 +98,7 @@ class BlockStore:
                     dtype=STORAGE_NP[t.out_dtype],
                     chunks=shard,
                     shards=shard,
-                    compressors=None,
+                    compressors=(zarr.codecs.Crc32cCodec(),),  # each block's data carries its checksum
                     fill_value=0,
                     attributes={"name": t.name, "dtype": t.out_dtype, "shape": t.shape},
                 )
@@ -117,11 +122,15 @@ class BlockStore:
         the full shard shape with the fill value (0), as zarr stores edge chunks.
         """
         data = memoryview(to_storage(x, t.out_dtype).reshape(-1)).cast("B")
-        full = t.block_rows * t.row_elems * DTYPES[t.out_dtype][1] if t.shape else data.nbytes
-        index = np.array([0, full], dtype="<u8").tobytes()
-        trailer = index + np.uint32(google_crc32c.value(index)).astype("<u4").tobytes()
-        loc = self.shard_loc(t, b)
+        full = _chunk_bytes(t)
         pad = full - data.nbytes
+        crc = google_crc32c.value(bytes(data))  # the C extension takes bytes only
+        if pad:
+            crc = google_crc32c.extend(crc, bytes(pad))
+        index = np.array([0, full + 4], dtype="<u8").tobytes()
+        # the chunk's crc32c (zarr's Crc32cCodec: 4 bytes little-endian after the data), then the index
+        trailer = struct.pack("<I", crc) + index + struct.pack("<I", google_crc32c.value(index))
+        loc = self.shard_loc(t, b)
         if not loc.is_local:
             loc.write_bytes(b"".join((data, bytes(pad), trailer)))  # one PUT per shard, retried there
             return
@@ -156,9 +165,18 @@ class BlockStore:
         """
         r0, r1 = t.block_range(b)
         n = (r1 - r0) * t.row_elems * DTYPES[t.out_dtype][1] if t.shape else DTYPES[t.out_dtype][1]
-        buf = scratch[:n] if scratch is not None and scratch.size >= n else np.empty(n, dtype=np.uint8)
-        self.shard_loc(t, b).read_into(0, memoryview(buf))
-        return buf
+        whole = _chunk_bytes(t) + 4  # data, edge padding, crc32c
+        buf = scratch[:whole] if scratch is not None and scratch.size >= whole else np.empty(whole, dtype=np.uint8)
+        loc = self.shard_loc(t, b)
+        loc.read_into(0, memoryview(buf))
+        want = int.from_bytes(buf[whole - 4 :].tobytes(), "little")
+        if google_crc32c.value(buf[: whole - 4].tobytes()) != want:
+            loc.remove()  # the journal forgets it: a rerun recomputes this block
+            raise StorageError(
+                f"{loc.url}: block {b} of tensor {t.name!r} does not match its checksum in the store; "
+                "it was removed: rerun the same command to recompute it"
+            )
+        return buf[:n]
 
     def done_blocks(self) -> set[tuple[int, int]]:
         """Blocks whose shard is in the store (the journal), from one recursive listing."""
@@ -172,6 +190,11 @@ class BlockStore:
             if m:
                 done.add((int(m.group(1)), int(m.group(2))))
         return done
+
+
+def _chunk_bytes(t: TensorPlan) -> int:
+    """Bytes of one stored block's data: a full block (edge blocks are padded), or one element."""
+    return t.block_rows * t.row_elems * DTYPES[t.out_dtype][1] if t.shape else DTYPES[t.out_dtype][1]
 
 
 def _async_fs(loc: Location) -> Any:
