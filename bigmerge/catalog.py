@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -57,7 +58,11 @@ def _safe_file_name(name: Any, where: str) -> str:
     return name
 
 
-def catalog_model(ref: str, storage_options: dict[str, Any] | None = None) -> ModelCatalog:
+def catalog_model(
+    ref: str, storage_options: dict[str, Any] | None = None, bin_cache: Location | None = None
+) -> ModelCatalog:
+    """`bin_cache`: where pickle checkpoints (pytorch_model*.bin) may be converted to safetensors;
+    None refuses them."""
     root = location(ref, storage_options)
     index_loc = root.join(INDEX_NAME)
     single_loc = root.join(SINGLE_NAME)
@@ -74,10 +79,17 @@ def catalog_model(ref: str, storage_options: dict[str, Any] | None = None) -> Mo
         raise SourceError(f"{ref}: model not found (no such directory or bucket prefix)")
     else:
         if any(root.join(n).exists() for n in PICKLE_NAMES):
-            raise SourceError(
-                f"{ref}: only pickle weights (pytorch_model.bin) found; bigmerge reads safetensors. "
-                "Convert the checkpoint to safetensors first."
-            )
+            if bin_cache is None:
+                raise SourceError(
+                    f"{ref}: only pickle weights (pytorch_model.bin) found; bigmerge reads safetensors. "
+                    "Convert the checkpoint, or pass --allow-bin to load it with torch.load(weights_only=True)"
+                )
+            converted = convert_bin(root, bin_cache.join(hashlib.sha256(root.url.encode()).hexdigest()[:16]))
+            cat = catalog_model(converted.url, storage_options)
+            cat.ref, cat.root = ref, root  # config and tokenizer from the model itself
+            cfg_loc = root.join("config.json")
+            cat.config = _load_json(cfg_loc) if cfg_loc.exists() else None
+            return cat
         raise SourceError(f"{ref}: no {SINGLE_NAME} or {INDEX_NAME} in the model directory")
 
     def one(fname: str) -> tuple[str, dict[str, TensorInfo], str]:
@@ -115,6 +127,66 @@ def catalog_model(ref: str, storage_options: dict[str, Any] | None = None) -> Mo
     return ModelCatalog(ref, root, tensors, hashes, config if isinstance(config, dict) else None, files)
 
 
-def catalog_models(refs: list[str], storage_options: dict[str, Any] | None = None) -> list[ModelCatalog]:
+def catalog_models(
+    refs: list[str], storage_options: dict[str, Any] | None = None, bin_cache: Location | None = None
+) -> list[ModelCatalog]:
     with ThreadPoolExecutor(max_workers=min(8, max(1, len(refs)))) as pool:
-        return list(pool.map(lambda r: catalog_model(r, storage_options), refs))
+        return list(pool.map(lambda r: catalog_model(r, storage_options, bin_cache), refs))
+
+
+def convert_bin(root: Location, dest: Location) -> Location:
+    """pytorch_model*.bin under root as safetensors under dest (reused when already done).
+
+    Loaded with torch.load(weights_only=True): a pickle holding anything but tensors and
+    plain containers is refused by torch's restricted unpickler, never executed. One shard is
+    held in memory at a time (as transformers does when it loads one).
+    """
+    import tempfile
+
+    import torch
+    from safetensors.torch import save_file
+
+    done = dest.join("converted.json")
+    index_loc = root.join("pytorch_model.bin.index.json")
+    if index_loc.exists():
+        index = _load_json(index_loc)
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise SourceError(f"{index_loc.url}: no 'weight_map' object in the index")
+        shards = sorted({_safe_file_name(f, index_loc.url) for f in weight_map.values()})
+    else:
+        shards = ["pytorch_model.bin"]
+    sizes = {f: root.join(f).size() for f in shards}
+    if done.exists() and _load_json(done) == {"sources": sizes}:
+        return dest
+    weight_map_out: dict[str, str] = {}
+    with tempfile.TemporaryDirectory(prefix="bigmerge-bin-") as tmp:
+        for k, fname in enumerate(shards):
+            src = root.join(fname)
+            local = src.path if src.is_local else f"{tmp}/{fname}"
+            if not src.is_local:
+                src.call("download", lambda src=src, local=local: src.fs.get(src.path, local))
+            try:
+                state = torch.load(local, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as exc:  # noqa: BLE001 - the unpickler's refusals come in many types
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                raise SourceError(f"{src.url}: refused by torch.load(weights_only=True): {first}") from None
+            if not isinstance(state, dict) or not all(
+                isinstance(n, str) and isinstance(t, torch.Tensor) for n, t in state.items()
+            ):
+                raise SourceError(f"{src.url}: not a state dict of named tensors")
+            out_name = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+            # clone: tied weights share storage, which safetensors refuses to write twice
+            save_file({n: t.contiguous().clone() for n, t in state.items()}, f"{tmp}/{out_name}", {"format": "pt"})
+            target = dest.join(out_name)
+            if target.is_local:
+                os.makedirs(dest.path, exist_ok=True)
+                os.replace(f"{tmp}/{out_name}", target.path)
+            else:
+                target.call("upload", lambda target=target, f=f"{tmp}/{out_name}": target.fs.put(f, target.path))
+            weight_map_out.update({n: out_name for n in state})
+            if not src.is_local:
+                os.unlink(local)
+    dest.join(INDEX_NAME).write_bytes(json.dumps({"metadata": {}, "weight_map": weight_map_out}).encode())
+    done.write_bytes(json.dumps({"sources": sizes}).encode())  # last: a partial conversion is redone
+    return dest

@@ -71,6 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     m.add_argument("--quiet", action="store_true", help="no progress output; errors still print")
     m.add_argument(
+        "--allow-bin",
+        action="store_true",
+        help="accept pickle checkpoints (pytorch_model*.bin): loaded with torch.load(weights_only=True) and "
+        "converted to safetensors under OUT/.bigmerge-bin-cache first (removed after the merge)",
+    )
+    m.add_argument(
         "--allow-nonfinite",
         action="store_true",
         help="merge sources that hold NaN or Inf values (by default the first one found is an error)",
@@ -297,6 +303,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         quiet=args.quiet,
         device=args.device,
         allow_nonfinite=args.allow_nonfinite,
+        allow_bin=args.allow_bin,
     )
     run_merge(args.config, args.out, get_comm(), opts)
     return 0

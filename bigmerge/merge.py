@@ -47,6 +47,7 @@ class MergeOptions:
     quiet: bool = False
     device: str = "cpu"
     allow_nonfinite: bool = False
+    allow_bin: bool = False  # pickle checkpoints, converted under OUT/.bigmerge-bin-cache
 
 
 def _collective(comm: Comm, fn: Any) -> Any:
@@ -70,8 +71,13 @@ def _collective(comm: Comm, fn: Any) -> Any:
     return result
 
 
-def plan_merge(cfg: MergeConfig, world_size: int, opts: MergeOptions) -> tuple[Plan, list[ModelCatalog]]:
-    catalogs = catalog_models(cfg.model_refs(), cfg.storage_options)
+BIN_CACHE = ".bigmerge-bin-cache"
+
+
+def plan_merge(
+    cfg: MergeConfig, world_size: int, opts: MergeOptions, bin_cache: Location | None = None
+) -> tuple[Plan, list[ModelCatalog]]:
+    catalogs = catalog_models(cfg.model_refs(), cfg.storage_options, bin_cache)
     plan = build_plan(cfg, catalogs, block_bytes=opts.block_bytes, seed=opts.seed, world_size=world_size)
     return plan, catalogs
 
@@ -90,7 +96,7 @@ def run_merge(config_path: str, out_url: str, comm: Comm, opts: MergeOptions) ->
         if out.join(MANIFEST_NAME).exists() and not opts.overwrite:
             raise OutputExistsError(f"{out.url}: already holds a finished merge ({MANIFEST_NAME}); use --overwrite")
         check_tokenizer_source(cfg.tokenizer_source, cfg.storage_options)
-        plan, catalogs = plan_merge(cfg, comm.size, opts)
+        plan, catalogs = plan_merge(cfg, comm.size, opts, out.join(BIN_CACHE) if opts.allow_bin else None)
         store_loc = location(opts.store, cfg.storage_options) if opts.store else out.join(STORE_DIR)
         store = BlockStore(store_loc)
         store.prepare(plan, opts.overwrite)
@@ -160,6 +166,8 @@ def run_merge(config_path: str, out_url: str, comm: Comm, opts: MergeOptions) ->
     )
     if comm.rank == 0 and not opts.keep_store:
         store.loc.remove(recursive=True)
+        if opts.allow_bin:
+            out.join(BIN_CACHE).remove(recursive=True)
     wall = time.perf_counter() - t0
     peak = [g for g in comm.allgather(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)]
     blocks = comm.allgather(

@@ -350,3 +350,51 @@ def test_tensor_names_never_become_paths(tmp_path: Path, name: str) -> None:
         merged.update(load_file(str(f)))
     torch.testing.assert_close(merged[name], tensors[name] + 0.5)
     assert main(["verify", str(out), "--quiet"]) == 0
+
+
+class _Payload:
+    """A pickle that would run code when unpickled by a plain pickle.load."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_bin_checkpoints_with_allow_bin(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--allow-bin: pytorch_model.bin is read with torch.load(weights_only=True) and gives the
+    same merge as its safetensors twin; a pickle with code in it is refused, never run."""
+    from safetensors.torch import load_file
+
+    f = synthetic_family(tmp_path / "m")
+    twin = synthetic_family(tmp_path / "twin")
+    sd = load_file(str(f["ft1"] / "model.safetensors"))
+    sd["tied.copy"] = sd["model.norm.weight"]  # shared storage, as tied weights are
+    (f["ft1"] / "model.safetensors").unlink()
+    torch.save(sd, f["ft1"] / "pytorch_model.bin")
+    twin_sd = load_file(str(twin["ft1"] / "model.safetensors"))
+    twin_sd["tied.copy"] = twin_sd["model.norm.weight"].clone()
+    from safetensors.torch import save_file
+
+    save_file(twin_sd, str(twin["ft1"] / "model.safetensors"))
+    code, err = run(capsys, write(tmp_path, f), tmp_path / "refused")
+    assert_clean_failure(code, err, tmp_path / "refused", str(f["ft1"]), "pickle", "--allow-bin")
+    out = tmp_path / "out"
+    assert main(["merge", str(write(tmp_path, f)), str(out), "--quiet", "--allow-bin"]) == 0
+    assert not (out / ".bigmerge-bin-cache").exists()  # converted files are removed after the merge
+    assert main(["merge", str(write(tmp_path, twin)), str(tmp_path / "twin_out"), "--quiet"]) == 0
+    from helpers import assert_bit_identical, load_output
+
+    assert_bit_identical(load_output(out), load_output(tmp_path / "twin_out"))
+
+    marker = tmp_path / "pwned"
+    torch.save({"model.norm.weight": _Payload(str(marker))}, f["ft2"] / "pytorch_model.bin")
+    (f["ft2"] / "model.safetensors").unlink()
+    capsys.readouterr()
+    code = main(["merge", str(write(tmp_path, f)), str(tmp_path / "evil"), "--quiet", "--allow-bin"])
+    err = capsys.readouterr().err
+    assert_clean_failure(code, err, tmp_path / "evil", "refused by torch.load(weights_only=True)")
+    assert not marker.exists()
