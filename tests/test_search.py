@@ -259,7 +259,7 @@ def test_search_writes_results_and_best_config_reproduces_its_heldout_score(
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    cfg = _search_cfg(small_zoo, tmp_path)
+    cfg = _search_cfg(small_zoo, tmp_path, optimizer={"popsize": 2, "budget": 3})  # a partial last generation
     out = tmp_path / "run"
     assert main(["search", str(cfg), "--out", str(out), "--quiet"]) == 0
     for name in (
@@ -276,7 +276,7 @@ def test_search_writes_results_and_best_config_reproduces_its_heldout_score(
     summary = json.loads((out / "summary.json").read_text())
     rows = {r["name"]: r for r in summary["rows"]}
     assert list(rows) == ["cmaes", "uniform soup", "best single", "greedy soup"]
-    assert summary["evaluations"]["optimizer"] == 4
+    assert summary["evaluations"]["optimizer"] == 3
     history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
     assert len({e["key"] for e in history}) == len(history) == summary["evaluations"]["total_in_journal"]
     assert all({"config", "scores", "fitness", "seconds", "time"} <= e.keys() for e in history)
@@ -325,7 +325,7 @@ def test_killed_search_resumes_without_reevaluating(small_zoo: Path, tmp_path: P
     cfg = _search_cfg(
         small_zoo,
         tmp_path,
-        optimizer={"popsize": 3, "budget": 6},
+        optimizer={"popsize": 2, "budget": 4},
         fitness={"tasks": {"zoo_sort": 1}, "heldout": 4, "limit": 4},
         baselines=False,
     )
@@ -333,21 +333,20 @@ def test_killed_search_resumes_without_reevaluating(small_zoo: Path, tmp_path: P
     cmd = [sys.executable, "-m", "bigmerge", "search", str(cfg), "--out", str(out), "--quiet"]
     proc = subprocess.Popen(cmd, env=ENV, stderr=subprocess.PIPE)
     journal = out / "history.jsonl"
-    deadline = time.time() + 90
+    deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
-        if journal.exists() and len(journal.read_text().splitlines()) >= 2:
+        if journal.exists() and len(journal.read_text().splitlines()) >= 1:
             break
-        time.sleep(0.05)
+        time.sleep(0.02)
     assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     before = [json.loads(line) for line in journal.read_text().splitlines() if line.endswith("}")]
-    assert 2 <= len(before) < 7 and not (out / "summary.json").exists()
-    done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=180)
-    assert done.returncode == 0, done.stderr
+    assert 1 <= len(before) < 5 and not (out / "summary.json").exists()
+    assert main(["search", str(cfg), "--out", str(out), "--quiet"]) == 0  # the rerun, here
     after = [json.loads(line) for line in journal.read_text().splitlines()]
     assert after[: len(before)] == before  # kept, not redone
-    assert len({e["key"] for e in after}) == len(after) == 6 + 1  # 6 candidates, the best held out
+    assert len({e["key"] for e in after}) == len(after) == 4 + 1  # 4 candidates, the best held out
     summary = json.loads((out / "summary.json").read_text())
     assert summary["evaluations"]["taken_from_journal"] >= len(before)
     assert summary["evaluations"]["run_now"] == len(after) - len(before)
@@ -386,10 +385,3 @@ def test_bad_input_is_one_line(
     err = capsys.readouterr().err.strip()
     assert err.startswith("bigmerge: error: ") and message in err and "\n" not in err
     assert not (tmp_path / "o").exists()
-
-
-def test_unknown_lm_eval_task_is_one_line(small_zoo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    cfg = _search_cfg(small_zoo, tmp_path, fitness={"tasks": {"no_such_task_xyz": 1}})
-    assert main(["search", str(cfg), "--out", str(tmp_path / "o")]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("bigmerge: error: ") and "no_such_task_xyz" in err and "\n" not in err

@@ -132,9 +132,9 @@ def _plots(
     for e in searched:
         run.append(max(e["fitness"], run[-1]) if run else e["fitness"])
     ax.plot(xs, run, "-", label="best so far")
-    for r in table:
-        if r["name"] != chosen:
-            ax.axhline(r["search_fitness"], ls="--", lw=0.8, label=r["name"], color=None)
+    others = [r for r in table if r["name"] != chosen]
+    for k, r in enumerate(others):
+        ax.axhline(r["search_fitness"], ls=("--", ":", "-.")[k % 3], lw=1, label=r["name"], color=f"C{k + 2}")
     ax.set_xlabel("evaluation (search split)")
     ax.set_ylabel("fitness (weighted macro-average)")
     ax.legend(fontsize=7)
