@@ -150,9 +150,11 @@ class Table:
                             )
                 fig.colorbar(im, ax=ax, fraction=0.03, pad=0.01)
             ax.set_title(group or title)
+        top = 1.0
         if title and panels.keys() != {""}:
             fig.suptitle(title)
-        fig.tight_layout()
+            top = 1.0 - 0.5 / fig.get_figheight()  # room for the title above the first panel's
+        fig.tight_layout(rect=(0.0, 0.0, 1.0, top))
         out = Path(path)
         out.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(out, dpi=110)
