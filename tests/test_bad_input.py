@@ -398,3 +398,63 @@ def test_bin_checkpoints_with_allow_bin(tmp_path: Path, capsys: pytest.CaptureFi
     err = capsys.readouterr().err
     assert_clean_failure(code, err, tmp_path / "evil", "refused by torch.load(weights_only=True)")
     assert not marker.exists()
+
+
+def _rewrite_header(p: Path, edit) -> None:  # type: ignore[no-untyped-def]
+    """Rewrite a safetensors file's JSON header in place with edit(header) (data bytes kept)."""
+    data = p.read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8 : 8 + n])
+    edit(header)
+    raw = json.dumps(header).encode()
+    raw += b" " * ((8 - len(raw) % 8) % 8)
+    p.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n :])
+
+
+def _offsets_out_of_range(h: dict) -> None:
+    h["model.norm.weight"]["data_offsets"][1] += 10**6
+
+
+def _overlapping(h: dict) -> None:
+    h["model.norm.weight"]["data_offsets"] = list(h["model.embed_tokens.weight"]["data_offsets"][:1]) * 2
+    h["model.norm.weight"]["data_offsets"][1] += 32
+
+
+def _dtype_vs_bytes(h: dict) -> None:
+    h["model.norm.weight"]["dtype"] = "F64"
+
+
+def _shape_vs_bytes(h: dict) -> None:
+    h["model.norm.weight"]["shape"] = [9]
+
+
+@pytest.mark.parametrize(
+    ("edit", "needle"),
+    [
+        (_offsets_out_of_range, "out of range"),
+        (_overlapping, "overlap"),
+        (_dtype_vs_bytes, "'model.norm.weight'"),
+        (_shape_vs_bytes, "'model.norm.weight'"),
+    ],
+    ids=["offsets-out-of-range", "overlapping", "dtype-vs-bytes", "shape-vs-bytes"],
+)
+def test_bad_safetensors_headers_end_to_end(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], edit, needle: str
+) -> None:  # type: ignore[no-untyped-def]
+    f = synthetic_family(tmp_path / "m")
+    p = f["ft2"] / "model.safetensors"
+    _rewrite_header(p, edit)
+    code, err = run(capsys, write(tmp_path, f), tmp_path / "out")
+    assert code == 2
+    assert_clean_failure(code, err, tmp_path / "out", str(p), needle)
+
+
+def test_index_naming_a_tensor_no_shard_has(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    f = synthetic_family(tmp_path / "m", shards=2)
+    idx = f["ft1"] / "model.safetensors.index.json"
+    doc = json.loads(idx.read_text())
+    doc["weight_map"]["model.layers.7.ghost.weight"] = "model-00001-of-00002.safetensors"
+    idx.write_text(json.dumps(doc))
+    code, err = run(capsys, write(tmp_path, f), tmp_path / "out")
+    assert code == 2
+    assert_clean_failure(code, err, tmp_path / "out", "'model.layers.7.ghost.weight'", "not in that shard")
