@@ -43,7 +43,8 @@ def _linear_kernel(xs, w, divisor, normalize, bf16_in, bf16_out, out, nparts):  
     (addcmul is a fused multiply-add on the CPU: so is this).
 
     xs: a tuple of flat sources, bfloat16 bits (uint16) or float32; out: bfloat16 bits (uint16,
-    rounded to nearest even as torch rounds) or float32. One pass, no float32 copies.
+    rounded to nearest even as torch rounds) or float32. One pass over memory; the work goes
+    through small per-thread buffers in simple loops that LLVM vectorizes (no branches inside).
     """
     m = out.size
     n = len(xs)
@@ -52,47 +53,40 @@ def _linear_kernel(xs, w, divisor, normalize, bf16_in, bf16_out, out, nparts):  
         lo0 = p * step
         hi0 = min(m, lo0 + step)
         acc = np.empty(_CHUNK, dtype=np.float32)
-        wide = np.empty(_CHUNK, dtype=np.uint32)
+        acc_bits = acc.view(np.uint32)
+        wide = np.empty(_CHUNK, dtype=np.float32)
+        wide_bits = wide.view(np.uint32)
         for lo in range(lo0, hi0, _CHUNK):
             c = min(_CHUNK, hi0 - lo)
             for i in range(n):
                 wi = w[i]
                 if bf16_in:
-                    src = xs[i]
+                    src = xs[i][lo : lo + c]
                     for k in range(c):
-                        wide[k] = np.uint32(src[lo + k]) << np.uint32(16)
-                    x = wide.view(np.float32)
-                    if i == 0:
-                        for k in range(c):
-                            acc[k] = _fma32(x[k], wi, np.float32(0.0))
-                    else:
-                        for k in range(c):
-                            acc[k] = _fma32(x[k], wi, acc[k])
+                        wide_bits[k] = np.uint32(src[k]) << np.uint32(16)
+                    x = wide
                 else:
-                    srcf = xs[i].view(np.float32)
-                    if i == 0:
-                        for k in range(c):
-                            acc[k] = _fma32(srcf[lo + k], wi, np.float32(0.0))
-                    else:
-                        for k in range(c):
-                            acc[k] = _fma32(srcf[lo + k], wi, acc[k])
+                    x = xs[i].view(np.float32)[lo : lo + c]
+                if i == 0:
+                    for k in range(c):
+                        acc[k] = _fma32(x[k], wi, np.float32(0.0))
+                else:
+                    for k in range(c):
+                        acc[k] = _fma32(x[k], wi, acc[k])
             if normalize:
                 for k in range(c):
                     acc[k] = acc[k] / divisor
             if bf16_out:
-                bits = acc.view(np.uint32)
+                o = out[lo : lo + c]
                 for k in range(c):
-                    u = bits[k]
-                    if (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):
-                        out[lo + k] = np.uint16(0x7FC0)  # NaN, as torch makes it
-                    else:
-                        out[lo + k] = np.uint16(
-                            (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
-                        )
+                    u = acc_bits[k]
+                    r = np.uint16((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+                    # NaN stays NaN (0x7FC0), as torch makes it
+                    o[k] = np.uint16(0x7FC0) if (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000) else r
             else:
-                outf = out.view(np.float32)
+                of = out.view(np.float32)[lo : lo + c]
                 for k in range(c):
-                    outf[lo + k] = acc[k]
+                    of[k] = acc[k]
 
 
 class LinearOp(MergeOp):
