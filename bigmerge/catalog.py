@@ -58,6 +58,15 @@ def _safe_file_name(name: Any, where: str) -> str:
     return name
 
 
+def _read_index(index_loc: Location) -> tuple[dict[str, str], list[str]]:
+    """An index's weight map and its shard file names (checked to stay inside the checkpoint)."""
+    index = _load_json(index_loc)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise SourceError(f"{index_loc.url}: no 'weight_map' object in the index")
+    return weight_map, sorted({_safe_file_name(f, index_loc.url) for f in weight_map.values()})
+
+
 def catalog_model(
     ref: str, storage_options: dict[str, Any] | None = None, bin_cache: Location | None = None
 ) -> ModelCatalog:
@@ -67,11 +76,7 @@ def catalog_model(
     index_loc = root.join(INDEX_NAME)
     single_loc = root.join(SINGLE_NAME)
     if index_loc.exists():
-        index = _load_json(index_loc)
-        weight_map = index.get("weight_map") if isinstance(index, dict) else None
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise SourceError(f"{index_loc.url}: no 'weight_map' object in the index")
-        files = sorted({_safe_file_name(f, index_loc.url) for f in weight_map.values()})
+        weight_map, files = _read_index(index_loc)
     elif single_loc.exists():
         weight_map = None
         files = [SINGLE_NAME]
@@ -149,11 +154,7 @@ def convert_bin(root: Location, dest: Location) -> Location:
     done = dest.join("converted.json")
     index_loc = root.join("pytorch_model.bin.index.json")
     if index_loc.exists():
-        index = _load_json(index_loc)
-        weight_map = index.get("weight_map") if isinstance(index, dict) else None
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise SourceError(f"{index_loc.url}: no 'weight_map' object in the index")
-        shards = sorted({_safe_file_name(f, index_loc.url) for f in weight_map.values()})
+        _, shards = _read_index(index_loc)
     else:
         shards = ["pytorch_model.bin"]
     sizes = {f: root.join(f).size() for f in shards}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -161,19 +161,41 @@ def _most_relevant(errors: list[dict[str, Any]]) -> dict[str, Any]:
     return errors[0]
 
 
-def load_config(path: str | Path) -> MergeConfig:
+def read_yaml(path: str | Path) -> Any:
+    """A YAML file's data; an unreadable or malformed file is a one-line ConfigError naming it."""
     p = Path(path)
     try:
         text = p.read_text()
     except OSError as exc:
         raise ConfigError(f"{p}: cannot read config: {exc.strerror}") from None
     try:
-        data = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark is not None else ""
         raise ConfigError(f"{p}: not valid YAML{at}: {getattr(exc, 'problem', exc)}") from None
-    return parse_config(data, str(p))
+
+
+def read_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
+    """(line number, object) for every non-blank line of a jsonl data file; errors name file and line."""
+    p = Path(path)
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: data file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read data: {exc.strerror}") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            yield n, json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{p}:{n}: not valid JSON: {exc.msg}") from None
+
+
+def load_config(path: str | Path) -> MergeConfig:
+    return parse_config(read_yaml(path), str(path))
 
 
 def evaluate_setting(tensor_name: str, setting: ParameterSetting, t: float, validate: Callable[[Any], Any]) -> Any:

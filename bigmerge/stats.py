@@ -18,7 +18,6 @@ runs on a small jsonl data set (one JSON object per line with a `text` field):
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from collections.abc import Callable
@@ -26,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bigmerge.config import read_jsonl
 from bigmerge.errors import ConfigError, SourceError
 from bigmerge.ops.data_informed import FISHER_FILE, GRAM_FILE, model_dir_name
 
@@ -43,18 +43,8 @@ class StatsOptions:
 def read_texts(path: str, limit: int) -> list[str]:
     """The `text` fields of a jsonl file, at most `limit` of them; errors name the file and line."""
     p = Path(path)
-    try:
-        lines = p.read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise ConfigError(f"{p}: cannot read data: {exc.strerror}") from None
     texts: list[str] = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{p}:{n}: not valid JSON: {exc.msg}") from None
+    for n, obj in read_jsonl(p):
         if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
             raise ConfigError(f"{p}:{n}: expected an object with a string 'text' field")
         texts.append(obj["text"])

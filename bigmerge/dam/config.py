@@ -11,9 +11,9 @@ import copy
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from bigmerge.config import read_yaml
 from bigmerge.errors import ConfigError
 
 Activation = Literal["identity", "tanh", "sigmoid", "relu"]
@@ -170,13 +170,5 @@ def parse_dam_config(data: Any, source: str = "config") -> DamConfig:
 
 
 def load_dam_config(path: str | Path) -> DamConfig:
-    p = Path(path)
-    try:
-        text = p.read_text()
-    except OSError as exc:
-        raise ConfigError(f"{p}: cannot read config: {exc.strerror}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{p}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
-    return parse_dam_config(data, str(p))  # paths as given: relative to the working directory, as in merge configs
+    # paths as given: relative to the working directory, as in merge configs
+    return parse_dam_config(read_yaml(path), str(path))

@@ -3,30 +3,18 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
+from bigmerge.config import read_jsonl
 from bigmerge.errors import ConfigError
 
 
 def read_texts(path: str, limit: int | None = None) -> list[Any]:
     """Each line's `text` (a str) or `messages` (a list of dicts), at most `limit`; errors name file and line."""
     p = Path(path)
-    try:
-        lines = p.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise ConfigError(f"{p}: data file not found") from None
-    except OSError as exc:
-        raise ConfigError(f"{p}: cannot read data: {exc.strerror}") from None
     texts: list[Any] = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{p}:{n}: not valid JSON: {exc.msg}") from None
+    for n, obj in read_jsonl(p):
         if isinstance(obj, dict) and isinstance(obj.get("text"), str):
             texts.append(obj["text"])
         elif isinstance(obj, dict) and _is_chat(obj.get("messages")):

@@ -22,10 +22,9 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from bigmerge.config import MergeConfig, parse_config
+from bigmerge.config import MergeConfig, parse_config, read_yaml
 from bigmerge.errors import ConfigError
 
 OPTIMIZERS = ("cmaes", "greedy")
@@ -180,13 +179,4 @@ def parse_search_config(data: Any, source: str = "search config") -> SearchConfi
 
 
 def load_search_config(path: str | Path) -> SearchConfig:
-    p = Path(path)
-    try:
-        text = p.read_text()
-    except OSError as exc:
-        raise ConfigError(f"{p}: cannot read config: {exc.strerror}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{p}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
-    return parse_search_config(data, str(p))
+    return parse_search_config(read_yaml(path), str(path))
