@@ -7,6 +7,7 @@ from pathlib import Path
 
 import bench_quality
 import pytest
+import yaml
 from zoo_fixture import small_zoo_dir
 
 from bigmerge.config import load_config
@@ -50,17 +51,40 @@ def test_bench_on_the_small_zoo(small_zoo: Path, tmp_path: Path) -> None:
             "--scenarios",
             "specialists",
             "--methods",
-            "linear,ties",
+            "linear,ties,dam",
             "--limit",
             "10",
+            "--set",
+            "dam.max_steps=2",
+            "--set",
+            "dam.examples=16",
         ]
     )
     assert rc == 0
     data = json.loads((tmp_path / "quality.json").read_text())
     rows = [r["name"] for r in data["rows"]]
-    assert rows == ["specialists/base", "specialists/sort", "specialists/fin", "specialists/linear", "specialists/ties"]
+    assert rows == [
+        "specialists/base",
+        "specialists/sort",
+        "specialists/fin",
+        "specialists/linear",
+        "specialists/ties",
+        "specialists/dam",
+    ]
     assert {r["group"] for r in data["rows"]} == {"specialists"}
+    dam = next(r for r in data["rows"] if r["name"] == "specialists/dam")
+    assert sorted(dam["scores"]) == sorted(data["tasks"])
+    assert all(0 <= v <= 1 for v in dam["scores"].values()) and 0 <= dam["avg"] <= 1
+    train = yaml.safe_load((tmp_path / "configs" / "specialists-dam-train.yaml").read_text())
+    assert [Path(m["model"]).name for m in train["models"]] == ["sort", "fin"]
+    assert train["training"]["engine"] == "torch" and train["training"]["max_steps"] == 2
+    assert "| specialists/dam |" in (tmp_path / "quality.md").read_text()
+    # a scenario whose models all train on every skill gives DAM no data of their own: skipped
+    info = json.loads((small_zoo / "zoo.json").read_text())
+    with pytest.raises(ValueError, match="every skill"):
+        bench_quality.dam_skills(info, info["scenarios"]["similar"]["models"])
     assert sorted(p.name for p in (tmp_path / "configs").iterdir()) == [
+        "specialists-dam-train.yaml",
         "specialists-linear.yaml",
         "specialists-ties.yaml",
     ]

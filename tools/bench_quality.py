@@ -14,6 +14,13 @@ appear without edits here) it writes a config with the operator's usual paramete
 - ``t: 0.5`` where an operator requires a ``t``; every other parameter at its default;
 - ``--set METHOD.PARAM=VALUE`` overrides any of them (``*.PARAM`` for every method).
 
+``dam`` trains its coefficients first (``bigmerge dam``, one process, ``training.engine: torch``)
+on a scenario whose models each train on their own skills (the zoo's ``mixture``: specialists,
+domain): each model's data are its skills' items from ``bigmerge.dam.zoo_data`` (``DAM_EXAMPLES``
+per model, split over its skills), the training settings ``DAM_TRAINING``, which
+``--set dam.KEY=VALUE`` overrides (any ``training:`` key, or ``examples``); its config is
+DIR/configs/SCENARIO-dam-train.yaml. Other scenarios skip ``dam`` with the reason.
+
 An operator that takes exactly two models (slerp, nearswap) runs on a two-model scenario with
 the first model in the base's place. An operator that cannot run on the scenario (it raises ConfigError or SourceError: it needs data
 statistics, exactly two models, a parameter without a usual value, ...) is skipped with the reason.
@@ -43,6 +50,9 @@ from bigmerge.eval import Evaluator, Table, load_model  # noqa: E402
 
 SCENARIO_ORDER = ("specialists", "similar", "recycle", "domain")  # zoo.json keeps its keys sorted
 USUAL = {"weight": 1.0, "density": 0.5, "normalize": True, "t": 0.5}
+# DAM for the table: one process; lr 1e-2 for 2 epochs is the README's better zoo setting
+DAM_TRAINING = {"engine": "torch", "lr": 1e-2, "epochs": 2, "batch_size": 8, "log_every": 8, "checkpoint_every": 1000}
+DAM_EXAMPLES = 128
 
 
 def _parse_value(text: str) -> Any:
@@ -86,6 +96,35 @@ def merge_config(method: str, base: str, models: list[str], overrides: dict[str,
         cfg["parameters"] = shared
     cfg["dtype"] = "float32"
     return cfg
+
+
+def dam_skills(info: dict[str, Any], models: list[str]) -> dict[str, list[str]]:
+    """Each model's own skills (its training mixture); ValueError when DAM has no data per model."""
+    skills = {m: sorted(info["models"][m].get("mixture", {})) for m in models}
+    if any(not s or len(s) == len(info["skills"]) for s in skills.values()):
+        raise ValueError("needs models that each train on their own skills; these train on every skill")
+    if len({tuple(s) for s in skills.values()}) < len(skills):
+        raise ValueError("needs models with distinct skills; some train on the same ones")
+    return skills
+
+
+def dam_config(
+    info: dict[str, Any], zoo: Path, models: list[str], work: Path, overrides: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
+    """The `bigmerge dam` config of a scenario: per model its skills' data, written under `work`."""
+    from bigmerge.dam.zoo_data import write_zoo_data
+
+    training = {**DAM_TRAINING, **overrides.get("dam", {})}
+    examples = int(training.pop("examples", DAM_EXAMPLES))
+    skills = dam_skills(info, models)
+    files = write_zoo_data(zoo, examples=examples, out=work / "data")
+    cfg_models = []
+    for m in models:
+        per_skill = max(1, examples // len(skills[m]))
+        lines = [ln for s in skills[m] for ln in files[s].read_text().splitlines()[:per_skill]]
+        (work / f"{m}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        cfg_models.append({"model": str(zoo / m), "data": str(work / f"{m}.jsonl")})
+    return {"models": cfg_models, "output": str(work / "train"), "training": training}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -153,6 +192,27 @@ def run(args: argparse.Namespace) -> int:
                 add(f"{sc_name}/{m}", sc_name, cache[m])
             for method in methods:
                 row = f"{sc_name}/{method}"
+                if method == "dam":
+                    from bigmerge.dam.train import DamOptions, run_dam
+
+                    cfg_path = out / "configs" / f"{sc_name}-dam-train.yaml"
+                    target = work / f"{sc_name}-dam"
+                    t0 = time.perf_counter()
+                    try:
+                        dam = dam_config(info, zoo, models, work / f"{sc_name}-dam-train", overrides)
+                        cfg_path.write_text(yaml.safe_dump(dam, sort_keys=False), encoding="utf-8")
+                        run_dam(str(cfg_path), DamOptions(str(target), restart=True, quiet=True, overwrite=True))
+                    except (BigmergeError, ValueError, RuntimeError) as exc:
+                        skipped[row] = str(exc).splitlines()[0]
+                        print(f"{row:<34} skipped: {skipped[row]}", flush=True)
+                        continue
+                    t_merge = time.perf_counter() - t0
+                    add(row, sc_name, score(row, target))
+                    seconds.setdefault(sc_name, {})[method] = round(time.perf_counter() - t0, 1)
+                    seconds[sc_name][f"{method}:train+merge"] = round(t_merge, 1)
+                    if not args.keep:
+                        shutil.rmtree(target, ignore_errors=True)
+                    continue
                 try:
                     cfg = merge_config(method, str(zoo / base), [str(zoo / m) for m in models], overrides)
                 except KeyError as exc:
@@ -196,6 +256,7 @@ def run(args: argparse.Namespace) -> int:
         "zoo_args": info.get("args"),
         "limit": args.limit,
         "usual_parameters": USUAL,
+        "dam": {"training": DAM_TRAINING, "examples": DAM_EXAMPLES},
         "overrides": overrides,
         "skipped": skipped,
         "pairwise": pairwise,
