@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="train DAM merge coefficients (DeepSpeed ZeRO-3), write them and a merge config",
         description="Train DAM coefficients (W = sum_i W_i diag(f(c_i)) per linear layer) by distilling each source "
         "model on its own data into the merged model; launch under deepspeed, torchrun or mpirun for several processes. "
-        "Writes OUTPUT/coefficients/*.safetensors and OUTPUT/merge.yaml (merge_method: dam); see configs/dam-zoo.yaml.",
+        "Writes OUTPUT/coefficients/*.safetensors and OUTPUT/merge.yaml (merge_method: dam); see configs/dam/zoo.yaml.",
     )
     d.add_argument("config", help="DAM config (YAML)")
     d.add_argument("--merge", metavar="OUT", default=None, help="then merge into OUT with the written merge.yaml")

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from bigmerge.plan import Plan
+from bigmerge.plan import Plan, block_memory
 
 # Source bytes merged per second per core, by operator family (GB/s), from tools/bench.py on
 # the 2-core development machine (medium preset, 4 x 1 GB bf16 sources, dtype float32):
@@ -112,12 +112,9 @@ def estimate_model(
 
 
 def _block_peak(method: str, n: int, block_bytes: int, itemsize: int, prefetch: int) -> int:
-    # as Plan.peak_memory_estimate: blocks in flight per source plus float32 work buffers
     from bigmerge.ops import get_op
 
-    elems = block_bytes // itemsize
-    work = int((get_op(method).workspace_per_source + 1) * n * elems * 4) + elems * 4
-    return (prefetch + 1) * n * block_bytes + work
+    return block_memory(get_op(method), n, block_bytes // itemsize, n * block_bytes, 4, prefetch)
 
 
 def _estimate(method: str, read_per_rank: list[int], write_per_rank: list[int], c: Cluster, peak: int) -> Estimate:

@@ -193,16 +193,24 @@ class Plan:
         for t in self.tensors:
             if t.n_blocks == 0:
                 continue
-            n = len(t.sources)
-            csize = max(4, DTYPES[t.compute_dtype or self.compute_dtype][1])  # 16-bit ops work in float32 too
             elems = t.block_rows * t.row_elems
             raw = sum(elems * DTYPES[s.dtype][1] for s in t.sources)
-            work = int((op.workspace_per_source + 1) * n * elems * csize) + elems * 4
+            csize = DTYPES[t.compute_dtype or self.compute_dtype][1]
             # aux inputs: row-blocked ones travel with the block; whole ones (Gram matrices) are
             # cached by the reader for two tensors and copied to float64 by the operator
             aux_rows, aux_whole = _aux_bytes(t)
-            peak = max(peak, (prefetch + 1) * (raw + aux_rows) + work + 5 * aux_whole)
+            block = block_memory(op, len(t.sources), elems, raw + aux_rows, csize, prefetch)
+            peak = max(peak, block + 5 * aux_whole)
         return peak + cache_bytes
+
+
+def block_memory(op: MergeOp, n_sources: int, elems: int, raw_bytes: int, compute_size: int, prefetch: int) -> int:
+    """Peak bytes for one block of `elems` elements per source: the raw blocks in flight
+    (prefetched, plus the one being merged) and the operator's work buffers (16-bit compute
+    works in float32 too)."""
+    csize = max(4, compute_size)
+    work = int((op.workspace_per_source + 1) * n_sources * elems * csize) + elems * 4
+    return (prefetch + 1) * raw_bytes + work
 
 
 def layer_position(name: str, num_layers: int | None) -> tuple[int | None, float]:

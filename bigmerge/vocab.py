@@ -69,13 +69,32 @@ def _vocab_size(cat: ModelCatalog, tok: Any) -> int:
     return v if isinstance(v, int) else len(tok.get_vocab())
 
 
+_built: dict[tuple[Any, ...], tuple[Any, list[list[int]], list[int]]] = {}
+
+
 def build_tokenizer(
     tokenizer_source: str, base_ref: str, refs: list[str], catalogs: dict[str, ModelCatalog], storage_options: Any
 ) -> tuple[Any, list[list[int]], list[int]]:
     """(output tokenizer, per ref the source row of every output token or -1, per ref vocab size).
 
-    (None, [], []) when the base model has no tokenizer and the source is not `union`.
+    (None, [], []) when the base model has no tokenizer and the source is not `union`. Built
+    once per process for the same sources (rank 0 needs it for the plan and for the export).
     """
+    key = (
+        tokenizer_source,
+        base_ref,
+        tuple((r, catalogs[r].root.url, tuple(sorted(catalogs[r].header_sha256.items()))) for r in refs),
+        repr(storage_options),
+    )
+    if key not in _built:
+        _built.clear()  # one merge's tokenizer at a time
+        _built[key] = _build_tokenizer(tokenizer_source, base_ref, refs, catalogs, storage_options)
+    return _built[key]
+
+
+def _build_tokenizer(
+    tokenizer_source: str, base_ref: str, refs: list[str], catalogs: dict[str, ModelCatalog], storage_options: Any
+) -> tuple[Any, list[list[int]], list[int]]:
     with tempfile.TemporaryDirectory(prefix="bigmerge-tok-") as tmp:
         scratch = Path(tmp)
         try:
