@@ -1,14 +1,14 @@
 """Export: the zarr store becomes a Hugging Face checkpoint.
 
 Output files are spread over the ranks; each rank streams its files block by block from
-the store (bounded memory) and hashes every tensor as it goes. Rank 0 then writes
+the store (bounded memory), checking every block's CRC-32C and combining them into each
+tensor's checksum. Rank 0 then writes
 `config.json`, the tokenizer, `model.safetensors.index.json` and, last of all, the
 manifest: a merge is complete only when the manifest exists.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from collections import deque
@@ -23,12 +23,14 @@ from bigmerge.dist.comm import Comm
 from bigmerge.dist.faults import fault_point
 from bigmerge.errors import SourceError, VerifyError
 from bigmerge.plan import Plan, TensorPlan
+from bigmerge.storage.checksum import combine, crc32c, hex32
 from bigmerge.storage.fs import Location, location
 from bigmerge.storage.safetensors import DTYPES, build_header, read_header
 from bigmerge.storage.zarr_store import BlockStore
 from bigmerge.vocab import TOKENIZER_FILES, build_tokenizer, save_tokenizer
 
 MANIFEST_NAME = "bigmerge-manifest.json"
+MANIFEST_VERSION = 2  # 2: a CRC-32C per tensor (1 had a sha256)
 SHARD_RE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 DEFAULT_SHARD_BYTES = 5 * 1000**3
 DTYPE_CONFIG_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
@@ -74,10 +76,14 @@ def clear_finished_markers(out: Location) -> None:
 def write_file(
     store: BlockStore, out: Location, name: str, tensors: list[TensorPlan], prefetch: int = 3
 ) -> dict[str, str]:
-    """Stream one output file from the store, hashing each tensor; reads run ahead on threads."""
+    """Stream one output file from the store; reads run ahead on threads.
+
+    Every block is checked against the CRC-32C stored with it, and the tensor's checksum for
+    the manifest is combined from its blocks' checksums: the bytes are not hashed again.
+    """
     header = build_header([(t.name, t.out_dtype, tuple(t.shape), t.out_bytes()) for t in tensors], {"format": "pt"})
     loc = out.join(name)
-    hashes: dict[str, str] = {}
+    sums: dict[str, str] = {}
     biggest = max((t.block_rows * t.row_elems * DTYPES[t.out_dtype][1] for t in tensors), default=0)
     # A small ring of buffers, reused for every block: no page faults per block.
     ring = [np.empty(biggest + 4, dtype=np.uint8) for _ in range(prefetch + 1)]  # + the block's crc32c
@@ -85,42 +91,33 @@ def write_file(
 
     def write() -> None:
         # The whole file again on a retry: a streamed upload cannot resume mid-way.
-        hashes.clear()
+        sums.clear()
         loc.fs.makedirs(out.path, exist_ok=True)
-        # Hashing runs on its own thread (hashlib releases the GIL), beside the writes of the
-        # main thread and the reads ahead: sha256 of a large output is otherwise serial time.
         with (
             ThreadPoolExecutor(max_workers=prefetch, thread_name_prefix="bigmerge-export") as pool,
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="bigmerge-hash") as hash_pool,
             loc.fs.open(loc.path, "wb") as f,
         ):
             f.write(header)
-            pending: deque[Future[np.ndarray]] = deque()
-            hashed: list[Future[None]] = []  # per block: its ring slot is free once hashed and written
+            pending: deque[Future[tuple[np.ndarray, int]]] = deque()
             nxt = 0
-            hasher = None
+            crc = 0
             for k, (t, b) in enumerate(blocks):
-                while nxt < len(blocks) and nxt - k <= prefetch - 1:
-                    if nxt >= len(ring):
-                        hashed[nxt - len(ring)].result()
+                # a ring slot is free again once its block is written (the main thread writes in order)
+                while nxt < len(blocks) and nxt - k < min(prefetch, len(ring) - 1):
                     tt, bb = blocks[nxt]
                     pending.append(pool.submit(store.read_block, tt, bb, ring[nxt % len(ring)]))
                     nxt += 1
-                data = memoryview(pending.popleft().result()).cast("B")
-                if b == 0:
-                    hasher = hashlib.sha256()
-                assert hasher is not None
-                hashed.append(hash_pool.submit(hasher.update, data))
-                f.write(data)
+                data, block_crc = pending.popleft().result()
+                crc = block_crc if b == 0 else combine(crc, block_crc, data.nbytes)
+                f.write(memoryview(data).cast("B"))
                 if b == t.n_blocks - 1:
-                    hashed[-1].result()
-                    hashes[t.name] = hasher.hexdigest()
+                    sums[t.name] = hex32(crc)
             for t in tensors:
                 if t.n_blocks == 0:
-                    hashes[t.name] = hashlib.sha256(b"").hexdigest()
+                    sums[t.name] = hex32(0)
 
     loc.call("writing the output file", write)
-    return hashes
+    return sums
 
 
 def export(
@@ -199,7 +196,7 @@ def _finish(
     out.join(INDEX_NAME).write_bytes(json.dumps(index, indent=2).encode())
     manifest = {
         "format": "bigmerge-manifest",
-        "version": 1,
+        "version": MANIFEST_VERSION,
         "bigmerge": __version__,
         "merge_method": plan.merge_method,
         "plan_fingerprint": plan.fingerprint(),
@@ -207,7 +204,7 @@ def _finish(
         "sources": plan.source_headers,
         "files": names,
         "tensors": {
-            t.name: {"file": weight_map[t.name], "dtype": t.out_dtype, "shape": t.shape, "sha256": hashes[t.name]}
+            t.name: {"file": weight_map[t.name], "dtype": t.out_dtype, "shape": t.shape, "crc32c": hashes[t.name]}
             for t in plan.tensors
         },
     }
@@ -225,6 +222,11 @@ def verify(out: Location, chunk: int = 64 * 1024 * 1024) -> int:
         expected: dict[str, Any] = manifest["tensors"]
     except (ValueError, KeyError) as exc:
         raise VerifyError(f"{mloc.url}: unreadable manifest: {exc}") from None
+    if manifest.get("version") != MANIFEST_VERSION:
+        raise VerifyError(
+            f"{mloc.url}: manifest version {manifest.get('version')!r}; this bigmerge checks version {MANIFEST_VERSION} "
+            "(a CRC-32C per tensor)"
+        )
     if not out.join(INDEX_NAME).exists():
         raise VerifyError(f"{out.url}: manifest present but {INDEX_NAME} is missing")
     seen = 0
@@ -239,13 +241,13 @@ def verify(out: Location, chunk: int = 64 * 1024 * 1024) -> int:
                 raise VerifyError(f"{floc.url}: tensor {name!r} is not in the manifest")
             if want["file"] != fname or want["dtype"] != info.dtype or list(want["shape"]) != list(info.shape):
                 raise VerifyError(f"{floc.url}: tensor {name!r} has dtype/shape/file other than the manifest says")
-            h = hashlib.sha256()
+            crc = 0
             pos = info.start
             while pos < info.end:
                 n = min(chunk, info.end - pos)
-                h.update(floc.read_bytes(pos, pos + n))
+                crc = crc32c(floc.read_bytes(pos, pos + n), crc)
                 pos += n
-            if h.hexdigest() != want["sha256"]:
+            if hex32(crc) != want.get("crc32c"):
                 raise VerifyError(f"{floc.url}: tensor {name!r} does not match its checksum in the manifest")
             seen += 1
     if seen != len(expected):

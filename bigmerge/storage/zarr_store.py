@@ -19,7 +19,6 @@ import re
 import struct
 from typing import Any
 
-import google_crc32c
 import numpy as np
 import torch
 import zarr
@@ -28,6 +27,7 @@ import zarr.storage
 from bigmerge.dist.faults import disk_full_point
 from bigmerge.errors import OutputExistsError, StorageError
 from bigmerge.plan import Plan, TensorPlan
+from bigmerge.storage.checksum import crc32c
 from bigmerge.storage.fs import Location
 from bigmerge.storage.safetensors import DTYPES
 
@@ -124,12 +124,12 @@ class BlockStore:
         data = memoryview(to_storage(x, t.out_dtype).reshape(-1)).cast("B")
         full = _chunk_bytes(t)
         pad = full - data.nbytes
-        crc = google_crc32c.value(bytes(data))  # the C extension takes bytes only
+        crc = crc32c(data)
         if pad:
-            crc = google_crc32c.extend(crc, bytes(pad))
+            crc = _crc_zeros(pad, crc)
         index = np.array([0, full + 4], dtype="<u8").tobytes()
         # the chunk's crc32c (zarr's Crc32cCodec: 4 bytes little-endian after the data), then the index
-        trailer = struct.pack("<I", crc) + index + struct.pack("<I", google_crc32c.value(index))
+        trailer = struct.pack("<I", crc) + index + struct.pack("<I", crc32c(index))
         loc = self.shard_loc(t, b)
         if not loc.is_local:
             loc.write_bytes(b"".join((data, bytes(pad), trailer)))  # one PUT per shard, retried there
@@ -158,8 +158,9 @@ class BlockStore:
 
         loc.call(f"writing block {b} of tensor {t.name!r}", write_local)
 
-    def read_block(self, t: TensorPlan, b: int, scratch: np.ndarray | None = None) -> np.ndarray:
-        """The stored bytes of block b (without the edge padding), as a flat uint8 array.
+    def read_block(self, t: TensorPlan, b: int, scratch: np.ndarray | None = None) -> tuple[np.ndarray, int]:
+        """The stored bytes of block b (without the edge padding), as a flat uint8 array, and
+        their CRC-32C, checked against the one stored with the block.
 
         With `scratch` (a uint8 array large enough), the bytes land there and a view is returned.
         """
@@ -170,13 +171,14 @@ class BlockStore:
         loc = self.shard_loc(t, b)
         loc.read_into(0, memoryview(buf))
         want = int.from_bytes(buf[whole - 4 :].tobytes(), "little")
-        if google_crc32c.value(buf[: whole - 4].tobytes()) != want:
+        crc = crc32c(buf[:n])
+        if crc32c(buf[n : whole - 4], crc) != want:
             loc.remove()  # the journal forgets it: a rerun recomputes this block
             raise StorageError(
                 f"{loc.url}: block {b} of tensor {t.name!r} does not match its checksum in the store; "
                 "it was removed: rerun the same command to recompute it"
             )
-        return buf[:n]
+        return buf[:n], crc
 
     def done_blocks(self) -> set[tuple[int, int]]:
         """Blocks whose shard is in the store (the journal), from one recursive listing."""
@@ -190,6 +192,15 @@ class BlockStore:
             if m:
                 done.add((int(m.group(1)), int(m.group(2))))
         return done
+
+
+def _crc_zeros(n: int, crc: int) -> int:
+    """crc extended over n zero bytes (the edge padding)."""
+    while n > 0:
+        k = min(n, len(_ZEROS))
+        crc = crc32c(memoryview(_ZEROS)[:k], crc)
+        n -= k
+    return crc
 
 
 def _chunk_bytes(t: TensorPlan) -> int:
