@@ -41,27 +41,30 @@ class BlockReader:
         self._pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="bigmerge-read")
         self._locs: dict[str, Location] = {}
         self.bytes_read = 0
-        # Recycled read buffers: fresh large allocations cost page faults on every block.
+        # Recycled read buffers: fresh large allocations cost page faults on every block. Every
+        # pooled buffer has the capacity of the largest block, so any freed one serves any read
+        # (a pool of mixed sizes kept growing with the variety of tensor shapes, and so with the
+        # model), and the pool keeps no more than the reads in flight can use.
         self._free: list[torch.Tensor] = []
         self._pooled: set[int] = set()  # data pointers of buffers that belong to the pool
         self._free_lock = threading.Lock()
-        self._max_free = 4 * max(1, len(plan.models)) * (self.prefetch + 2)
+        self._cap = max(
+            (t.block_rows * t.row_elems * DTYPES[s.dtype][1] for t in plan.tensors for s in t.sources if t.shape),
+            default=0,
+        )
+        self._max_free = max(1, len(plan.models)) * (self.prefetch + 2)
         self._aux_pending: dict[tuple[int, int], Future[list[dict[str, torch.Tensor]]]] = {}
         # whole aux inputs of the latest two tensors; a future, so concurrent prefetches read each once
         self._aux_whole: dict[tuple[str, int], Future[torch.Tensor]] = {}
 
     def _buffer(self, n: int) -> torch.Tensor:
         with self._free_lock:
-            best = None
-            for i, buf in enumerate(self._free):
-                if buf.numel() >= n and (best is None or buf.numel() < self._free[best].numel()):
-                    best = i
-            if best is not None:
-                return self._free.pop(best)[:n]
-        buf = torch.empty(n, dtype=torch.uint8)
+            if self._free and n <= self._cap:
+                return self._free.pop()[:n]
+        buf = torch.empty(max(n, self._cap), dtype=torch.uint8)
         with self._free_lock:
             self._pooled.add(buf.data_ptr())
-        return buf
+        return buf[:n]
 
     def _count(self, n: int) -> None:
         # called from the reader threads: `+=` on an attribute is not atomic
@@ -78,7 +81,7 @@ class BlockReader:
                 ptr = base.data_ptr()
                 if ptr not in self._pooled:
                     continue  # a coalesced buffer: other blocks may still view it
-                if len(self._free) < self._max_free:
+                if len(self._free) < self._max_free and base.numel() >= self._cap:
                     self._free.append(base)
                 else:
                     self._pooled.discard(ptr)  # freed now; its address may be reused
