@@ -409,6 +409,8 @@ def main(argv: list[str] | None = None) -> int:
     from bigmerge.dist.comm import get_comm, launched_by_mpi
 
     comm = get_comm() if args.command in ("merge", "search") and launched_by_mpi() else None
+    global _EXIT_NOW
+    _EXIT_NOW = args.command == "merge"
     try:
         return handler(args)
     except BigmergeError as exc:
@@ -430,9 +432,22 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+_EXIT_NOW = False  # set by main for commands whose every resource is closed when they return
+
+
 def entry() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    sys.exit(main())
+    rc = main()
+    if _EXIT_NOW and os.environ.get("BIGMERGE_SLOW_EXIT") != "1":
+        # A merge has closed its files, joined its threads and flushed its output by now;
+        # what is left is the interpreter's teardown of torch and numba: about a second.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        mpi = sys.modules.get("mpi4py.MPI")
+        if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+            mpi.Finalize()
+        os._exit(rc)
+    sys.exit(rc)
 
 
 if __name__ == "__main__":
