@@ -53,9 +53,19 @@ def build_parser() -> argparse.ArgumentParser:
     _merge_args(m)
     m.add_argument("--shard-size", type=parse_size, default="5G", help="largest output safetensors file (default 5G)")
     m.add_argument(
+        "--writer",
+        choices=("auto", "direct", "zarr"),
+        default="auto",
+        help="direct: blocks written in place into the output files (a local or mounted OUT); zarr: through an "
+        "intermediate zarr store, then exported (object storage). auto (default): direct for a local OUT "
+        "without --store, else zarr",
+    )
+    m.add_argument(
         "--store", default=None, help="where the intermediate zarr store lives (default OUT/.bigmerge-store.zarr)"
     )
-    m.add_argument("--keep-store", action="store_true", help="keep the zarr store after a successful export")
+    m.add_argument(
+        "--keep-store", action="store_true", help="keep the zarr store (or the direct writer's journal) after export"
+    )
     m.add_argument(
         "--overwrite",
         action="store_true",
@@ -109,6 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     est.add_argument(
         "--write-gbps", type=float, default=1.0, help="write bandwidth per node to the output, GB/s (default 1)"
+    )
+    est.add_argument(
+        "--writer",
+        choices=("direct", "zarr"),
+        default="direct",
+        help="direct (a local or mounted output: each byte written once; default) or zarr (object storage: twice)",
     )
     est.add_argument("--params", default=None, help="without a config: parameters per model, e.g. 70B")
     est.add_argument("--models", type=int, default=2, help="without a config: number of source models (default 2)")
@@ -206,7 +222,7 @@ def _cluster(args: argparse.Namespace) -> tuple[int, object]:
     if world != args.nodes * rpn or min(args.nodes, rpn, world) < 1:
         raise ConfigError(f"--world-size {world} is not --nodes {args.nodes} x --ranks-per-node {rpn}")
     cores = args.cores_per_node or os.cpu_count() or 1
-    return world, Cluster(args.nodes, rpn, cores, args.read_gbps, args.write_gbps)
+    return world, Cluster(args.nodes, rpn, cores, args.read_gbps, args.write_gbps, args.writer)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -298,6 +314,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         prefetch=args.prefetch,
         seed=args.seed,
         store=args.store,
+        writer=args.writer,
         overwrite=args.overwrite,
         keep_store=args.keep_store,
         quiet=args.quiet,

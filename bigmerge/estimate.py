@@ -9,8 +9,9 @@ The model (stated in the README, checked against measured runs there):
   benchmark machine (`tools/bench.py`, medium preset, warm page cache): the time above the
   I/O floor divided into the bytes read. Operators with several statistics rounds (TIES and
   the other sparsifying ones) cost more per byte than single-pass ones (linear).
-- Writes: each rank writes its output blocks twice (the zarr store, then the exported
-  safetensors), sharing the node's write bandwidth.
+- Writes: each rank writes its output blocks once with the direct writer (a POSIX output:
+  blocks land at their final offsets), twice with the zarr writer (object storage: the
+  store, then the exported safetensors), sharing the node's write bandwidth.
 - The slowest rank sets the time; blocks are balanced by bytes, so that is about the mean.
 - Memory per rank: `Plan.peak_memory_estimate` (a few blocks per source in flight, the
   operator's work buffers, the statistics cache), independent of the model's size.
@@ -46,6 +47,7 @@ class Cluster:
     cores_per_node: int = 2
     read_gbps: float = 2.0  # per node, from the sources' storage
     write_gbps: float = 1.0  # per node, to the output's storage
+    writer: str = "direct"  # direct: every output byte written once; zarr: twice (store, export)
 
 
 @dataclass(frozen=True)
@@ -124,7 +126,8 @@ def _estimate(method: str, read_per_rank: list[int], write_per_rank: list[int], 
     write_bw = c.write_gbps / c.ranks_per_node
     worst = (0.0, 0.0, 0.0, 0.0)
     for rb, wb in zip(read_per_rank, write_per_rank):
-        read_s, compute_s, write_s = rb / 1e9 / read_bw, rb / 1e9 / gbps, 2 * wb / 1e9 / write_bw
+        writes = 2 if c.writer == "zarr" else 1
+        read_s, compute_s, write_s = rb / 1e9 / read_bw, rb / 1e9 / gbps, writes * wb / 1e9 / write_bw
         total = max(read_s, compute_s) + write_s
         if total > worst[0]:
             worst = (total, read_s, compute_s, write_s)

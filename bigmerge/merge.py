@@ -17,7 +17,7 @@ from bigmerge.device import pick_device, share_cores
 from bigmerge.dist.comm import Comm
 from bigmerge.dist.executor import DEFAULT_CACHE_BYTES, execute
 from bigmerge.dist.reader import BlockReader
-from bigmerge.errors import BigmergeError, OutputExistsError
+from bigmerge.errors import BigmergeError, ConfigError, OutputExistsError
 from bigmerge.plan import DEFAULT_BLOCK_BYTES, Plan, build_plan
 from bigmerge.progress import Progress
 from bigmerge.storage.export import (
@@ -28,6 +28,7 @@ from bigmerge.storage.export import (
     export,
 )
 from bigmerge.storage.fs import Location, location, retries_done
+from bigmerge.storage.direct import DirectStore
 from bigmerge.storage.zarr_store import BlockStore
 
 STORE_DIR = ".bigmerge-store.zarr"
@@ -42,6 +43,7 @@ class MergeOptions:
     prefetch: int = 2
     seed: int | None = None
     store: str | None = None
+    writer: str = "auto"  # direct | zarr | auto (direct for a local OUT without --store)
     overwrite: bool = False
     keep_store: bool = False
     quiet: bool = False
@@ -74,6 +76,15 @@ def _collective(comm: Comm, fn: Any) -> Any:
 BIN_CACHE = ".bigmerge-bin-cache"
 
 
+def writer_kind(opts: MergeOptions, out: Location) -> str:
+    """direct (blocks written in place, one write of every byte) wherever OUT is a POSIX path."""
+    if opts.writer == "direct" and not out.is_local:
+        raise ConfigError(f"{out.url}: --writer direct needs a local or mounted path; object storage takes --writer zarr")
+    if opts.writer == "auto":
+        return "direct" if out.is_local and not opts.store else "zarr"
+    return opts.writer
+
+
 def plan_merge(
     cfg: MergeConfig, world_size: int, opts: MergeOptions, bin_cache: Location | None = None
 ) -> tuple[Plan, list[ModelCatalog]]:
@@ -98,19 +109,22 @@ def run_merge(config_path: str, out_url: str, comm: Comm, opts: MergeOptions) ->
         check_tokenizer_source(cfg.tokenizer_source, cfg.storage_options)
         plan, catalogs = plan_merge(cfg, comm.size, opts, out.join(BIN_CACHE) if opts.allow_bin else None)
         store_loc = location(opts.store, cfg.storage_options) if opts.store else out.join(STORE_DIR)
-        store = BlockStore(store_loc)
+        kind = writer_kind(opts, out)
+        store = DirectStore(out, plan, opts.shard_bytes) if kind == "direct" else BlockStore(store_loc)
         store.prepare(plan, opts.overwrite)
         clear_finished_markers(out)
         state.update(cfg=cfg, catalogs=catalogs, plan=plan, store=store, out=out)
-        return plan.to_json(), store_loc.url
+        return plan.to_json(), store_loc.url, kind
 
-    plan_json, store_url = _collective(comm, prepare)
+    plan_json, store_url, kind = _collective(comm, prepare)
     plan = state.get("plan") or Plan.from_json(plan_json)
     cfg: MergeConfig | None = state.get("cfg")
     storage_options = cfg.storage_options if cfg else None
     storage_options = comm.bcast(storage_options)
-    store: BlockStore = state.get("store") or BlockStore(location(store_url, storage_options))
     out: Location = state.get("out") or location(out_url, storage_options)
+    store: BlockStore | DirectStore = state.get("store") or (
+        DirectStore(out, plan, opts.shard_bytes) if kind == "direct" else BlockStore(location(store_url, storage_options))
+    )
     for w in plan.warnings:
         log(f"warning: {w}")
     done = _collective(comm, store.done_blocks)

@@ -298,18 +298,25 @@ def test_duplicate_tensor_name_in_header(tmp_path: Path, capsys: pytest.CaptureF
     assert_clean_failure(code, err, tmp_path / "out", str(p), "'model.norm.weight'", "more than once")
 
 
-def test_disk_full_keeps_the_journal_and_a_rerun_resumes(tmp_path: Path) -> None:
+@pytest.mark.parametrize("writer", ["direct", "zarr"])
+def test_disk_full_keeps_the_journal_and_a_rerun_resumes(tmp_path: Path, writer: str) -> None:
     f = synthetic_family(tmp_path / "m")
     cfg = write(tmp_path, f)
     out = tmp_path / "out"
-    proc = bigmerge("merge", str(cfg), str(out), "--block-size", "128", env={"BIGMERGE_FAULT_DISK_FULL": "5"})
+    args = ("--block-size", "128", "--writer", writer)
+    proc = bigmerge("merge", str(cfg), str(out), *args, env={"BIGMERGE_FAULT_DISK_FULL": "5"})
     assert proc.returncode == 2, proc.stderr
     line = proc.stderr.strip().splitlines()[-1]
     assert "no space left on device" in line and "rerun" in line, proc.stderr
     assert not (out / "model.safetensors.index.json").exists() and not (out / "bigmerge-manifest.json").exists()
-    shards = [p for p in (out / ".bigmerge-store.zarr").rglob("*") if p.is_file() and "/c/" in str(p)]
-    assert len(shards) == 5 and not [p for p in shards if ".tmp" in p.name]  # the journal: 5 whole blocks
-    again = bigmerge("merge", str(cfg), str(out), "--block-size", "128")
+    assert not list(out.glob("model-*.safetensors"))  # nothing that looks like a finished file
+    if writer == "zarr":
+        shards = [p for p in (out / ".bigmerge-store.zarr").rglob("*") if p.is_file() and "/c/" in str(p)]
+        assert len(shards) == 5 and not [p for p in shards if ".tmp" in p.name]  # the journal: 5 whole blocks
+    else:
+        lines = [ln for j in (out / ".bigmerge-partial").glob("journal-*") for ln in j.read_text().splitlines()]
+        assert len(lines) == 5  # the journal: 5 blocks written whole
+    again = bigmerge("merge", str(cfg), str(out), *args)
     assert again.returncode == 0, again.stderr
     assert "resum" in again.stderr.lower() or "skipped" in again.stderr.lower(), again.stderr
     fresh = tmp_path / "fresh"

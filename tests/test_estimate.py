@@ -28,6 +28,12 @@ def test_model_size_doubles_time_not_memory() -> None:
     assert estimate_model("ties", 70e9, 3, c).compute_s > big.compute_s
 
 
+def test_the_zarr_writer_writes_every_byte_twice() -> None:
+    direct = estimate_model("linear", 70e9, 3, Cluster(nodes=2, ranks_per_node=4, cores_per_node=32))
+    zarr = estimate_model("linear", 70e9, 3, Cluster(nodes=2, ranks_per_node=4, cores_per_node=32, writer="zarr"))
+    assert abs(zarr.write_s / direct.write_s - 2) < 1e-9 and zarr.read_s == direct.read_s
+
+
 def test_estimate_of_a_real_plan(tmp_path: Path) -> None:
     f = synthetic_family(tmp_path / "m", rows=4000)
     cfg = tmp_path / "c.yaml"

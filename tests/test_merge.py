@@ -61,7 +61,7 @@ def test_output_is_a_checkpoint_with_manifest(family: dict[str, Path], tmp_path:
     files = sorted(set(index["weight_map"].values()))
     assert len(files) > 1 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
     assert (out / "config.json").exists()
-    assert not (out / ".bigmerge-store.zarr").exists()
+    assert not (out / ".bigmerge-store.zarr").exists() and not (out / ".bigmerge-partial").exists()
     assert verify(location(str(out))) == 6
 
 
@@ -146,12 +146,13 @@ def test_ties_keeps_density_fraction_of_each_delta(tmp_path: Path) -> None:
 
 
 def test_resume_recomputes_only_missing_blocks(family: dict[str, Path], tmp_path: Path) -> None:
+    """zarr writer: the shards present are the journal."""
     text = ties_cfg(family)
     ref = merge(text, tmp_path, "ref", block_bytes=256)
     cfg = tmp_path / "r.yaml"
     cfg.write_text(text)
     out = tmp_path / "res"
-    opts = MergeOptions(block_bytes=256, quiet=True, keep_store=True)
+    opts = MergeOptions(block_bytes=256, quiet=True, keep_store=True, writer="zarr")
     first = run_merge(str(cfg), str(out), SerialComm(), opts)
     store = out / ".bigmerge-store.zarr"
     entries = sorted(p for p in store.glob("t*/c/**/*") if p.is_file())  # the shards are the journal
@@ -165,6 +166,50 @@ def test_resume_recomputes_only_missing_blocks(family: dict[str, Path], tmp_path
     assert_bit_identical(ref, load_output(out))
 
 
+def test_direct_writer_resumes_from_its_journal_and_rechecks_what_it_resumes(
+    family: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """direct writer, stopped after 7 blocks: the rerun takes the journaled blocks whose bytes
+    still match their CRC-32C, merges the rest (a torn journal line and a block with a flipped
+    bit included) and ends bit-identical, with nothing half-written in sight before that."""
+    from bigmerge.dist.faults import FAULT_ENV
+    from bigmerge.storage.direct import PARTIAL_DIR
+    from bigmerge.storage.layout import Layout
+
+    text = ties_cfg(family)
+    ref = merge(text, tmp_path, "ref", block_bytes=256)
+    cfg = tmp_path / "d.yaml"
+    cfg.write_text(text)
+    out = tmp_path / "dir"
+    opts = MergeOptions(block_bytes=256, quiet=True)
+    monkeypatch.setenv(FAULT_ENV, "0:7:error")
+    with pytest.raises(RuntimeError, match="injected fault"):
+        run_merge(str(cfg), str(out), SerialComm(), opts)
+    monkeypatch.delenv(FAULT_ENV)
+    assert not (out / MANIFEST_NAME).exists() and not list(out.glob("model-*.safetensors"))
+    journal = next((out / PARTIAL_DIR).glob("journal-*"))
+    lines = journal.read_text().splitlines()
+    assert len(lines) == 7
+    # the last line torn (as a crash mid-append leaves it), and one journaled block corrupted
+    journal.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:3])
+    ti, b, _ = map(int, lines[0].split())
+    from bigmerge.config import load_config
+    from bigmerge.merge import plan_merge
+
+    plan, _ = plan_merge(load_config(str(cfg)), 1, opts)
+    layout = Layout.of(plan, opts.shard_bytes)
+    t = plan.tensors[ti]
+    f = out / PARTIAL_DIR / layout.places[ti].file
+    data = bytearray(f.read_bytes())
+    data[layout.block_offset(t, b)] ^= 0x10
+    f.write_bytes(bytes(data))
+    second = run_merge(str(cfg), str(out), SerialComm(), opts)
+    assert second["blocks_resumed"] == 5  # 7 journaled, minus the torn line, minus the corrupt block
+    assert not (out / PARTIAL_DIR).exists()
+    assert_bit_identical(ref, load_output(out))
+    assert verify(location(str(out))) == len(ref)
+
+
 def test_finished_output_is_not_overwritten(family: dict[str, Path], tmp_path: Path) -> None:
     merge(linear_cfg(family, 0.5, 0.5), tmp_path)
     with pytest.raises(OutputExistsError, match="--overwrite"):
@@ -173,14 +218,15 @@ def test_finished_output_is_not_overwritten(family: dict[str, Path], tmp_path: P
     assert_bit_identical(out, load_output(family["ft1"]))
 
 
-def test_partial_store_of_another_config_is_refused(family: dict[str, Path], tmp_path: Path) -> None:
+@pytest.mark.parametrize("writer", ["direct", "zarr"])
+def test_partial_store_of_another_config_is_refused(family: dict[str, Path], tmp_path: Path, writer: str) -> None:
     cfg = tmp_path / "a.yaml"
     cfg.write_text(linear_cfg(family, 0.5, 0.5))
-    run_merge(str(cfg), str(tmp_path / "o"), SerialComm(), MergeOptions(quiet=True, keep_store=True))
+    run_merge(str(cfg), str(tmp_path / "o"), SerialComm(), MergeOptions(quiet=True, keep_store=True, writer=writer))
     (tmp_path / "o" / MANIFEST_NAME).unlink()
     cfg.write_text(linear_cfg(family, 0.2, 0.5))
     with pytest.raises(OutputExistsError, match="different config"):
-        run_merge(str(cfg), str(tmp_path / "o"), SerialComm(), MergeOptions(quiet=True))
+        run_merge(str(cfg), str(tmp_path / "o"), SerialComm(), MergeOptions(quiet=True, writer=writer))
 
 
 def test_store_is_readable_by_zarr(family: dict[str, Path], tmp_path: Path) -> None:
@@ -190,7 +236,9 @@ def test_store_is_readable_by_zarr(family: dict[str, Path], tmp_path: Path) -> N
     text = ties_cfg(family, extra="dtype: float32\nout_dtype: bfloat16")
     cfg = tmp_path / "z.yaml"
     cfg.write_text(text)
-    run_merge(str(cfg), str(tmp_path / "z"), SerialComm(), MergeOptions(quiet=True, keep_store=True, block_bytes=200))
+    run_merge(
+        str(cfg), str(tmp_path / "z"), SerialComm(), MergeOptions(quiet=True, keep_store=True, block_bytes=200, writer="zarr")
+    )
     out = load_output(tmp_path / "z")
     group = zarr.open_group(str(tmp_path / "z" / ".bigmerge-store.zarr"), mode="r")
     seen = 0
@@ -289,7 +337,7 @@ def test_store_shards_are_sized_to_their_tensor(family: dict[str, Path], tmp_pat
     """A small tensor is one block of its own size: no padding to the block budget on disk."""
     cfg = tmp_path / "s.yaml"
     cfg.write_text(linear_cfg(family, 0.5, 0.5))
-    run_merge(str(cfg), str(tmp_path / "s"), SerialComm(), MergeOptions(quiet=True, keep_store=True))
+    run_merge(str(cfg), str(tmp_path / "s"), SerialComm(), MergeOptions(quiet=True, keep_store=True, writer="zarr"))
     store = tmp_path / "s" / ".bigmerge-store.zarr"
     shard_bytes = sum(p.stat().st_size for p in store.glob("t*/c/**/*") if p.is_file())
     out_bytes = sum(v.numel() * v.element_size() for v in load_output(tmp_path / "s").values())
@@ -315,18 +363,19 @@ def test_a_corrupt_block_in_the_store_is_caught_removed_and_recomputed(family: d
     cfg = tmp_path / "c.yaml"
     cfg.write_text(linear_cfg(family, 0.3, 0.7))
     out = tmp_path / "out"
-    bigmerge("merge", str(cfg), str(out), "--keep-store", "--quiet", "--block-size", "512", check=True)
+    zarr = ("--writer", "zarr")
+    bigmerge("merge", str(cfg), str(out), "--keep-store", "--quiet", "--block-size", "512", *zarr, check=True)
     good = load_output(out)
     shard = sorted(p for p in (out / ".bigmerge-store.zarr").rglob("*") if p.is_file() and "/c/" in str(p))[3]
     data = bytearray(shard.read_bytes())
     data[5] ^= 0x40  # one flipped bit in the block's data
     shard.write_bytes(bytes(data))
     (out / "bigmerge-manifest.json").unlink()  # as if export had not finished
-    proc = bigmerge("merge", str(cfg), str(out), "--keep-store", "--quiet", "--block-size", "512")
+    proc = bigmerge("merge", str(cfg), str(out), "--keep-store", "--quiet", "--block-size", "512", *zarr)
     assert proc.returncode == 2
     assert "does not match its checksum" in proc.stderr and "rerun" in proc.stderr
     assert not shard.exists() and not (out / "bigmerge-manifest.json").exists()
-    proc = bigmerge("merge", str(cfg), str(out), "--block-size", "512")
+    proc = bigmerge("merge", str(cfg), str(out), "--block-size", "512", *zarr)
     assert proc.returncode == 0, proc.stderr
     assert "1 blocks computed" in proc.stderr, proc.stderr
     assert_bit_identical(load_output(out), good)

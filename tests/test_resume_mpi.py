@@ -18,8 +18,11 @@ from test_mpi import mpirun
 
 from bigmerge.dist.comm import SerialComm
 from bigmerge.merge import STORE_DIR, MergeOptions, run_merge
+from bigmerge.storage.direct import PARTIAL_DIR
 from bigmerge.storage.export import MANIFEST_NAME
 from bigmerge.storage.zarr_store import SHARD_KEY
+
+WRITERS = ["direct", "zarr"]  # the resume path of each writer
 
 BLOCK = "256"  # bytes per source per block: 230 blocks on this fixture
 DONE = re.compile(r"bigmerge: done: .* \((\d+) blocks computed, (\d+) resumed")
@@ -40,8 +43,12 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, obj
     return cfg, load_output(root / "ref")
 
 
-def shards_in_store(out: Path) -> int:
-    """Blocks the journal holds: the shards present in the store (temporary names excluded)."""
+def shards_in_store(out: Path, writer: str) -> int:
+    """Blocks the journal holds: the zarr shards present in the store (temporary names
+    excluded), or the direct writer's journal lines."""
+    if writer == "direct":
+        lines = [ln for j in (out / PARTIAL_DIR).glob("journal-*") for ln in j.read_text().splitlines()]
+        return len(set(tuple(ln.split()[:2]) for ln in lines))
     store = out / STORE_DIR
     return sum(1 for p in store.rglob("*") if p.is_file() and SHARD_KEY.fullmatch(p.relative_to(store).as_posix()))
 
@@ -59,33 +66,46 @@ def assert_unfinished(out: Path) -> None:
     assert not (out / "model.safetensors.index.json").exists()
 
 
+@pytest.mark.parametrize("writer", WRITERS)
 def test_sigkill_of_one_rank_then_rerun_resumes_bit_identical(
-    setup: tuple[Path, dict[str, object]], tmp_path: Path
+    setup: tuple[Path, dict[str, object]], tmp_path: Path, writer: str
 ) -> None:
     cfg, ref = setup
     out = tmp_path / "out"
     t0 = time.monotonic()
     proc = mpirun(
-        2, "merge", str(cfg), str(out), "--block-size", BLOCK, env={"BIGMERGE_FAULT_INJECT": "1:20:kill"}, timeout=120
+        2,
+        "merge",
+        str(cfg),
+        str(out),
+        "--block-size",
+        BLOCK,
+        "--writer",
+        writer,
+        env={"BIGMERGE_FAULT_INJECT": "1:20:kill"},
+        timeout=120,
     )
     assert proc.returncode != 0, proc.stderr
     assert time.monotonic() - t0 < 60  # rank 0 did not hang waiting for the dead rank
     assert "signal 9" in proc.stderr, proc.stderr  # a real SIGKILL, not a Python error
     assert_unfinished(out)
     total = int(TOTAL.search(proc.stderr).group(1))  # type: ignore[union-attr]
-    done = shards_in_store(out)
+    done = shards_in_store(out, writer)
     assert 20 <= done < total
 
-    again = launcher("-n", "2", str(cfg), str(out), "--block-size", BLOCK)
+    again = launcher("-n", "2", str(cfg), str(out), "--block-size", BLOCK, "--writer", writer)
     assert again.returncode == 0, again.stderr
     assert f"resuming: {done} blocks already done" in again.stderr
     computed, resumed = map(int, DONE.search(again.stderr).groups())  # type: ignore[union-attr]
     assert (computed, resumed) == (total - done, done)  # finished blocks were not recomputed
-    assert (out / MANIFEST_NAME).exists() and not (out / STORE_DIR).exists()
+    assert (out / MANIFEST_NAME).exists() and not (out / STORE_DIR).exists() and not (out / PARTIAL_DIR).exists()
     assert_bit_identical(ref, load_output(out))  # type: ignore[arg-type]
 
 
-def test_crash_during_export_rerun_only_exports(setup: tuple[Path, dict[str, object]], tmp_path: Path) -> None:
+@pytest.mark.parametrize("writer", WRITERS)
+def test_crash_during_export_rerun_only_exports(
+    setup: tuple[Path, dict[str, object]], tmp_path: Path, writer: str
+) -> None:
     cfg, ref = setup
     out = tmp_path / "out"
     # Rank 0 dies after writing its output files, before the index and the manifest.
@@ -96,17 +116,19 @@ def test_crash_during_export_rerun_only_exports(setup: tuple[Path, dict[str, obj
         str(out),
         "--block-size",
         BLOCK,
+        "--writer",
+        writer,
         env={"BIGMERGE_FAULT_INJECT": "0:export:kill"},
         timeout=120,
     )
     assert proc.returncode != 0, proc.stderr
     assert "signal 9" in proc.stderr, proc.stderr
     assert_unfinished(out)
-    done = shards_in_store(out)
+    done = shards_in_store(out, writer)
     assert done == int(TOTAL.search(proc.stderr).group(1))  # type: ignore[union-attr]
 
     # One rank this time: the world size is not part of what a resume must match.
-    again = launcher("-n", "1", str(cfg), str(out), "--block-size", BLOCK)
+    again = launcher("-n", "1", str(cfg), str(out), "--block-size", BLOCK, "--writer", writer)
     assert again.returncode == 0, again.stderr
     assert DONE.search(again.stderr).groups() == ("0", str(done))  # type: ignore[union-attr]
     assert (out / MANIFEST_NAME).exists()

@@ -24,8 +24,10 @@ from bigmerge.dist.faults import fault_point
 from bigmerge.errors import SourceError, VerifyError
 from bigmerge.plan import Plan, TensorPlan
 from bigmerge.storage.checksum import combine, crc32c, hex32
+from bigmerge.storage.direct import DirectStore
 from bigmerge.storage.fs import Location, location
-from bigmerge.storage.safetensors import DTYPES, build_header, read_header
+from bigmerge.storage.layout import Layout
+from bigmerge.storage.safetensors import DTYPES, read_header
 from bigmerge.storage.zarr_store import BlockStore
 from bigmerge.vocab import TOKENIZER_FILES, build_tokenizer, save_tokenizer
 
@@ -34,23 +36,6 @@ MANIFEST_VERSION = 2  # 2: a CRC-32C per tensor (1 had a sha256)
 SHARD_RE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 DEFAULT_SHARD_BYTES = 5 * 1000**3
 DTYPE_CONFIG_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
-
-
-def layout_files(plan: Plan, shard_bytes: int) -> list[list[TensorPlan]]:
-    files: list[list[TensorPlan]] = [[]]
-    size = 0
-    for t in plan.tensors:
-        n = t.out_bytes()
-        if files[-1] and size + n > shard_bytes:
-            files.append([])
-            size = 0
-        files[-1].append(t)
-        size += n
-    return files
-
-
-def file_name(i: int, n: int) -> str:
-    return f"model-{i + 1:05d}-of-{n:05d}.safetensors"
 
 
 def check_tokenizer_source(tokenizer_source: str | None, storage_options: dict[str, Any] | None) -> None:
@@ -74,14 +59,13 @@ def clear_finished_markers(out: Location) -> None:
 
 
 def write_file(
-    store: BlockStore, out: Location, name: str, tensors: list[TensorPlan], prefetch: int = 3
+    store: BlockStore, out: Location, name: str, header: bytes, tensors: list[TensorPlan], prefetch: int = 3
 ) -> dict[str, str]:
     """Stream one output file from the store; reads run ahead on threads.
 
     Every block is checked against the CRC-32C stored with it, and the tensor's checksum for
     the manifest is combined from its blocks' checksums: the bytes are not hashed again.
     """
-    header = build_header([(t.name, t.out_dtype, tuple(t.shape), t.out_bytes()) for t in tensors], {"format": "pt"})
     loc = out.join(name)
     sums: dict[str, str] = {}
     biggest = max((t.block_rows * t.row_elems * DTYPES[t.out_dtype][1] for t in tensors), default=0)
@@ -123,7 +107,7 @@ def write_file(
 def export(
     plan: Plan,
     comm: Comm,
-    store: BlockStore,
+    store: BlockStore | DirectStore,
     out: Location,
     catalogs: list[ModelCatalog] | None,
     *,
@@ -131,17 +115,28 @@ def export(
     tokenizer_source: str | None = None,
     chat_template: str | None = None,
 ) -> dict[str, Any]:
-    files = layout_files(plan, shard_bytes)
-    names = [file_name(i, len(files)) for i in range(len(files))]
+    manifest: dict[str, Any] = {}
+    layout = store.layout if isinstance(store, DirectStore) else Layout.of(plan, shard_bytes)
+    files, names = layout.files, layout.names
+    if isinstance(store, DirectStore):
+        # the blocks are in place already: the files only move into the output directory
+        store.close()
+        fault_point(comm.rank, "export")
+        comm.barrier()  # every rank's blocks and journal lines are written
+        if comm.rank == 0:
+            hashes = store.tensor_checksums()
+            store.publish()
+            manifest = _finish(plan, out, files, names, hashes, catalogs, tokenizer_source, chat_template)
+        comm.barrier()
+        return manifest
     mine: dict[str, str] = {}
     for i, tensors in enumerate(files):
         if i % comm.size == comm.rank:
-            mine.update(write_file(store, out, names[i], tensors))
+            mine.update(write_file(store, out, names[i], layout.headers[i], tensors))
     fault_point(comm.rank, "export")
     gathered = comm.allgather(mine)
-    manifest: dict[str, Any] = {}
     if comm.rank == 0:
-        hashes: dict[str, str] = {}
+        hashes = {}
         for g in gathered:
             hashes.update(g)
         manifest = _finish(plan, out, files, names, hashes, catalogs, tokenizer_source, chat_template)

@@ -242,7 +242,7 @@ def _failure(
         )
     if any(isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) for e in _chain(exc)):
         return StorageError(
-            f"{url}: {what} failed: no space left on device; free some space (or give --store another disk) "
+            f"{url}: {what} failed: no space left on device; free some space "
             "and rerun the same command: finished blocks are kept and the merge resumes"
         )
     after = f" after {attempts} attempts" if attempts > 1 else ""

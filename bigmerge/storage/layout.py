@@ -1,0 +1,69 @@
+"""Where every tensor lands in the output: its file, and its bytes' offset in that file.
+
+The plan fixes names, dtypes and shapes, so the safetensors files (which tensors go in which
+file, each file's header, each tensor's offset) are known before a single block is merged:
+the export writes them, and the direct writer writes every block at its final place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from bigmerge.plan import Plan, TensorPlan
+from bigmerge.storage.safetensors import DTYPES, build_header
+
+
+def layout_files(plan: Plan, shard_bytes: int) -> list[list[TensorPlan]]:
+    files: list[list[TensorPlan]] = [[]]
+    size = 0
+    for t in plan.tensors:
+        n = t.out_bytes()
+        if files[-1] and size + n > shard_bytes:
+            files.append([])
+            size = 0
+        files[-1].append(t)
+        size += n
+    return files
+
+
+def file_name(i: int, n: int) -> str:
+    return f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+
+
+def file_header(tensors: list[TensorPlan]) -> bytes:
+    return build_header([(t.name, t.out_dtype, tuple(t.shape), t.out_bytes()) for t in tensors], {"format": "pt"})
+
+
+@dataclass(frozen=True)
+class Place:
+    file: str  # the output file's name
+    offset: int  # of the tensor's first byte in that file
+
+
+@dataclass
+class Layout:
+    files: list[list[TensorPlan]]
+    names: list[str]
+    headers: list[bytes]
+    places: dict[int, Place]  # by tensor index
+
+    @classmethod
+    def of(cls, plan: Plan, shard_bytes: int) -> Layout:
+        files = layout_files(plan, shard_bytes)
+        names = [file_name(i, len(files)) for i in range(len(files))]
+        headers = [file_header(tensors) for tensors in files]
+        places: dict[int, Place] = {}
+        for name, header, tensors in zip(names, headers, files):
+            pos = len(header)
+            for t in tensors:
+                places[t.index] = Place(name, pos)
+                pos += t.out_bytes()
+        return cls(files, names, headers, places)
+
+    def file_size(self, i: int) -> int:
+        return len(self.headers[i]) + sum(t.out_bytes() for t in self.files[i])
+
+    def block_offset(self, t: TensorPlan, b: int) -> int:
+        """Offset of block b of t in its file."""
+        r0, _ = t.block_range(b)
+        return self.places[t.index].offset + r0 * t.row_elems * DTYPES[t.out_dtype][1]
