@@ -46,7 +46,9 @@ class BlockReader:
         # (a pool of mixed sizes kept growing with the variety of tensor shapes, and so with the
         # model), and the pool keeps no more than the reads in flight can use.
         self._free: list[torch.Tensor] = []
-        self._pooled: set[int] = set()  # data pointers of buffers that belong to the pool
+        # the pool's buffers by their storage's address (every view of a buffer shares it)
+        self._pooled: dict[int, torch.Tensor] = {}
+        self._shared: dict[int, int] = {}  # pooled buffers several blocks view (coalesced reads): views left
         self._free_lock = threading.Lock()
         self._cap = max(
             (t.block_rows * t.row_elems * DTYPES[s.dtype][1] for t in plan.tensors for s in t.sources if t.shape),
@@ -63,7 +65,7 @@ class BlockReader:
                 return self._free.pop()[:n]
         buf = torch.empty(max(n, self._cap), dtype=torch.uint8)
         with self._free_lock:
-            self._pooled.add(buf.data_ptr())
+            self._pooled[_storage_ptr(buf)] = buf
         return buf[:n]
 
     def _count(self, n: int) -> None:
@@ -75,16 +77,20 @@ class BlockReader:
         """Give a block's input buffers back for reuse; the caller must not touch them again."""
         with self._free_lock:
             for x in inputs:
-                base = x._base if x._base is not None else x
-                # the pool holds flat uint8 buffers; _base may be a typed view of one
-                base = base.reshape(-1).view(torch.uint8) if base.dtype != torch.uint8 else base.reshape(-1)
-                ptr = base.data_ptr()
-                if ptr not in self._pooled:
-                    continue  # a coalesced buffer: other blocks may still view it
+                ptr = _storage_ptr(x)
+                base = self._pooled.get(ptr)
+                if base is None:
+                    continue  # not the pool's (a vocabulary block, an aux input)
+                left = self._shared.get(ptr)
+                if left is not None:  # a coalesced read: free once the last of its blocks is done
+                    if left > 1:
+                        self._shared[ptr] = left - 1
+                        continue
+                    del self._shared[ptr]
                 if len(self._free) < self._max_free and base.numel() >= self._cap:
                     self._free.append(base)
                 else:
-                    self._pooled.discard(ptr)  # freed now; its address may be reused
+                    del self._pooled[ptr]  # freed now; its address may be reused
 
     def read_aux(self, t: TensorPlan, b: int) -> list[dict[str, torch.Tensor]]:
         """Block b's auxiliary inputs per source: its rows of aux tensors shaped like t, others whole.
@@ -224,7 +230,8 @@ class BlockReader:
 
         Small tensors (norms, biases, whole small matrices) sit next to each other in a file;
         one ranged read of the covering range replaces a request per tensor, which is what
-        costs on object storage. Buffers from here are not pooled (they are small).
+        costs on object storage. The covering buffer comes from the pool and goes back to it
+        when the last of its blocks is released.
         """
         spans = [self._span(t, b, i) for t, b in group]
         files = {t.sources[i].file for t, _ in group}
@@ -232,7 +239,9 @@ class BlockReader:
         useful = sum(e - s for s, e in spans)
         if len(files) != 1 or hi - lo > 2 * useful + COALESCE_SLACK:
             return [self._read_one(t, b, i) for t, b in group]
-        cover = torch.empty(hi - lo, dtype=torch.uint8)
+        cover = self._buffer(hi - lo)
+        with self._free_lock:
+            self._shared[cover.data_ptr()] = len(group)
         if hi > lo:
             self._loc(next(iter(files))).read_into(lo, memoryview(cover.numpy()).cast("B"))
         self._count(useful)
@@ -294,3 +303,7 @@ class BlockReader:
             per_source = [f.result() for f in futures]
             for k, (t, b) in enumerate(group):
                 yield t, b, [per_source[i][k] for i in range(len(per_source))]
+
+
+def _storage_ptr(x: torch.Tensor) -> int:
+    return int(x.untyped_storage().data_ptr())
