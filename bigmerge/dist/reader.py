@@ -41,6 +41,7 @@ class BlockReader:
         self._pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="bigmerge-read")
         self._locs: dict[str, Location] = {}
         self.bytes_read = 0
+        self.allocations = 0  # read buffers allocated (not taken from the pool)
         # Recycled read buffers: fresh large allocations cost page faults on every block. Every
         # pooled buffer has the capacity of the largest block, so any freed one serves any read
         # (a pool of mixed sizes kept growing with the variety of tensor shapes, and so with the
@@ -66,6 +67,7 @@ class BlockReader:
         buf = torch.empty(max(n, self._cap), dtype=torch.uint8)
         with self._free_lock:
             self._pooled[_storage_ptr(buf)] = buf
+            self.allocations += 1
         return buf[:n]
 
     def _count(self, n: int) -> None:
