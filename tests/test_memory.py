@@ -51,13 +51,19 @@ def test_peak_memory_does_not_grow_with_the_model(tmp_path: Path, method: str) -
     assert peak - baseline < model_mib / 8
 
 
-def test_the_reader_reuses_its_buffers(tmp_path: Path) -> None:
+@pytest.mark.parametrize("reads", ["single", "coalesced"])
+def test_the_reader_reuses_its_buffers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reads: str) -> None:
     """Hundreds of blocks, plain and coalesced, read and released: the reader allocates no more
     buffers than the reads in flight hold (a pool that never got its buffers back allocated one
     per source per block, and peak memory then grew with the model)."""
     from bigmerge.config import load_config
+    from bigmerge.dist import reader as reader_module
     from bigmerge.dist.reader import BlockReader
     from bigmerge.merge import MergeOptions, plan_merge
+
+    # the fixture's blocks are small: every one read alone, or a few to a coalesced read
+    monkeypatch.setattr(reader_module, "COALESCE_MAX_ITEM", 0 if reads == "single" else 1 << 20)
+    monkeypatch.setattr(reader_module, "COALESCE_MAX_GROUP", 2048)
 
     f = synthetic_family(tmp_path / "m", n=2, rows=600)
     cfg = tmp_path / "c.yaml"

@@ -51,10 +51,10 @@ class BlockReader:
         self._pooled: dict[int, torch.Tensor] = {}
         self._shared: dict[int, int] = {}  # pooled buffers several blocks view (coalesced reads): views left
         self._free_lock = threading.Lock()
-        self._cap = max(
-            (t.block_rows * t.row_elems * DTYPES[s.dtype][1] for t in plan.tensors for s in t.sources if t.shape),
-            default=0,
-        )
+        blocks = [t.block_rows * t.row_elems * DTYPES[s.dtype][1] for t in plan.tensors for s in t.sources]
+        self._cap = max(blocks, default=0)
+        if any(n <= COALESCE_MAX_ITEM for n in blocks):  # a coalesced read's buffer fits too
+            self._cap = max(self._cap, 2 * COALESCE_MAX_GROUP + COALESCE_SLACK)
         self._max_free = max(1, len(plan.models)) * (self.prefetch + 2)
         self._aux_pending: dict[tuple[int, int], Future[list[dict[str, torch.Tensor]]]] = {}
         # whole aux inputs of the latest two tensors; a future, so concurrent prefetches read each once
