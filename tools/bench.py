@@ -60,7 +60,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 TOOLS = REPO / "tools"
-METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "slerp", "model_stock")
+METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "della", "breadcrumbs", "slerp", "model_stock")
 PRESETS = ("tiny", "small", "medium", "large")
 CHUNK = 64 << 20
 SCHEMA = 1
@@ -214,6 +214,10 @@ def config_models(method: str) -> tuple[str | None, list[tuple[str, dict[str, fl
         return "base", [(m, {"weight": 0.5}) for m in fts], {}
     if method in ("ties", "dare_ties"):
         return "base", [(m, {"weight": 1.0, "density": 0.5}) for m in fts], {}
+    if method == "della":
+        return "base", [(m, {"weight": 1.0, "density": 0.5, "epsilon": 0.1}) for m in fts], {}
+    if method == "breadcrumbs":
+        return "base", [(m, {"weight": 1.0, "density": 0.9, "gamma": 0.01}) for m in fts], {}
     if method == "slerp":  # two models by definition: the base and one fine-tune
         return "base", [("base", {}), ("ft1", {})], {"t": 0.5}
     if method == "model_stock":
