@@ -465,3 +465,21 @@ def test_index_naming_a_tensor_no_shard_has(tmp_path: Path, capsys: pytest.Captu
     code, err = run(capsys, write(tmp_path, f), tmp_path / "out")
     assert code == 2
     assert_clean_failure(code, err, tmp_path / "out", "'model.layers.7.ghost.weight'", "not in that shard")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_nonfinite_scan_finds_the_first_bad_value_at_any_position(dtype: torch.dtype) -> None:
+    """The reader's bit scan works in pieces of 4096: bad values at piece edges, several bad
+    values, and the largest finite value (all exponent bits but one set) must come out right."""
+    from bigmerge.dist.finite import first_nonfinite
+
+    biggest = torch.finfo(dtype).max
+    for n in (1, 4095, 4096, 4097, 10000):
+        x = torch.full((n,), biggest, dtype=dtype)
+        assert first_nonfinite(x) == -1
+        for pos in sorted({0, 4095 % n, 4096 % n, n // 2, n - 1}):
+            for bad in (float("nan"), float("inf"), float("-inf")):
+                y = x.clone()
+                y[pos] = bad
+                y[n - 1] = bad
+                assert first_nonfinite(y) == pos, (n, pos, bad)
