@@ -91,3 +91,48 @@ def test_bench_on_the_small_zoo(small_zoo: Path, tmp_path: Path) -> None:
     assert not (tmp_path / "merged").exists()  # merges are scored, then removed
     assert (tmp_path / "quality.png").stat().st_size > 10_000
     assert "| specialists/ties |" in (tmp_path / "quality.md").read_text()
+
+
+def test_search_rows_on_the_small_zoo(small_zoo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A scenario with a search config gets bigmerge search's CMA-ES best and greedy soup as rows,
+    merged and scored like the operators: on the search's held-out documents, its held-out scores."""
+    cfg = {
+        "merge": {
+            "merge_method": "linear",
+            "models": [{"model": "zoo/mix1"}, {"model": "zoo/mix2"}, {"model": "zoo/sort"}],
+        },
+        "optimizer": {"name": "cmaes", "popsize": 2, "budget": 4, "seed": 0},
+        "fitness": {"tasks": {"zoo_sort": 1}, "heldout": 12, "limit": 8, "batch_size": 32},
+        "evaluation": {"mode": "memory"},
+    }
+    path = tmp_path / "search.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    monkeypatch.setattr(bench_quality, "SEARCHES", {"similar": path})
+    out = tmp_path / "bench"
+    args = [str(small_zoo), "--out", str(out), "--scenarios", "similar", "--methods", "linear"]
+    assert bench_quality.main([*args, "--tasks", "zoo_sort", "--limit", "12"]) == 0
+    data = json.loads((out / "quality.json").read_text())
+    rows = {r["name"]: r for r in data["rows"]}
+    assert list(rows)[-2:] == ["similar/search: cmaes", "similar/search: greedy soup"]
+    summary = json.loads((out / "search-similar" / "summary.json").read_text())
+    held = {r["name"]: r["heldout_scores"] for r in summary["rows"]}
+    assert rows["similar/search: cmaes"]["scores"] == held["cmaes"]
+    assert rows["similar/search: greedy soup"]["scores"] == held["greedy soup"]
+    digest = data["meta"]["searches"]["similar"]
+    assert digest["rows"]["cmaes"]["nonzero_weights"] >= 1 and digest["evaluations"] == len(
+        (out / "search-similar" / "history.jsonl").read_text().splitlines()
+    )
+    written = yaml.safe_load((out / "configs" / "similar-search.yaml").read_text())
+    assert [m["model"] for m in written["merge"]["models"]] == [str(small_zoo / m) for m in ("mix1", "mix2", "sort")]
+    assert "similar/search: `bigmerge search" in (out / "quality.md").read_text()
+    # a rerun resumes the search from its journal: nothing is scored again
+    assert bench_quality.main([*args, "--tasks", "zoo_sort", "--limit", "12"]) == 0
+    assert json.loads((out / "search-similar" / "summary.json").read_text())["evaluations"]["run_now"] == 0
+    # --no-search leaves the rows out
+    assert (
+        bench_quality.main(
+            [*args, "--tasks", "zoo_sort", "--limit", "12", "--out", str(tmp_path / "b2"), "--no-search"]
+        )
+        == 0
+    )
+    assert not any("search" in r["name"] for r in json.loads((tmp_path / "b2" / "quality.json").read_text())["rows"])

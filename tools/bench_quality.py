@@ -1,7 +1,7 @@
 """Every merge operator on every zoo scenario, scored with lm-eval beside the scenario's sources.
 
     python tools/bench_quality.py ZOO [--out DIR] [--limit 200] [--scenarios a,b] [--methods m,n]
-                                      [--set METHOD.PARAM=VALUE ...] [--preset full]
+                                      [--set METHOD.PARAM=VALUE ...] [--preset full] [--no-search]
 
 ZOO is a zoo built by tools/make_zoo.py (built here with ``--preset`` if ZOO/zoo.json is missing).
 For each scenario of ZOO/zoo.json and each operator in ``bigmerge.ops.REGISTRY`` (new operators
@@ -20,6 +20,12 @@ domain): each model's data are its skills' items from ``bigmerge.dam.zoo_data`` 
 per model, split over its skills), the training settings ``DAM_TRAINING``, which
 ``--set dam.KEY=VALUE`` overrides (any ``training:`` key, or ``examples``); its config is
 DIR/configs/SCENARIO-dam-train.yaml. Other scenarios skip ``dam`` with the reason.
+
+A scenario with a search config in ``SEARCHES`` (``recycle``: ``configs/recycle-zoo.yaml``, whose
+``zoo/...`` paths are rewritten to ZOO) also gets ``bigmerge search`` (one process, resumed from
+DIR/search-SCENARIO's journal on a rerun): rows "SCENARIO/search: cmaes" and "SCENARIO/search:
+greedy soup" are its CMA-ES best and greedy soup, merged and scored like every other row;
+``--no-search`` leaves them out.
 
 An operator that takes exactly two models (slerp, nearswap) runs on a two-model scenario with
 the first model in the base's place. An operator that cannot run on the scenario (it raises ConfigError or SourceError: it needs data
@@ -53,6 +59,10 @@ USUAL = {"weight": 1.0, "density": 0.5, "normalize": True, "t": 0.5}
 # DAM for the table: one process; lr 1e-2 for 2 epochs is the README's better zoo setting
 DAM_TRAINING = {"engine": "torch", "lr": 1e-2, "epochs": 2, "batch_size": 8, "log_every": 8, "checkpoint_every": 1000}
 DAM_EXAMPLES = 128
+REPO = Path(__file__).resolve().parents[1]
+# scenario -> the search config run on it (its model paths "zoo/NAME" name the zoo's models)
+SEARCHES = {"recycle": REPO / "configs" / "recycle-zoo.yaml"}
+SEARCH_ROWS = ("cmaes", "greedy soup")  # rows of the search's summary that join the table
 
 
 def _parse_value(text: str) -> Any:
@@ -127,6 +137,38 @@ def dam_config(
     return {"models": cfg_models, "output": str(work / "train"), "training": training}
 
 
+def search_rows(scenario: str, config: Path, zoo: Path, out: Path) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """Run (or resume) ``bigmerge search`` of ``config`` on ``zoo``: ({row name: merge config} of its
+    SEARCH_ROWS, a digest of its summary for the benchmark's metadata)."""
+    from bigmerge.dist.comm import SerialComm
+    from bigmerge.search.journal import Journal
+    from bigmerge.search.run import JOURNAL_FILE, SearchOptions, run_search
+
+    data = yaml.safe_load(config.read_text())
+    for m in data["merge"]["models"]:
+        if str(m["model"]).startswith("zoo/"):
+            m["model"] = str(zoo / str(m["model"])[4:])
+    path = out / "configs" / f"{scenario}-search.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    where = out / f"search-{scenario}"
+    summary = run_search(str(path), str(where), SerialComm(), SearchOptions(overwrite=False, quiet=True))
+    configs = {e["label"]: e["config"] for e in Journal(where / JOURNAL_FILE).entries if e["split"] == "search"}
+    rows = {f"search: {r['name']}": configs[r["label"]] for r in summary["rows"] if r["name"] in SEARCH_ROWS}
+    digest = {
+        "config": str(config.relative_to(REPO)) if config.is_relative_to(REPO) else str(config),
+        "evaluations": summary["evaluations"]["total_in_journal"],
+        "rows": {
+            r["name"]: {
+                "search_fitness": round(r["search_fitness"], 4),
+                "heldout_fitness": round(r["heldout_fitness"], 4),
+                "nonzero_weights": r["nonzero_weights"],
+            }
+            for r in summary["rows"]
+        },
+    }
+    return rows, digest
+
+
 def run(args: argparse.Namespace) -> int:
     from bigmerge.dist.comm import SerialComm
     from bigmerge.merge import MergeOptions, run_merge
@@ -161,6 +203,7 @@ def run(args: argparse.Namespace) -> int:
     skipped: dict[str, str] = {}
     pairwise: dict[str, str] = {}
     seconds: dict[str, dict[str, float]] = {}
+    searches: dict[str, dict[str, Any]] = {}
     cache: dict[str, dict[str, float]] = {}  # a source scored once, whatever scenarios share it
 
     with Evaluator(args.tasks, limit=args.limit, batch_size=args.batch_size) as ev:
@@ -246,6 +289,19 @@ def run(args: argparse.Namespace) -> int:
                 seconds[sc_name][f"{method}:merge"] = round(t_merge, 1)
                 if not args.keep:
                     shutil.rmtree(target, ignore_errors=True)
+            if sc_name in SEARCHES and not args.no_search:
+                t0 = time.perf_counter()
+                found, searches[sc_name] = search_rows(sc_name, SEARCHES[sc_name], zoo, out)
+                seconds.setdefault(sc_name, {})["search"] = round(time.perf_counter() - t0, 1)
+                for name, cfg in found.items():
+                    slug = name.replace("search: ", "search-").replace(" ", "-")
+                    cfg_path = out / "configs" / f"{sc_name}-{slug}.yaml"
+                    target = work / f"{sc_name}-{slug}"
+                    cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+                    run_merge(str(cfg_path), str(target), SerialComm(), MergeOptions(quiet=True, overwrite=True))
+                    add(f"{sc_name}/{name}", sc_name, score(f"{sc_name}/{name}", target))
+                    if not args.keep:
+                        shutil.rmtree(target, ignore_errors=True)
         tasks = list(ev.tasks)
         metric = dict(ev.metric)
     if not args.keep:
@@ -261,6 +317,7 @@ def run(args: argparse.Namespace) -> int:
         "skipped": skipped,
         "pairwise": pairwise,
         "seconds": seconds,
+        "searches": searches,
         "total_seconds": round(time.perf_counter() - t_start, 1),
         "scenarios": {
             k: {"base": v["base"], "models": v["models"], "about": v.get("about", "")} for k, v in scenarios.items()
@@ -274,6 +331,16 @@ def run(args: argparse.Namespace) -> int:
         )
         if pairwise:
             f.write("\nPairwise operators, first model as the base: " + ", ".join(pairwise) + "\n")
+        for sc_name, digest in searches.items():
+            f.write(
+                f"\n{sc_name}/search: `bigmerge search {digest['config']}` ({digest['evaluations']} evaluations); "
+                "macro average on its search split / held-out documents, checkpoints with weight > 0: "
+                + "; ".join(
+                    f"{k} {v['search_fitness']:.3f} / {v['heldout_fitness']:.3f}, {v['nonzero_weights']}"
+                    for k, v in digest["rows"].items()
+                )
+                + "\n"
+            )
         if skipped:
             f.write("\nSkipped:\n\n" + "".join(f"- {k}: {v}\n" for k, v in skipped.items()))
     print(f"wrote {', '.join(str(p) for p in paths.values())} in {meta['total_seconds']:.0f} s", file=sys.stderr)
@@ -292,6 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", action="append", metavar="METHOD.PARAM=VALUE", help="override a parameter (repeatable)")
     ap.add_argument("--preset", default="full", help="zoo preset to build when ZOO has no zoo.json (default full)")
     ap.add_argument("--keep", action="store_true", help="keep the merged checkpoints under OUT/merged")
+    ap.add_argument("--no-search", action="store_true", help="leave out the bigmerge search rows (SEARCHES)")
     return run(ap.parse_args(argv))
 
 

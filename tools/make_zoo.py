@@ -16,7 +16,9 @@ Scenarios (``zoo.json["scenarios"]``; all share the base ``base``):
 
     specialists   add, rev, sort, fin: the base fine-tuned on one skill each
     similar       mix1..mix3: the base fine-tuned on the same mixture, other seeds and learning rates
-    recycle       8 checkpoints of 4 runs with different mixtures and learning rates, 2 stages each
+    recycle       13 training checkpoints of one basin: a trunk (the base trained further on all skills)
+                  at 3 stages, 6 short runs from it weighting two skills each (3 also saved halfway)
+                  and a run on filings only that forgets the rest
                   (the small preset for tests has specialists sort and fin, and similar mix1 mix2)
     domain        instruct (add+rev+sort) and instruct_fin (instruct continued on filings only,
                   which forgets part of the general skills)
@@ -58,7 +60,7 @@ from toy_models import BOS_ID, EOS_ID, PAD_ID, model_config, tokenizer_files  # 
 from bigmerge.eval import zoo_tasks  # noqa: E402
 
 # Bump when the built bytes change for the same arguments, so cached zoos are rebuilt.
-ZOO_VERSION = 1
+ZOO_VERSION = 2  # 2: the recycling pool continues one trunk (was 4 independent runs)
 STAMP = "zoo.json"
 BATCH = 32
 # Filings are ~4x longer than the other items: fewer per batch keeps a step's cost alike.
@@ -103,12 +105,21 @@ def _full() -> tuple[list[Run], dict[str, dict[str, Any]]]:
         Run("mix2", "base", UNIFORM, 600, 1e-3, 12),
         Run("mix3", "base", UNIFORM, 600, 1.5e-3, 13),
     ]
-    pool_runs = [
-        Run("pool_arith", "base", {"add": 5, "sort": 3, "rev": 1, "fin": 1}, 800, 1e-3, 31, (300,)),
-        Run("pool_text", "base", {"rev": 5, "fin": 3, "add": 1, "sort": 1}, 800, 2e-3, 32, (300,)),
-        Run("pool_sort", "base", {"sort": 5, "add": 2, "rev": 2, "fin": 1}, 800, 5e-4, 33, (300,)),
-        Run("pool_fin", "base", {"fin": 6, "rev": 2, "add": 1, "sort": 1}, 800, 1e-3, 34, (300,)),
-    ]
+    # The recycling pool, as checkpoint recycling finds it: a shared trunk (the base trained further
+    # on all four skills) saved at three stages, then short runs that continue from the trunk on
+    # mixtures that weight two skills 4 to 1 against the other two (each trades skills off against
+    # the others; three are also saved halfway, before their learning rate has decayed), and one
+    # run on filings only, which forgets the rest. Short continuations of one trunk stay in one
+    # basin, so weighted averages of them keep much of what each learnt (4 independent 800-step runs
+    # from the base, this pool until zoo version 1, did not: every mixture lost the best run's skill);
+    # the early trunk stages and the filings-only run pull the uniform soup down.
+    trunk = Run("pool_trunk", "base", UNIFORM, 800, 2e-3, 40, (200, 400))
+    pairs = [("add", "sort"), ("rev", "fin"), ("add", "rev"), ("sort", "fin"), ("add", "fin"), ("rev", "sort")]
+    pool_runs = [trunk]
+    for i, (a, b) in enumerate(pairs):
+        mix = {s: (4.0 if s in (a, b) else 1.0) for s in zoo_tasks.SKILLS}
+        pool_runs.append(Run(f"pool_{a}_{b}", "pool_trunk", mix, 300, 1.5e-3, 70 + i, (150,) if i < 3 else ()))
+    pool_runs.append(Run("pool_fin_only", "pool_trunk", _one("fin"), 300, 3e-3, 80))
     runs += pool_runs
     runs += [
         Run("instruct", "base", GENERAL, 600, 1e-3, 21),
@@ -120,7 +131,7 @@ def _full() -> tuple[list[Run], dict[str, dict[str, Any]]]:
         "similar": {"models": ["mix1", "mix2", "mix3"], "about": "same data (all skills), other seeds and lr"},
         "recycle": {
             "models": [n for r in pool_runs for n in r.outputs()],
-            "about": "4 runs with different mixtures and lr, 2 stages each (300 and 800 steps)",
+            "about": "a trunk (3 stages) and 7 short runs from it on other mixtures (3 also halfway): 13 checkpoints",
         },
         "domain": {
             "models": ["instruct", "instruct_fin"],

@@ -135,6 +135,7 @@ class CandidateScorer:
             "scores": scores,
             "fitness": macro(scores, self.weights),
             "seconds": {"merge": round(t1 - t0, 3), "eval": round(t2 - t1, 3)},
+            "mode": self.mode,
             "pid": os.getpid(),
         }
 

@@ -195,6 +195,8 @@ class Search:
                     "scores": res["scores"],
                     "fitness": res["fitness"],
                     "seconds": res["seconds"],
+                    "mode": res.get("mode"),  # memory or disk: where the candidate was merged
+                    "pid": res.get("pid"),  # the process that scored it (a worker, an MPI rank)
                     "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 }
             )
