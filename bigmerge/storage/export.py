@@ -9,7 +9,9 @@ manifest: a merge is complete only when the manifest exists.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -26,9 +28,9 @@ from bigmerge.plan import Plan, TensorPlan
 from bigmerge.storage.checksum import combine, crc32c, hex32
 from bigmerge.storage.direct import DirectStore
 from bigmerge.storage.fs import Location, location
-from bigmerge.storage.layout import Layout
+from bigmerge.storage.layout import S3_MIN_PART, Layout
 from bigmerge.storage.safetensors import DTYPES, read_header
-from bigmerge.storage.zarr_store import BlockStore
+from bigmerge.storage.zarr_store import PREFIX, BlockStore
 from bigmerge.vocab import TOKENIZER_FILES, build_tokenizer, save_tokenizer
 
 MANIFEST_NAME = "bigmerge-manifest.json"
@@ -104,6 +106,104 @@ def write_file(
     return sums
 
 
+def _copy_possible(store: BlockStore | DirectStore, out: Location) -> bool:
+    """Whether the output files can be assembled from the store's shards by the server itself:
+    both on S3 (UploadPartCopy), through the same kind of file system."""
+    return (
+        isinstance(store, BlockStore)
+        and not out.is_local
+        and hasattr(out.fs, "call_s3")
+        and type(store.loc.fs) is type(out.fs)
+        and os.environ.get("BIGMERGE_NO_SERVER_COPY") != "1"
+    )
+
+
+def write_file_by_copy(
+    store: BlockStore, out: Location, name: str, header: bytes, tensors: list[TensorPlan]
+) -> dict[str, str]:
+    """One output file on S3 made by a multipart upload whose parts the server copies from the
+    store's shards (UploadPartCopy): a block of S3_MIN_PART bytes or more never travels through
+    this rank. The header, small tensors and small edge blocks are read and sent as parts of
+    their own (a part but the last must be S3_MIN_PART or more). Each tensor's checksum is
+    combined from the CRC-32C at the start of each of its shards."""
+    fs = out.fs
+    loc = out.join(name)
+    bucket, key = fs.split_path(loc.path)[:2]
+    sums: dict[str, str] = {}
+    copied = [0, 0]  # blocks, bytes
+
+    def run() -> None:
+        sums.clear()
+        copied[:] = [0, 0]
+        upload = fs.call_s3("create_multipart_upload", Bucket=bucket, Key=key)["UploadId"]
+        parts: list[dict[str, Any]] = []
+        pending = bytearray(header)
+
+        def put() -> None:
+            r = fs.call_s3(
+                "upload_part", Bucket=bucket, Key=key, UploadId=upload, PartNumber=len(parts) + 1, Body=bytes(pending)
+            )
+            parts.append({"PartNumber": len(parts) + 1, "ETag": r["ETag"]})
+            pending.clear()
+
+        try:
+            for t in tensors:
+                crc = 0
+                for b in range(t.n_blocks):
+                    r0, r1 = t.block_range(b)
+                    n = (r1 - r0) * t.row_elems * DTYPES[t.out_dtype][1]
+                    if n >= S3_MIN_PART and len(pending) in range(1, S3_MIN_PART):
+                        pass  # the part being filled is too small to stand alone: this block joins it
+                    elif n >= S3_MIN_PART:
+                        if pending:
+                            put()
+                        shard = store.shard_loc(t, b)
+                        own = int.from_bytes(shard.read_bytes(0, PREFIX), "little")
+                        src_bucket, src_key = fs.split_path(shard.path)[:2]
+                        r = fs.call_s3(
+                            "upload_part_copy",
+                            Bucket=bucket,
+                            Key=key,
+                            UploadId=upload,
+                            PartNumber=len(parts) + 1,
+                            CopySource={"Bucket": src_bucket, "Key": src_key},
+                            CopySourceRange=f"bytes={PREFIX}-{PREFIX + n - 1}",
+                        )
+                        parts.append({"PartNumber": len(parts) + 1, "ETag": r["CopyPartResult"]["ETag"]})
+                        crc = own if b == 0 else combine(crc, own, n)
+                        copied[0] += 1
+                        copied[1] += n
+                        continue
+                    data, own = store.read_block(t, b)
+                    pending += memoryview(data).cast("B")
+                    crc = own if b == 0 else combine(crc, own, n)
+                    if len(pending) >= S3_MIN_PART:
+                        put()
+                sums[t.name] = hex32(crc)
+            if pending or not parts:
+                put()
+            fs.call_s3(
+                "complete_multipart_upload",
+                Bucket=bucket,
+                Key=key,
+                UploadId=upload,
+                MultipartUpload={"Parts": parts},
+            )
+        except BaseException:
+            with contextlib.suppress(Exception):
+                fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload)
+            raise
+
+    loc.call("assembling the output file from the store (server-side copy)", run)
+    fs.invalidate_cache(loc.path)
+    COPY_STATS["blocks"] += copied[0]
+    COPY_STATS["bytes"] += copied[1]
+    return sums
+
+
+COPY_STATS = {"blocks": 0, "bytes": 0}  # blocks (and bytes) the server copied, in this process
+
+
 def export(
     plan: Plan,
     comm: Comm,
@@ -130,9 +230,11 @@ def export(
         comm.barrier()
         return manifest
     mine: dict[str, str] = {}
+    by_copy = _copy_possible(store, out)
     for i, tensors in enumerate(files):
         if i % comm.size == comm.rank:
-            mine.update(write_file(store, out, names[i], layout.headers[i], tensors))
+            write = write_file_by_copy if by_copy else write_file
+            mine.update(write(store, out, names[i], layout.headers[i], tensors))  # type: ignore[arg-type]
     fault_point(comm.rank, "export")
     gathered = comm.allgather(mine)
     if comm.rank == 0:

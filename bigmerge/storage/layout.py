@@ -13,7 +13,13 @@ from bigmerge.plan import Plan, TensorPlan
 from bigmerge.storage.safetensors import DTYPES, build_header
 
 
+S3_MIN_PART = 5 * 2**20  # S3's smallest multipart part (all but the last)
+
+
 def layout_files(plan: Plan, shard_bytes: int) -> list[list[TensorPlan]]:
+    """Tensors per output file, in plan order up to `shard_bytes` a file; within a file the
+    small tensors come first, so that on object storage the header and the small tensors make
+    one part and every large block can be copied by the server as a part of its own."""
     files: list[list[TensorPlan]] = [[]]
     size = 0
     for t in plan.tensors:
@@ -23,7 +29,7 @@ def layout_files(plan: Plan, shard_bytes: int) -> list[list[TensorPlan]]:
             size = 0
         files[-1].append(t)
         size += n
-    return files
+    return [[t for t in f if t.out_bytes() < S3_MIN_PART] + [t for t in f if t.out_bytes() >= S3_MIN_PART] for f in files]
 
 
 def file_name(i: int, n: int) -> str:

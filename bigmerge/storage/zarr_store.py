@@ -43,7 +43,8 @@ def array_name(t: TensorPlan) -> str:
 
 
 # bump when the stored layout changes: a store of another format is not resumed
-STORE_FORMAT = 2
+STORE_FORMAT = 3
+PREFIX = 4  # a shard starts with the CRC-32C of its block's bytes (no padding); the chunk follows
 
 
 def to_storage(x: torch.Tensor, dtype: str) -> np.ndarray:
@@ -119,20 +120,22 @@ class BlockStore:
         The layout is the sharding codec's (one inner chunk, `bytes` little-endian, index at
         the end with `bytes` + `crc32c`), so zarr reads it; encoding it ourselves avoids two
         full copies of every block inside zarr's codec pipeline. An edge shard is padded to
-        the full shard shape with the fill value (0), as zarr stores edge chunks.
+        the full shard shape with the fill value (0), as zarr stores edge chunks. Before the
+        chunk (the index says where it starts) come 4 bytes: the CRC-32C of the block's own
+        bytes, which export needs and which a server-side copy cannot compute.
         """
         data = memoryview(to_storage(x, t.out_dtype).reshape(-1)).cast("B")
         full = _chunk_bytes(t)
         pad = full - data.nbytes
-        crc = crc32c(data)
-        if pad:
-            crc = _crc_zeros(pad, crc)
-        index = np.array([0, full + 4], dtype="<u8").tobytes()
+        own = crc32c(data)
+        crc = _crc_zeros(pad, own) if pad else own
+        head = struct.pack("<I", own)
+        index = np.array([PREFIX, full + 4], dtype="<u8").tobytes()
         # the chunk's crc32c (zarr's Crc32cCodec: 4 bytes little-endian after the data), then the index
         trailer = struct.pack("<I", crc) + index + struct.pack("<I", crc32c(index))
         loc = self.shard_loc(t, b)
         if not loc.is_local:
-            loc.write_bytes(b"".join((data, bytes(pad), trailer)))  # one PUT per shard, retried there
+            loc.write_bytes(b"".join((head, data, bytes(pad), trailer)))  # one PUT per shard, retried there
             return
 
         def write_local() -> None:
@@ -142,6 +145,7 @@ class BlockStore:
             tmp = f"{loc.path}{TMP_MARK}{os.getpid()}"
             try:
                 with open(tmp, "wb") as f:
+                    f.write(head)
                     f.write(data)
                     disk_full_point()
                     left = pad
@@ -169,7 +173,7 @@ class BlockStore:
         whole = _chunk_bytes(t) + 4  # data, edge padding, crc32c
         buf = scratch[:whole] if scratch is not None and scratch.size >= whole else np.empty(whole, dtype=np.uint8)
         loc = self.shard_loc(t, b)
-        loc.read_into(0, memoryview(buf))
+        loc.read_into(PREFIX, memoryview(buf))
         want = int.from_bytes(buf[whole - 4 :].tobytes(), "little")
         crc = crc32c(buf[:n])
         if crc32c(buf[n : whole - 4], crc) != want:
