@@ -21,7 +21,16 @@ import torch
 
 from bigmerge.ops import kernels
 from bigmerge.ops.base import Block, Param, Stats, TensorTask, block_generator, require_base
-from bigmerge.ops.task_arithmetic import AFTER, TaskArithmeticOp, TiesOp, TopK, _fused, _stack, with_defaults
+from bigmerge.ops.task_arithmetic import (
+    AFTER,
+    Sources,
+    TaskArithmeticOp,
+    TiesOp,
+    TopK,
+    _fused,
+    _stack,
+    with_defaults,
+)
 
 
 class RandomDropOp(TaskArithmeticOp):
@@ -72,13 +81,13 @@ class RandomDropOp(TaskArithmeticOp):
         return keep
 
     def _fused_keep(
-        self, task: TensorTask, block: Block, stats: Any, i: int, x: np.ndarray, mask_row: Callable[[], np.ndarray]
+        self, task: TensorTask, block: Block, stats: Any, i: int, xs: Sources, mask_row: Callable[[], np.ndarray]
     ) -> np.ndarray | None:
         if f"keep{i}" in block.memo:
             row = mask_row()
             torch.from_numpy(row).copy_(block.memo[f"keep{i}"])
             return row
-        return self._fused_keep_from_torch(task, block, stats, i, x, mask_row)
+        return self._fused_keep_from_torch(task, block, stats, i, xs, mask_row)
 
     def _after_stats(self, task: TensorTask, block: Block, prev: Any, out: Stats) -> None:
         if _fused(task, block):  # both norms in one pass
