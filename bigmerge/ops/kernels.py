@@ -96,17 +96,23 @@ def parts(m: int, nparts: int) -> tuple[int, int]:
     return nparts, (m + nparts - 1) // nparts
 
 
+# The loops below index slices with their own 0-based counter (a[c0:c1][q], not a[c0 + q]):
+# numba then drops the negative-index wraparound test and LLVM vectorizes them (5x here).
+
+
 @njit(cache=True)
 def _mag_bits_into(a: Any, bb: np.ndarray, c0: int, n: int, bits: np.ndarray, bf16: bool) -> None:
     """bits[q] = bit pattern of |a[c0 + q] - base[q]| (monotonic for non-negative floats)."""
+    src = a[c0 : c0 + n]
     for q in range(n):
-        bits[q] = np.float32(np.abs(_round(np.float32(_f32(a[c0 + q]) - bb[q]), bf16))).view(np.int32)
+        bits[q] = np.float32(np.abs(_round(np.float32(_f32(src[q]) - bb[q]), bf16))).view(np.int32)
 
 
 @njit(cache=True)
 def _base_into(base: Any, c0: int, n: int, bb: np.ndarray) -> None:
+    src = base[c0 : c0 + n]
     for q in range(n):
-        bb[q] = _f32(base[c0 + q])
+        bb[q] = _f32(src[q])
 
 
 @njit(cache=True, parallel=True)
@@ -253,6 +259,118 @@ def tie_cutoffs(
     return out
 
 
+@njit(inline="always")
+def _merge_part(
+    xs: Any,
+    base: Any,
+    others: np.ndarray,
+    weights: np.ndarray,
+    sel: np.ndarray,
+    masks: np.ndarray,
+    use_mask: np.ndarray,
+    scale: np.ndarray,
+    consensus: bool,
+    normalize: bool,
+    plain_divisor: np.float32,
+    lam: np.float32,
+    out: np.ndarray,
+    j0: int,
+    j1: int,
+    bf16: bool,
+) -> None:
+    """task_vector_merge on elements [j0, j1); inlined where bf16 is a constant, so the float32
+    code has no bfloat16 branches in its loops (they cost it about a quarter of its speed)."""
+    n = others.shape[0]
+    bb = np.empty(_SUB, dtype=np.float32)
+    d = np.empty((n, _SUB), dtype=np.float32)
+    mixed = np.empty(_SUB, dtype=np.float32)
+    div = np.empty(_SUB, dtype=np.float32)
+    pos = np.empty(_SUB, dtype=np.bool_)
+    for c0 in range(j0, j1, _SUB):
+        L = min(j1, c0 + _SUB) - c0
+        _base_into(base, c0, L, bb)
+        for r in range(n):
+            a = xs[others[r]][c0 : c0 + L]
+            dr = d[r]
+            w = weights[r]
+            s = scale[r]
+            has_scale = not math.isnan(s)
+            if use_mask[r]:
+                mk = masks[r][c0 : c0 + L]
+                for q in range(L):
+                    v = _round(np.float32(_f32(a[q]) - bb[q]), bf16)
+                    v = np.float32(v * (np.float32(1.0) if mk[q] != 0 else np.float32(0.0)))
+                    if has_scale:
+                        v = _round(np.float32(v * s), bf16)
+                    dr[q] = _round(np.float32(v * w), bf16)
+            elif sel[r, 0] < 0:
+                for q in range(L):
+                    v = _round(np.float32(_f32(a[q]) - bb[q]), bf16)
+                    if has_scale:
+                        v = _round(np.float32(v * s), bf16)
+                    dr[q] = _round(np.float32(v * w), bf16)
+            else:
+                ta = np.int32(sel[r, 0])
+                ca = sel[r, 1]
+                tb = np.int32(sel[r, 2])
+                cb = sel[r, 3]
+                for q in range(L):
+                    j = c0 + q
+                    v = _round(np.float32(_f32(a[q]) - bb[q]), bf16)
+                    b = np.float32(np.abs(v)).view(np.int32)
+                    in_a = (b > ta) | ((b == ta) & (j < ca))
+                    in_b = (b > tb) | ((b == tb) & (j < cb))
+                    v = np.float32(v * (np.float32(1.0) if in_a and not in_b else np.float32(0.0)))
+                    if has_scale:
+                        v = _round(np.float32(v * s), bf16)
+                    dr[q] = _round(np.float32(v * w), bf16)
+        # rows summed in float32, rounded once (task_arithmetic._sum_rows)
+        for q in range(L):
+            mixed[q] = d[0, q]
+        for r in range(1, n):
+            dr = d[r]
+            for q in range(L):
+                mixed[q] = np.float32(mixed[q] + dr[q])
+        if bf16:
+            for q in range(L):
+                mixed[q] = _round(mixed[q], True)
+        if consensus:
+            for q in range(L):
+                pos[q] = mixed[q] >= 0  # the majority sign; NaN votes negative
+            for r in range(n):
+                dr = d[r]
+                w = weights[r]
+                for q in range(L):
+                    v = dr[q]
+                    # sign(v) equals the majority: (v > 0) for +1, (v < 0) for -1; never for 0 or NaN
+                    agree = (v > 0) if pos[q] else (v < 0)
+                    a1 = np.float32(1.0) if agree else np.float32(0.0)
+                    mv = np.float32(v * a1)
+                    wv = np.float32(a1 * w)
+                    if r == 0:
+                        mixed[q] = mv
+                        div[q] = wv
+                    else:
+                        mixed[q] = np.float32(mixed[q] + mv)
+                        div[q] = np.float32(div[q] + wv)
+            for q in range(L):
+                mixed[q] = _round(mixed[q], bf16)
+                dv = _round(div[q], bf16)
+                div[q] = np.float32(1.0) if dv == 0 else dv
+        else:
+            for q in range(L):
+                div[q] = plain_divisor
+        if normalize:
+            for q in range(L):
+                mixed[q] = _round(np.float32(mixed[q] / div[q]), bf16)
+        if lam != 1:
+            for q in range(L):
+                mixed[q] = _round(np.float32(mixed[q] * lam), bf16)
+        o = out[c0 : c0 + L]
+        for q in range(L):
+            o[q] = _round(np.float32(bb[q] + mixed[q]), bf16)
+
+
 @njit(cache=True, parallel=True)
 def task_vector_merge(
     xs: Any,
@@ -288,100 +406,49 @@ def task_vector_merge(
     vectorizes; the float32 operations and their order are the torch code's.
     """
     m = out.shape[0]
-    n = others.shape[0]
     step = (m + nparts - 1) // nparts
     base = xs[base_row]
     for p in prange(nparts):
         j0 = p * step
         j1 = min(m, j0 + step)
-        bb = np.empty(_SUB, dtype=np.float32)
-        d = np.empty((n, _SUB), dtype=np.float32)
-        mixed = np.empty(_SUB, dtype=np.float32)
-        div = np.empty(_SUB, dtype=np.float32)
-        pos = np.empty(_SUB, dtype=np.bool_)
-        for c0 in range(j0, j1, _SUB):
-            L = min(j1, c0 + _SUB) - c0
-            _base_into(base, c0, L, bb)
-            for r in range(n):
-                a = xs[others[r]]
-                dr = d[r]
-                w = weights[r]
-                s = scale[r]
-                has_scale = not math.isnan(s)
-                if use_mask[r]:
-                    mk = masks[r]
-                    for q in range(L):
-                        v = _round(np.float32(_f32(a[c0 + q]) - bb[q]), bf16)
-                        v = np.float32(v * (np.float32(1.0) if mk[c0 + q] != 0 else np.float32(0.0)))
-                        if has_scale:
-                            v = _round(np.float32(v * s), bf16)
-                        dr[q] = _round(np.float32(v * w), bf16)
-                elif sel[r, 0] < 0:
-                    for q in range(L):
-                        v = _round(np.float32(_f32(a[c0 + q]) - bb[q]), bf16)
-                        if has_scale:
-                            v = _round(np.float32(v * s), bf16)
-                        dr[q] = _round(np.float32(v * w), bf16)
-                else:
-                    ta = np.int32(sel[r, 0])
-                    ca = sel[r, 1]
-                    tb = np.int32(sel[r, 2])
-                    cb = sel[r, 3]
-                    for q in range(L):
-                        j = c0 + q
-                        v = _round(np.float32(_f32(a[j]) - bb[q]), bf16)
-                        b = np.float32(np.abs(v)).view(np.int32)
-                        in_a = (b > ta) | ((b == ta) & (j < ca))
-                        in_b = (b > tb) | ((b == tb) & (j < cb))
-                        v = np.float32(v * (np.float32(1.0) if in_a and not in_b else np.float32(0.0)))
-                        if has_scale:
-                            v = _round(np.float32(v * s), bf16)
-                        dr[q] = _round(np.float32(v * w), bf16)
-            # rows summed in float32, rounded once (task_arithmetic._sum_rows)
-            for q in range(L):
-                mixed[q] = d[0, q]
-            for r in range(1, n):
-                dr = d[r]
-                for q in range(L):
-                    mixed[q] = np.float32(mixed[q] + dr[q])
-            if bf16:
-                for q in range(L):
-                    mixed[q] = _round(mixed[q], True)
-            if consensus:
-                for q in range(L):
-                    pos[q] = mixed[q] >= 0  # the majority sign; NaN votes negative
-                for r in range(n):
-                    dr = d[r]
-                    w = weights[r]
-                    for q in range(L):
-                        v = dr[q]
-                        # sign(v) equals the majority: (v > 0) for +1, (v < 0) for -1; never for 0 or NaN
-                        agree = (v > 0) if pos[q] else (v < 0)
-                        a1 = np.float32(1.0) if agree else np.float32(0.0)
-                        mv = np.float32(v * a1)
-                        wv = np.float32(a1 * w)
-                        if r == 0:
-                            mixed[q] = mv
-                            div[q] = wv
-                        else:
-                            mixed[q] = np.float32(mixed[q] + mv)
-                            div[q] = np.float32(div[q] + wv)
-                for q in range(L):
-                    mixed[q] = _round(mixed[q], bf16)
-                    dv = _round(div[q], bf16)
-                    div[q] = np.float32(1.0) if dv == 0 else dv
-            else:
-                for q in range(L):
-                    div[q] = plain_divisor
-            if normalize:
-                for q in range(L):
-                    mixed[q] = _round(np.float32(mixed[q] / div[q]), bf16)
-            if lam != 1:
-                for q in range(L):
-                    mixed[q] = _round(np.float32(mixed[q] * lam), bf16)
-            o = out[c0 : c0 + L]
-            for q in range(L):
-                o[q] = _round(np.float32(bb[q] + mixed[q]), bf16)
+        if bf16:
+            _merge_part(
+                xs,
+                base,
+                others,
+                weights,
+                sel,
+                masks,
+                use_mask,
+                scale,
+                consensus,
+                normalize,
+                plain_divisor,
+                lam,
+                out,
+                j0,
+                j1,
+                True,
+            )
+        else:
+            _merge_part(
+                xs,
+                base,
+                others,
+                weights,
+                sel,
+                masks,
+                use_mask,
+                scale,
+                consensus,
+                normalize,
+                plain_divisor,
+                lam,
+                out,
+                j0,
+                j1,
+                False,
+            )
 
 
 @njit(cache=True, parallel=True)

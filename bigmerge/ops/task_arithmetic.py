@@ -422,17 +422,16 @@ class TaskArithmeticOp(MergeOp):
         dt = task.compute_dtype
         sc = block.scratch
         src = block.inputs[require_base(self, task)]
-        base = sc.get("base", src.shape, dt).copy_(src)
         others = task.non_base
         if not others:
-            return base
-        shape = base.shape
+            return sc.get("base", src.shape, dt).copy_(src)
+        shape = src.shape
         n = len(others)
         if stats is None and task.n_blocks == 1 and self._stat_rounds(task):
             stats = self._local_stats(task, block)
-            base = sc.get("base", src.shape, dt).copy_(src)  # the stats rounds share the scratch
         if _fused(task, block):
             return self._apply_fused(task, block, stats, shape)
+        base = sc.get("base", src.shape, dt).copy_(src)  # after the stats rounds: they share the scratch
         deltas = sc.get("deltas", (n, *shape), dt)
         for row, i in enumerate(others):
             delta = deltas[row]
