@@ -146,12 +146,12 @@ def magnitude_hists(
                 want = params[k]
                 if mode == 0:
                     for q in range(n):
-                        h[bits[q] >> 16] += 1
+                        h[np.uint32(bits[q]) >> np.uint32(16)] += 1
                 elif mode == 1:
                     for q in range(n):
                         b = bits[q]
                         if (b >> 16) == want:
-                            h[b & 0xFFFF] += 1
+                            h[np.uint32(b) & np.uint32(0xFFFF)] += 1
                 else:
                     c = 0
                     for q in range(n):
@@ -185,20 +185,25 @@ def hi_bin_records(
         bb = np.empty(_SUB, dtype=np.float32)
         bits = np.empty(_SUB, dtype=np.int32)
         at = offsets[p].copy()
+        found = np.empty(_SUB + 1, dtype=np.int64)  # this step's matches, written without branches
         for c0 in range(j0, j1, _SUB):
             n = min(j1, c0 + _SUB) - c0
             _base_into(base, c0, n, bb)
             for k in range(rows.shape[0]):
                 _mag_bits_into(xs[rows[k]], bb, c0, n, bits, bf16)
-                want = hi_bins[k]
-                w = at[k]
+                want = np.uint32(hi_bins[k])
+                c = np.uint64(0)
                 for q in range(n):
-                    b = bits[q]
-                    if (b >> 16) == want:
-                        pos[k, w] = c0 + q
-                        low[k, w] = b & 0xFFFF
-                        w += 1
-                at[k] = w
+                    found[c] = q
+                    c += np.uint64((np.uint32(bits[q]) >> np.uint32(16)) == want)
+                w = at[k]
+                pk = pos[k, w : w + c]
+                lk = low[k, w : w + c]
+                for t in range(c):
+                    q = found[t]
+                    pk[t] = c0 + q
+                    lk[t] = bits[q] & 0xFFFF
+                at[k] = w + c
 
 
 @njit(cache=True, parallel=True)
