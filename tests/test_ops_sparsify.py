@@ -199,12 +199,17 @@ def test_same_seed_same_bits_other_seed_other_bits(method: str) -> None:
 
 
 @pytest.mark.parametrize("method", RANDOM)
-def test_fused_kernels_match_the_torch_code(method: str, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("block_rows", [10, None])  # None: one block, its mask drawn once for stats and apply
+@pytest.mark.parametrize("rescale", [True, False])
+def test_fused_kernels_match_the_torch_code(
+    method: str, block_rows: int | None, rescale: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     x = family(3, (48, 40))
-    params = {"weight": [0.6, 0.5, 0.3], "density": [0.4, 0.6, 0.3]}
-    fused = run_op(method, x, block_rows=10, seed=2, **params)
+    params = {"weight": [0.6, 0.5, 0.3], "density": [0.4, 0.7, 1.0]}  # 0.7: float32(0.7) < 0.7
+    shared = {"rescale": rescale}
+    fused = run_op(method, x, block_rows=block_rows, seed=2, shared=shared, **params)
     monkeypatch.setattr(kernels, "AVAILABLE", False)
-    plain = run_op(method, x, block_rows=10, seed=2, **params)
+    plain = run_op(method, x, block_rows=block_rows, seed=2, shared=shared, **params)
     assert torch.equal(fused, plain)
 
 

@@ -38,6 +38,7 @@ class DellaOp(RandomDropOp):
     name = "della"
     params = (*with_defaults(RandomDropOp.params, normalize=True), EPSILON)
     sign_consensus = TiesOp.sign_consensus
+    kernel_draws = False  # keep probabilities by rank: _draw
 
     def check(self, task: TensorTask) -> None:
         super().check(task)

@@ -42,6 +42,7 @@ def threads() -> int:
 HI_BINS = 1 << 15
 LO_BINS = 1 << 16
 _CHUNK = 1 << 16
+CHUNK = _CHUNK  # fixed chunks of the per-chunk float sums (l1_kept, drop_keep)
 
 
 @njit(cache=True)
@@ -535,6 +536,14 @@ def l1_kept(x: np.ndarray, base_row: int, row: int, keep: np.ndarray, out: np.nd
         out[c, 1] = after
 
 
+def ordered_sum(parts: np.ndarray) -> float:
+    """Python floats added left to right: how l1_before_after adds its chunks."""
+    total = 0.0
+    for v in parts:
+        total += float(v)
+    return total
+
+
 def l1_before_after(
     x: np.ndarray, base_row: int, row: int, keep: np.ndarray, bf16: bool = False
 ) -> tuple[float, float]:
@@ -581,3 +590,53 @@ def uniform(key: int, start: int, out: np.ndarray) -> np.ndarray:
     z ^= z >> np.uint64(31)
     np.multiply((z >> np.uint64(40)).astype(np.float32), _TO_UNIT, out=out)
     return out
+
+
+@njit(cache=True, parallel=True)
+def drop_keep(
+    xs: Any,
+    base_row: int,
+    row: int,
+    key: np.uint64,
+    start: np.uint64,
+    density: np.float32,
+    keep: np.ndarray,
+    l1: np.ndarray,
+    with_l1: bool,
+    bf16: bool,
+) -> None:
+    """DARE's keep mask of one source on a block, keep[j] = u(start + j) < density (uint8; u as
+    uniform() draws it, compared in float32 as torch compares), and with_l1: l1_kept's sums of
+    |delta| and of its kept elements per chunk into l1 [n_chunks, 2], in the same order. One
+    pass: no float32 draws, no stack, no bool mask to convert."""
+    m = keep.shape[0]
+    nchunks = (m + _CHUNK - 1) // _CHUNK
+    base = xs[base_row]
+    src = xs[row]
+    for c in prange(nchunks):
+        bb = np.empty(_SUB, dtype=np.float32)
+        bits = np.empty(_SUB, dtype=np.int32)
+        mag = bits.view(np.float32)
+        before = 0.0
+        after = 0.0
+        for c0 in range(c * _CHUNK, min(m, (c + 1) * _CHUNK), _SUB):
+            n = min(m, c0 + _SUB) - c0
+            kk = keep[c0 : c0 + n]
+            first = start + np.uint64(c0) + np.uint64(1)
+            for q in range(n):
+                z = key + (first + np.uint64(q)) * _GOLDEN
+                z = (z ^ (z >> np.uint64(30))) * _MIX1
+                z = (z ^ (z >> np.uint64(27))) * _MIX2
+                z = z ^ (z >> np.uint64(31))
+                kk[q] = np.float32(z >> np.uint64(40)) * _TO_UNIT < density
+            if with_l1:
+                _base_into(base, c0, n, bb)
+                _mag_bits_into(src, bb, c0, n, bits, bf16)
+                for q in range(n):
+                    a = np.float64(mag[q])
+                    before += a
+                    if kk[q]:
+                        after += a
+        if with_l1:
+            l1[c, 0] = before
+            l1[c, 1] = after

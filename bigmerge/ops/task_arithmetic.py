@@ -382,7 +382,7 @@ class TaskArithmeticOp(MergeOp):
 
             def mask_row(r: int = r) -> np.ndarray:
                 if masks[0].shape[1] == 1:
-                    masks[0] = sc.get("tie_masks", (n, m), torch.uint8).numpy()
+                    masks[0] = fused_masks(block, n, m)
                 return masks[0][r]
 
             keep = self._fused_keep(task, block, stats, i, xs, mask_row)
@@ -542,6 +542,12 @@ def _sources(block: Block, sc: Scratch, dt: torch.dtype = torch.float32) -> Sour
         xs = tuple(x[i] for i in range(x.shape[0]))
     block.memo["sources"] = xs
     return xs
+
+
+def fused_masks(block: Block, n: int, m: int) -> np.ndarray:
+    """The uint8 keep masks [n non-base models, m] that kernels.task_vector_merge reads where a
+    mask is given, in the block's scratch (the same memory on every call for this block)."""
+    return block.scratch.get("fused_masks", (n, m), torch.uint8).numpy()
 
 
 def _mag_bits(delta: torch.Tensor, sc: Scratch) -> torch.Tensor:
