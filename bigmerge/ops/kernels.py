@@ -480,6 +480,9 @@ def rank_keep(
     nfib = outer * inner
     nparts = max(1, min(nparts, nfib))
     step = (nfib + nparts - 1) // nparts
+    probs = np.empty(flen, dtype=np.float64)  # by rank, the same expression for every fiber
+    for r in range(flen):
+        probs[r] = density if flen == 1 else lo + (r / (flen - 1)) * 2.0 * eps
     for p in prange(nparts):
         keys = np.empty(flen, dtype=np.int32)
         idx = np.empty(flen, dtype=np.int32)
@@ -490,14 +493,16 @@ def rank_keep(
             a = f // inner
             c = f - a * inner
             start = a * flen * inner + c
-            for b in range(flen):
-                keys[b] = bits[start + b * inner]
+            fiber = bits[start : start + (flen - 1) * inner + 1]  # 0-based, unsigned digits below:
+            for b in range(flen):  # numba then skips its negative-index tests
+                keys[b] = fiber[b * inner]
                 idx[b] = b
             for shift in (0, 11, 22):
+                sh = np.uint32(shift)
                 count[:] = 0
                 for b in range(flen):
-                    count[(keys[b] >> shift) & 2047] += 1
-                if count[(keys[0] >> shift) & 2047] == flen:
+                    count[(np.uint32(keys[b]) >> sh) & np.uint32(2047)] += 1
+                if count[(np.uint32(keys[0]) >> sh) & np.uint32(2047)] == flen:
                     continue  # every key has this digit: the order stays
                 total = 0
                 for d in range(2048):
@@ -505,17 +510,19 @@ def rank_keep(
                     count[d] = total
                     total += n_d
                 for b in range(flen):
-                    d = (keys[b] >> shift) & 2047
-                    pos = count[d]
-                    count[d] = pos + 1
-                    keys2[pos] = keys[b]
+                    kb = keys[b]
+                    d = (np.uint32(kb) >> sh) & np.uint32(2047)
+                    pos = np.uint64(count[d])
+                    count[d] = pos + np.uint64(1)
+                    keys2[pos] = kb
                     idx2[pos] = idx[b]
                 keys, keys2 = keys2, keys
                 idx, idx2 = idx2, idx
+            uf = u[start : start + (flen - 1) * inner + 1]
+            of = out[start : start + (flen - 1) * inner + 1]
             for r in range(flen):
-                j = start + idx[r] * inner
-                prob = density if flen == 1 else lo + (r / (flen - 1)) * 2.0 * eps
-                out[j] = u[j] < prob
+                j = np.uint64(idx[r]) * np.uint64(inner)
+                of[j] = uf[j] < probs[r]
 
 
 @njit(cache=True, parallel=True)
