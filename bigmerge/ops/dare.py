@@ -46,16 +46,20 @@ class RandomDropOp(TaskArithmeticOp):
     )
     sparsify = True
     random = True
-    # the fused path draws DARE's mask in kernels.drop_keep (DELLA's depends on ranks: _draw)
-    kernel_draws = True
 
     def _phases(self, task: TensorTask) -> list[str]:
         # No selection: one round of L1 norms (before and after the mask) when rescaling.
         return [AFTER] if self._needs_after(task) else []
 
-    def _drop_into(self, task: TensorTask, block: Block, i: int, row: np.ndarray, l1: np.ndarray | None) -> None:
-        """DARE's keep mask of model i on this block into row (uint8), as _draw draws it, and
-        with l1 ([n_chunks, 2]) the L1 sums l1_before_after takes, in one pass (kernels.drop_keep)."""
+    def _draws_into(self, task: TensorTask, stats: Any) -> bool:
+        """Whether the fused path draws the masks with _draw_into (else: _keep's, copied)."""
+        return True
+
+    def _draw_into(
+        self, task: TensorTask, block: Block, stats: Any, i: int, row: np.ndarray, l1: np.ndarray | None
+    ) -> None:
+        """Model i's keep mask on this block into row (uint8), as _draw draws it, and with l1
+        ([n_chunks, 2]) the L1 sums l1_before_after takes. DARE: one pass (kernels.drop_keep)."""
         key = block_generator(task, 0, f"drop{i}").initial_seed()
         n = row.shape[0]
         start = block.row0 * (n // max(1, block.row1 - block.row0))
@@ -106,12 +110,12 @@ class RandomDropOp(TaskArithmeticOp):
     def _fused_keep(
         self, task: TensorTask, block: Block, stats: Any, i: int, xs: Sources, mask_row: Callable[[], np.ndarray]
     ) -> np.ndarray | None:
-        if self.kernel_draws:
+        if self._draws_into(task, stats):
             if i not in self._sparse_models(task):
                 return None
             row = mask_row()
             if not block.memo.get(f"drawn{i}"):  # else drawn into this very row by _after_stats
-                self._drop_into(task, block, i, row, None)
+                self._draw_into(task, block, stats, i, row, None)
             return row
         if f"keep{i}" in block.memo:
             row = mask_row()
@@ -120,12 +124,12 @@ class RandomDropOp(TaskArithmeticOp):
         return self._fused_keep_from_torch(task, block, stats, i, xs, mask_row)
 
     def _after_stats(self, task: TensorTask, block: Block, prev: Any, out: Stats) -> None:
-        if self.kernel_draws and _fused(task, block):  # the mask and both norms in one pass
+        if _fused(task, block) and self._draws_into(task, prev):  # the mask and both norms
             n, m = len(task.non_base), block.inputs[0].numel()
             rows = fused_masks(block, n, m)  # where _apply_fused reads them: a one-block tensor draws once
             for i in self._sparse_models(task):
                 l1 = np.zeros(((m + kernels.CHUNK - 1) // kernels.CHUNK, 2), dtype=np.float64)
-                self._drop_into(task, block, i, rows[task.non_base.index(i)], l1)
+                self._draw_into(task, block, prev, i, rows[task.non_base.index(i)], l1)
                 block.memo[f"drawn{i}"] = True
                 out[f"l1_{i}"] = np.array([kernels.ordered_sum(l1[:, 0])])
                 out[f"l1k_{i}"] = np.array([kernels.ordered_sum(l1[:, 1])])

@@ -543,6 +543,39 @@ def l1_kept(x: np.ndarray, base_row: int, row: int, keep: np.ndarray, out: np.nd
         out[c, 1] = after
 
 
+@njit(cache=True, parallel=True)
+def magnitude_bits(xs: Any, base_row: int, row: int, out: np.ndarray, bf16: bool) -> None:
+    """out = the bit patterns of |xs[row] - xs[base]| (what select.magnitude_bits gives of the
+    torch delta), in one pass over the two sources."""
+    m = out.shape[0]
+    nchunks = (m + _CHUNK - 1) // _CHUNK
+    base = xs[base_row]
+    src = xs[row]
+    for c in prange(nchunks):
+        bb = np.empty(_SUB, dtype=np.float32)
+        for c0 in range(c * _CHUNK, min(m, (c + 1) * _CHUNK), _SUB):
+            n = min(m, c0 + _SUB) - c0
+            _base_into(base, c0, n, bb)
+            _mag_bits_into(src, bb, c0, n, out[c0 : c0 + n], bf16)
+
+
+@njit(cache=True, parallel=True)
+def l1_of_bits(bits: np.ndarray, keep: np.ndarray, out: np.ndarray) -> None:
+    """l1_kept's sums from magnitudes given as bit patterns: per chunk, in float64, in order."""
+    m = bits.shape[0]
+    mag = bits.view(np.float32)
+    for c in prange(out.shape[0]):
+        before = 0.0
+        after = 0.0
+        for j in range(c * _CHUNK, min(m, (c + 1) * _CHUNK)):
+            a = np.float64(mag[j])
+            before += a
+            if keep[j]:
+                after += a
+        out[c, 0] = before
+        out[c, 1] = after
+
+
 def ordered_sum(parts: np.ndarray) -> float:
     """Python floats added left to right: how l1_before_after adds its chunks."""
     total = 0.0
