@@ -161,3 +161,49 @@ def test_every_registered_operator_has_a_world_size_test() -> None:
 
 def yaml_method(text: str) -> str:
     return text.split("merge_method:", 1)[1].split("\n", 1)[0].strip()
+
+
+TIED = {
+    "ties": "merge_method: ties\nbase_model: {base}\nmodels:\n  - model: {ft1}\n    parameters: {{weight: 0.7, density: 0.4}}\n  - model: {ft2}\n    parameters: {{weight: 0.4, density: 0.71}}\nparameters: {{rescale: true}}\ndtype: float32\nout_dtype: bfloat16\n",
+    "breadcrumbs_ties": "merge_method: breadcrumbs_ties\nbase_model: {base}\nmodels:\n  - {{model: {ft1}, parameters: {{weight: 0.7, density: 0.5, gamma: 0.1}}}}\n  - {{model: {ft2}, parameters: {{weight: 0.4, density: 0.6, gamma: 0.03}}}}\ndtype: float32\nout_dtype: bfloat16\n",
+}
+BLOCK_DRIVER = DRIVER.replace("block_bytes=200", "block_bytes=int(sys.argv[3])")
+
+
+def test_ties_at_the_kth_value_same_bytes_on_any_ranks_blocks_and_path(tmp_path: Path) -> None:
+    """Deltas of few values: the k-th largest magnitude is tied across several of the kernels'
+    chunks (65536 elements). One block (the ties found in two passes), blocks of several chunks
+    and blocks smaller than a chunk (the TIES round and per-block cutoffs), on 1 and 3 ranks,
+    and the torch code (no numba): the same bytes."""
+    import torch
+    from helpers import write_checkpoint
+
+    g = torch.Generator().manual_seed(5)
+    shape = (320, 640)  # 204800 elements per tensor
+    base = {name: torch.randint(-64, 64, shape, generator=g).float() / 1024 for name in ("few", "many")}
+    names = {"few": "model.layers.0.mlp.up_proj.weight", "many": "model.layers.0.mlp.down_proj.weight"}
+    paths = {"base": write_checkpoint(tmp_path / "base", {names[k]: v.bfloat16() for k, v in base.items()})}
+    for i in (1, 2):
+        # "few": ~2 / 7 of the magnitudes in the k-th value's bin (too many to record); "many": ~1 / 80
+        levels = {"few": 3, "many": 40}
+        ft = {
+            names[k]: (v + torch.randint(-levels[k], levels[k] + 1, shape, generator=g).float() / 1024).bfloat16()
+            for k, v in base.items()
+        }
+        paths[f"ft{i}"] = write_checkpoint(tmp_path / f"ft{i}", ft)
+    cfgs = tmp_path / "cfgs"
+    cfgs.mkdir()
+    for name, text in TIED.items():
+        (cfgs / f"{name}.yaml").write_text(text.format(**{k: str(v) for k, v in paths.items()}))
+    runs = {"one_block": (1, 1 << 30, {}), "chunks": (3, 300_000, {}), "small": (3, 40_000, {})}
+    runs |= {"small_1": (1, 40_000, {}), "torch": (1, 300_000, {"BIGMERGE_NO_NUMBA": "1"})}
+    outs = {}
+    for run, (n, block, env) in runs.items():
+        out = tmp_path / run
+        cmd = [MPIRUN, "-n", str(n), "--oversubscribe", sys.executable, "-c", BLOCK_DRIVER, str(cfgs), str(out)]
+        proc = subprocess.run([*cmd, str(block)], capture_output=True, text=True, env=mpi_env() | env, timeout=600)
+        assert proc.returncode == 0, proc.stderr
+        outs[run] = {name: load_output(out / name) for name in TIED}
+    for name in TIED:
+        for run in runs:
+            assert_bit_identical(outs["one_block"][name], outs[run][name])

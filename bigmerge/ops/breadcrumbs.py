@@ -20,7 +20,15 @@ import torch
 
 from bigmerge.errors import ConfigError
 from bigmerge.ops.base import Block, Param, Stats, TensorTask
-from bigmerge.ops.task_arithmetic import TaskArithmeticOp, TiesOp, TopK, _keep_mask, _mag_bits
+from bigmerge.ops.task_arithmetic import (
+    Selection,
+    Sources,
+    TaskArithmeticOp,
+    TiesOp,
+    TopK,
+    _keep_mask,
+    _mag_bits,
+)
 
 GAMMA = Param("gamma", float, "non_base", default=0.01, doc="fraction of largest-magnitude elements dropped as outliers")
 DROP = "x"  # key suffix of the selection of outliers (the top n_drop)
@@ -70,16 +78,12 @@ class BreadcrumbsOp(TaskArithmeticOp):
         return keep
 
     def _fused_keep(
-        self, task: TensorTask, block: Block, stats: Any, i: int, x: np.ndarray, mask_row: Callable[[], np.ndarray]
-    ) -> float | np.ndarray | None:
+        self, task: TensorTask, block: Block, stats: Any, i: int, xs: Sources, mask_row: Callable[[], np.ndarray]
+    ) -> Selection | np.ndarray | None:
         if not isinstance(stats, TopK) or f"{i}{DROP}" not in stats.k:  # no outliers: a plain top-k
-            return super()._fused_keep(task, block, stats, i, x, mask_row)
-        row = self._selection_row(task, block, stats, str(i), i, x, mask_row())
-        drop = block.scratch.get("drop_row", (x.shape[1],), torch.uint8).numpy()
-        self._selection_row(task, block, stats, f"{i}{DROP}", i, x, drop)
-        np.bitwise_xor(drop, 1, out=drop)
-        np.bitwise_and(row, drop, out=row)
-        return row
+            return super()._fused_keep(task, block, stats, i, xs, mask_row)
+        # the top n_drop + target, less the top n_drop: no mask, the kernel tests both
+        return (*self._fused_sel(task, block, stats, str(i)), *self._fused_sel(task, block, stats, f"{i}{DROP}"))
 
 
 class BreadcrumbsTiesOp(BreadcrumbsOp):

@@ -21,7 +21,18 @@ import torch
 
 from bigmerge.ops import kernels
 from bigmerge.ops.base import Block, Param, Stats, TensorTask, block_generator, require_base
-from bigmerge.ops.task_arithmetic import AFTER, TaskArithmeticOp, TiesOp, TopK, _fused, _stack, with_defaults
+from bigmerge.ops.task_arithmetic import (
+    AFTER,
+    Sources,
+    TaskArithmeticOp,
+    TiesOp,
+    TopK,
+    _fused,
+    _sources,
+    _stack,
+    fused_masks,
+    with_defaults,
+)
 
 
 class RandomDropOp(TaskArithmeticOp):
@@ -39,6 +50,31 @@ class RandomDropOp(TaskArithmeticOp):
     def _phases(self, task: TensorTask) -> list[str]:
         # No selection: one round of L1 norms (before and after the mask) when rescaling.
         return [AFTER] if self._needs_after(task) else []
+
+    def _draws_into(self, task: TensorTask, stats: Any) -> bool:
+        """Whether the fused path draws the masks with _draw_into (else: _keep's, copied)."""
+        return True
+
+    def _draw_into(
+        self, task: TensorTask, block: Block, stats: Any, i: int, row: np.ndarray, l1: np.ndarray | None
+    ) -> None:
+        """Model i's keep mask on this block into row (uint8), as _draw draws it, and with l1
+        ([n_chunks, 2]) the L1 sums l1_before_after takes. DARE: one pass (kernels.drop_keep)."""
+        key = block_generator(task, 0, f"drop{i}").initial_seed()
+        n = row.shape[0]
+        start = block.row0 * (n // max(1, block.row1 - block.row0))
+        kernels.drop_keep(
+            _sources(block, block.scratch, task.compute_dtype),
+            require_base(self, task),
+            i,
+            np.uint64(key),
+            np.uint64(start),
+            np.float32(task.per_model[i]["density"]),  # torch compares u < density in float32
+            row,
+            np.zeros((1, 2)) if l1 is None else l1,
+            l1 is not None,
+            task.compute_dtype == torch.bfloat16,
+        )
 
     def _uniform(self, task: TensorTask, block: Block, i: int, n: int) -> torch.Tensor:
         """U[0, 1) draws for model i on this block's elements, the same whenever drawn again.
@@ -72,15 +108,32 @@ class RandomDropOp(TaskArithmeticOp):
         return keep
 
     def _fused_keep(
-        self, task: TensorTask, block: Block, stats: Any, i: int, x: np.ndarray, mask_row: Callable[[], np.ndarray]
+        self, task: TensorTask, block: Block, stats: Any, i: int, xs: Sources, mask_row: Callable[[], np.ndarray]
     ) -> np.ndarray | None:
+        if self._draws_into(task, stats):
+            if i not in self._sparse_models(task):
+                return None
+            row = mask_row()
+            if not block.memo.get(f"drawn{i}"):  # else drawn into this very row by _after_stats
+                self._draw_into(task, block, stats, i, row, None)
+            return row
         if f"keep{i}" in block.memo:
             row = mask_row()
             torch.from_numpy(row).copy_(block.memo[f"keep{i}"])
             return row
-        return self._fused_keep_from_torch(task, block, stats, i, x, mask_row)
+        return self._fused_keep_from_torch(task, block, stats, i, xs, mask_row)
 
     def _after_stats(self, task: TensorTask, block: Block, prev: Any, out: Stats) -> None:
+        if _fused(task, block) and self._draws_into(task, prev):  # the mask and both norms
+            n, m = len(task.non_base), block.inputs[0].numel()
+            rows = fused_masks(block, n, m)  # where _apply_fused reads them: a one-block tensor draws once
+            for i in self._sparse_models(task):
+                l1 = np.zeros(((m + kernels.CHUNK - 1) // kernels.CHUNK, 2), dtype=np.float64)
+                self._draw_into(task, block, prev, i, rows[task.non_base.index(i)], l1)
+                block.memo[f"drawn{i}"] = True
+                out[f"l1_{i}"] = np.array([kernels.ordered_sum(l1[:, 0])])
+                out[f"l1k_{i}"] = np.array([kernels.ordered_sum(l1[:, 1])])
+            return
         if _fused(task, block):  # both norms in one pass
             x = _stack(block, block.scratch, task.compute_dtype)
             b = require_base(self, task)

@@ -24,9 +24,9 @@ import torch
 
 from bigmerge.errors import ConfigError
 from bigmerge.ops import kernels
-from bigmerge.ops.base import Block, Param, Stats, TensorTask
+from bigmerge.ops.base import Block, Param, Stats, TensorTask, require_base
 from bigmerge.ops.dare import RandomDropOp
-from bigmerge.ops.task_arithmetic import TiesOp, TopK, _mag_bits, with_defaults
+from bigmerge.ops.task_arithmetic import TiesOp, TopK, _mag_bits, _sources, with_defaults
 
 GATHER = "gather"  # the statistics round that gathers a multi-block 1-D tensor's magnitudes
 EPSILON = Param("epsilon", float, "non_base", default=0.15, doc="keep probabilities span density +/- epsilon by rank")
@@ -79,6 +79,31 @@ class DellaOp(RandomDropOp):
             topk.extra[f"ranks{i}"] = ranks
         return topk
 
+    def _draws_into(self, task: TensorTask, stats: Any) -> bool:
+        # a 1-D tensor over several blocks takes its ranks from the statistics: _draw
+        return not (isinstance(stats, TopK) and any(k.startswith("ranks") for k in stats.extra))
+
+    def _draw_into(
+        self, task: TensorTask, block: Block, stats: Any, i: int, row: np.ndarray, l1: np.ndarray | None
+    ) -> None:
+        """_draw's mask into row (uint8) from the sources themselves: |delta| bits in one pass
+        (kernels.magnitude_bits), rank_keep, and with l1 the L1 sums from those bits."""
+        d, e = task.per_model[i]["density"], task.per_model[i]["epsilon"]
+        n = row.shape[0]
+        u = self._uniform(task, block, i, n).numpy()
+        bits = block.scratch.get("della_bits", (n,), torch.int32).numpy()
+        kernels.magnitude_bits(
+            _sources(block, block.scratch, task.compute_dtype),
+            require_base(self, task),
+            i,
+            bits,
+            task.compute_dtype == torch.bfloat16,
+        )
+        flen, inner, outer = _fibers(task.shape, n)
+        kernels.rank_keep(bits, outer, flen, inner, u, d - e, e, d, row, 4 * kernels.threads())
+        if l1 is not None:
+            kernels.l1_of_bits(bits, row, l1)
+
     def _draw(self, task: TensorTask, block: Block, stats: Any, i: int, delta: torch.Tensor) -> torch.Tensor:
         d, e = task.per_model[i]["density"], task.per_model[i]["epsilon"]
         n = delta.numel()
@@ -87,10 +112,7 @@ class DellaOp(RandomDropOp):
         if isinstance(stats, TopK) and f"ranks{i}" in stats.extra:  # a 1-D tensor over several blocks
             ranks = torch.from_numpy(stats.extra[f"ranks{i}"][block.row0 : block.row1]).to(u.device)
             return torch.lt(u.double(), _probabilities(ranks, task.numel, d, e), out=keep)
-        shape = task.shape
-        flen = shape[1] if len(shape) > 1 else n
-        inner = math.prod(shape[2:]) if len(shape) > 2 else 1
-        outer = n // max(1, flen * inner)
+        flen, inner, outer = _fibers(task.shape, n)
         bits = _mag_bits(delta, block.scratch)
         if kernels.AVAILABLE and bits.device.type == "cpu":
             kernels.rank_keep(
@@ -102,6 +124,13 @@ class DellaOp(RandomDropOp):
         order = torch.sort(fibers, dim=-1, stable=True).indices
         ranks = torch.empty_like(order).scatter_(-1, order, torch.arange(flen, device=order.device).expand_as(order))
         return torch.lt(u.double(), _probabilities(ranks.transpose(1, 2).reshape(-1), flen, d, e), out=keep)
+
+
+def _fibers(shape: tuple[int, ...], n: int) -> tuple[int, int, int]:
+    """(fiber length, inner, outer) of n elements of a tensor of this shape: fibers along dim 1."""
+    flen = shape[1] if len(shape) > 1 else n
+    inner = math.prod(shape[2:]) if len(shape) > 2 else 1
+    return flen, inner, n // max(1, flen * inner)
 
 
 def _probabilities(ranks: torch.Tensor, n: int, density: float, epsilon: float) -> torch.Tensor:

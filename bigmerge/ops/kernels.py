@@ -42,6 +42,7 @@ def threads() -> int:
 HI_BINS = 1 << 15
 LO_BINS = 1 << 16
 _CHUNK = 1 << 16
+CHUNK = _CHUNK  # fixed chunks of the per-chunk float sums (l1_kept, drop_keep)
 
 
 @njit(cache=True)
@@ -55,82 +56,335 @@ def _round(v: np.float32, bf16: bool) -> np.float32:
     return np.int32(b).view(np.float32)
 
 
+_SUB = 1024  # elements per inner step of the block kernels: their buffers stay in L1
+NONE = np.int64(-1)  # a selection's threshold bits meaning "keep every element"
+NOTHING = np.int64(0x7FFFFFFF)  # with cutoff 0: a selection that keeps nothing
+
+
+def _f32(v: Any) -> np.float32:  # pragma: no cover - replaced by the overload below in numba code
+    return np.float32(v)
+
+
+if AVAILABLE:
+    from numba.core import types as _types
+    from numba.extending import overload
+
+    @overload(_f32)
+    def _f32_overload(v: Any) -> Any:
+        """A source element as float32: bfloat16 bit patterns (uint16) widen exactly (bits << 16)."""
+        if isinstance(v, _types.Integer):
+
+            def widen(v: Any) -> np.float32:
+                return np.int32(np.int32(v) << 16).view(np.float32)
+
+            return widen
+
+        def as_is(v: Any) -> np.float32:
+            return np.float32(v)
+
+        return as_is
+
+
+@njit(cache=True)
+def _parts(m: int, nparts: int) -> tuple[int, int]:
+    """(parts, elements per part) of a block of m elements, as every statistics kernel splits it."""
+    nparts = max(1, min(nparts, (m + _CHUNK - 1) // _CHUNK))
+    return nparts, (m + nparts - 1) // nparts
+
+
+def parts(m: int, nparts: int) -> tuple[int, int]:
+    nparts = max(1, min(nparts, (m + _CHUNK - 1) // _CHUNK))
+    return nparts, (m + nparts - 1) // nparts
+
+
+# The loops below index slices with their own 0-based counter (a[c0:c1][q], not a[c0 + q]):
+# numba then drops the negative-index wraparound test and LLVM vectorizes them (5x here).
+
+
+@njit(cache=True)
+def _mag_bits_into(a: Any, bb: np.ndarray, c0: int, n: int, bits: np.ndarray, bf16: bool) -> None:
+    """bits[q] = bit pattern of |a[c0 + q] - base[q]| (monotonic for non-negative floats)."""
+    src = a[c0 : c0 + n]
+    for q in range(n):
+        bits[q] = np.float32(np.abs(_round(np.float32(_f32(src[q]) - bb[q]), bf16))).view(np.int32)
+
+
+@njit(cache=True)
+def _base_into(base: Any, c0: int, n: int, bb: np.ndarray) -> None:
+    src = base[c0 : c0 + n]
+    for q in range(n):
+        bb[q] = _f32(src[q])
+
+
 @njit(cache=True, parallel=True)
 def magnitude_hists(
-    x: np.ndarray, base_row: int, rows: np.ndarray, params: np.ndarray, mode: int, nparts: int, bf16: bool = False
+    xs: Any, base_row: int, rows: np.ndarray, params: np.ndarray, mode: int, nparts: int, bf16: bool
 ) -> np.ndarray:
-    """Counts over |x[r] - x[base]| for each r in rows, in one pass.
+    """Counts over |xs[r] - xs[base]| for each r in rows, per part of the block (see _parts).
 
     mode 0: histogram of the high 16 bits of the bit patterns (32768 bins);
     mode 1: histogram of the low 16 bits of values whose high bits equal params[k];
     mode 2: how many values equal the float32 whose bit pattern is params[k] (1 bin).
-    x is float32 [n_sources, m]. Each thread fills its own histogram; counts are exact.
+    xs: the flat sources, all bfloat16 bits (uint16) or all float32. Returns int64
+    [parts, len(rows), bins]; each part is counted by one thread; counts are exact.
     """
-    m = x.shape[1]
+    m = xs[0].shape[0]
     nbins = HI_BINS if mode == 0 else (LO_BINS if mode == 1 else 1)
-    nparts = max(1, min(nparts, (m + _CHUNK - 1) // _CHUNK))
+    nparts, step = _parts(m, nparts)
     local = np.zeros((nparts, rows.shape[0], nbins), dtype=np.int64)
-    step = (m + nparts - 1) // nparts
+    base = xs[base_row]
     for p in prange(nparts):
         j0 = p * step
         j1 = min(m, j0 + step)
-        mag = np.empty(min(_CHUNK, max(1, j1 - j0)), dtype=np.float32)
-        bits = mag.view(np.int32)  # |delta| as its bit pattern: monotonic for non-negative floats
-        for c0 in range(j0, j1, _CHUNK):
-            c1 = min(j1, c0 + _CHUNK)
+        bb = np.empty(_SUB, dtype=np.float32)
+        bits = np.empty(_SUB, dtype=np.int32)
+        for c0 in range(j0, j1, _SUB):
+            n = min(j1, c0 + _SUB) - c0
+            _base_into(base, c0, n, bb)
             for k in range(rows.shape[0]):
-                r = rows[k]
+                _mag_bits_into(xs[rows[k]], bb, c0, n, bits, bf16)
+                h = local[p, k]
                 want = params[k]
-                for j in range(c0, c1):
-                    mag[j - c0] = np.abs(_round(np.float32(x[r, j] - x[base_row, j]), bf16))
-                for q in range(c1 - c0):
-                    b = bits[q]
-                    if mode == 0:
-                        local[p, k, b >> 16] += 1
-                    elif mode == 1:
+                if mode == 0:
+                    for q in range(n):
+                        h[np.uint32(bits[q]) >> np.uint32(16)] += 1
+                elif mode == 1:
+                    for q in range(n):
+                        b = bits[q]
                         if (b >> 16) == want:
-                            local[p, k, b & 0xFFFF] += 1
-                    elif b == want:
-                        local[p, k, 0] += 1
-    out = np.zeros((rows.shape[0], nbins), dtype=np.int64)
-    for p in range(nparts):
-        out += local[p]
+                            h[np.uint32(b) & np.uint32(0xFFFF)] += 1
+                else:
+                    c = 0
+                    for q in range(n):
+                        c += bits[q] == want
+                    h[0] += c
+    return local
+
+
+@njit(cache=True, parallel=True)
+def hi_bin_records(
+    xs: Any,
+    base_row: int,
+    rows: np.ndarray,
+    hi_bins: np.ndarray,
+    offsets: np.ndarray,
+    nparts: int,
+    bf16: bool,
+    pos: np.ndarray,
+    low: np.ndarray,
+) -> None:
+    """The low-bits round of a block that is a whole tensor, keeping what it sees: for each k,
+    the flat index (pos[k]) and low 16 bits (low[k]) of every |delta| of xs[rows[k]] whose high
+    bits equal hi_bins[k], in index order. Part p writes from offsets[p, k] on: the counts of
+    that bin per part, from magnitude_hists (mode 0) with the same nparts."""
+    m = xs[0].shape[0]
+    nparts, step = _parts(m, nparts)
+    base = xs[base_row]
+    for p in prange(nparts):
+        j0 = p * step
+        j1 = min(m, j0 + step)
+        bb = np.empty(_SUB, dtype=np.float32)
+        bits = np.empty(_SUB, dtype=np.int32)
+        at = offsets[p].copy()
+        found = np.empty(_SUB + 1, dtype=np.int64)  # this step's matches, written without branches
+        for c0 in range(j0, j1, _SUB):
+            n = min(j1, c0 + _SUB) - c0
+            _base_into(base, c0, n, bb)
+            for k in range(rows.shape[0]):
+                _mag_bits_into(xs[rows[k]], bb, c0, n, bits, bf16)
+                want = np.uint32(hi_bins[k])
+                c = np.uint64(0)
+                for q in range(n):
+                    found[c] = q
+                    c += np.uint64((np.uint32(bits[q]) >> np.uint32(16)) == want)
+                w = at[k]
+                pk = pos[k, w : w + c]
+                lk = low[k, w : w + c]
+                for t in range(c):
+                    q = found[t]
+                    pk[t] = c0 + q
+                    lk[t] = bits[q] & 0xFFFF
+                at[k] = w + c
+
+
+@njit(cache=True, parallel=True)
+def tie_cutoffs(
+    xs: Any, base_row: int, rows: np.ndarray, thr_bits: np.ndarray, quotas: np.ndarray, bf16: bool
+) -> np.ndarray:
+    """For each k: one past the flat index of the quotas[k]-th element (in index order) of this
+    block whose |delta| of xs[rows[k]] has the bit pattern thr_bits[k]; 0 for a quota of 0, the
+    block's size when it has fewer such elements. Ties counted per chunk in parallel, then only
+    the chunk holding the cutoff is scanned."""
+    m = xs[0].shape[0]
+    nk = rows.shape[0]
+    nchunks = (m + _CHUNK - 1) // _CHUNK
+    counts = np.zeros((nchunks, nk), dtype=np.int64)
+    base = xs[base_row]
+    for c in prange(nchunks):
+        bb = np.empty(_SUB, dtype=np.float32)
+        bits = np.empty(_SUB, dtype=np.int32)
+        for c0 in range(c * _CHUNK, min(m, (c + 1) * _CHUNK), _SUB):
+            n = min(m, c0 + _SUB) - c0
+            _base_into(base, c0, n, bb)
+            for k in range(nk):
+                if quotas[k] <= 0:
+                    continue
+                _mag_bits_into(xs[rows[k]], bb, c0, n, bits, bf16)
+                want = thr_bits[k]
+                t = 0
+                for q in range(n):
+                    t += bits[q] == want
+                counts[c, k] += t
+    out = np.full(nk, m, dtype=np.int64)
+    bb = np.empty(_SUB, dtype=np.float32)
+    bits = np.empty(_SUB, dtype=np.int32)
+    for k in range(nk):
+        left = quotas[k]
+        if left <= 0:
+            out[k] = 0
+            continue
+        for c in range(nchunks):
+            if counts[c, k] < left:
+                left -= counts[c, k]
+                continue
+            done = False
+            for c0 in range(c * _CHUNK, min(m, (c + 1) * _CHUNK), _SUB):
+                n = min(m, c0 + _SUB) - c0
+                _base_into(base, c0, n, bb)
+                _mag_bits_into(xs[rows[k]], bb, c0, n, bits, bf16)
+                for q in range(n):
+                    if bits[q] == thr_bits[k]:
+                        left -= 1
+                        if left == 0:
+                            out[k] = c0 + q + 1
+                            done = True
+                            break
+                if done:
+                    break
+            break
     return out
 
 
-@njit(cache=True)
-def tie_split_mask(
-    x: np.ndarray, base_row: int, row: int, thr_bits: np.int32, quota: int, out: np.ndarray, bf16: bool = False
+@njit(inline="always")
+def _merge_part(
+    xs: Any,
+    base: Any,
+    others: np.ndarray,
+    weights: np.ndarray,
+    sel: np.ndarray,
+    masks: np.ndarray,
+    use_mask: np.ndarray,
+    scale: np.ndarray,
+    consensus: bool,
+    normalize: bool,
+    plain_divisor: np.float32,
+    lam: np.float32,
+    out: np.ndarray,
+    j0: int,
+    j1: int,
+    bf16: bool,
 ) -> None:
-    """Top-k mask of one source where ties straddle k: above the threshold, plus the first
-    `quota` values equal to it in index order (sequential by nature; one pass)."""
-    taken = 0
-    m = x.shape[1]
-    mag = np.empty(min(_CHUNK, max(1, m)), dtype=np.float32)
-    bits = mag.view(np.int32)
-    for c0 in range(0, m, _CHUNK):
-        c1 = min(m, c0 + _CHUNK)
-        for j in range(c0, c1):
-            mag[j - c0] = np.abs(_round(np.float32(x[row, j] - x[base_row, j]), bf16))
-        for q in range(c1 - c0):
-            b = bits[q]
-            if b > thr_bits:
-                out[c0 + q] = 1
-            elif b == thr_bits and taken < quota:
-                out[c0 + q] = 1
-                taken += 1
+    """task_vector_merge on elements [j0, j1); inlined where bf16 is a constant, so the float32
+    code has no bfloat16 branches in its loops (they cost it about a quarter of its speed)."""
+    n = others.shape[0]
+    bb = np.empty(_SUB, dtype=np.float32)
+    d = np.empty((n, _SUB), dtype=np.float32)
+    mixed = np.empty(_SUB, dtype=np.float32)
+    div = np.empty(_SUB, dtype=np.float32)
+    pos = np.empty(_SUB, dtype=np.bool_)
+    for c0 in range(j0, j1, _SUB):
+        L = min(j1, c0 + _SUB) - c0
+        _base_into(base, c0, L, bb)
+        for r in range(n):
+            a = xs[others[r]][c0 : c0 + L]
+            dr = d[r]
+            w = weights[r]
+            s = scale[r]
+            has_scale = not math.isnan(s)
+            if use_mask[r]:
+                mk = masks[r][c0 : c0 + L]
+                for q in range(L):
+                    v = _round(np.float32(_f32(a[q]) - bb[q]), bf16)
+                    v = np.float32(v * (np.float32(1.0) if mk[q] != 0 else np.float32(0.0)))
+                    if has_scale:
+                        v = _round(np.float32(v * s), bf16)
+                    dr[q] = _round(np.float32(v * w), bf16)
+            elif sel[r, 0] < 0:
+                for q in range(L):
+                    v = _round(np.float32(_f32(a[q]) - bb[q]), bf16)
+                    if has_scale:
+                        v = _round(np.float32(v * s), bf16)
+                    dr[q] = _round(np.float32(v * w), bf16)
             else:
-                out[c0 + q] = 0
+                ta = np.int32(sel[r, 0])
+                ca = sel[r, 1]
+                tb = np.int32(sel[r, 2])
+                cb = sel[r, 3]
+                for q in range(L):
+                    j = c0 + q
+                    v = _round(np.float32(_f32(a[q]) - bb[q]), bf16)
+                    b = np.float32(np.abs(v)).view(np.int32)
+                    in_a = (b > ta) | ((b == ta) & (j < ca))
+                    in_b = (b > tb) | ((b == tb) & (j < cb))
+                    v = np.float32(v * (np.float32(1.0) if in_a and not in_b else np.float32(0.0)))
+                    if has_scale:
+                        v = _round(np.float32(v * s), bf16)
+                    dr[q] = _round(np.float32(v * w), bf16)
+        # rows summed in float32, rounded once (task_arithmetic._sum_rows)
+        for q in range(L):
+            mixed[q] = d[0, q]
+        for r in range(1, n):
+            dr = d[r]
+            for q in range(L):
+                mixed[q] = np.float32(mixed[q] + dr[q])
+        if bf16:
+            for q in range(L):
+                mixed[q] = _round(mixed[q], True)
+        if consensus:
+            for q in range(L):
+                pos[q] = mixed[q] >= 0  # the majority sign; NaN votes negative
+            for r in range(n):
+                dr = d[r]
+                w = weights[r]
+                for q in range(L):
+                    v = dr[q]
+                    # sign(v) equals the majority: (v > 0) for +1, (v < 0) for -1; never for 0 or NaN
+                    agree = (v > 0) if pos[q] else (v < 0)
+                    a1 = np.float32(1.0) if agree else np.float32(0.0)
+                    mv = np.float32(v * a1)
+                    wv = np.float32(a1 * w)
+                    if r == 0:
+                        mixed[q] = mv
+                        div[q] = wv
+                    else:
+                        mixed[q] = np.float32(mixed[q] + mv)
+                        div[q] = np.float32(div[q] + wv)
+            for q in range(L):
+                mixed[q] = _round(mixed[q], bf16)
+                dv = _round(div[q], bf16)
+                div[q] = np.float32(1.0) if dv == 0 else dv
+        else:
+            for q in range(L):
+                div[q] = plain_divisor
+        if normalize:
+            for q in range(L):
+                mixed[q] = _round(np.float32(mixed[q] / div[q]), bf16)
+        if lam != 1:
+            for q in range(L):
+                mixed[q] = _round(np.float32(mixed[q] * lam), bf16)
+        o = out[c0 : c0 + L]
+        for q in range(L):
+            o[q] = _round(np.float32(bb[q] + mixed[q]), bf16)
 
 
 @njit(cache=True, parallel=True)
 def task_vector_merge(
-    x: np.ndarray,
+    xs: Any,
     base_row: int,
     others: np.ndarray,
     weights: np.ndarray,
-    thr: np.ndarray,
-    keep_masks: np.ndarray,
+    sel: np.ndarray,
+    masks: np.ndarray,
     use_mask: np.ndarray,
     scale: np.ndarray,
     consensus: bool,
@@ -143,65 +397,64 @@ def task_vector_merge(
 ) -> None:
     """mergekit's generalized task arithmetic for one block, fused.
 
-    Per element: delta_r = x_r - base; top-k mask (|delta| >= thr, or a precomputed mask where
-    ties are split); optional L1 rescale; times weight; then either the TIES sign election
-    (majority of the weighted sum, agreeing deltas summed, divided by agreeing weights) or a
-    plain sum divided by the sum of weights; times lambda; plus base.
+    Per element: delta_r = x_r - base; the keep mask; optional L1 rescale; times weight; then
+    either the TIES sign election (majority of the weighted sum, agreeing deltas summed,
+    divided by agreeing weights) or a plain sum divided by the sum of weights; times lambda;
+    plus base.
+
+    The keep mask of row r is masks[r] where use_mask[r], else from sel[r] = (tA, cA, tB, cB):
+    every element when tA < 0, else "in A and not in B", where element j with |delta| bit
+    pattern b is in (t, c) when b > t, or b == t and j < c (the ties up to the cutoff c: exact
+    top-k with ties split by index order, no mask needed). NaN counts as large.
+
+    xs: the flat sources, all bfloat16 bits (uint16) or all float32. The work goes through
+    per-part buffers of _SUB elements in simple loops (no calls, few branches) that LLVM
+    vectorizes; the float32 operations and their order are the torch code's.
     """
-    m = x.shape[1]
-    n = others.shape[0]
+    m = out.shape[0]
     step = (m + nparts - 1) // nparts
+    base = xs[base_row]
     for p in prange(nparts):
-        d = np.empty(n, dtype=np.float32)  # one scratch per part, not per element
-        for j in range(p * step, min(m, (p + 1) * step)):
-            b = x[base_row, j]
-            for r in range(n):
-                v = _round(np.float32(x[others[r], j] - b), bf16)
-                if not math.isnan(thr[r]):
-                    if use_mask[r]:
-                        keep = keep_masks[r, j] != 0
-                    else:
-                        # |v| >= thr compares like their bit patterns do (NaN counts as large)
-                        keep = np.abs(v) >= thr[r] or math.isnan(v)
-                    v = np.float32(v * (np.float32(1.0) if keep else np.float32(0.0)))
-                if not math.isnan(scale[r]):
-                    v = _round(np.float32(v * scale[r]), bf16)
-                d[r] = _round(np.float32(v * weights[r]), bf16)
-            mixed = d[0]
-            for r in range(1, n):
-                mixed = np.float32(mixed + d[r])
-            mixed = _round(mixed, bf16)  # rows summed in float32, rounded once (task_arithmetic._sum_rows)
-            if consensus:
-                majority = np.float32(1.0) if mixed >= 0 else np.float32(-1.0)
-                mixed = np.float32(0.0)
-                div = np.float32(0.0)
-                for r in range(n):
-                    v = d[r]
-                    sgn = (
-                        np.float32(1.0)
-                        if v > 0
-                        else (np.float32(-1.0) if v < 0 else (v if math.isnan(v) else np.float32(0.0)))
-                    )
-                    a = np.float32(1.0) if sgn == majority else np.float32(0.0)
-                    mv = np.float32(v * a)
-                    wv = np.float32(a * weights[r])
-                    if r == 0:
-                        mixed = mv
-                        div = wv
-                    else:
-                        mixed = np.float32(mixed + mv)
-                        div = np.float32(div + wv)
-                mixed = _round(mixed, bf16)
-                div = _round(div, bf16)
-                if div == 0:
-                    div = np.float32(1.0)
-            else:
-                div = plain_divisor
-            if normalize:
-                mixed = _round(np.float32(mixed / div), bf16)
-            if lam != 1:
-                mixed = _round(np.float32(mixed * lam), bf16)
-            out[j] = _round(np.float32(b + mixed), bf16)
+        j0 = p * step
+        j1 = min(m, j0 + step)
+        if bf16:
+            _merge_part(
+                xs,
+                base,
+                others,
+                weights,
+                sel,
+                masks,
+                use_mask,
+                scale,
+                consensus,
+                normalize,
+                plain_divisor,
+                lam,
+                out,
+                j0,
+                j1,
+                True,
+            )
+        else:
+            _merge_part(
+                xs,
+                base,
+                others,
+                weights,
+                sel,
+                masks,
+                use_mask,
+                scale,
+                consensus,
+                normalize,
+                plain_divisor,
+                lam,
+                out,
+                j0,
+                j1,
+                False,
+            )
 
 
 @njit(cache=True, parallel=True)
@@ -227,6 +480,9 @@ def rank_keep(
     nfib = outer * inner
     nparts = max(1, min(nparts, nfib))
     step = (nfib + nparts - 1) // nparts
+    probs = np.empty(flen, dtype=np.float64)  # by rank, the same expression for every fiber
+    for r in range(flen):
+        probs[r] = density if flen == 1 else lo + (r / (flen - 1)) * 2.0 * eps
     for p in prange(nparts):
         keys = np.empty(flen, dtype=np.int32)
         idx = np.empty(flen, dtype=np.int32)
@@ -237,14 +493,16 @@ def rank_keep(
             a = f // inner
             c = f - a * inner
             start = a * flen * inner + c
-            for b in range(flen):
-                keys[b] = bits[start + b * inner]
+            fiber = bits[start : start + (flen - 1) * inner + 1]  # 0-based, unsigned digits below:
+            for b in range(flen):  # numba then skips its negative-index tests
+                keys[b] = fiber[b * inner]
                 idx[b] = b
             for shift in (0, 11, 22):
+                sh = np.uint32(shift)
                 count[:] = 0
                 for b in range(flen):
-                    count[(keys[b] >> shift) & 2047] += 1
-                if count[(keys[0] >> shift) & 2047] == flen:
+                    count[(np.uint32(keys[b]) >> sh) & np.uint32(2047)] += 1
+                if count[(np.uint32(keys[0]) >> sh) & np.uint32(2047)] == flen:
                     continue  # every key has this digit: the order stays
                 total = 0
                 for d in range(2048):
@@ -252,17 +510,19 @@ def rank_keep(
                     count[d] = total
                     total += n_d
                 for b in range(flen):
-                    d = (keys[b] >> shift) & 2047
-                    pos = count[d]
-                    count[d] = pos + 1
-                    keys2[pos] = keys[b]
+                    kb = keys[b]
+                    d = (np.uint32(kb) >> sh) & np.uint32(2047)
+                    pos = np.uint64(count[d])
+                    count[d] = pos + np.uint64(1)
+                    keys2[pos] = kb
                     idx2[pos] = idx[b]
                 keys, keys2 = keys2, keys
                 idx, idx2 = idx2, idx
+            uf = u[start : start + (flen - 1) * inner + 1]
+            of = out[start : start + (flen - 1) * inner + 1]
             for r in range(flen):
-                j = start + idx[r] * inner
-                prob = density if flen == 1 else lo + (r / (flen - 1)) * 2.0 * eps
-                out[j] = u[j] < prob
+                j = np.uint64(idx[r]) * np.uint64(inner)
+                of[j] = uf[j] < probs[r]
 
 
 @njit(cache=True, parallel=True)
@@ -281,6 +541,47 @@ def l1_kept(x: np.ndarray, base_row: int, row: int, keep: np.ndarray, out: np.nd
                 after += a
         out[c, 0] = before
         out[c, 1] = after
+
+
+@njit(cache=True, parallel=True)
+def magnitude_bits(xs: Any, base_row: int, row: int, out: np.ndarray, bf16: bool) -> None:
+    """out = the bit patterns of |xs[row] - xs[base]| (what select.magnitude_bits gives of the
+    torch delta), in one pass over the two sources."""
+    m = out.shape[0]
+    nchunks = (m + _CHUNK - 1) // _CHUNK
+    base = xs[base_row]
+    src = xs[row]
+    for c in prange(nchunks):
+        bb = np.empty(_SUB, dtype=np.float32)
+        for c0 in range(c * _CHUNK, min(m, (c + 1) * _CHUNK), _SUB):
+            n = min(m, c0 + _SUB) - c0
+            _base_into(base, c0, n, bb)
+            _mag_bits_into(src, bb, c0, n, out[c0 : c0 + n], bf16)
+
+
+@njit(cache=True, parallel=True)
+def l1_of_bits(bits: np.ndarray, keep: np.ndarray, out: np.ndarray) -> None:
+    """l1_kept's sums from magnitudes given as bit patterns: per chunk, in float64, in order."""
+    m = bits.shape[0]
+    mag = bits.view(np.float32)
+    for c in prange(out.shape[0]):
+        before = 0.0
+        after = 0.0
+        for j in range(c * _CHUNK, min(m, (c + 1) * _CHUNK)):
+            a = np.float64(mag[j])
+            before += a
+            if keep[j]:
+                after += a
+        out[c, 0] = before
+        out[c, 1] = after
+
+
+def ordered_sum(parts: np.ndarray) -> float:
+    """Python floats added left to right: how l1_before_after adds its chunks."""
+    total = 0.0
+    for v in parts:
+        total += float(v)
+    return total
 
 
 def l1_before_after(
@@ -329,3 +630,53 @@ def uniform(key: int, start: int, out: np.ndarray) -> np.ndarray:
     z ^= z >> np.uint64(31)
     np.multiply((z >> np.uint64(40)).astype(np.float32), _TO_UNIT, out=out)
     return out
+
+
+@njit(cache=True, parallel=True)
+def drop_keep(
+    xs: Any,
+    base_row: int,
+    row: int,
+    key: np.uint64,
+    start: np.uint64,
+    density: np.float32,
+    keep: np.ndarray,
+    l1: np.ndarray,
+    with_l1: bool,
+    bf16: bool,
+) -> None:
+    """DARE's keep mask of one source on a block, keep[j] = u(start + j) < density (uint8; u as
+    uniform() draws it, compared in float32 as torch compares), and with_l1: l1_kept's sums of
+    |delta| and of its kept elements per chunk into l1 [n_chunks, 2], in the same order. One
+    pass: no float32 draws, no stack, no bool mask to convert."""
+    m = keep.shape[0]
+    nchunks = (m + _CHUNK - 1) // _CHUNK
+    base = xs[base_row]
+    src = xs[row]
+    for c in prange(nchunks):
+        bb = np.empty(_SUB, dtype=np.float32)
+        bits = np.empty(_SUB, dtype=np.int32)
+        mag = bits.view(np.float32)
+        before = 0.0
+        after = 0.0
+        for c0 in range(c * _CHUNK, min(m, (c + 1) * _CHUNK), _SUB):
+            n = min(m, c0 + _SUB) - c0
+            kk = keep[c0 : c0 + n]
+            first = start + np.uint64(c0) + np.uint64(1)
+            for q in range(n):
+                z = key + (first + np.uint64(q)) * _GOLDEN
+                z = (z ^ (z >> np.uint64(30))) * _MIX1
+                z = (z ^ (z >> np.uint64(27))) * _MIX2
+                z = z ^ (z >> np.uint64(31))
+                kk[q] = np.float32(z >> np.uint64(40)) * _TO_UNIT < density
+            if with_l1:
+                _base_into(base, c0, n, bb)
+                _mag_bits_into(src, bb, c0, n, bits, bf16)
+                for q in range(n):
+                    a = np.float64(mag[q])
+                    before += a
+                    if kk[q]:
+                        after += a
+        if with_l1:
+            l1[c, 0] = before
+            l1[c, 1] = after

@@ -27,6 +27,10 @@ from bigmerge.ops.base import Block, MergeOp, Param, Scratch, Stats, TensorTask,
 # threshold), ties per block (skipped unless ties straddle the k-th element), then statistics
 # that need the final masks (the L1 norm after masking for `rescale`).
 HI, LO, TIES, AFTER = "hi", "lo", "ties", "after"
+LO_BINS = select.LO_BINS
+
+Sources = tuple[np.ndarray, ...]  # a block's flat sources as the fused kernels read them (see _sources)
+Selection = tuple[int, int, int, int]  # (tA, cA, tB, cB): kernels.task_vector_merge's keep rule
 
 
 @dataclass
@@ -117,10 +121,72 @@ class TaskArithmeticOp(MergeOp):
         """The statistics rounds on a tensor's only block: the same stats/finish code, the
         reduction of one block being the block itself, so the result cannot differ."""
         prev: Any = None
-        for rnd in range(self._stat_rounds(task)):
+        start = 0
+        if self.select_deltas and _fused(task, block) and self._phases(task)[:3] == [HI, LO, TIES]:
+            prev, start = self._local_selections(task, block)
+        for rnd in range(start, self._stat_rounds(task)):
             reduced = reduce_stats(SerialComm(), {block.index: self.stats(rnd, task, block, prev)}, 1)
             prev = self.finish(rnd, task, reduced, prev)
         return prev
+
+    def _local_selections(self, task: TensorTask, block: Block) -> tuple[TopK, int]:
+        """The HI, LO and TIES rounds of a one-block tensor in two passes over the block.
+
+        HI as the stats round (its per-part histograms kept); then one pass records the index
+        and low bits of every magnitude in each selection's high-bits bin (a few percent of the
+        block; HI counted them per part, so each part writes its own range, in index order).
+        That gives the LO histogram, the ties of the threshold, and where the kept ties end
+        (block.memo["cutoffs"]), without a TIES pass. Returns (statistics, rounds done): 1 where
+        a bin is too full to record (the stats rounds go on from LO).
+        """
+        sc = block.scratch
+        b = require_base(self, task)
+        bf16 = task.compute_dtype == torch.bfloat16
+        xs = _sources(block, sc, task.compute_dtype)
+        m = xs[0].shape[0]
+        sels = self._selections(task)
+        srcs = sorted(set(sels.values()))
+        nparts = kernels.threads()
+        hists = kernels.magnitude_hists(
+            xs, b, np.array(srcs, dtype=np.int64), np.zeros(len(srcs), dtype=np.int64), 0, nparts, bf16
+        )
+        out: Stats = {f"hi{src}": hists[:, r].sum(axis=0) for r, src in enumerate(srcs)}
+        self._first_stats(task, block, out)
+        topk = self.finish(0, task, reduce_stats(SerialComm(), {block.index: out}, 1), None)
+        keys = [key for key in sels if key in topk.hi_bin]
+        if not keys:
+            return topk, 1
+        per_part = np.stack([hists[:, srcs.index(sels[key]), topk.hi_bin[key]] for key in keys], axis=1)
+        totals = per_part.sum(axis=0)
+        cap = int(totals.max())
+        if cap > max(m // 8, 1 << 16):  # records would take more memory than the rounds' passes take time
+            return topk, 1
+        pos = sc.get("hi_bin_pos", (len(keys), cap), torch.int64).numpy()
+        low = sc.get("hi_bin_low", (len(keys), cap), torch.int32).numpy()
+        kernels.hi_bin_records(
+            xs,
+            b,
+            np.array([sels[key] for key in keys], dtype=np.int64),
+            np.array([topk.hi_bin[key] for key in keys], dtype=np.int64),
+            np.ascontiguousarray(np.cumsum(per_part, axis=0) - per_part),
+            nparts,
+            bf16,
+            pos,
+            low,
+        )
+        lows = {key: low[k, : totals[k]] for k, key in enumerate(keys)}
+        out = {f"lo{key}": np.bincount(lows[key], minlength=LO_BINS).astype(np.int64) for key in keys}
+        topk = self.finish(1, task, reduce_stats(SerialComm(), {block.index: out}, 1), topk)
+        out, cutoffs = {}, {}
+        for k, key in enumerate(keys):
+            if key in topk.tie_quota:
+                ties = pos[k, : totals[k]][lows[key] == (_threshold_bits(topk.threshold[key]) & 0xFFFF)]
+                out[f"pb_ties{key}"] = np.array([float(len(ties))])
+                quota = min(len(ties), topk.tie_quota[key][0])
+                cutoffs[key] = int(ties[quota - 1]) + 1 if quota > 0 else 0
+        topk = self.finish(2, task, reduce_stats(SerialComm(), {block.index: out}, 1), topk)
+        block.memo["cutoffs"] = cutoffs
+        return topk, 3
 
     def _delta(self, task: TensorTask, block: Block, i: int, base: torch.Tensor) -> torch.Tensor:
         out = block.scratch.get("stats_delta", base.shape, task.compute_dtype)
@@ -178,7 +244,7 @@ class TaskArithmeticOp(MergeOp):
                 return out  # no ties straddle the k-th element: nothing to count
         sc = block.scratch
         if self.select_deltas and _fused(task, block):
-            x = _stack(block, sc, task.compute_dtype)
+            xs = _sources(block, sc, task.compute_dtype)
             if phase == HI:
                 rows, params, keys = sorted(set(sels.values())), [0] * len(set(sels.values())), None
             else:
@@ -187,14 +253,14 @@ class TaskArithmeticOp(MergeOp):
                 params = [prev.hi_bin[key] if phase == LO else _threshold_bits(prev.threshold[key]) for key in keys]
             mode = {HI: 0, LO: 1, TIES: 2}[phase]
             hists = kernels.magnitude_hists(
-                x,
+                xs,
                 require_base(self, task),
                 np.array(rows, dtype=np.int64),
                 np.array(params, dtype=np.int64),
                 mode,
                 kernels.threads(),
                 task.compute_dtype == torch.bfloat16,
-            )
+            ).sum(axis=0)
             for r in range(len(rows)):
                 if phase == HI:
                     out[f"hi{rows[r]}"] = hists[r]
@@ -253,33 +319,40 @@ class TaskArithmeticOp(MergeOp):
     # -- apply: the arithmetic of mergekit's generalized task arithmetic ---------------
 
     def _fused_keep(
-        self, task: TensorTask, block: Block, stats: Any, i: int, x: np.ndarray, mask_row: Callable[[], np.ndarray]
-    ) -> float | np.ndarray | None:
-        """Model i's mask for the fused kernel: a threshold (keep |delta| >= it), a uint8 mask
-        (from `mask_row()`), or None to keep every element."""
+        self, task: TensorTask, block: Block, stats: Any, i: int, xs: Sources, mask_row: Callable[[], np.ndarray]
+    ) -> Selection | np.ndarray | None:
+        """Model i's mask for the fused kernel: a selection (tA, cA, tB, cB), see
+        kernels.task_vector_merge; a uint8 mask (from `mask_row()`); or None to keep every element."""
         key = str(i)
         if not isinstance(stats, TopK) or key not in stats.k:
             return None
-        if key in stats.tie_quota or key not in stats.threshold:  # ties split by index, or k = 0
-            return self._selection_row(task, block, stats, key, i, x, mask_row())
-        return stats.threshold[key]
+        return (*self._fused_sel(task, block, stats, key), int(kernels.NOTHING), 0)
 
-    def _selection_row(
-        self, task: TensorTask, block: Block, stats: TopK, key: str, i: int, x: np.ndarray, row: np.ndarray
-    ) -> np.ndarray:
-        """One selection's exact top-k mask of model i on this block, as bytes, in one pass."""
+    def _fused_sel(self, task: TensorTask, block: Block, stats: TopK, key: str) -> tuple[int, int]:
+        """One exact top-k selection on this block as (threshold bits, cutoff): the magnitudes
+        above the threshold and, of those equal to it, the ones before index `cutoff` (this
+        block's first tie_quota ties in index order)."""
         if key not in stats.threshold:  # k = 0
-            row.fill(0)
-            return row
-        thr_bits = np.int32(_threshold_bits(stats.threshold[key]))
-        quota = stats.tie_quota[key][block.index] if key in stats.tie_quota else x.shape[1]  # no split: keep all ties
-        kernels.tie_split_mask(
-            x, require_base(self, task), i, thr_bits, quota, row, task.compute_dtype == torch.bfloat16
-        )
-        return row
+            return int(kernels.NOTHING), 0
+        thr = _threshold_bits(stats.threshold[key])
+        if key not in stats.tie_quota:
+            return thr, block.inputs[0].numel()  # every tie kept
+        cutoffs = block.memo.setdefault("cutoffs", {})
+        if key not in cutoffs:  # every selection of this block that splits ties, in one pass
+            sels = {k: src for k, src in self._selections(task).items() if k in stats.tie_quota and k not in cutoffs}
+            found = kernels.tie_cutoffs(
+                _sources(block, block.scratch, task.compute_dtype),
+                require_base(self, task),
+                np.array(list(sels.values()), dtype=np.int64),
+                np.array([_threshold_bits(stats.threshold[k]) for k in sels], dtype=np.int64),
+                np.array([stats.tie_quota[k][block.index] for k in sels], dtype=np.int64),
+                task.compute_dtype == torch.bfloat16,
+            )
+            cutoffs.update({k: int(c) for k, c in zip(sels, found)})
+        return thr, cutoffs[key]
 
     def _fused_keep_from_torch(
-        self, task: TensorTask, block: Block, stats: Any, i: int, x: np.ndarray, mask_row: Callable[[], np.ndarray]
+        self, task: TensorTask, block: Block, stats: Any, i: int, xs: Sources, mask_row: Callable[[], np.ndarray]
     ) -> np.ndarray | None:
         """`_fused_keep` for rules other than one threshold: `_keep`'s mask, as bytes."""
         _, delta = next(self._deltas(task, block, [i]))
@@ -296,9 +369,11 @@ class TaskArithmeticOp(MergeOp):
         others = task.non_base
         b = require_base(self, task)
         dt = task.compute_dtype
-        x = _stack(block, sc, dt)
+        xs = _sources(block, sc, dt)
+        m = xs[0].shape[0]
         n = len(others)
-        thr = np.full(n, np.nan, dtype=np.float32)
+        sel = np.empty((n, 4), dtype=np.int64)
+        sel[:] = (kernels.NONE, 0, kernels.NOTHING, 0)
         scale = np.full(n, np.nan, dtype=np.float32)
         use_mask = np.zeros(n, dtype=np.bool_)
         masks = [np.zeros((n, 1), dtype=np.uint8)]
@@ -307,15 +382,14 @@ class TaskArithmeticOp(MergeOp):
 
             def mask_row(r: int = r) -> np.ndarray:
                 if masks[0].shape[1] == 1:
-                    masks[0] = sc.get("tie_masks", (n, x.shape[1]), torch.uint8).numpy()
+                    masks[0] = fused_masks(block, n, m)
                 return masks[0][r]
 
-            keep = self._fused_keep(task, block, stats, i, x, mask_row)
+            keep = self._fused_keep(task, block, stats, i, xs, mask_row)
             if isinstance(keep, np.ndarray):
-                thr[r] = 0.0
                 use_mask[r] = True
             elif keep is not None:
-                thr[r] = keep
+                sel[r] = keep
             s = self._scale(stats, i)
             if s is not None:
                 scale[r] = np.float32(torch.tensor(s, dtype=dt).item())
@@ -324,13 +398,13 @@ class TaskArithmeticOp(MergeOp):
         plain = weights.sum(dim=0, keepdim=True)
         plain[plain.abs() < 1e-8] = 1
         weights = weights.float()
-        out = sc.get("fused_out", (x.shape[1],), torch.float32)
+        out = sc.get("fused_out", (m,), torch.float32)
         kernels.task_vector_merge(
-            x,
+            xs,
             b,
             np.array(others, dtype=np.int64),
             weights.numpy(),
-            thr,
+            sel,
             masks[0],
             use_mask,
             scale,
@@ -348,17 +422,16 @@ class TaskArithmeticOp(MergeOp):
         dt = task.compute_dtype
         sc = block.scratch
         src = block.inputs[require_base(self, task)]
-        base = sc.get("base", src.shape, dt).copy_(src)
         others = task.non_base
         if not others:
-            return base
-        shape = base.shape
+            return sc.get("base", src.shape, dt).copy_(src)
+        shape = src.shape
         n = len(others)
         if stats is None and task.n_blocks == 1 and self._stat_rounds(task):
             stats = self._local_stats(task, block)
-            base = sc.get("base", src.shape, dt).copy_(src)  # the stats rounds share the scratch
         if _fused(task, block):
             return self._apply_fused(task, block, stats, shape)
+        base = sc.get("base", src.shape, dt).copy_(src)  # after the stats rounds: they share the scratch
         deltas = sc.get("deltas", (n, *shape), dt)
         for row, i in enumerate(others):
             delta = deltas[row]
@@ -450,6 +523,31 @@ def _stack(block: Block, sc: Scratch, dt: torch.dtype = torch.float32) -> np.nda
         x[i].copy_((src if dt == torch.float32 else as_compute(src, dt, sc, "stack_cast")).reshape(-1))
     block.memo["stack"] = x.numpy()
     return block.memo["stack"]
+
+
+def _sources(block: Block, sc: Scratch, dt: torch.dtype = torch.float32) -> Sources:
+    """Every source of the block, flat, as the fused kernels read them: the bfloat16 bit
+    patterns themselves (uint16; widening to float32, or to a bfloat16 compute dtype, is
+    exact, so the kernels widen as they read and no copy is made) when every source is
+    bfloat16, else the rows of the float32 stack (_stack). Made once per block object."""
+    if "sources" in block.memo:
+        return block.memo["sources"]
+    xs: Sources = ()
+    if all(x.dtype == torch.bfloat16 and x.is_contiguous() for x in block.inputs):
+        xs = tuple(x.reshape(-1).view(torch.uint16).numpy() for x in block.inputs)
+        if not all(a.flags.aligned and a.flags.writeable for a in xs):  # one array type for the kernels
+            xs = ()
+    if not xs:
+        x = _stack(block, sc, dt)
+        xs = tuple(x[i] for i in range(x.shape[0]))
+    block.memo["sources"] = xs
+    return xs
+
+
+def fused_masks(block: Block, n: int, m: int) -> np.ndarray:
+    """The uint8 keep masks [n non-base models, m] that kernels.task_vector_merge reads where a
+    mask is given, in the block's scratch (the same memory on every call for this block)."""
+    return block.scratch.get("fused_masks", (n, m), torch.uint8).numpy()
 
 
 def _mag_bits(delta: torch.Tensor, sc: Scratch) -> torch.Tensor:
