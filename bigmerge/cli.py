@@ -248,7 +248,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         e = estimate_model(args.method, params, args.models, cluster, block_bytes=args.block_size)  # type: ignore[arg-type]
         print(f"method        {args.method}; {args.models} models of {params / 1e9:g}B parameters (bf16)")
         print(f"cluster       {cluster}")
-        print(f"to read       {_human(e.bytes_read)}; to write {_human(e.bytes_written)} (store) + the same (export)")
+        twice = " (store) + the same (export)" if args.writer == "zarr" else " (once: direct writer)"
+        print(f"to read       {_human(e.bytes_read)}; to write {_human(e.bytes_written)}{twice}")
         print(f"estimate      {e.describe()}")
         return 0
     cfg = load_config(args.config)

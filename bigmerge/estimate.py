@@ -25,12 +25,14 @@ from dataclasses import dataclass
 from bigmerge.plan import Plan, block_memory
 
 # Source bytes merged per second per core, by operator family (GB/s), from tools/bench.py on
-# the 2-core development machine (medium preset, 4 x 1 GB bf16 sources, dtype float32):
-# linear 17.7 s and ties 40 s against a 5.3 s I/O floor.
+# the 2-core development machine (medium preset, 4 x 1 GB bf16 sources, dtype float32, a quiet
+# machine): the merge phase less the output's write, over 2 cores. linear 2.6 s and
+# task_arithmetic 2.7 s for 3.98 GB; slerp 2.8 s for 1.99 GB, model_stock 4.4 s; ties 4.2 s,
+# dare_ties 3.8 s, breadcrumbs 4.5 s (della 10.7 s: its per-fiber ranks cost more).
 COMPUTE_GBPS_PER_CORE = {
-    "single_pass": 0.16,  # linear, task_arithmetic, passthrough, nearswap, fisher, dam
-    "statistics": 0.10,  # slerp, nuslerp, model_stock, multislerp, karcher (norms, dots, cosines)
-    "selection": 0.057,  # ties and every sparsifying operator (exact top-k, sign election)
+    "single_pass": 0.9,  # linear, task_arithmetic, passthrough, nearswap, fisher, dam
+    "statistics": 0.45,  # slerp, nuslerp, model_stock, multislerp, karcher (norms, dots, cosines)
+    "selection": 0.5,  # ties and every sparsifying operator (exact top-k, sign election)
 }
 SELECTION = {"ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "sce"}
 STATISTICS = {"slerp", "nuslerp", "multislerp", "karcher", "model_stock", "regmean"}
