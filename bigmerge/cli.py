@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="direct: blocks written in place into the output files (a local or mounted OUT); zarr: through an "
         "intermediate zarr store, then exported (object storage). auto (default): direct for a local OUT "
-        "without --store, else zarr",
+        "without --store, else zarr (also to resume an interrupted zarr merge in OUT)",
     )
     m.add_argument(
         "--store", default=None, help="where the intermediate zarr store lives (default OUT/.bigmerge-store.zarr)"

@@ -30,7 +30,7 @@ from bigmerge.storage.export import (
 )
 from bigmerge.storage.fs import Location, location, retries_done
 from bigmerge.storage.direct import DirectStore
-from bigmerge.storage.zarr_store import BlockStore
+from bigmerge.storage.zarr_store import PLAN_FILE, BlockStore
 
 STORE_DIR = ".bigmerge-store.zarr"
 
@@ -96,11 +96,14 @@ def return_freed_memory() -> None:
 
 
 def writer_kind(opts: MergeOptions, out: Location) -> str:
-    """direct (blocks written in place, one write of every byte) wherever OUT is a POSIX path."""
+    """direct (blocks written in place, one write of every byte) wherever OUT is a POSIX path,
+    unless OUT holds an interrupted merge of the zarr writer: that one is resumed."""
     if opts.writer == "direct" and not out.is_local:
         raise ConfigError(f"{out.url}: --writer direct needs a local or mounted path; object storage takes --writer zarr")
     if opts.writer == "auto":
-        return "direct" if out.is_local and not opts.store else "zarr"
+        if not out.is_local or opts.store or out.join(STORE_DIR, PLAN_FILE).exists():
+            return "zarr"
+        return "direct"
     return opts.writer
 
 

@@ -379,3 +379,25 @@ def test_a_corrupt_block_in_the_store_is_caught_removed_and_recomputed(family: d
     assert proc.returncode == 0, proc.stderr
     assert "1 blocks computed" in proc.stderr, proc.stderr
     assert_bit_identical(load_output(out), good)
+
+
+def test_auto_writer_resumes_an_interrupted_zarr_merge(
+    family: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A merge stopped under the zarr writer is resumed by the default writer, not restarted
+    beside its store (which would be left behind in OUT)."""
+    from bigmerge.dist.faults import FAULT_ENV
+
+    text = ties_cfg(family)
+    ref = merge(text, tmp_path, "ref", block_bytes=256)
+    cfg = tmp_path / "z.yaml"
+    cfg.write_text(text)
+    out = tmp_path / "zo"
+    monkeypatch.setenv(FAULT_ENV, "0:6:error")
+    with pytest.raises(RuntimeError, match="injected fault"):
+        run_merge(str(cfg), str(out), SerialComm(), MergeOptions(block_bytes=256, quiet=True, writer="zarr"))
+    monkeypatch.delenv(FAULT_ENV)
+    again = run_merge(str(cfg), str(out), SerialComm(), MergeOptions(block_bytes=256, quiet=True))
+    assert again["blocks_resumed"] == 6
+    assert not (out / ".bigmerge-store.zarr").exists() and not (out / ".bigmerge-partial").exists()
+    assert_bit_identical(ref, load_output(out))
