@@ -21,6 +21,7 @@ from bigmerge.dist.reader import BlockReader
 from bigmerge.errors import BigmergeError, ConfigError, OutputExistsError
 from bigmerge.plan import DEFAULT_BLOCK_BYTES, Plan, build_plan
 from bigmerge.progress import Progress
+from bigmerge.storage.direct import DirectStore
 from bigmerge.storage.export import (
     DEFAULT_SHARD_BYTES,
     MANIFEST_NAME,
@@ -29,7 +30,6 @@ from bigmerge.storage.export import (
     export,
 )
 from bigmerge.storage.fs import Location, location, retries_done
-from bigmerge.storage.direct import DirectStore
 from bigmerge.storage.zarr_store import PLAN_FILE, BlockStore
 
 STORE_DIR = ".bigmerge-store.zarr"

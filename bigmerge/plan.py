@@ -89,6 +89,11 @@ class TensorPlan:
     def out_bytes(self) -> int:
         return self.numel * DTYPES[self.out_dtype][1]
 
+    def block_out_bytes(self, b: int) -> int:
+        """Bytes of block b in the output dtype."""
+        r0, r1 = self.block_range(b)
+        return (r1 - r0) * self.row_elems * DTYPES[self.out_dtype][1]
+
 
 @dataclass
 class Plan:

@@ -61,6 +61,12 @@ def launcher(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[st
     )
 
 
+def killed_merge(cfg: Path, out: Path, writer: str, fault: str) -> subprocess.CompletedProcess[str]:
+    """`mpirun -n 2 bigmerge merge` with a fault injected (BIGMERGE_FAULT_INJECT=fault)."""
+    args = ("merge", str(cfg), str(out), "--block-size", BLOCK, "--writer", writer)
+    return mpirun(2, *args, env={"BIGMERGE_FAULT_INJECT": fault}, timeout=120)
+
+
 def assert_unfinished(out: Path) -> None:
     assert not (out / MANIFEST_NAME).exists()
     assert not (out / "model.safetensors.index.json").exists()
@@ -73,18 +79,7 @@ def test_sigkill_of_one_rank_then_rerun_resumes_bit_identical(
     cfg, ref = setup
     out = tmp_path / "out"
     t0 = time.monotonic()
-    proc = mpirun(
-        2,
-        "merge",
-        str(cfg),
-        str(out),
-        "--block-size",
-        BLOCK,
-        "--writer",
-        writer,
-        env={"BIGMERGE_FAULT_INJECT": "1:20:kill"},
-        timeout=120,
-    )
+    proc = killed_merge(cfg, out, writer, "1:20:kill")
     assert proc.returncode != 0, proc.stderr
     assert time.monotonic() - t0 < 60  # rank 0 did not hang waiting for the dead rank
     assert "signal 9" in proc.stderr, proc.stderr  # a real SIGKILL, not a Python error
@@ -109,18 +104,7 @@ def test_crash_during_export_rerun_only_exports(
     cfg, ref = setup
     out = tmp_path / "out"
     # Rank 0 dies after writing its output files, before the index and the manifest.
-    proc = mpirun(
-        2,
-        "merge",
-        str(cfg),
-        str(out),
-        "--block-size",
-        BLOCK,
-        "--writer",
-        writer,
-        env={"BIGMERGE_FAULT_INJECT": "0:export:kill"},
-        timeout=120,
-    )
+    proc = killed_merge(cfg, out, writer, "0:export:kill")
     assert proc.returncode != 0, proc.stderr
     assert "signal 9" in proc.stderr, proc.stderr
     assert_unfinished(out)

@@ -225,6 +225,15 @@ def run(args: argparse.Namespace) -> int:
                 flush=True,
             )
 
+        def scored(row: str, group: str, method: str, phase: str, target: Path, t0: float) -> None:
+            """Score a merged row, record its times (phase: what ran since t0, before scoring)."""
+            t_made = time.perf_counter() - t0
+            add(row, group, score(row, target))
+            seconds.setdefault(group, {})[method] = round(time.perf_counter() - t0, 1)
+            seconds[group][f"{method}:{phase}"] = round(t_made, 1)
+            if not args.keep:
+                shutil.rmtree(target, ignore_errors=True)
+
         for sc_name, sc in scenarios.items():
             base, models = sc["base"], list(sc["models"])
             for m in [base, *models]:
@@ -249,12 +258,7 @@ def run(args: argparse.Namespace) -> int:
                         skipped[row] = str(exc).splitlines()[0]
                         print(f"{row:<34} skipped: {skipped[row]}", flush=True)
                         continue
-                    t_merge = time.perf_counter() - t0
-                    add(row, sc_name, score(row, target))
-                    seconds.setdefault(sc_name, {})[method] = round(time.perf_counter() - t0, 1)
-                    seconds[sc_name][f"{method}:train+merge"] = round(t_merge, 1)
-                    if not args.keep:
-                        shutil.rmtree(target, ignore_errors=True)
+                    scored(row, sc_name, method, "train+merge", target, t0)
                     continue
                 try:
                     cfg = merge_config(method, str(zoo / base), [str(zoo / m) for m in models], overrides)
@@ -283,12 +287,7 @@ def run(args: argparse.Namespace) -> int:
                     print(f"{row:<34} skipped: {skipped[row]}", flush=True)
                     shutil.rmtree(target, ignore_errors=True)
                     continue
-                t_merge = time.perf_counter() - t0
-                add(row, sc_name, score(row, target))
-                seconds.setdefault(sc_name, {})[method] = round(time.perf_counter() - t0, 1)
-                seconds[sc_name][f"{method}:merge"] = round(t_merge, 1)
-                if not args.keep:
-                    shutil.rmtree(target, ignore_errors=True)
+                scored(row, sc_name, method, "merge", target, t0)
             if sc_name in SEARCHES and not args.no_search:
                 t0 = time.perf_counter()
                 found, searches[sc_name] = search_rows(sc_name, SEARCHES[sc_name], zoo, out)

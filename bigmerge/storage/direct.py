@@ -33,7 +33,6 @@ from bigmerge.plan import Plan, TensorPlan
 from bigmerge.storage.checksum import combine, crc32c, hex32
 from bigmerge.storage.fs import Location
 from bigmerge.storage.layout import Layout
-from bigmerge.storage.safetensors import DTYPES
 from bigmerge.storage.zarr_store import STORE_FORMAT, to_storage
 
 PARTIAL_DIR = ".bigmerge-partial"
@@ -179,9 +178,7 @@ class DirectStore:
         return done
 
     def _read_crc(self, t: TensorPlan, b: int) -> int:
-        r0, r1 = t.block_range(b)
-        n = (r1 - r0) * t.row_elems * DTYPES[t.out_dtype][1]
-        buf = np.empty(n, dtype=np.uint8)
+        buf = np.empty(t.block_out_bytes(b), dtype=np.uint8)
         self.loc.join(self.layout.places[t.index].file).read_into(self.layout.block_offset(t, b), memoryview(buf))
         return crc32c(buf)
 
@@ -197,8 +194,7 @@ class DirectStore:
                 got = crcs.get((t.index, b))
                 if got is None:
                     raise StorageError(f"{self.loc.url}: block {b} of tensor {t.name!r} was never written")
-                r0, r1 = t.block_range(b)
-                crc = got if b == 0 else combine(crc, got, (r1 - r0) * t.row_elems * DTYPES[t.out_dtype][1])
+                crc = got if b == 0 else combine(crc, got, t.block_out_bytes(b))
             sums[t.name] = hex32(crc)
         return sums
 

@@ -150,11 +150,10 @@ def write_file_by_copy(
             for t in tensors:
                 crc = 0
                 for b in range(t.n_blocks):
-                    r0, r1 = t.block_range(b)
-                    n = (r1 - r0) * t.row_elems * DTYPES[t.out_dtype][1]
-                    if n >= S3_MIN_PART and len(pending) in range(1, S3_MIN_PART):
-                        pass  # the part being filled is too small to stand alone: this block joins it
-                    elif n >= S3_MIN_PART:
+                    n = t.block_out_bytes(b)
+                    # a large block is copied, unless the part being filled is too small to
+                    # stand alone: then the block is read and joins it
+                    if n >= S3_MIN_PART and not 0 < len(pending) < S3_MIN_PART:
                         if pending:
                             put()
                         shard = store.shard_loc(t, b)

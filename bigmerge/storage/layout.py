@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from bigmerge.plan import Plan, TensorPlan
 from bigmerge.storage.safetensors import DTYPES, build_header
 
-
 S3_MIN_PART = 5 * 2**20  # S3's smallest multipart part (all but the last)
 
 

@@ -168,8 +168,7 @@ class BlockStore:
 
         With `scratch` (a uint8 array large enough), the bytes land there and a view is returned.
         """
-        r0, r1 = t.block_range(b)
-        n = (r1 - r0) * t.row_elems * DTYPES[t.out_dtype][1] if t.shape else DTYPES[t.out_dtype][1]
+        n = t.block_out_bytes(b)
         whole = _chunk_bytes(t) + 4  # data, edge padding, crc32c
         buf = scratch[:whole] if scratch is not None and scratch.size >= whole else np.empty(whole, dtype=np.uint8)
         loc = self.shard_loc(t, b)
