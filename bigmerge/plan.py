@@ -155,6 +155,11 @@ class Plan:
             compute_dtype=DTYPES[t.compute_dtype or self.compute_dtype][0],
             out_dtype=DTYPES[t.out_dtype][0],
             seed=self.seed,
+            # the reader hands vocabulary-remapped blocks over in the compute dtype
+            source_dtypes=tuple(
+                DTYPES[t.compute_dtype or self.compute_dtype][0] if t.vocab is not None else DTYPES[s.dtype][0]
+                for s in t.sources
+            ),
         )
 
     def blocks_of(self, rank: int) -> list[tuple[TensorPlan, int]]:

@@ -233,6 +233,72 @@ def test_nonfinite_source_is_an_error_unless_allowed(
     assert (tmp_path / "out2" / "bigmerge-manifest.json").exists()
 
 
+OP_CHECKED = {
+    "linear": "merge_method: linear\nmodels:\n  - model: {base}\n    parameters: {{weight: 0.0}}\n"
+    "  - model: {ft1}\n    parameters: {{weight: 1.0}}\n  - model: {ft2}\n    parameters: {{weight: 1.0}}\n",
+    "slerp": "merge_method: slerp\nbase_model: {base}\nmodels:\n  - model: {base}\n  - model: {ft2}\n"
+    "parameters: {{t: 0.3}}\n",
+}
+
+
+@pytest.mark.parametrize("method", sorted(OP_CHECKED))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("where", ["base", "ft2"])
+@pytest.mark.parametrize("blocks", ["one", "many"])
+def test_nonfinite_caught_by_the_operators_own_check(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    method: str,
+    dtype: torch.dtype,
+    where: str,
+    blocks: str,
+) -> None:
+    """linear and slerp see NaN/Inf in their own sums (the reader does not scan their tensors):
+    the same one-line error names the file, tensor and row, for a weight of 0 too (0 * Inf is
+    NaN), in a tensor of one block or of many, and nothing is written."""
+    import bigmerge.dist.reader as reader_mod
+    from safetensors.torch import load_file, save_file
+
+    scans: list[int] = []
+    real = reader_mod.first_nonfinite
+    monkeypatch.setattr(reader_mod, "first_nonfinite", lambda x: scans.append(1) or real(x))
+    f = synthetic_family(tmp_path / "m", dtype=dtype)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(OP_CHECKED[method].format(**{k: str(v) for k, v in f.items()}))
+    extra = ["--block-size", "64"] if blocks == "many" else []
+    assert main(["merge", str(cfg), str(tmp_path / "clean"), "--quiet", *extra]) == 0
+    assert scans == [], "the reader scanned tensors the operator checks"
+    p = f[where] / "model.safetensors"
+    tensors = load_file(str(p))
+    for bad in (float("nan"), float("-inf")):
+        tensors["model.layers.1.mlp.up_proj.weight"][17, 6] = bad
+        save_file(tensors, str(p), metadata={"format": "pt"})
+        out = tmp_path / f"out-{bad}"
+        code = main(["merge", str(cfg), str(out), "--quiet", *extra])
+        err = capsys.readouterr().err
+        assert_clean_failure(code, err, out, str(p), "'model.layers.1.mlp.up_proj.weight'", "row 17", str(bad))
+        assert main(["merge", str(cfg), str(tmp_path / f"ok-{bad}"), "--quiet", "--allow-nonfinite", *extra]) == 0
+
+
+def test_an_overflow_of_finite_sources_is_merged(tmp_path: Path) -> None:
+    """Finite sources whose weighted sum overflows are not an input error: the operator's own
+    check sees the Inf, the scan of the sources finds none, and the merge goes on (as mergekit)."""
+    from safetensors.torch import load_file
+
+    f = synthetic_family(tmp_path / "m")
+    for k in ("ft1", "ft2"):
+        write_checkpoint(f[k], {"model.norm.weight": torch.full((8,), 3e38)})
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        f"merge_method: linear\nmodels:\n  - model: {f['ft1']}\n    parameters: {{weight: 1.0}}\n"
+        f"  - model: {f['ft2']}\n    parameters: {{weight: 1.0}}\nparameters: {{normalize: false}}\n"
+    )
+    assert main(["merge", str(cfg), str(tmp_path / "out"), "--quiet"]) == 0
+    got = load_file(str(tmp_path / "out" / "model-00001-of-00001.safetensors"))["model.norm.weight"]
+    assert torch.isinf(got).all()
+
+
 def test_weights_summing_to_zero_with_normalize(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     f = synthetic_family(tmp_path / "m")
     p = tmp_path / "c.yaml"

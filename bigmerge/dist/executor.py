@@ -75,14 +75,40 @@ def execute(
     scratch = Scratch(device or "cpu")  # operator work buffers live where the arithmetic runs
     ring = [Scratch() for _ in range(WRITERS + 2)]  # output buffers; at most WRITERS + 1 in flight
     n_written = 0
+    # Tensors whose operator checks its inputs for NaN/Inf in its own kernels: the reader does
+    # not scan them, and a block the operator did not mark checked is scanned before it is written.
+    trusted = set() if reader.allow_nonfinite else {t.index for t, _, _ in work if op.checks_finite(plan.task(t))}
+    reader.trust(trusted)
+    checked: set[int] = set()  # blocks of the current tensor its operator checked
 
-    def write(t: TensorPlan, b: int, out: torch.Tensor) -> None:
+    def dest(t: TensorPlan, inputs: list[torch.Tensor]) -> torch.Tensor | None:
+        """The ring buffer the next write() converts into, offered to the operator (Block.dest)."""
+        if scratch.device.type != "cpu" or not inputs or t.vocab is not None:
+            return None
+        return ring[n_written % len(ring)].get("out", inputs[0].shape, DTYPES[t.out_dtype][0])
+
+    def block(t: TensorPlan, b: int, inputs: list[torch.Tensor], out: bool) -> Block:
+        blk = _block(t, b, inputs, scratch, reader)
+        blk.scan = lambda: reader.scan(t, b, inputs)
+        if out:
+            blk.dest = dest(t, inputs)
+        return blk
+
+    def note(t: TensorPlan, blk: Block) -> None:
+        if blk.finite:
+            checked.add(blk.index)
+
+    def write(t: TensorPlan, b: int, out: torch.Tensor, inputs: list[torch.Tensor]) -> None:
         nonlocal n_written
+        if t.index in trusted and b not in checked:
+            reader.scan(t, b, inputs)  # the operator did not check this block: nothing bad is written
         # Convert to the stored dtype here, into a buffer the writer owns until it is done,
-        # so the operator's scratch can be reused for the next block at once.
+        # so the operator's scratch can be reused for the next block at once (an operator
+        # that computed into this buffer, Block.dest, has already put it there).
         dtype = DTYPES[t.out_dtype][0]
         dst = ring[n_written % len(ring)].get("out", out.shape, dtype)
-        dst.copy_(out)
+        if not (out.dtype == dtype and out.data_ptr() == dst.data_ptr() and out.shape == dst.shape):
+            dst.copy_(out)
         n_written += 1
         writes.append(writer.submit(store.write_block, t, b, dst))
         while len(writes) > WRITERS:
@@ -98,10 +124,14 @@ def execute(
         for t, first, rounds in work:
             task = plan.task(t)
             todo = [b for b in range(t.n_blocks) if t.owners[b] == rank and (t.index, b) not in done]
+            checked.clear()
             if not rounds:
                 for b in first:
                     _, _, inputs = next(stream)
-                    write(t, b, op.apply(task, _block(t, b, inputs, scratch, reader), None))
+                    blk = block(t, b, inputs, True)
+                    out = op.apply(task, blk, None)
+                    note(t, blk)
+                    write(t, b, out, inputs)
                     if on_block:
                         on_block(sum(x.numel() * x.element_size() for x in inputs))
                     reader.release(inputs)
@@ -129,13 +159,18 @@ def execute(
                             on_block(sum(x.numel() * x.element_size() for x in inputs))
                     else:
                         inputs = inputs_of(b)
-                    partial[b] = op.stats(rnd, task, _block(t, b, inputs, scratch, reader), prev)
+                    blk = block(t, b, inputs, False)
+                    partial[b] = op.stats(rnd, task, blk, prev)
+                    note(t, blk)
                     done_with(b, inputs)
                 reduced = reduce_stats(comm, partial, t.n_blocks)
                 prev = op.finish(rnd, task, reduced, prev)
             for b in todo:
                 inputs = inputs_of(b)
-                write(t, b, op.apply(task, _block(t, b, inputs, scratch, reader), prev))
+                blk = block(t, b, inputs, True)
+                out = op.apply(task, blk, prev)
+                note(t, blk)
+                write(t, b, out, inputs)
                 done_with(b, inputs)
             for inputs in cache.values():
                 reader.release(inputs)

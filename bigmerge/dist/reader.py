@@ -36,6 +36,7 @@ class BlockReader:
     ):
         self.plan = plan
         self.allow_nonfinite = allow_nonfinite
+        self._trusted: set[int] = set()  # tensors whose operator checks NaN/Inf itself (trust)
         self.storage_options = storage_options or {}
         self.prefetch = max(0, prefetch)
         self._pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="bigmerge-read")
@@ -175,10 +176,26 @@ class BlockReader:
         self._count(end - start)
         return self._checked(self._view(buf, t, b, i), t, b, i)
 
+    def trust(self, tensors: set[int]) -> None:
+        """Skip the NaN/Inf scan of these tensors' blocks: the operator checks them itself
+        (MergeOp.checks_finite), and `scan` is called for any block it did not check."""
+        self._trusted = set(tensors)
+
+    def scan(self, t: TensorPlan, b: int, inputs: list[torch.Tensor]) -> None:
+        """Raise the error naming the first NaN or Inf in block b's inputs (unless allowed)."""
+        if not self.allow_nonfinite:
+            for i, x in enumerate(inputs):
+                self._scan(x, t, b, i)
+
     def _checked(self, x: torch.Tensor, t: TensorPlan, b: int, i: int) -> torch.Tensor:
-        """x, after making sure it holds no NaN or Inf (unless the user allows them)."""
-        if self.allow_nonfinite:
+        """x, after making sure it holds no NaN or Inf (unless the user allows them or the
+        operator checks them itself)."""
+        if self.allow_nonfinite or t.index in self._trusted:
             return x
+        self._scan(x, t, b, i)
+        return x
+
+    def _scan(self, x: torch.Tensor, t: TensorPlan, b: int, i: int) -> None:
         k = first_nonfinite(x)
         if k >= 0:
             src = t.sources[i]
@@ -187,7 +204,6 @@ class BlockReader:
                 f"{src.file}: tensor {src.tensor or t.name!r} holds {float(x.reshape(-1)[k])} at row {row}; "
                 "a NaN or Inf would poison the merge (pass --allow-nonfinite to merge it anyway)"
             )
-        return x
 
     def _source_rows(self, t: TensorPlan, j: int, row: int, n: int) -> torch.Tensor:
         """Rows [row, row + n) of source j's own tensor (its row numbering, its dtype)."""

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from collections.abc import Callable
+from typing import Any, ClassVar, Literal, Optional
 
 import numpy as np
 import torch
@@ -55,6 +56,7 @@ class TensorTask:
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
     out_dtype: torch.dtype | None = None  # what the writer stores; an operator may return it directly
+    source_dtypes: tuple[torch.dtype, ...] = ()  # the dtypes of the block inputs, in model order
 
     @property
     def non_base(self) -> list[int]:
@@ -97,6 +99,28 @@ class Block:
     # auxiliary inputs per source (see MergeOp.aux_inputs), on the host: aux[i][key]; the
     # rows of this block when the aux tensor has the tensor's shape, else the whole aux tensor
     aux: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    # where the stored result may go: a buffer of the output dtype and the inputs' shape that
+    # the writer owns next; an operator that computes into it spares the executor a copy
+    dest: Optional[torch.Tensor] = None
+    # set by an operator whose kernel saw every input value of this block finite (a NaN or
+    # Inf shows in its sums or its output); the executor scans the blocks nobody checked
+    finite: bool = False
+    # scan the inputs for NaN/Inf and raise the reader's error naming the first one (when
+    # NaN/Inf are not allowed): what an operator calls when its kernel saw a non-finite value
+    scan: Optional[Callable[[], None]] = None
+
+    def nonfinite_seen(self) -> None:
+        """An operator's kernel met a NaN or Inf: raise the error naming the source value,
+        unless the sources are finite (an overflow of finite values) or NaN/Inf are allowed."""
+        if self.scan is not None:
+            self.scan()
+        self.finite = True  # scanned: the sources are finite (or allowed not to be)
+
+    def checked(self, bad: int) -> None:
+        """Record a kernel's count of non-finite values it met: none marks the block checked."""
+        if bad:
+            self.nonfinite_seen()
+        self.finite = True
 
 
 @dataclass(frozen=True)
@@ -140,6 +164,12 @@ class MergeOp:
 
     def rounds(self, task: TensorTask) -> int:
         return 0
+
+    def checks_finite(self, task: TensorTask) -> bool:
+        """True when this operator's kernels usually see every input value of a block in a sum
+        or an output whose finiteness they report (Block.checked): the reader then skips its
+        NaN/Inf scan of this tensor, and the executor scans whichever block was not checked."""
+        return False
 
     def stats(self, rnd: int, task: TensorTask, block: Block, prev: Any) -> Stats:
         raise NotImplementedError

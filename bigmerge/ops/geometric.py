@@ -19,6 +19,7 @@ from bigmerge.ops.spherical import (
     _PARALLEL_MIN,
     _SEG,
     _SUB,
+    LANES,
     StatsOp,
     _chunk,
     _gram_finish,
@@ -51,7 +52,7 @@ def _stock_gram_part(
     buf = np.empty(_SUB, dtype=np.uint32)
     x0 = np.empty(_SUB, dtype=np.float32)
     rows = np.empty((k, _SUB), dtype=np.float32)
-    lanes = np.zeros((k, k, 4))
+    lanes = np.zeros((k, k, LANES))
     for c0 in range(j0, j1, _SUB):
         c1 = min(j1, c0 + _SUB)
         n = c1 - c0

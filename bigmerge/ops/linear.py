@@ -38,16 +38,19 @@ else:  # pragma: no cover - without numba the torch code runs
 
 
 @njit(cache=True, parallel=True, nogil=True)
-def _linear_kernel(xs, w, divisor, normalize, bf16_in, bf16_out, out, nparts):  # type: ignore[no-untyped-def]
+def _linear_kernel(xs, w, divisor, normalize, bf16_in, bf16_out, out, bad):  # type: ignore[no-untyped-def]
     """out = (sum_i xs[i] * w[i]) [/ divisor], the torch code's float32 operations in its order
     (addcmul is a fused multiply-add on the CPU: so is this).
 
     xs: a tuple of flat sources, bfloat16 bits (uint16) or float32; out: bfloat16 bits (uint16,
     rounded to nearest even as torch rounds) or float32. One pass over memory; the work goes
     through small per-thread buffers in simple loops that LLVM vectorizes (no branches inside).
+    bad[p]: the non-finite sums part p met. Every source value enters every sum (a weight of 0
+    times Inf is NaN), so a NaN or Inf in a source always shows there; so does an overflow.
     """
     m = out.size
     n = len(xs)
+    nparts = bad.size
     step = (m + nparts - 1) // nparts
     for p in prange(nparts):
         lo0 = p * step
@@ -76,6 +79,10 @@ def _linear_kernel(xs, w, divisor, normalize, bf16_in, bf16_out, out, nparts):  
             if normalize:
                 for k in range(c):
                     acc[k] = acc[k] / divisor
+            nf = 0
+            for k in range(c):
+                nf += (acc_bits[k] & np.uint32(0x7F800000)) == np.uint32(0x7F800000)
+            bad[p] += nf
             if bf16_out:
                 o = out[lo : lo + c]
                 for k in range(c):
@@ -108,6 +115,9 @@ class LinearOp(MergeOp):
                 "(change the weights or set normalize: false)"
             )
 
+    def checks_finite(self, task: TensorTask) -> bool:
+        return _fusable_dtypes(task, set(task.source_dtypes))
+
     def apply(self, task: TensorTask, block: Block, stats: Any) -> torch.Tensor:
         # mergekit's arithmetic: a float32 (float64 for float64) accumulator, addcmul per model.
         acc = torch.float64 if task.compute_dtype == torch.float64 else torch.float32
@@ -126,7 +136,11 @@ class LinearOp(MergeOp):
         src = block.inputs[0].dtype
         # rounding to bfloat16 once: in the compute dtype (bf16) or when stored (f32 compute, bf16 out)
         bf16_out = task.compute_dtype == torch.bfloat16 or task.out_dtype == torch.bfloat16
-        out = block.scratch.get("lin_out", block.inputs[0].shape, torch.bfloat16 if bf16_out else torch.float32)
+        kind = torch.bfloat16 if bf16_out else torch.float32
+        out = block.dest  # straight into the writer's buffer when it holds this dtype
+        if out is None or out.dtype != kind or out.shape != block.inputs[0].shape:
+            out = block.scratch.get("lin_out", block.inputs[0].shape, kind)
+        bad = np.zeros(max(1, min(4 * threads(), out.numel() // _CHUNK)), dtype=np.int64)
         flat = [
             x.reshape(-1).view(torch.uint16 if src == torch.bfloat16 else torch.float32).numpy() for x in block.inputs
         ]
@@ -138,21 +152,19 @@ class LinearOp(MergeOp):
             src == torch.bfloat16,
             bf16_out,
             out.reshape(-1).view(torch.uint16 if bf16_out else torch.float32).numpy(),
-            max(1, min(4 * threads(), out.numel() // _CHUNK)),
+            bad,
         )
+        block.checked(int(bad.sum()))
         return out
 
 
 def _fusable(task: TensorTask, block: Block) -> bool:
     """The kernel covers bf16 or float32 sources (all alike), float32 or bf16 compute, on the CPU."""
-    dtypes = {x.dtype for x in block.inputs}
-    src = next(iter(dtypes))
-    if (
-        not kernels.AVAILABLE
-        or block.scratch.device.type != "cpu"
-        or len(dtypes) != 1
-        or src not in (torch.bfloat16, torch.float32)
-    ):
+    return block.scratch.device.type == "cpu" and _fusable_dtypes(task, {x.dtype for x in block.inputs})
+
+
+def _fusable_dtypes(task: TensorTask, dtypes: set[torch.dtype]) -> bool:
+    if not kernels.AVAILABLE or len(dtypes) != 1 or next(iter(dtypes)) not in (torch.bfloat16, torch.float32):
         return False
     if task.compute_dtype == torch.float32:
         return task.out_dtype in (torch.float32, torch.bfloat16)

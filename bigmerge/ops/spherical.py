@@ -33,62 +33,60 @@ from bigmerge.ops.kernels import AVAILABLE, njit, prange
 _SEG = 1 << 16  # elements per partial sum: fixed, so sums never depend on thread counts
 _PARALLEL_MIN = 1 << 20  # elements of a block below which the kernels run on one thread
 _SUB = 4096  # elements widened at a time by the fused kernels: small buffers, no page faults
+LANES = 16  # partial sums per exact float64 sum (fixed, and a multiple of the vector width)
 
 
 # -- exact-ish float64 sums (numba; torch when numba is missing) ----------------------------
 
 
 @njit(cache=True)
+def _lane_total(acc: np.ndarray) -> float:  # pragma: no cover - compiled
+    """The LANES partial sums of acc added in one fixed pairwise tree."""
+    s0 = (acc[0] + acc[1]) + (acc[2] + acc[3])
+    s1 = (acc[4] + acc[5]) + (acc[6] + acc[7])
+    s2 = (acc[8] + acc[9]) + (acc[10] + acc[11])
+    s3 = (acc[12] + acc[13]) + (acc[14] + acc[15])
+    return (s0 + s1) + (s2 + s3)
+
+
+@njit(cache=True)
+def _dot_lanes(p: np.ndarray, q: np.ndarray, acc: np.ndarray) -> None:  # pragma: no cover - compiled
+    """acc[l] += p[j] * q[j] in float64 for every j = l (mod LANES): LANES independent sums in a
+    fixed order, which LLVM runs as vector lanes (the same bits on any CPU and thread count)."""
+    n = p.shape[0]
+    nw = n - n % LANES
+    for j in range(0, nw, LANES):
+        pp = p[j : j + LANES]
+        qq = q[j : j + LANES]
+        for v in range(LANES):
+            acc[v] += np.float64(pp[v]) * np.float64(qq[v])
+    for j in range(nw, n):
+        acc[j - nw] += np.float64(p[j]) * np.float64(q[j])
+
+
+@njit(cache=True)
 def _gram_part(x: np.ndarray, j0: int, j1: int, out: np.ndarray) -> None:  # pragma: no cover - compiled
     """out[k, k] = sums of x[a, j] * x[b, j] for j in [j0, j1), in float64 (products of float32
-    values are exact), four fixed lanes per sum: the same bits on any thread count."""
+    values are exact), LANES fixed lanes per sum: the same bits on any thread count."""
     k = x.shape[0]
+    acc = np.empty(LANES)
     for a in range(k):
         for b in range(a, k):
-            a0 = 0.0
-            a1 = 0.0
-            a2 = 0.0
-            a3 = 0.0
-            j = j0
-            while j + 4 <= j1:
-                a0 += np.float64(x[a, j]) * np.float64(x[b, j])
-                a1 += np.float64(x[a, j + 1]) * np.float64(x[b, j + 1])
-                a2 += np.float64(x[a, j + 2]) * np.float64(x[b, j + 2])
-                a3 += np.float64(x[a, j + 3]) * np.float64(x[b, j + 3])
-                j += 4
-            while j < j1:
-                a0 += np.float64(x[a, j]) * np.float64(x[b, j])
-                j += 1
-            tot = (a0 + a1) + (a2 + a3)
+            acc[:] = 0.0
+            _dot_lanes(x[a][j0:j1], x[b][j0:j1], acc)
+            tot = _lane_total(acc)
             out[a, b] = tot
             out[b, a] = tot
 
 
 @njit(cache=True)
 def _gram_lanes(x: np.ndarray, n: int, lanes: np.ndarray) -> None:  # pragma: no cover - compiled
-    """Add x[a, :n] * x[b, :n] into the four lanes of lanes[a, b], as _gram_part does: a run of
-    calls on consecutive pieces (each a multiple of 4 long but the last) gives _gram_part's sums."""
+    """Add x[a, :n] * x[b, :n] into the lanes of lanes[a, b], as _gram_part does: a run of calls
+    on consecutive pieces (each a multiple of LANES long but the last) gives _gram_part's sums."""
     k = x.shape[0]
     for a in range(k):
         for b in range(a, k):
-            a0 = lanes[a, b, 0]
-            a1 = lanes[a, b, 1]
-            a2 = lanes[a, b, 2]
-            a3 = lanes[a, b, 3]
-            j = 0
-            while j + 4 <= n:
-                a0 += np.float64(x[a, j]) * np.float64(x[b, j])
-                a1 += np.float64(x[a, j + 1]) * np.float64(x[b, j + 1])
-                a2 += np.float64(x[a, j + 2]) * np.float64(x[b, j + 2])
-                a3 += np.float64(x[a, j + 3]) * np.float64(x[b, j + 3])
-                j += 4
-            while j < n:
-                a0 += np.float64(x[a, j]) * np.float64(x[b, j])
-                j += 1
-            lanes[a, b, 0] = a0
-            lanes[a, b, 1] = a1
-            lanes[a, b, 2] = a2
-            lanes[a, b, 3] = a3
+            _dot_lanes(x[a][:n], x[b][:n], lanes[a, b])
 
 
 @njit(cache=True)
@@ -96,7 +94,7 @@ def _gram_finish(lanes: np.ndarray, out: np.ndarray) -> None:  # pragma: no cove
     k = lanes.shape[0]
     for a in range(k):
         for b in range(a, k):
-            tot = (lanes[a, b, 0] + lanes[a, b, 1]) + (lanes[a, b, 2] + lanes[a, b, 3])
+            tot = _lane_total(lanes[a, b])
             out[a, b] = tot
             out[b, a] = tot
 
@@ -173,8 +171,9 @@ def _chunk(
     """x[j0:j1] as float32: the float32 source itself, or bfloat16 bits widened (exact) into buf."""
     if not bf16:
         return xf[j0:j1]
-    for j in range(j0, j1):
-        buf[j - j0] = np.uint32(np.uint16(xb[j])) << np.uint32(16)
+    src = xb[j0:j1]
+    for j in range(j1 - j0):
+        buf[j] = np.uint32(np.uint16(src[j])) << np.uint32(16)
     return buf[: j1 - j0].view(np.float32)
 
 
@@ -183,43 +182,36 @@ def _pair_gram_part(
     xf: np.ndarray, yf: np.ndarray, xb: np.ndarray, yb: np.ndarray, bf16: bool, j0: int, j1: int, out: np.ndarray
 ) -> None:  # pragma: no cover - compiled
     """_gram_part of the rows (x, y) in one pass, read straight from the sources: each of the
-    three sums takes the same four lanes in the same order, so the bits are the same."""
+    three sums takes the same lanes in the same order, so the bits are the same."""
     bx = np.empty(_SUB, dtype=np.uint32)
     by = np.empty(_SUB, dtype=np.uint32)
-    xx0 = xx1 = xx2 = xx3 = 0.0
-    xy0 = xy1 = xy2 = xy3 = 0.0
-    yy0 = yy1 = yy2 = yy3 = 0.0
+    xx = np.zeros(LANES)
+    xy = np.zeros(LANES)
+    yy = np.zeros(LANES)
     for c0 in range(j0, j1, _SUB):
         c1 = min(j1, c0 + _SUB)
         n = c1 - c0
         x = _chunk(xf, xb, bf16, c0, c1, bx)
         y = _chunk(yf, yb, bf16, c0, c1, by)
-        j = 0
-        while j + 4 <= n:
-            a0, a1, a2, a3 = np.float64(x[j]), np.float64(x[j + 1]), np.float64(x[j + 2]), np.float64(x[j + 3])
-            b0, b1, b2, b3 = np.float64(y[j]), np.float64(y[j + 1]), np.float64(y[j + 2]), np.float64(y[j + 3])
-            xx0 += a0 * a0
-            xx1 += a1 * a1
-            xx2 += a2 * a2
-            xx3 += a3 * a3
-            xy0 += a0 * b0
-            xy1 += a1 * b1
-            xy2 += a2 * b2
-            xy3 += a3 * b3
-            yy0 += b0 * b0
-            yy1 += b1 * b1
-            yy2 += b2 * b2
-            yy3 += b3 * b3
-            j += 4
-        while j < n:  # only in the last piece: _SUB is a multiple of 4
-            a0, b0 = np.float64(x[j]), np.float64(y[j])
-            xx0 += a0 * a0
-            xy0 += a0 * b0
-            yy0 += b0 * b0
-            j += 1
-    out[0, 0] = (xx0 + xx1) + (xx2 + xx3)
-    out[0, 1] = out[1, 0] = (xy0 + xy1) + (xy2 + xy3)
-    out[1, 1] = (yy0 + yy1) + (yy2 + yy3)
+        nw = n - n % LANES  # n is a multiple of LANES but in the last piece
+        for j in range(0, nw, LANES):
+            px = x[j : j + LANES]
+            py = y[j : j + LANES]
+            for v in range(LANES):
+                a = np.float64(px[v])
+                b = np.float64(py[v])
+                xx[v] += a * a
+                xy[v] += a * b
+                yy[v] += b * b
+        for j in range(nw, n):
+            a = np.float64(x[j])
+            b = np.float64(y[j])
+            xx[j - nw] += a * a
+            xy[j - nw] += a * b
+            yy[j - nw] += b * b
+    out[0, 0] = _lane_total(xx)
+    out[0, 1] = out[1, 0] = _lane_total(xy)
+    out[1, 1] = _lane_total(yy)
 
 
 @njit(cache=True)
@@ -250,16 +242,31 @@ def _pair_lerp_part(
     j0: int,
     j1: int,
     out: np.ndarray,
+    bf16_out: bool,
 ) -> None:  # pragma: no cover - compiled
-    """out[j0:j1] = ca * x + cb * y in float32, each product rounded, as torch computes it."""
+    """out[j0:j1] = ca * x + cb * y in float32, each product rounded, as torch computes it;
+    out: float32 bits (uint32), or bfloat16 bits (uint16) rounded to nearest even as torch's
+    float32 -> bfloat16 copy rounds (one pass instead of a float32 result and a cast)."""
     bx = np.empty(_SUB, dtype=np.uint32)
     by = np.empty(_SUB, dtype=np.uint32)
+    acc = np.empty(_SUB, dtype=np.float32)
+    bits = acc.view(np.uint32)
     for c0 in range(j0, j1, _SUB):
         c1 = min(j1, c0 + _SUB)
+        n = c1 - c0
         x = _chunk(xf, xb, bf16, c0, c1, bx)
         y = _chunk(yf, yb, bf16, c0, c1, by)
-        for j in range(c1 - c0):
-            out[c0 + j] = np.float32(ca * x[j]) + np.float32(cb * y[j])
+        for j in range(n):
+            acc[j] = np.float32(ca * x[j]) + np.float32(cb * y[j])
+        o = out[c0:c1]  # 0-based slices: LLVM vectorizes the loops (out[c0 + j] it did not)
+        if bf16_out:
+            for j in range(n):
+                u = bits[j]
+                r = (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+                o[j] = np.uint32(0x7FC0) if (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000) else r
+        else:
+            for j in range(n):
+                o[j] = bits[j]
 
 
 @njit(cache=True)
@@ -272,10 +279,11 @@ def _pair_lerp_serial(
     ca: np.float32,
     cb: np.float32,
     out: np.ndarray,
+    bf16_out: bool,
 ) -> None:  # pragma: no cover - compiled
     m = out.shape[0]
     for s in range((m + _SEG - 1) // _SEG):
-        _pair_lerp_part(xf, yf, xb, yb, bf16, ca, cb, s * _SEG, min(m, (s + 1) * _SEG), out)
+        _pair_lerp_part(xf, yf, xb, yb, bf16, ca, cb, s * _SEG, min(m, (s + 1) * _SEG), out, bf16_out)
 
 
 @njit(cache=True, parallel=True)
@@ -288,10 +296,11 @@ def _pair_lerp_parallel(
     ca: np.float32,
     cb: np.float32,
     out: np.ndarray,
+    bf16_out: bool,
 ) -> None:  # pragma: no cover - compiled
     m = out.shape[0]
     for s in prange((m + _SEG - 1) // _SEG):
-        _pair_lerp_part(xf, yf, xb, yb, bf16, ca, cb, s * _SEG, min(m, (s + 1) * _SEG), out)
+        _pair_lerp_part(xf, yf, xb, yb, bf16, ca, cb, s * _SEG, min(m, (s + 1) * _SEG), out, bf16_out)
 
 
 def fused_pair(task: TensorTask, block: Block, i: int, j: int) -> tuple[np.ndarray, ...] | None:
@@ -446,6 +455,9 @@ class SlerpOp(StatsOp):
     def stat_rounds(self, task: TensorTask) -> int:
         return 1 if task.numel else 0
 
+    def checks_finite(self, task: TensorTask) -> bool:
+        return task.numel > 0  # by the sums of squares in stats
+
     def _pair(self, task: TensorTask, block: Block) -> torch.Tensor:
         """[base, other] of the block in the compute dtype, then in float32 (float64) as mergekit."""
         b = require_base(self, task)
@@ -457,13 +469,17 @@ class SlerpOp(StatsOp):
         b = require_base(self, task)
         fused = fused_pair(task, block, b, 1 - b)
         if fused is None:
-            return {"gram": whole_gram(self._pair(task, block))}
-        m = block.inputs[b].numel()
-        parts = np.zeros(((m + _SEG - 1) // _SEG, 2, 2))
-        (_pair_gram_parallel if 2 * m >= _PARALLEL_MIN else _pair_gram_serial)(*fused, m, parts)
-        acc = np.zeros((2, 2))
-        for p in parts:  # the same order and bits as whole_gram
-            acc = acc + p
+            acc = whole_gram(self._pair(task, block))
+        else:
+            m = block.inputs[b].numel()
+            parts = np.zeros(((m + _SEG - 1) // _SEG, 2, 2))
+            (_pair_gram_parallel if 2 * m >= _PARALLEL_MIN else _pair_gram_serial)(*fused, m, parts)
+            acc = np.zeros((2, 2))
+            for p in parts:  # the same order and bits as whole_gram
+                acc = acc + p
+        # a sum of squares is finite exactly when every value is (float32 squares cannot overflow
+        # float64, and nothing cancels an Inf or a NaN): the reader's scan is not needed
+        block.checked(0 if math.isfinite(acc[0, 0]) and math.isfinite(acc[1, 1]) else 1)
         return {"gram": acc}
 
     def finish(self, rnd: int, task: TensorTask, reduced: Stats, prev: Any) -> Any:
@@ -494,10 +510,16 @@ class SlerpOp(StatsOp):
         b = require_base(self, task)
         fused = fused_pair(task, block, b, 1 - b)
         if fused is not None:  # the same float32 operations in one pass
-            out = sc.get("out", (block.inputs[b].numel(),), torch.float32)
+            # bfloat16 stored from float32 compute: rounded in the same pass, into the writer's buffer
+            bf16_out = dt == torch.float32 and task.out_dtype == torch.bfloat16
+            kind = torch.bfloat16 if bf16_out else torch.float32
+            out = block.dest
+            if out is None or out.dtype != kind or out.shape != shape:
+                out = sc.get("out", shape, kind)
+            flat = out.reshape(-1).view(torch.int16 if bf16_out else torch.int32).numpy()
             lerp = _pair_lerp_parallel if 2 * out.numel() >= _PARALLEL_MIN else _pair_lerp_serial
-            lerp(*fused, np.float32(coef_a.item()), np.float32(coef_b.item()), out.numpy())
-            return out.view(shape) if dt == f else sc.get("res", shape, dt).copy_(out.view(shape))
+            lerp(*fused, np.float32(coef_a.item()), np.float32(coef_b.item()), flat, bf16_out)
+            return out if dt == f or bf16_out else sc.get("res", shape, dt).copy_(out)
         x, y = (as_compute(block.inputs[i], dt, sc, f"cast{i}").reshape(-1) for i in (b, 1 - b))
         # coef_a * x + coef_b * y in float32 (float64), from the compute dtype as mergekit
         out = torch.mul(as_compute(x, f, sc, "wide_x"), coef_a, out=sc.get("out", x.shape, f))
