@@ -62,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
         "without --store, else zarr (also to resume an interrupted zarr merge in OUT)",
     )
     m.add_argument(
+        "--buffered-writes",
+        action="store_true",
+        help="the direct writer writes through the page cache only (by default page-aligned blocks go to the "
+        "device with O_DIRECT where the file system takes it: no copy into the cache, no cached output)",
+    )
+    m.add_argument(
         "--store", default=None, help="where the intermediate zarr store lives (default OUT/.bigmerge-store.zarr)"
     )
     m.add_argument(
@@ -320,6 +326,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         prefetch=args.prefetch,
         seed=args.seed,
         store=args.store,
+        direct_io=not args.buffered_writes,
         writer=args.writer,
         overwrite=args.overwrite,
         keep_store=args.keep_store,

@@ -25,7 +25,7 @@ from bigmerge.errors import ConfigError, SourceError
 from bigmerge.ops import get_op
 from bigmerge.ops.base import MergeOp, TensorTask
 from bigmerge.storage.fs import location
-from bigmerge.storage.safetensors import DTYPES, FLOAT_DTYPES, TensorInfo, read_header
+from bigmerge.storage.safetensors import DTYPES, FLOAT_DTYPES, PAGE, TensorInfo, read_header
 from bigmerge.vocab import build_tokenizer, is_identity, vocab_plan
 
 PLAN_VERSION = 1
@@ -537,6 +537,10 @@ def build_plan(
         row_elems = math.prod(shape[1:]) if len(shape) > 1 else 1
         row_bytes = max(1, row_elems * max(DTYPES[s.dtype][1] for s in spans))
         block_rows = max(1, min(rows, block_bytes // row_bytes))  # a small tensor is one block of its own size
+        # blocks that start on a page of the output file can be written there with direct I/O
+        page_rows = PAGE // math.gcd(max(1, row_elems * DTYPES[out_dtype][1]), PAGE)
+        if rows > block_rows >= page_rows:
+            block_rows -= block_rows % page_rows
         n_blocks = math.ceil(rows / block_rows) if rows * row_elems > 0 else 0
         tp = TensorPlan(
             len(tensors),

@@ -257,8 +257,9 @@ def test_nonfinite_caught_by_the_operators_own_check(
     """linear and slerp see NaN/Inf in their own sums (the reader does not scan their tensors):
     the same one-line error names the file, tensor and row, for a weight of 0 too (0 * Inf is
     NaN), in a tensor of one block or of many, and nothing is written."""
-    import bigmerge.dist.reader as reader_mod
     from safetensors.torch import load_file, save_file
+
+    import bigmerge.dist.reader as reader_mod
 
     scans: list[int] = []
     real = reader_mod.first_nonfinite

@@ -237,7 +237,10 @@ def test_store_is_readable_by_zarr(family: dict[str, Path], tmp_path: Path) -> N
     cfg = tmp_path / "z.yaml"
     cfg.write_text(text)
     run_merge(
-        str(cfg), str(tmp_path / "z"), SerialComm(), MergeOptions(quiet=True, keep_store=True, block_bytes=200, writer="zarr")
+        str(cfg),
+        str(tmp_path / "z"),
+        SerialComm(),
+        MergeOptions(quiet=True, keep_store=True, block_bytes=200, writer="zarr"),
     )
     out = load_output(tmp_path / "z")
     group = zarr.open_group(str(tmp_path / "z" / ".bigmerge-store.zarr"), mode="r")

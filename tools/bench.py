@@ -596,7 +596,8 @@ def render_markdown(doc: dict[str, Any]) -> str:
         "*written*: `ru_oublock` × 512 B, the bytes the command dirtied in files (files it deleted itself included). "
         "*other CPU*: CPU seconds the rest of the machine used during the run (contention from other users). "
         "Floor: read every input byte, write one fresh file of the output's size "
-        f"({'with' if st['fsync_floor'] else 'no'} fsync; neither tool fsyncs)."
+        f"({'with' if st['fsync_floor'] else 'no'} fsync; neither tool fsyncs; "
+        f"{'through the page cache' if st.get('buffered_floor') else 'with O_DIRECT where the file system takes it, as bigmerge writes'})."
     )
     notes: list[str] = []
     for method, entry in doc["summary"].items():
@@ -678,6 +679,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--timeout", type=float, default=3600, help="seconds before a run is killed (default 3600)")
     ap.add_argument("--no-check", action="store_true", help="skip comparing bigmerge's and mergekit's outputs")
     ap.add_argument("--fsync-floor", action="store_true", help="fsync the floor's output file (the tools do not)")
+    ap.add_argument(
+        "--buffered-floor",
+        action="store_true",
+        help="the floor writes through the page cache (default: with O_DIRECT where the file system takes it, "
+        "as bigmerge's direct writer does)",
+    )
     ap.add_argument("--allow-gpu", action="store_true", help="do not hide GPUs (default: both tools on CPU)")
     args = ap.parse_args(argv)
     if args.repeats < 1:
@@ -753,6 +760,7 @@ def main(argv: list[str] | None = None) -> int:
             "bigmerge_args": shlex.join(bm_args),
             "mergekit_args": shlex.join(mk_args),
             "fsync_floor": args.fsync_floor,
+            "buffered_floor": args.buffered_floor,
             "allow_gpu": args.allow_gpu,
             "timeout_s": args.timeout,
         },
@@ -815,7 +823,8 @@ def main(argv: list[str] | None = None) -> int:
                         "--size",
                         str(info["output_bytes"]),
                     ]
-                    cmd += (["--fsync"] if args.fsync_floor else []) + [str(f) for f in inputs]
+                    cmd += (["--fsync"] if args.fsync_floor else []) + ([] if args.buffered_floor else ["--direct"])
+                    cmd += [str(f) for f in inputs]
                 elif tool == "mergekit":
                     assert mergekit is not None
                     cmd = [str(mergekit), str(cfg_path), str(target), *mk_args]

@@ -21,7 +21,7 @@ from bigmerge.dist.reader import BlockReader
 from bigmerge.ops import get_op
 from bigmerge.ops.base import Block, Scratch
 from bigmerge.plan import Plan, TensorPlan
-from bigmerge.storage.safetensors import DTYPES
+from bigmerge.storage.safetensors import DTYPES, PAGE
 from bigmerge.storage.zarr_store import BlockStore
 
 DEFAULT_CACHE_BYTES = 512 * 1024 * 1024
@@ -73,7 +73,8 @@ def execute(
 
     fault = _fault(rank)
     scratch = Scratch(device or "cpu")  # operator work buffers live where the arithmetic runs
-    ring = [Scratch() for _ in range(WRITERS + 2)]  # output buffers; at most WRITERS + 1 in flight
+    # output buffers, page-aligned for direct I/O; at most WRITERS + 1 in flight
+    ring = [Scratch(align=PAGE) for _ in range(WRITERS + 2)]
     n_written = 0
     # Tensors whose operator checks its inputs for NaN/Inf in its own kernels: the reader does
     # not scan them, and a block the operator did not mark checked is scanned before it is written.

@@ -15,9 +15,9 @@ on how blocks are spread over ranks.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
 from collections.abc import Callable
-from typing import Any, ClassVar, Literal, Optional
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -67,8 +67,9 @@ class Scratch:
     """Reusable work buffers, by name: a fresh 64 MiB tensor per block costs page faults
     that take longer than the arithmetic, so operators borrow these instead."""
 
-    def __init__(self, device: torch.device | str = "cpu") -> None:
+    def __init__(self, device: torch.device | str = "cpu", align: int = 1) -> None:
         self.device = torch.device(device)
+        self.align = align  # byte alignment of every buffer's start (direct I/O wants pages)
         self._flat: dict[tuple[str, torch.dtype], torch.Tensor] = {}
 
     def get(self, name: str, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tensor:
@@ -77,7 +78,11 @@ class Scratch:
             n *= d
         flat = self._flat.get((name, dtype))
         if flat is None or flat.numel() < n:
-            flat = torch.empty(max(n, 1), dtype=dtype, device=self.device)
+            size = torch.empty(0, dtype=dtype).element_size()
+            extra = -(-self.align // size) if self.align > 1 else 0
+            flat = torch.empty(max(n, 1) + extra, dtype=dtype, device=self.device)
+            skip = (-flat.data_ptr() % self.align) // size if self.align > 1 else 0
+            flat = flat[skip : skip + max(n, 1)]
             self._flat[(name, dtype)] = flat
         return flat[:n].view(tuple(shape))
 
@@ -101,13 +106,13 @@ class Block:
     aux: list[dict[str, torch.Tensor]] = field(default_factory=list)
     # where the stored result may go: a buffer of the output dtype and the inputs' shape that
     # the writer owns next; an operator that computes into it spares the executor a copy
-    dest: Optional[torch.Tensor] = None
+    dest: torch.Tensor | None = None
     # set by an operator whose kernel saw every input value of this block finite (a NaN or
     # Inf shows in its sums or its output); the executor scans the blocks nobody checked
     finite: bool = False
     # scan the inputs for NaN/Inf and raise the reader's error naming the first one (when
     # NaN/Inf are not allowed): what an operator calls when its kernel saw a non-finite value
-    scan: Optional[Callable[[], None]] = None
+    scan: Callable[[], None] | None = None
 
     def nonfinite_seen(self) -> None:
         """An operator's kernel met a NaN or Inf: raise the error naming the source value,

@@ -30,7 +30,9 @@ from bigmerge.ops.task_arithmetic import (
     _mag_bits,
 )
 
-GAMMA = Param("gamma", float, "non_base", default=0.01, doc="fraction of largest-magnitude elements dropped as outliers")
+GAMMA = Param(
+    "gamma", float, "non_base", default=0.01, doc="fraction of largest-magnitude elements dropped as outliers"
+)
 DROP = "x"  # key suffix of the selection of outliers (the top n_drop)
 
 

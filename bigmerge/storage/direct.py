@@ -17,6 +17,7 @@ in the partial file and resumes; a block that fails the check is merged again.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import socket
@@ -33,11 +34,13 @@ from bigmerge.plan import Plan, TensorPlan
 from bigmerge.storage.checksum import combine, crc32c, hex32
 from bigmerge.storage.fs import Location
 from bigmerge.storage.layout import Layout
+from bigmerge.storage.safetensors import PAGE
 from bigmerge.storage.zarr_store import STORE_FORMAT, to_storage
 
 PARTIAL_DIR = ".bigmerge-partial"
 PLAN_FILE = "bigmerge-plan.json"
 JOURNAL_PREFIX = "journal-"
+LAYOUT_VERSION = 2  # 2: headers padded so that large tensors start on a page
 
 
 class DirectStore:
@@ -45,7 +48,7 @@ class DirectStore:
 
     kind = "direct"
 
-    def __init__(self, out: Location, plan: Plan, shard_bytes: int) -> None:
+    def __init__(self, out: Location, plan: Plan, shard_bytes: int, direct_io: bool = True) -> None:
         if not out.is_local:
             raise ValueError("the direct writer needs a POSIX path")  # merge.py picks zarr for the rest
         self.out = out
@@ -56,9 +59,19 @@ class DirectStore:
         self._fds: dict[str, int] = {}
         self._lock = threading.Lock()
         self._journal: Any = None
+        # Direct I/O (O_DIRECT) for the blocks that start and end on pages of their file: the
+        # bytes go from the writer's buffer to the device, with no copy into the page cache
+        # (a copy that costs a CPU core about 1 s per GB on a VM whose free memory the host has
+        # reclaimed) and no output left to pollute the cache. The other blocks, and any file
+        # system that refuses O_DIRECT, are written through the cache; no page is ever written
+        # both ways, since a page-aligned block owns its pages.
+        self.direct_io = direct_io and hasattr(os, "O_DIRECT")
+        self._dfds: dict[str, int] = {}
+        self._aligned = {t.index for t in plan.tensors if self.layout.page_aligned(t)} if self.direct_io else set()
+        self.direct_bytes = 0  # written with direct I/O (for tests and the summary)
 
     def _fingerprint(self) -> str:
-        return f"{self.plan.fingerprint()}:{STORE_FORMAT}:direct:{self.shard_bytes}"
+        return f"{self.plan.fingerprint()}:{STORE_FORMAT}:direct:{LAYOUT_VERSION}:{self.shard_bytes}"
 
     # -- set-up (rank 0) ------------------------------------------------------------------
 
@@ -111,6 +124,19 @@ class DirectStore:
                 fd = self._fds[name] = os.open(os.path.join(self.loc.path, name), os.O_WRONLY)
             return fd
 
+    def _direct_fd(self, name: str) -> int | None:
+        """The file opened for direct I/O, or None where the file system refuses it."""
+        with self._lock:
+            fd = self._dfds.get(name)
+            if fd is None and self.direct_io:
+                try:
+                    fd = self._dfds[name] = os.open(os.path.join(self.loc.path, name), os.O_WRONLY | os.O_DIRECT)
+                except OSError as exc:
+                    if exc.errno != errno.EINVAL:
+                        raise
+                    self.direct_io = False  # tmpfs and some FUSE file systems: the page cache it is
+            return fd
+
     def _append_journal(self, line: str) -> None:
         with self._lock:
             if self._journal is None:
@@ -125,22 +151,36 @@ class DirectStore:
         place = self.layout.places[t.index]
         pos = self.layout.block_offset(t, b)
 
+        direct = self.direct_io and t.index in self._aligned and x.data_ptr() % PAGE == 0 and data.nbytes % PAGE == 0
+
         def write() -> None:
-            fd = self._fd(place.file)
+            fd = self._direct_fd(place.file) if direct else None
             disk_full_point()
             done = 0
             while done < data.nbytes:
-                done += os.pwrite(fd, data[done:], pos + done)
+                if fd is not None:
+                    try:
+                        n = os.pwrite(fd, data[done:], pos + done)
+                        done += n
+                        with self._lock:
+                            self.direct_bytes += n
+                        continue
+                    except OSError as exc:
+                        if exc.errno != errno.EINVAL:
+                            raise
+                        fd = None  # refused (alignment the device wants, or a short write's rest)
+                done += os.pwrite(self._fd(place.file), data[done:], pos + done)
 
         self.loc.join(place.file).call(f"writing block {b} of tensor {t.name!r}", write)
         self._append_journal(f"{t.index} {b} {crc}\n")
 
     def close(self) -> None:
         with self._lock:
-            for fd in self._fds.values():
+            for fd in [*self._fds.values(), *self._dfds.values()]:
                 with contextlib.suppress(OSError):
                     os.close(fd)
             self._fds.clear()
+            self._dfds.clear()
             if self._journal is not None:
                 self._journal.close()
                 self._journal = None

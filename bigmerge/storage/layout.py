@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from bigmerge.plan import Plan, TensorPlan
-from bigmerge.storage.safetensors import DTYPES, build_header
+from bigmerge.storage.safetensors import DTYPES, PAGE, build_header
 
 S3_MIN_PART = 5 * 2**20  # S3's smallest multipart part (all but the last)
 
@@ -28,7 +28,9 @@ def layout_files(plan: Plan, shard_bytes: int) -> list[list[TensorPlan]]:
             size = 0
         files[-1].append(t)
         size += n
-    return [[t for t in f if t.out_bytes() < S3_MIN_PART] + [t for t in f if t.out_bytes() >= S3_MIN_PART] for f in files]
+    return [
+        [t for t in f if t.out_bytes() < S3_MIN_PART] + [t for t in f if t.out_bytes() >= S3_MIN_PART] for f in files
+    ]
 
 
 def file_name(i: int, n: int) -> str:
@@ -36,7 +38,12 @@ def file_name(i: int, n: int) -> str:
 
 
 def file_header(tensors: list[TensorPlan]) -> bytes:
-    return build_header([(t.name, t.out_dtype, tuple(t.shape), t.out_bytes()) for t in tensors], {"format": "pt"})
+    """The file's header, padded so that its first large tensor starts on a page: the large
+    tensors' blocks can then be written with direct I/O (bigmerge.storage.direct)."""
+    small = sum(t.out_bytes() for t in tensors if t.out_bytes() < S3_MIN_PART)
+    return build_header(
+        [(t.name, t.out_dtype, tuple(t.shape), t.out_bytes()) for t in tensors], {"format": "pt"}, align_at=small
+    )
 
 
 @dataclass(frozen=True)
@@ -67,6 +74,13 @@ class Layout:
 
     def file_size(self, i: int) -> int:
         return len(self.headers[i]) + sum(t.out_bytes() for t in self.files[i])
+
+    def page_aligned(self, t: TensorPlan) -> bool:
+        """Every block of t starts and ends on a page of its file (direct I/O can write it)."""
+        size = DTYPES[t.out_dtype][1]
+        if self.places[t.index].offset % PAGE or t.out_bytes() % PAGE:
+            return False
+        return all(t.block_range(b)[0] * t.row_elems * size % PAGE == 0 for b in range(t.n_blocks))
 
     def block_offset(self, t: TensorPlan, b: int) -> int:
         """Offset of block b of t in its file."""

@@ -165,8 +165,16 @@ def read_header(loc: Location) -> tuple[dict[str, TensorInfo], dict[str, Any], b
     return tensors, metadata, raw[: 8 + n]
 
 
-def build_header(entries: list[tuple[str, str, tuple[int, ...], int]], metadata: dict[str, str] | None = None) -> bytes:
-    """Header bytes for tensors laid out in the given order: (name, dtype, shape, nbytes)."""
+PAGE = 4096  # file offsets that direct I/O can write at
+
+
+def build_header(
+    entries: list[tuple[str, str, tuple[int, ...], int]], metadata: dict[str, str] | None = None, align_at: int = -1
+) -> bytes:
+    """Header bytes for tensors laid out in the given order: (name, dtype, shape, nbytes).
+
+    align_at >= 0: pad the header with spaces (which the format allows) so that data byte
+    `align_at` lands at a multiple of PAGE in the file, where that keeps the data 8-aligned."""
     header: dict[str, Any] = {"__metadata__": dict(metadata or {"format": "pt"})}
     offset = 0
     for name, dtype, shape, nbytes in entries:
@@ -174,4 +182,6 @@ def build_header(entries: list[tuple[str, str, tuple[int, ...], int]], metadata:
         offset += nbytes
     body = json.dumps(header, separators=(",", ":")).encode("utf-8")
     body += b" " * (-len(body) % 8)  # tensor data stays 8-byte aligned
+    if align_at >= 0 and align_at % 8 == 0:
+        body += b" " * (-(8 + len(body) + align_at) % PAGE)
     return struct.pack("<Q", len(body)) + body

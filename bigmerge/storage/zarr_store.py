@@ -21,8 +21,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import zarr
-import zarr.storage
 
 from bigmerge.dist.faults import disk_full_point
 from bigmerge.errors import OutputExistsError, StorageError
@@ -62,6 +60,8 @@ def from_storage(a: np.ndarray, dtype: str) -> torch.Tensor:
 class BlockStore:
     def __init__(self, loc: Location) -> None:
         self.loc = loc
+        import zarr.storage  # here: the direct writer's merges never pay for importing zarr
+
         if loc.is_local:
             self._zstore: Any = zarr.storage.LocalStore(loc.path)
         else:
@@ -89,6 +89,8 @@ class BlockStore:
 
         def create() -> None:
             # mode="w" starts over, so a retry after a transient error is safe.
+            import zarr
+
             group = zarr.open_group(self._zstore, mode="w", zarr_format=3)
             for t in plan.tensors:
                 shape = tuple(t.shape) if t.shape else (1,)
