@@ -471,6 +471,10 @@ def entry() -> None:
     # of spinning: the reader and writer threads need those cycles (linear on 4 x 1 GB: 4.3 s
     # of user CPU -> 2.8 s). Read when the OpenMP runtime loads, so before torch is imported.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # numpy's and scipy's own OpenBLAS start a thread per core that spins at load, taking
+    # cycles from the imports (~0.3 s of CPU a run); nothing here needs their threaded BLAS
+    # (the operators run on torch and numba)
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     if sys.argv[1:2] == ["merge"]:
         gc.disable()  # cmd_merge turns it back on once the heavy imports are done
     rc = main()

@@ -238,12 +238,18 @@ OP_CHECKED = {
     "  - model: {ft1}\n    parameters: {{weight: 1.0}}\n  - model: {ft2}\n    parameters: {{weight: 1.0}}\n",
     "slerp": "merge_method: slerp\nbase_model: {base}\nmodels:\n  - model: {base}\n  - model: {ft2}\n"
     "parameters: {{t: 0.3}}\n",
+    "task_arithmetic": "merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n  - model: {ft1}\n"
+    "    parameters: {{weight: 0.0}}\n  - model: {ft2}\n    parameters: {{weight: 0.5}}\n",
 }
+
+
+# per method: the model with weight 0 (slerp: the base) and another
+WHERE = {"linear": ("base", "ft2"), "slerp": ("base", "ft2"), "task_arithmetic": ("ft1", "base")}
 
 
 @pytest.mark.parametrize("method", sorted(OP_CHECKED))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("where", ["base", "ft2"])
+@pytest.mark.parametrize("where", [0, 1])
 @pytest.mark.parametrize("blocks", ["one", "many"])
 def test_nonfinite_caught_by_the_operators_own_check(
     tmp_path: Path,
@@ -251,10 +257,10 @@ def test_nonfinite_caught_by_the_operators_own_check(
     monkeypatch: pytest.MonkeyPatch,
     method: str,
     dtype: torch.dtype,
-    where: str,
+    where: int,
     blocks: str,
 ) -> None:
-    """linear and slerp see NaN/Inf in their own sums (the reader does not scan their tensors):
+    """linear, slerp and task_arithmetic see NaN/Inf in their own sums (the reader does not scan their tensors):
     the same one-line error names the file, tensor and row, for a weight of 0 too (0 * Inf is
     NaN), in a tensor of one block or of many, and nothing is written."""
     from safetensors.torch import load_file, save_file
@@ -270,7 +276,7 @@ def test_nonfinite_caught_by_the_operators_own_check(
     extra = ["--block-size", "64"] if blocks == "many" else []
     assert main(["merge", str(cfg), str(tmp_path / "clean"), "--quiet", *extra]) == 0
     assert scans == [], "the reader scanned tensors the operator checks"
-    p = f[where] / "model.safetensors"
+    p = f[WHERE[method][where]] / "model.safetensors"
     tensors = load_file(str(p))
     for bad in (float("nan"), float("-inf")):
         tensors["model.layers.1.mlp.up_proj.weight"][17, 6] = bad

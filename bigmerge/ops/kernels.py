@@ -280,12 +280,15 @@ def _merge_part(
     plain_divisor: np.float32,
     lam: np.float32,
     out: np.ndarray,
+    outb: np.ndarray,
+    bad: np.ndarray,
     j0: int,
     j1: int,
     bf16: bool,
 ) -> None:
     """task_vector_merge on elements [j0, j1); inlined where bf16 is a constant, so the float32
     code has no bfloat16 branches in its loops (they cost it about a quarter of its speed)."""
+    bf16_out = outb.shape[0] > 0
     n = others.shape[0]
     bb = np.empty(_SUB, dtype=np.float32)
     d = np.empty((n, _SUB), dtype=np.float32)
@@ -372,9 +375,23 @@ def _merge_part(
         if lam != 1:
             for q in range(L):
                 mixed[q] = _round(np.float32(mixed[q] * lam), bf16)
-        o = out[c0 : c0 + L]
         for q in range(L):
-            o[q] = _round(np.float32(bb[q] + mixed[q]), bf16)
+            mixed[q] = _round(np.float32(bb[q] + mixed[q]), bf16)
+        bits = mixed.view(np.uint32)
+        nf = 0
+        for q in range(L):
+            nf += (bits[q] & np.uint32(0x7F800000)) == np.uint32(0x7F800000)
+        bad[0] += nf
+        if bf16_out:  # stored as bfloat16: rounded to nearest even here, as torch's cast rounds
+            ob = outb[c0 : c0 + L]
+            for q in range(L):
+                u = bits[q]
+                r = (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+                ob[q] = np.uint16(0x7FC0) if (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000) else np.uint16(r)
+        else:
+            o = out[c0 : c0 + L]
+            for q in range(L):
+                o[q] = mixed[q]
 
 
 @njit(cache=True, parallel=True)
@@ -392,7 +409,8 @@ def task_vector_merge(
     plain_divisor: np.float32,
     lam: np.float32,
     out: np.ndarray,
-    nparts: int,
+    outb: np.ndarray,
+    bad: np.ndarray,
     bf16: bool = False,
 ) -> None:
     """mergekit's generalized task arithmetic for one block, fused.
@@ -409,9 +427,12 @@ def task_vector_merge(
 
     xs: the flat sources, all bfloat16 bits (uint16) or all float32. The work goes through
     per-part buffers of _SUB elements in simple loops (no calls, few branches) that LLVM
-    vectorizes; the float32 operations and their order are the torch code's.
+    vectorizes; the float32 operations and their order are the torch code's. The result goes
+    to out (float32), or with outb non-empty to outb as bfloat16 bits (out then unused).
+    bad[p]: the non-finite results of part p (len(bad) parts).
     """
-    m = out.shape[0]
+    m = max(out.shape[0], outb.shape[0])
+    nparts = bad.shape[0]
     step = (m + nparts - 1) // nparts
     base = xs[base_row]
     for p in prange(nparts):
@@ -432,6 +453,8 @@ def task_vector_merge(
                 plain_divisor,
                 lam,
                 out,
+                outb,
+                bad[p : p + 1],
                 j0,
                 j1,
                 True,
@@ -451,6 +474,8 @@ def task_vector_merge(
                 plain_divisor,
                 lam,
                 out,
+                outb,
+                bad[p : p + 1],
                 j0,
                 j1,
                 False,

@@ -71,6 +71,17 @@ class TaskArithmeticOp(MergeOp):
     select_deltas = True
     workspace_per_source = 2.0
 
+    def checks_finite(self, task: TensorTask) -> bool:
+        """Plain task arithmetic (no selection, no sign election, no statistics): every source
+        value enters the fused kernel's sum, so a NaN or Inf shows in its result."""
+        return (
+            _fused(task)
+            and not self.sign_consensus
+            and not self._sparse_models(task)
+            and not self._stat_rounds(task)
+            and len(set(task.source_dtypes)) == 1
+        )
+
     # -- what is kept ------------------------------------------------------------------
 
     def check(self, task: TensorTask) -> None:
@@ -398,7 +409,15 @@ class TaskArithmeticOp(MergeOp):
         plain = weights.sum(dim=0, keepdim=True)
         plain[plain.abs() < 1e-8] = 1
         weights = weights.float()
-        out = sc.get("fused_out", (m,), torch.float32)
+        # a bfloat16 result is rounded in the kernel, into the writer's buffer when it offers one
+        bf16_out = task.out_dtype == torch.bfloat16
+        kind = torch.bfloat16 if bf16_out else torch.float32
+        out = block.dest
+        if out is None or out.dtype != kind or out.shape != shape:
+            out = sc.get("fused_out", shape, kind)
+        flat = out.reshape(-1).view(torch.int16 if bf16_out else torch.float32).numpy()
+        empty_f, empty_b = np.empty(0, np.float32), np.empty(0, np.int16)
+        bad = np.zeros(4 * kernels.threads(), dtype=np.int64)
         kernels.task_vector_merge(
             xs,
             b,
@@ -412,11 +431,14 @@ class TaskArithmeticOp(MergeOp):
             bool(task.shared["normalize"]),
             np.float32(plain.item()),
             np.float32(task.shared["lambda"]),
-            out.numpy(),
-            4 * kernels.threads(),
+            empty_f if bf16_out else flat,
+            flat if bf16_out else empty_b,
+            bad,
             dt == torch.bfloat16,
         )
-        return out.view(shape)
+        if self.checks_finite(task):
+            block.checked(int(bad.sum()))
+        return out
 
     def apply(self, task: TensorTask, block: Block, stats: Any) -> torch.Tensor:
         dt = task.compute_dtype
