@@ -11,7 +11,8 @@
 #   MPIRUN           mpirun to use (default: next to that python, else on PATH)
 #   BIGMERGE_BIND    mpirun --bind-to policy (default none: each rank runs several threads,
 #                    and mpirun's default pins a rank of a small job to a single core)
-#   MPIRUN_ARGS      more mpirun options, e.g. "--hostfile hosts" (word-split)
+#   MPIRUN_ARGS      more mpirun options, e.g. "--hostfile hosts" (word-split); without a
+#                    host option the run is on this node and OMPI_MCA_btl defaults to ^ofi
 #   AWS_*, BIGMERGE_IO_RETRIES, BIGMERGE_IO_RETRY_DELAY
 #                    forwarded to every rank by name (mpirun -x NAME), so that secret values
 #                    never appear on a command line
@@ -49,6 +50,13 @@ fi
 # Ranks wait on each other in the per-tensor reductions; a busy-polling wait steals the
 # core that the other ranks' merge threads need (measured: TIES on 2 ranks, 49 s -> 43 s).
 export OMPI_MCA_mpi_yield_when_idle="${OMPI_MCA_mpi_yield_when_idle:-1}"
+
+# One node: the ranks talk through shared memory. Open MPI's libfabric BTL ("ofi"), probed
+# at MPI_Init and closed when it finds no fabric, sleeps a whole second in every rank doing
+# so; leave it out unless MPIRUN_ARGS names other hosts (where a fabric such as EFA may need it).
+if [[ "${MPIRUN_ARGS:-}" != *host* ]]; then
+  export OMPI_MCA_btl="${OMPI_MCA_btl:-^ofi}"
+fi
 
 args=(-n "$ranks" --oversubscribe --bind-to "${BIGMERGE_BIND:-none}")
 for name in AWS_ENDPOINT_URL AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY AWS_SESSION_TOKEN AWS_PROFILE \

@@ -6,7 +6,7 @@ they are missing)::
     python tools/bench.py --preset medium            # or .venv/bin/python tools/bench.py ...
 
 Useful options: ``--methods linear ties``, ``--repeats 5``, ``--ranks 1 2`` (also time
-``mpirun -n 2 bigmerge merge``), ``--preset small`` for a quick check, ``--out DIR`` (default
+``launch/mpirun.sh -n 2``, mpirun as users run it on one node), ``--preset small`` for a quick check, ``--out DIR`` (default
 bench-out/), ``--mergekit PATH/TO/mergekit-yaml``, ``--bigmerge-args "--block-size 64M"``.
 Run without the project venv, the script re-executes itself under ``.venv/bin/python``.
 
@@ -118,6 +118,7 @@ def child_env(allow_gpu: bool) -> dict[str, str]:
     env = dict(os.environ)
     env.pop("_BIGMERGE_BENCH_REEXEC", None)
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env.update(BIGMERGE_PYTHON=sys.executable, MPIRUN=shutil.which("mpirun", path=str(Path(sys.executable).parent)) or "")
     if not allow_gpu:
         env["CUDA_VISIBLE_DEVICES"] = ""
     # Open MPI as root on one node with more ranks than cores (harmless otherwise).
@@ -831,9 +832,9 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     n = 1 if tool == "bigmerge" else int(tool.rsplit("n", 1)[1])
                     cmd = [*bm_cmd, "merge", str(cfg_path), str(target), *bm_args]
-                    if n > 1:
+                    if n > 1:  # as users run it on one node: launch/mpirun.sh (its mpirun settings)
                         assert mpirun is not None
-                        cmd = [mpirun, "-n", str(n), "--oversubscribe", *cmd]
+                        cmd = [str(REPO / "launch" / "mpirun.sh"), "-n", str(n), str(cfg_path), str(target), *bm_args]
                 loadavg = os.getloadavg()[0]
                 res = run_measured(cmd, env, logs / f"{method}-{tool}-r{rnd + 1}.log", args.timeout)
                 lines = res.pop("lines")
