@@ -26,13 +26,14 @@ from bigmerge.plan import Plan, block_memory
 
 # Source bytes merged per second per core, by operator family (GB/s), from tools/bench.py on
 # the 2-core development machine (medium preset, 4 x 1 GB bf16 sources, dtype float32, a quiet
-# machine): the merge phase less the output's write, over 2 cores. linear 2.6 s and
-# task_arithmetic 2.7 s for 3.98 GB; slerp 2.8 s for 1.99 GB, model_stock 4.4 s; ties 4.2 s,
-# dare_ties 3.8 s, breadcrumbs 4.5 s (della 10.7 s: its per-fiber ranks cost more).
+# machine, session 4): the merge phase less the floor's write of the output, over 2 cores, the
+# slower operator of each family. linear 1.5 s and task_arithmetic 2.0 s for 3.98 GB (2.2 and
+# 1.6); slerp 1.3 s for 1.99 GB (1.3), model_stock 3.3 s (0.7); ties 3.7 s (0.6), dare_ties
+# 3.4 s (0.7); della 11.9 s (0.17: its per-fiber ranks cost more than the family's).
 COMPUTE_GBPS_PER_CORE = {
-    "single_pass": 0.9,  # linear, task_arithmetic, passthrough, nearswap, fisher, dam
-    "statistics": 0.45,  # slerp, nuslerp, model_stock, multislerp, karcher (norms, dots, cosines)
-    "selection": 0.5,  # ties and every sparsifying operator (exact top-k, sign election)
+    "single_pass": 1.6,  # linear, task_arithmetic, passthrough, nearswap, fisher, dam
+    "statistics": 0.7,  # slerp, nuslerp, model_stock, multislerp, karcher (norms, dots, cosines)
+    "selection": 0.6,  # ties and every sparsifying operator (exact top-k, sign election)
 }
 SELECTION = {"ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "sce"}
 STATISTICS = {"slerp", "nuslerp", "multislerp", "karcher", "model_stock", "regmean"}
