@@ -28,6 +28,8 @@ What it does:
   alone (under mpirun the ranks are included: CPU summed over ranks, peak RSS the largest rank's). ``other CPU`` is the CPU time
   the rest of the machine used meanwhile (``/proc/stat`` busy time minus the child's): a
   measure of contention from other users.
+- Warm-up: one untimed bigmerge run per method before its rounds, so that no timed run pays
+  numba's compilation of the kernels (cached on disk after the first merge; ``--no-warmup``).
 - I/O floor (``tools/bench_floor.py``): read every input byte once (64 MiB ``readinto``) and
   write one fresh file the size of the merged model's weights, without fsync (neither tool
   fsyncs; ``--fsync-floor`` to change that), timed like the merges.
@@ -118,7 +120,9 @@ def child_env(allow_gpu: bool) -> dict[str, str]:
     env = dict(os.environ)
     env.pop("_BIGMERGE_BENCH_REEXEC", None)
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    env.update(BIGMERGE_PYTHON=sys.executable, MPIRUN=shutil.which("mpirun", path=str(Path(sys.executable).parent)) or "")
+    env.update(
+        BIGMERGE_PYTHON=sys.executable, MPIRUN=shutil.which("mpirun", path=str(Path(sys.executable).parent)) or ""
+    )
     if not allow_gpu:
         env["CUDA_VISIBLE_DEVICES"] = ""
     # Open MPI as root on one node with more ranks than cores (harmless otherwise).
@@ -678,6 +682,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--bigmerge-args", default="", help="extra arguments for `bigmerge merge`, e.g. '--block-size 64M'")
     ap.add_argument("--mergekit-args", default="", help="extra arguments for mergekit-yaml")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds before a run is killed (default 3600)")
+    ap.add_argument(
+        "--no-warmup", action="store_true", help="no untimed bigmerge run per method first (numba's kernel cache)"
+    )
     ap.add_argument("--no-check", action="store_true", help="skip comparing bigmerge's and mergekit's outputs")
     ap.add_argument("--fsync-floor", action="store_true", help="fsync the floor's output file (the tools do not)")
     ap.add_argument(
@@ -804,6 +811,22 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
         tools = [t for t in tool_order if supported or not t.startswith("bigmerge")]
+        if supported and any(t.startswith("bigmerge") for t in tools) and not args.no_warmup:
+            # numba compiles the kernels on first use and caches them on disk (as any merge after
+            # the first finds them): one untimed run, so no timed run pays the compilation
+            warm = work / f"{method}-warmup"
+            remove(warm)
+            t_w = time.perf_counter()
+            subprocess.run(
+                [*bm_cmd, "merge", str(cfg_path), str(warm), "--quiet", *bm_args],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                timeout=args.timeout,
+                check=False,
+            )
+            remove(warm)
+            print(f"bench: {method}: untimed warm-up run in {time.perf_counter() - t_w:.1f} s", file=sys.stderr)
         for rnd in range(args.repeats):
             k = rnd % len(tools)
             order = tools[k:] + tools[:k]
