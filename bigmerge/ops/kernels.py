@@ -42,6 +42,7 @@ def threads() -> int:
 HI_BINS = 1 << 15
 LO_BINS = 1 << 16
 _CHUNK = 1 << 16
+_LANES = 8  # chunks summed side by side (l1_of_bits)
 CHUNK = _CHUNK  # fixed chunks of the per-chunk float sums (l1_kept, drop_keep)
 
 
@@ -586,19 +587,39 @@ def magnitude_bits(xs: Any, base_row: int, row: int, out: np.ndarray, bf16: bool
 
 @njit(cache=True, parallel=True)
 def l1_of_bits(bits: np.ndarray, keep: np.ndarray, out: np.ndarray) -> None:
-    """l1_kept's sums from magnitudes given as bit patterns: per chunk, in float64, in order."""
+    """l1_kept's sums from magnitudes given as bit patterns: per chunk, in float64, in order.
+
+    Each chunk's sum is one chain of dependent additions; _LANES whole chunks are summed side
+    by side, one chain per vector lane, so the additions and their order (and the bits) are
+    those of one chunk at a time (0.74 -> 0.44 ns per element on 2 threads)."""
     m = bits.shape[0]
     mag = bits.view(np.float32)
-    for c in prange(out.shape[0]):
-        before = 0.0
-        after = 0.0
-        for j in range(c * _CHUNK, min(m, (c + 1) * _CHUNK)):
-            a = np.float64(mag[j])
-            before += a
-            if keep[j]:
-                after += a
-        out[c, 0] = before
-        out[c, 1] = after
+    nch = out.shape[0]
+    for g in prange((nch + _LANES - 1) // _LANES):
+        c0 = g * _LANES
+        if c0 + _LANES <= nch and (c0 + _LANES) * _CHUNK <= m:
+            before = np.zeros(_LANES)
+            after = np.zeros(_LANES)
+            for j in range(_CHUNK):
+                for v in range(_LANES):
+                    k = (c0 + v) * _CHUNK + j
+                    a = np.float64(mag[k])
+                    before[v] += a
+                    after[v] += a if keep[k] else 0.0  # + 0.0 leaves a sum of magnitudes as it is
+            for v in range(_LANES):
+                out[c0 + v, 0] = before[v]
+                out[c0 + v, 1] = after[v]
+            continue
+        for c in range(c0, min(nch, c0 + _LANES)):
+            b = 0.0
+            kept = 0.0
+            for j in range(c * _CHUNK, min(m, (c + 1) * _CHUNK)):
+                a = np.float64(mag[j])
+                b += a
+                if keep[j]:
+                    kept += a
+            out[c, 0] = b
+            out[c, 1] = kept
 
 
 def ordered_sum(parts: np.ndarray) -> float:
@@ -635,12 +656,18 @@ def _uniform_kernel(key: np.uint64, start: np.uint64, out: np.ndarray, nparts: i
     n = out.shape[0]
     step = (n + nparts - 1) // nparts
     for p in prange(nparts):
-        for j in range(p * step, min(n, (p + 1) * step)):
-            z = key + (start + np.uint64(j) + np.uint64(1)) * _GOLDEN
+        # 0-based slices and a signed conversion (the value has 24 bits: exact either way) let
+        # LLVM vectorize the loop: 0.52 -> 0.16 ns per draw on 2 threads, the same draws
+        j0 = p * step
+        j1 = min(n, j0 + step)
+        o = out[j0:j1]
+        first = key + (start + np.uint64(j0) + np.uint64(1)) * _GOLDEN
+        for q in range(j1 - j0):
+            z = first + np.uint64(q) * _GOLDEN
             z = (z ^ (z >> np.uint64(30))) * _MIX1
             z = (z ^ (z >> np.uint64(27))) * _MIX2
             z = z ^ (z >> np.uint64(31))
-            out[j] = np.float32(z >> np.uint64(40)) * _TO_UNIT
+            o[q] = np.float32(np.int64(z >> np.uint64(40))) * _TO_UNIT
 
 
 def uniform(key: int, start: int, out: np.ndarray) -> np.ndarray:
