@@ -95,7 +95,7 @@ def execute(
             blk.dest = dest(t, inputs)
         return blk
 
-    def note(t: TensorPlan, blk: Block) -> None:
+    def note(blk: Block) -> None:
         if blk.finite:
             checked.add(blk.index)
 
@@ -131,7 +131,7 @@ def execute(
                     _, _, inputs = next(stream)
                     blk = block(t, b, inputs, True)
                     out = op.apply(task, blk, None)
-                    note(t, blk)
+                    note(blk)
                     write(t, b, out, inputs)
                     if on_block:
                         on_block(sum(x.numel() * x.element_size() for x in inputs))
@@ -162,7 +162,7 @@ def execute(
                         inputs = inputs_of(b)
                     blk = block(t, b, inputs, False)
                     partial[b] = op.stats(rnd, task, blk, prev)
-                    note(t, blk)
+                    note(blk)
                     done_with(b, inputs)
                 reduced = reduce_stats(comm, partial, t.n_blocks)
                 prev = op.finish(rnd, task, reduced, prev)
@@ -170,7 +170,7 @@ def execute(
                 inputs = inputs_of(b)
                 blk = block(t, b, inputs, True)
                 out = op.apply(task, blk, prev)
-                note(t, blk)
+                note(blk)
                 write(t, b, out, inputs)
                 done_with(b, inputs)
             for inputs in cache.values():

@@ -114,18 +114,20 @@ class Block:
     # NaN/Inf are not allowed): what an operator calls when its kernel saw a non-finite value
     scan: Callable[[], None] | None = None
 
-    def nonfinite_seen(self) -> None:
-        """An operator's kernel met a NaN or Inf: raise the error naming the source value,
-        unless the sources are finite (an overflow of finite values) or NaN/Inf are allowed."""
-        if self.scan is not None:
-            self.scan()
-        self.finite = True  # scanned: the sources are finite (or allowed not to be)
-
     def checked(self, bad: int) -> None:
-        """Record a kernel's count of non-finite values it met: none marks the block checked."""
-        if bad:
-            self.nonfinite_seen()
+        """Record an operator's kernel's count of non-finite values it met. None: the block is
+        checked. Some: raise the error naming the source value (the reader's scan), unless the
+        sources are finite (an overflow of finite values) or NaN/Inf are allowed."""
+        if bad and self.scan is not None:
+            self.scan()
         self.finite = True
+
+    def output(self, name: str, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        """Where an operator puts its result: the writer's buffer (dest) when it has this shape
+        and dtype, else the scratch buffer `name`."""
+        if self.dest is not None and self.dest.dtype == dtype and self.dest.shape == shape:
+            return self.dest
+        return self.scratch.get(name, shape, dtype)
 
 
 @dataclass(frozen=True)

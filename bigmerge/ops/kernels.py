@@ -57,6 +57,14 @@ def _round(v: np.float32, bf16: bool) -> np.float32:
     return np.int32(b).view(np.float32)
 
 
+@njit(cache=True)
+def bf16_bits(u: np.uint32) -> np.uint16:
+    """The bfloat16 bits of the float32 with bits u, rounded to nearest even as torch rounds
+    (a NaN stays a NaN, 0x7FC0): what the kernels that store bfloat16 themselves write."""
+    r = (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+    return np.uint16(0x7FC0) if (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000) else np.uint16(r)
+
+
 _SUB = 1024  # elements per inner step of the block kernels: their buffers stay in L1
 NONE = np.int64(-1)  # a selection's threshold bits meaning "keep every element"
 NOTHING = np.int64(0x7FFFFFFF)  # with cutoff 0: a selection that keeps nothing
@@ -386,9 +394,7 @@ def _merge_part(
         if bf16_out:  # stored as bfloat16: rounded to nearest even here, as torch's cast rounds
             ob = outb[c0 : c0 + L]
             for q in range(L):
-                u = bits[q]
-                r = (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
-                ob[q] = np.uint16(0x7FC0) if (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000) else np.uint16(r)
+                ob[q] = bf16_bits(bits[q])
         else:
             o = out[c0 : c0 + L]
             for q in range(L):

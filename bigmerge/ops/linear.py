@@ -86,10 +86,7 @@ def _linear_kernel(xs, w, divisor, normalize, bf16_in, bf16_out, out, bad):  # t
             if bf16_out:
                 o = out[lo : lo + c]
                 for k in range(c):
-                    u = acc_bits[k]
-                    r = np.uint16((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
-                    # NaN stays NaN (0x7FC0), as torch makes it
-                    o[k] = np.uint16(0x7FC0) if (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000) else r
+                    o[k] = kernels.bf16_bits(acc_bits[k])
             else:
                 of = out.view(np.float32)[lo : lo + c]
                 for k in range(c):
@@ -137,9 +134,7 @@ class LinearOp(MergeOp):
         # rounding to bfloat16 once: in the compute dtype (bf16) or when stored (f32 compute, bf16 out)
         bf16_out = task.compute_dtype == torch.bfloat16 or task.out_dtype == torch.bfloat16
         kind = torch.bfloat16 if bf16_out else torch.float32
-        out = block.dest  # straight into the writer's buffer when it holds this dtype
-        if out is None or out.dtype != kind or out.shape != block.inputs[0].shape:
-            out = block.scratch.get("lin_out", block.inputs[0].shape, kind)
+        out = block.output("lin_out", block.inputs[0].shape, kind)  # the writer's buffer, if it can be
         bad = np.zeros(max(1, min(4 * threads(), out.numel() // _CHUNK)), dtype=np.int64)
         flat = [
             x.reshape(-1).view(torch.uint16 if src == torch.bfloat16 else torch.float32).numpy() for x in block.inputs

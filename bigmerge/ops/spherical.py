@@ -28,7 +28,7 @@ import torch
 from bigmerge.dist.comm import SerialComm, reduce_stats
 from bigmerge.errors import ConfigError
 from bigmerge.ops.base import Block, MergeOp, Param, Scratch, Stats, TensorTask, as_compute, require_base
-from bigmerge.ops.kernels import AVAILABLE, njit, prange
+from bigmerge.ops.kernels import AVAILABLE, bf16_bits, njit, prange
 
 _SEG = 1 << 16  # elements per partial sum: fixed, so sums never depend on thread counts
 _PARALLEL_MIN = 1 << 20  # elements of a block below which the kernels run on one thread
@@ -261,9 +261,7 @@ def _pair_lerp_part(
         o = out[c0:c1]  # 0-based slices: LLVM vectorizes the loops (out[c0 + j] it did not)
         if bf16_out:
             for j in range(n):
-                u = bits[j]
-                r = (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
-                o[j] = np.uint32(0x7FC0) if (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000) else r
+                o[j] = bf16_bits(bits[j])
         else:
             for j in range(n):
                 o[j] = bits[j]
@@ -513,9 +511,7 @@ class SlerpOp(StatsOp):
             # bfloat16 stored from float32 compute: rounded in the same pass, into the writer's buffer
             bf16_out = dt == torch.float32 and task.out_dtype == torch.bfloat16
             kind = torch.bfloat16 if bf16_out else torch.float32
-            out = block.dest
-            if out is None or out.dtype != kind or out.shape != shape:
-                out = sc.get("out", shape, kind)
+            out = block.output("out", shape, kind)
             flat = out.reshape(-1).view(torch.int16 if bf16_out else torch.int32).numpy()
             lerp = _pair_lerp_parallel if 2 * out.numel() >= _PARALLEL_MIN else _pair_lerp_serial
             lerp(*fused, np.float32(coef_a.item()), np.float32(coef_b.item()), flat, bf16_out)

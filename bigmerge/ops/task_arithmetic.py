@@ -412,9 +412,7 @@ class TaskArithmeticOp(MergeOp):
         # a bfloat16 result is rounded in the kernel, into the writer's buffer when it offers one
         bf16_out = task.out_dtype == torch.bfloat16
         kind = torch.bfloat16 if bf16_out else torch.float32
-        out = block.dest
-        if out is None or out.dtype != kind or out.shape != shape:
-            out = sc.get("fused_out", shape, kind)
+        out = block.output("fused_out", shape, kind)
         flat = out.reshape(-1).view(torch.int16 if bf16_out else torch.float32).numpy()
         empty_f, empty_b = np.empty(0, np.float32), np.empty(0, np.int16)
         bad = np.zeros(4 * kernels.threads(), dtype=np.int64)
