@@ -21,6 +21,10 @@ class StorageError(BigmergeError):
     """Object storage or the file system refused a read or a write."""
 
 
+class EvaluationError(BigmergeError):
+    """An evaluation of a candidate failed (its command, its backend), retries included."""
+
+
 class OutputExistsError(BigmergeError):
     """The output already holds a finished merge, or a merge of another config."""
 

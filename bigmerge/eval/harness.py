@@ -140,7 +140,7 @@ def load_model(path: str | os.PathLike[str], dtype: str = "float32") -> tuple[An
     return model, tok
 
 
-def _pick_metric(result: dict[str, Any]) -> tuple[str, float] | None:
+def pick_metric(result: dict[str, Any]) -> tuple[str, float] | None:
     numeric = {k: v for k, v in result.items() if "," in k and isinstance(v, (int, float)) and "stderr" not in k}
     for m in PREFERRED_METRICS:
         for k, v in numeric.items():
@@ -228,9 +228,22 @@ class Evaluator:
         """
         from lm_eval.models.huggingface import HFLM
 
-        # lm-eval's progress bars cannot be turned off: in quiet mode they go nowhere.
-        with contextlib.redirect_stderr(io.StringIO()) if self.quiet else contextlib.nullcontext():
+        with self._quiet():
             lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size, device=self.device)
+        return self.score_lm(lm, samples=samples)
+
+    def _quiet(self) -> Any:
+        # lm-eval's progress bars cannot be turned off: in quiet mode they go nowhere.
+        return contextlib.redirect_stderr(io.StringIO()) if self.quiet else contextlib.nullcontext()
+
+    @property
+    def include_path(self) -> str:
+        """The directory of the zoo's task YAML files (lm-eval's --include_path)."""
+        return self._dir
+
+    def score_lm(self, lm: Any, *, samples: dict[str, list[int]] | None = None) -> dict[str, float]:
+        """{task: score} of an lm-eval model object (HFLM, VLLM, ... as its registry builds them)."""
+        with self._quiet():
             res = self._lm_eval.simple_evaluate(
                 model=lm,
                 tasks=list(self.tasks),
@@ -245,7 +258,7 @@ class Evaluator:
             return {}
         out: dict[str, float] = {}
         for t in self.tasks:
-            picked = _pick_metric(res["results"].get(t, {}))
+            picked = pick_metric(res["results"].get(t, {}))
             if picked is None:
                 out[t] = math.nan
                 continue

@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from bigmerge.config import MergeConfig, parse_config, read_yaml
 from bigmerge.errors import ConfigError
+from bigmerge.eval.backends import CommandBackend, HFBackend, VLLMBackend, check_backend
 
 OPTIMIZERS = ("cmaes", "greedy")
 
@@ -75,6 +76,8 @@ class Fitness(_Strict):
     batch_size: int = Field(default=64, ge=1)
     device: str = "cpu"
     dtype: str = "float32"
+    # where candidates are scored: lm-eval's hf model (default), its vllm model, or a command
+    backend: HFBackend | VLLMBackend | CommandBackend = Field(default_factory=HFBackend, discriminator="type")
 
     def task_weights(self) -> dict[str, float]:
         from bigmerge.eval import resolve_tasks
@@ -99,6 +102,11 @@ class Evaluation(_Strict):
     workers: int = Field(default=1, ge=1)  # processes scoring candidates in parallel (MPI: the ranks)
     scratch: str | None = None  # disk mode: where candidates are merged (default OUT/scratch)
     memory_limit_gb: float = Field(default=8.0, gt=0)  # auto: in memory when the merged model is smaller
+    # disk mode: candidates on disk at once, merged or being merged and not yet scored. 2: the
+    # merge of candidate i+1 overlaps the scoring of candidate i; 1: one after the other
+    in_flight: int = Field(default=2, ge=1)
+    evaluators: int = Field(default=1, ge=1)  # disk mode: scorings at once (e.g. separate jobs)
+    keep_best: bool = True  # disk mode: keep the best search candidate's checkpoint in scratch
 
 
 class SearchConfig(_Strict):
@@ -115,15 +123,20 @@ class SearchConfig(_Strict):
         # `type` may be left out of a weights space
         if isinstance(data, dict) and isinstance(data.get("space"), dict) and "type" not in data["space"]:
             data = {**data, "space": {**data["space"], "type": "weights"}}
+        fit = data.get("fitness") if isinstance(data, dict) else None
+        if isinstance(fit, dict) and isinstance(fit.get("backend"), dict) and "type" not in fit["backend"]:
+            data = {**data, "fitness": {**fit, "backend": {**fit["backend"], "type": "hf"}}}
         return data
 
     def template(self) -> MergeConfig:
         return parse_config(self.merge, "merge")
 
     def fingerprint(self) -> str:
-        """What the journal's entries depend on (not the evaluation's parallelism)."""
+        """What the journal's entries depend on (not the evaluation's parallelism, nor which
+        backend computed the scores: an evaluator moved to another cluster keeps its journal)."""
         d = self.model_dump(mode="json")
         d.pop("evaluation")
+        d["fitness"].pop("backend")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -132,7 +145,8 @@ def _where(loc: tuple[Any, ...]) -> str:
         ".".join(
             str(p)
             for p in loc
-            if not str(p).startswith(("function-", "tagged-union")) and p not in ("weights", "layer_groups")
+            if not str(p).startswith(("function-", "tagged-union"))
+            and p not in ("weights", "layer_groups", "hf", "vllm", "command")
         )
         or "(top level)"
     )
@@ -175,6 +189,15 @@ def parse_search_config(data: Any, source: str = "search config") -> SearchConfi
     if cfg.fitness.heldout >= 1 and cfg.fitness.heldout != int(cfg.fitness.heldout):
         raise ConfigError(f"{source}: fitness.heldout: a fraction below 1 or a whole number of documents")
     cfg.fitness.task_weights()  # unknown zoo task names are known now
+    try:
+        check_backend(cfg.fitness.backend, own={"dtype": cfg.fitness.dtype})
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    if cfg.evaluation.mode == "memory" and not cfg.fitness.backend.in_memory():
+        raise ConfigError(
+            f"{source}: evaluation.mode 'memory': the {cfg.fitness.backend.type!r} backend scores a checkpoint "
+            "on disk; use mode 'disk' or 'auto'"
+        )
     return cfg
 
 

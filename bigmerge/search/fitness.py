@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from bigmerge.config import parse_config
+from bigmerge.dist.comm import SerialComm
 from bigmerge.errors import ConfigError
+from bigmerge.storage.export import MANIFEST_NAME
 from bigmerge.search.config import SearchConfig
 
 SPLITS = ("search", "heldout")
@@ -116,53 +118,108 @@ class CandidateScorer:
     def score(self, job: Job, comm: Any = None) -> dict[str, Any]:
         """{'scores': {task: score}, 'fitness': macro, 'seconds': {...}} of one job."""
         t0 = time.perf_counter()
-        config = parse_config(job.config, f"candidate {job.label}")
         if self.mode == "memory":
             from bigmerge.search.inmemory import build_model
 
+            config = parse_config(job.config, f"candidate {job.label}")
             tensors, plan = self.merger.merge(config)
             model = build_model(tensors, self.merger.hf_config(plan), self.cfg.fitness.dtype)
-            tok = self.tokenizer()
-        else:
-            model, tok = self._merge_to_disk(job, comm)
-            if model is None:  # an MPI rank other than 0: it helped merge, rank 0 scores
-                return {}
+            t1 = time.perf_counter()
+            samples = self.samples if job.split == "search" else None
+            scores = self.evaluator.score(job.label, model, self.tokenizer(), samples=samples)
+            return self._result(scores, t1 - t0, time.perf_counter() - t1)
+        comm = comm or SerialComm()
+        # one directory per worker process; under MPI, rank 0's, shared by the ranks
+        d = Path(self.scratch or "scratch") / (f"p{os.getpid()}" if comm.size == 1 else "mpi")
+        out = d / "model"
+        merge_candidate(comm, job.config, d / "candidate.yaml", out, overwrite=True)
+        if comm.rank != 0:  # it helped merge, rank 0 scores
+            return {}
         t1 = time.perf_counter()
-        samples = self.samples if job.split == "search" else None
-        scores = self.evaluator.score(job.label, model, tok, samples=samples)
-        t2 = time.perf_counter()
+        try:
+            res = self.score_checkpoint(job, out)
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
+        res["seconds"]["merge"] = round(t1 - t0, 3)
+        return res
+
+    def _result(self, scores: dict[str, float], merge_s: float, eval_s: float) -> dict[str, Any]:
         return {
             "scores": scores,
             "fitness": macro(scores, self.weights),
-            "seconds": {"merge": round(t1 - t0, 3), "eval": round(t2 - t1, 3)},
+            "seconds": {"merge": round(merge_s, 3), "eval": round(eval_s, 3)},
             "mode": self.mode,
+            "backend": self.cfg.fitness.backend.type,
             "pid": os.getpid(),
         }
 
-    def _merge_to_disk(self, job: Job, comm: Any = None) -> tuple[Any, Any]:
-        import yaml
-
-        from bigmerge.dist.comm import SerialComm
+    def score_checkpoint(self, job: Job, checkpoint: Path, work: Path | None = None) -> dict[str, Any]:
+        """Score the merged checkpoint of ``job`` with the configured backend (this process, or a
+        command whose lm-eval results are read back); ``work`` holds a command's output."""
         from bigmerge.eval import load_model
-        from bigmerge.merge import MergeOptions, run_merge
+        from bigmerge.eval.backends import (
+            CommandBackend,
+            build_lm,
+            command_line,
+            run_command,
+            scores_from_results,
+        )
 
-        assert self.scratch is not None
-        comm = comm or SerialComm()
-        # one directory per worker process; under MPI, rank 0's, shared by the ranks
-        d = Path(self.scratch) / (f"p{os.getpid()}" if comm.size == 1 else "mpi")
-        cfg_path = d / "candidate.yaml"
+        f = self.cfg.fitness
+        backend = f.backend
+        samples = self.samples if job.split == "search" else None
+        t0 = time.perf_counter()
+        if isinstance(backend, CommandBackend):
+            work = work or checkpoint.parent / f"{checkpoint.name}.eval"
+            output = work / "results"
+            work.mkdir(parents=True, exist_ok=True)
+            line = command_line(
+                backend,
+                model=str(checkpoint),
+                tasks=list(self.weights),
+                output=output,
+                include_path=self.evaluator.include_path,
+                samples=samples,
+                limit=None if samples is not None else f.heldout,
+                label=job.label,
+            )
+            results = run_command(backend, line, output, job.label, log_path=work / "eval.log")
+            scores, metrics = scores_from_results(results, list(self.weights), job.label)
+            self.evaluator.metric.update(metrics)
+        elif backend.in_memory():
+            model, tok = load_model(checkpoint, f.dtype)
+            scores = self.evaluator.score(job.label, model, tok, samples=samples)
+        else:
+            lm = build_lm(backend, str(checkpoint), batch_size=f.batch_size, device=f.device, dtype=f.dtype)  # type: ignore[arg-type]
+            scores = self.evaluator.score_lm(lm, samples=samples)
+        return self._result(scores, 0.0, time.perf_counter() - t0)
+
+
+def merge_candidate(comm: Any, config: dict[str, Any], cfg_path: Path, out: Path, overwrite: bool = False) -> bool:
+    """Merge a candidate's config into ``out`` with every rank, through the executor (collective).
+
+    A finished merge there (its manifest) is kept as it is (False: nothing merged); an interrupted
+    one resumes from its journal; one that cannot resume is removed and merged again."""
+    import yaml
+
+    from bigmerge.errors import OutputExistsError
+    from bigmerge.merge import MergeOptions, run_merge
+
+    finished = False
+    if comm.rank == 0:
+        cfg_path.parent.mkdir(parents=True, exist_ok=True)
+        cfg_path.write_text(yaml.safe_dump(config, sort_keys=False))
+        finished = not overwrite and (out / MANIFEST_NAME).is_file()
+    if comm.bcast(finished):
+        return False
+    try:
+        run_merge(str(cfg_path), str(out), comm, MergeOptions(overwrite=overwrite, quiet=True))
+    except OutputExistsError:  # a candidate directory left by a kill at a moment a merge cannot resume from
         if comm.rank == 0:
-            d.mkdir(parents=True, exist_ok=True)
-            cfg_path.write_text(yaml.safe_dump(job.config, sort_keys=False))
-        comm.barrier()
-        out = d / "model"
-        run_merge(str(cfg_path), str(out), comm, MergeOptions(overwrite=True, quiet=True))
-        if comm.rank != 0:
-            return None, None
-        try:
-            return load_model(out, self.cfg.fitness.dtype)
-        finally:
             shutil.rmtree(out, ignore_errors=True)
+        comm.barrier()
+        run_merge(str(cfg_path), str(out), comm, MergeOptions(overwrite=True, quiet=True))
+    return True
 
 
 # --- worker processes ------------------------------------------------------------------------

@@ -74,6 +74,9 @@ def write_results(s: Search, table: list[dict[str, Any]], chosen: str) -> dict[s
         "eval_seconds_total": round(sum(sum(e["seconds"].values()) for e in s.journal.entries), 1),
         "pareto_front": len(front),
     }
+    kept = getattr(s.backend, "best_checkpoint", lambda: None)()
+    if kept is not None:  # disk mode: the best search candidate's merged checkpoint, left in scratch
+        summary["best_checkpoint"] = {k: kept[k] for k in ("path", "label", "fitness")}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     (out / "report.md").write_text(_markdown(summary, tasks))
     try:

@@ -31,6 +31,7 @@ from bigmerge.errors import ConfigError, OutputExistsError
 from bigmerge.search.config import SearchConfig, load_search_config
 from bigmerge.search.fitness import CandidateScorer, Job, model_bytes
 from bigmerge.search.journal import Journal
+from bigmerge.search.pipeline import PipelineBackend
 from bigmerge.search.space import Space, WeightsSpace, linear_config, make_space, pool_models
 
 STATE_FILE = "search.json"
@@ -131,13 +132,19 @@ def _serve_batch(comm: Comm, scorer: CandidateScorer, jobs: list[Job]) -> list[d
 
 
 def serve(comm: Comm, scorer: CandidateScorer) -> None:
-    """Ranks other than 0: score what rank 0 sends until it says stop."""
+    """Ranks other than 0: score what rank 0 sends, or merge with it, until it says stop."""
+    from bigmerge.search.fitness import merge_candidate
+
     try:
         while True:
-            kind, jobs = comm.bcast(None)
+            kind, payload = comm.bcast(None)
             if kind == "stop":
                 return
-            _serve_batch(comm, scorer, jobs)
+            if kind == "merge":  # the pipeline (disk mode): one candidate, merged by every rank
+                config, cfg_path, out = payload
+                merge_candidate(comm, config, Path(cfg_path), Path(out))
+                continue
+            _serve_batch(comm, scorer, payload)
     finally:
         scorer.close()
 
@@ -163,7 +170,7 @@ class _OwnNumpyRandom:
 
 
 class Search:
-    def __init__(self, cfg: SearchConfig, out: Path, backend: Backend, journal: Journal, space: Space, log: Any):
+    def __init__(self, cfg: SearchConfig, out: Path, backend: Backend | PipelineBackend, journal: Journal, space: Space, log: Any):
         self.cfg = cfg
         self.out = out
         self.backend = backend
@@ -196,7 +203,9 @@ class Search:
                     "fitness": res["fitness"],
                     "seconds": res["seconds"],
                     "mode": res.get("mode"),  # memory or disk: where the candidate was merged
+                    "backend": res.get("backend"),  # what scored it: hf, vllm, command
                     "pid": res.get("pid"),  # the process that scored it (a worker, an MPI rank)
+                    **({"timeline": res["timeline"]} if "timeline" in res else {}),
                     "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 }
             )
@@ -298,8 +307,14 @@ def run_search(config_path: str, out_dir: str, comm: Comm, opts: SearchOptions) 
     log = _logger(comm, opts.quiet)
     ev = cfg.evaluation
     mode = opts.mode or ev.mode
+    if mode == "memory" and not cfg.fitness.backend.in_memory():
+        raise ConfigError(f"--mode memory: the {cfg.fitness.backend.type!r} backend scores a checkpoint on disk")
     if mode == "auto":  # in memory when the merged model fits one process comfortably
-        mode = "memory" if model_bytes(cfg) <= ev.memory_limit_gb * 1e9 else "disk"
+        fits = cfg.fitness.backend.in_memory() and model_bytes(cfg) <= ev.memory_limit_gb * 1e9
+        mode = "memory" if fits else "disk"
+    from bigmerge.eval.backends import check_installed
+
+    check_installed(cfg.fitness.backend)  # before any merge
     scratch = ev.scratch or str(out / "scratch")
     workers = opts.workers or ev.workers
     if comm.rank == 0:
@@ -312,8 +327,11 @@ def run_search(config_path: str, out_dir: str, comm: Comm, opts: SearchOptions) 
         assert scorer is not None
         serve(comm, scorer)
         return {}
-    backend: Backend
-    if comm.size > 1:
+    backend: Backend | PipelineBackend
+    if mode == "disk" and workers == 1:  # every rank merges each candidate, rank 0's evaluator scores
+        assert scorer is not None
+        backend = PipelineBackend(comm, scorer, Path(scratch), ev.in_flight, ev.evaluators, ev.keep_best)
+    elif comm.size > 1:
         backend = MPIBackend(comm, scorer)  # type: ignore[arg-type]
     elif workers > 1:
         backend = PoolBackend(cfg, mode, scratch, workers)
@@ -323,7 +341,13 @@ def run_search(config_path: str, out_dir: str, comm: Comm, opts: SearchOptions) 
     cats = catalog_models(template.model_refs()[:1], template.storage_options)
     space = make_space(cfg, cats[0].num_layers())
     journal = Journal(out / JOURNAL_FILE)
-    where = "in memory" if mode == "memory" else f"merged to {scratch}"
+    where = (
+        "in memory"
+        if mode == "memory"
+        else f"merged to {scratch} ({ev.in_flight} in flight)"
+        if isinstance(backend, PipelineBackend)
+        else f"merged to {scratch}"
+    ) + f", scored by {cfg.fitness.backend.type}"
     par = (
         f"{comm.size} MPI ranks"
         if comm.size > 1

@@ -1,0 +1,179 @@
+"""Disk mode at scale: every rank merges each candidate through the executor into scratch while rank 0's
+evaluator scores the one before it.
+
+    rank 0:   merge c0 ─ merge c1 ─ (wait) ─ merge c2 ─ …           every rank takes part in each merge
+    eval:              score c0 ─── score c1 ─── score c2 …          a thread: lm-eval here, or a command
+
+At most ``evaluation.in_flight`` candidates exist in scratch at once (merged or being merged, not yet
+scored): before a merge starts, rank 0 waits for a scoring to finish and removes that candidate's
+checkpoint. The best search candidate's checkpoint is kept (``keep_best``; one more directory, replaced
+when a better one is scored), and a held-out scoring of its config reuses it instead of merging again.
+
+A candidate's directory is named by its merge config, so that a rerun after a kill finds it: a
+finished merge there is scored without merging again, an interrupted one resumes from its block
+journal. Journal lines carry each candidate's merge and scoring times (``timeline``, seconds since
+the epoch) to show the overlap.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import time
+from collections.abc import Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from pathlib import Path
+from typing import Any
+
+from bigmerge.dist.faults import FAULT_ENV as EXECUTOR_FAULT_ENV
+from bigmerge.search.fitness import CandidateScorer, Job, merge_candidate
+from bigmerge.storage.export import MANIFEST_NAME
+
+BEST_FILE = "best.json"
+
+
+def candidate_dir(scratch: Path, config: dict[str, Any]) -> Path:
+    """One directory per merge config (both splits of one config share it)."""
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+    return scratch / f"c-{digest}"
+
+
+class PipelineBackend:
+    """Rank 0's side: merges in this thread (collectively, with the other ranks), scorings in a pool."""
+
+    def __init__(self, comm: Any, scorer: CandidateScorer, scratch: Path, in_flight: int, evaluators: int, keep_best: bool):
+        self.comm = comm
+        self.scorer = scorer
+        self.scratch = scratch
+        self.in_flight = in_flight
+        self.keep_best = keep_best
+        self.pool = ThreadPoolExecutor(evaluators, thread_name_prefix="bigmerge-eval")
+        scratch.mkdir(parents=True, exist_ok=True)
+        best = scratch / BEST_FILE
+        self.best: dict[str, Any] | None = json.loads(best.read_text()) if best.is_file() else None
+        if self.best is not None and not (scratch / self.best["dir"]).is_dir():
+            self.best = None
+        self.max_on_disk = 0  # most candidate directories seen at once, the kept best not counted
+        self.merges = 0  # candidates merged by this process (for fault injection)
+        self.scorings = 0
+
+    def run(self, jobs: list[Job]) -> Iterator[tuple[Job, dict[str, Any]]]:
+        wanted = {candidate_dir(self.scratch, j.config).name for j in jobs}
+        self._remove_stale(wanted)
+        pending: dict[Future[dict[str, Any]], tuple[Job, Path, list[float]]] = {}
+        try:
+            for job in jobs:
+                while len(pending) >= self.in_flight:
+                    yield from self._finish(pending, wait(pending, return_when=FIRST_COMPLETED).done)
+                d = candidate_dir(self.scratch, job.config)
+                t0 = time.time()
+                if not self._is_best(d) and not (d / MANIFEST_NAME).is_file():  # not merged by a killed run
+                    self._note_on_disk(len(pending) + 1)
+                    self.merges += 1
+                    _inject("merge", self.merges)
+                    self.comm.bcast(("merge", (job.config, str(d) + ".yaml", str(d))))
+                    merge_candidate(self.comm, job.config, Path(str(d) + ".yaml"), d)
+                timeline = [t0, time.time()]
+                pending[self.pool.submit(self._score, job, d, timeline)] = (job, d, timeline)
+            while pending:
+                yield from self._finish(pending, wait(pending, return_when=FIRST_COMPLETED).done)
+        except BaseException:
+            for fut in pending:  # scorings not started are dropped; a running one is waited for
+                fut.cancel()
+            wait(pending)
+            raise
+
+    def _score(self, job: Job, d: Path, timeline: list[float]) -> dict[str, Any]:
+        self.scorings += 1
+        _inject("eval", self.scorings)
+        t2 = time.time()
+        res = self.scorer.score_checkpoint(job, d, work=Path(str(d) + ".eval"))
+        t3 = time.time()
+        res["seconds"]["merge"] = round(timeline[1] - timeline[0], 3)
+        res["timeline"] = {"merge": [round(t, 3) for t in timeline], "eval": [round(t2, 3), round(t3, 3)]}
+        return res
+
+    def _finish(
+        self, pending: dict[Future[dict[str, Any]], tuple[Job, Path, list[float]]], done: set[Future[dict[str, Any]]]
+    ) -> Iterator[tuple[Job, dict[str, Any]]]:
+        """Results of finished scorings, in submission order; a failed one is raised after the
+        others that finished have been handed on (so that they are journaled)."""
+        error: BaseException | None = None
+        for fut in [f for f in pending if f in done]:
+            job, d, _ = pending.pop(fut)
+            try:
+                res = fut.result()
+            except BaseException as exc:  # noqa: BLE001 - re-raised below
+                error = error or exc
+                continue
+            self._keep_or_remove(job, d, res)
+            yield job, res
+        if error is not None:
+            raise error
+
+    def _is_best(self, d: Path) -> bool:
+        return self.best is not None and self.best["dir"] == d.name
+
+    def _keep_or_remove(self, job: Job, d: Path, res: dict[str, Any]) -> None:
+        if self._is_best(d):
+            _remove_extras(d)
+            return
+        if self.keep_best and job.split == "search" and (self.best is None or res["fitness"] > self.best["fitness"]):
+            old = self.best
+            self.best = {"dir": d.name, "label": job.label, "fitness": res["fitness"], "config": job.config}
+            tmp = self.scratch / (BEST_FILE + ".tmp")
+            tmp.write_text(json.dumps(self.best, indent=1))
+            tmp.replace(self.scratch / BEST_FILE)
+            if old is not None:
+                _remove(self.scratch / old["dir"])
+            _remove_extras(d)
+            return
+        _remove(d)
+
+    def _remove_stale(self, wanted: set[str]) -> None:
+        """Candidates of an earlier batch or a killed run that this batch does not ask for."""
+        for p in self.scratch.glob("c-*"):
+            name = p.name.split(".")[0]
+            if name not in wanted and not (self.best is not None and name == self.best["dir"]):
+                _remove(self.scratch / name)
+
+    def _note_on_disk(self, n: int) -> None:
+        self.max_on_disk = max(self.max_on_disk, n)
+
+    def best_checkpoint(self) -> dict[str, Any] | None:
+        if self.best is None:
+            return None
+        return {**self.best, "path": str(self.scratch / self.best["dir"])}
+
+    def close(self) -> None:
+        self.comm.bcast(("stop", None))
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.scorer.close()
+
+
+def _remove(d: Path) -> None:
+    shutil.rmtree(d, ignore_errors=True)
+    _remove_extras(d)
+
+
+def _remove_extras(d: Path) -> None:
+    Path(str(d) + ".yaml").unlink(missing_ok=True)
+    shutil.rmtree(str(d) + ".eval", ignore_errors=True)
+
+
+FAULT_ENV = "BIGMERGE_SEARCH_FAULT"
+
+
+def _inject(stage: str, n: int) -> None:
+    """For the kill tests: BIGMERGE_SEARCH_FAULT=merge:K kills this process (SIGKILL) after the
+    first block of its K-th merge; eval:K as its K-th scoring starts."""
+    spec = os.environ.get(FAULT_ENV, "")
+    if spec != f"{stage}:{n}":
+        return
+    if stage == "merge":
+        os.environ[EXECUTOR_FAULT_ENV] = "0:1:kill"  # rank 0, after one block written
+    else:
+        os.kill(os.getpid(), signal.SIGKILL)

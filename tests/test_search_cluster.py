@@ -1,0 +1,297 @@
+"""bigmerge search at cluster scale (issue 17): candidates merged by every rank through the executor
+into scratch, scored by a backend (here the real ``lm_eval`` CLI in a subprocess, the ``hf`` model on
+the CPU), the merge of one candidate overlapping the scoring of the one before; kills mid-merge and
+mid-scoring; a failing evaluation command; the vllm / multi-GPU hf backends' config checks.
+
+No GPU here: the ``vllm`` and ``hf`` ``parallelize`` backends are checked at config time only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from test_mpi import mpi_env, mpirun
+from zoo_fixture import small_zoo_dir
+
+from bigmerge.cli import main
+from bigmerge.errors import ConfigError
+from bigmerge.search.config import load_search_config
+
+LM_EVAL = Path(sys.executable).parent / "lm_eval"
+# the real lm-eval CLI on the candidate's checkpoint; {eval_args}: tasks, output, include path, split
+COMMAND = f"{LM_EVAL} --model hf --model_args pretrained={{model}},dtype=float32 --device cpu --batch_size 32 {{eval_args}}"
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def small_zoo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return small_zoo_dir(tmp_path_factory)
+
+
+def _cfg(zoo: Path, where: Path, mode: str = "memory", backend: dict[str, Any] | None = None, **ev: Any) -> Path:
+    fitness: dict[str, Any] = {"tasks": {"zoo_sort": 2, "zoo_fin": 1}, "heldout": 12, "limit": 8, "batch_size": 32}
+    if backend:
+        fitness["backend"] = backend
+    cfg: dict[str, Any] = {
+        "merge": {"merge_method": "linear", "models": [{"model": str(zoo / m)} for m in ("sort", "fin", "mix1")]},
+        "space": {"type": "weights", "constraint": "simplex"},
+        "optimizer": {"name": "cmaes", "popsize": 3, "budget": 3, "seed": 0},
+        "fitness": fitness,
+        "evaluation": {"mode": mode, "scratch": str(where / "scratch"), **ev},
+        "baselines": False,
+    }
+    where.mkdir(parents=True, exist_ok=True)
+    path = where / "search.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def _journal(out: Path) -> dict[str, dict[str, Any]]:
+    entries = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    by_key = {e["key"]: e for e in entries}
+    assert len(by_key) == len(entries)  # nothing scored twice
+    return by_key
+
+
+@pytest.fixture(scope="module")
+def serial(small_zoo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The reference: one process, candidates merged and scored in memory."""
+    where = tmp_path_factory.mktemp("serial")
+    assert main(["search", str(_cfg(small_zoo, where)), "--out", str(where / "run"), "--quiet"]) == 0
+    return where / "run"
+
+
+def _same_search(ref: Path, out: Path, backend: str) -> dict[str, dict[str, Any]]:
+    want, got = _journal(ref), _journal(out)
+    assert got.keys() == want.keys()  # the same candidates: CMA-ES saw the same fitness values
+    for k, e in got.items():
+        assert e["scores"] == want[k]["scores"], e["label"]
+        assert e["fitness"] == want[k]["fitness"] and e["x"] == want[k]["x"], e["label"]
+        assert (e["mode"], e["backend"]) == ("disk", backend), e["label"]
+    rows = lambda p: json.loads((p / "summary.json").read_text())["rows"]  # noqa: E731
+    assert rows(out) == rows(ref)
+    assert (out / "best.yaml").read_text() == (ref / "best.yaml").read_text()
+    return got
+
+
+def _candidates_on_disk(scratch: Path) -> int:
+    return sum(1 for p in scratch.glob("c-*") if p.is_dir() and "." not in p.name)
+
+
+@pytest.mark.slow
+def test_mpirun_merges_command_scores_with_real_lm_eval_as_the_in_memory_search(
+    small_zoo: Path, serial: Path, tmp_path: Path
+) -> None:
+    """Acceptance 1 and 2: every candidate merged by `mpirun -n 2` into scratch, scored by the real
+    lm_eval CLI; the same journal as the in-memory search key by key; the merge of candidate i+1
+    during the scoring of candidate i; never more than the candidates in flight (and the kept best)
+    on disk."""
+    cfg = _cfg(small_zoo, tmp_path, "disk", {"type": "command", "command": COMMAND, "timeout_s": 600}, in_flight=2)
+    out, scratch = tmp_path / "run", tmp_path / "scratch"
+    most, stop = [0], threading.Event()
+
+    def watch() -> None:  # the scratch directory, seen from outside, every 20 ms
+        while not stop.is_set():
+            if scratch.exists():
+                most[0] = max(most[0], _candidates_on_disk(scratch))
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        proc = mpirun(2, "search", str(cfg), "--out", str(out), env={"OMP_NUM_THREADS": "1"}, timeout=900)
+    finally:
+        stop.set()
+        watcher.join()
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = _same_search(serial, out, "command")
+    assert 1 <= most[0] <= 2 + 1  # in flight, plus the best candidate's checkpoint that is kept
+    # the kept best is the best search candidate; everything else was removed after its scoring
+    summary = json.loads((out / "summary.json").read_text())
+    kept = Path(summary["best_checkpoint"]["path"])
+    assert [p for p in scratch.glob("c-*") if p.is_dir()] == [kept]
+    assert (kept / "config.json").is_file()
+    # overlap, from the journal's timestamps: candidate i+1 was merged while candidate i was scored
+    gen = sorted((e for e in got.values() if e.get("role") == "cmaes"), key=lambda e: e["label"])
+    assert len(gen) == 3
+    for a, b in zip(gen, gen[1:]):
+        (m0, m1), (e0, e1) = b["timeline"]["merge"], a["timeline"]["eval"]
+        assert m0 < e1 and m1 > e0, (a["label"], a["timeline"], b["label"], b["timeline"])
+    # held-out scoring of the best config reused its kept checkpoint: no merge
+    (held,) = [e for e in got.values() if e["split"] == "heldout"]
+    assert held["timeline"]["merge"][1] - held["timeline"]["merge"][0] < 0.5
+
+
+def _search(cfg: Path, out: Path, fault: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("BIGMERGE_SEARCH_FAULT", None)
+    if fault:
+        env["BIGMERGE_SEARCH_FAULT"] = fault
+    cmd = [sys.executable, "-m", "bigmerge", "search", str(cfg), "--out", str(out), "--quiet"]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+
+
+@pytest.mark.slow
+def test_kills_mid_merge_and_mid_scoring_resume_to_the_same_best(small_zoo: Path, serial: Path, tmp_path: Path) -> None:
+    """Acceptance 3: SIGKILL during the third candidate's merge, then (rerun) during its scoring; the
+    last rerun scores only what no journal line holds and ends with the uninterrupted best.yaml."""
+    cfg = _cfg(small_zoo, tmp_path, "disk", in_flight=2)  # the hf backend in this process
+    out, scratch = tmp_path / "run", tmp_path / "scratch"
+    # run 1: c1 merged and scored, c2 merged (scoring), c3 killed after one block of its merge
+    p1 = _search(cfg, out, "merge:3")
+    assert p1.returncode == -9, p1.stderr[-2000:]
+    j1 = (out / "history.jsonl").read_text().splitlines()
+    assert len(j1) == 1 and not (out / "summary.json").exists()
+    assert _candidates_on_disk(scratch) == 3  # c1 kept as the best so far, c2, c3 half-merged
+    # run 2: c2's finished merge is scored without merging; c3's merge resumes; killed as c3's scoring starts
+    p2 = _search(cfg, out, "eval:2")
+    assert p2.returncode == -9, p2.stderr[-2000:]
+    j2 = (out / "history.jsonl").read_text().splitlines()
+    assert j2[:1] == j1 and len(j2) == 2
+    # run 3: only c3 (merged by run 2) and the held-out scoring are new
+    p3 = _search(cfg, out)
+    assert p3.returncode == 0, p3.stderr[-2000:]
+    j3 = (out / "history.jsonl").read_text().splitlines()
+    assert j3[:2] == j2 and len(j3) == 4
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["evaluations"]["run_now"] == 2 and summary["evaluations"]["taken_from_journal"] == 2
+    got = _same_search(serial, out, "hf")
+    assert got.keys() == _journal(serial).keys()
+
+
+def test_failing_command_is_retried_then_stops_with_one_line(
+    small_zoo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Acceptance 5: the command fails every time; it is tried 1 + retries times, then one line names
+    the candidate, the command and its last output; the journal keeps what was scored before."""
+    counter = tmp_path / "attempts"
+    # the first candidate is scored (fake results of the right shape), every later one fails
+    script = tmp_path / "eval.sh"
+    script.write_text(
+        "#!/bin/bash\n"
+        f'echo x >> {counter}\n'
+        f'if [ $(wc -l < {counter}) -gt 1 ]; then echo "loading {{model}}"; echo "CUDA out of memory on node 7"; exit 3; fi\n'
+        'mkdir -p "$2/m" && echo \'{"results": {"zoo_sort": {"acc,none": 0.5}, "zoo_fin": {"acc,none": 0.25}}}\''
+        ' > "$2/m/results_1.json"\n'
+    )
+    script.chmod(0o755)
+    backend = {"type": "command", "command": f"{script} {{model}} {{output}}", "retries": 2, "retry_delay_s": 0}
+    cfg = _cfg(small_zoo, tmp_path, "disk", backend)
+    out = tmp_path / "run"
+    capsys.readouterr()
+    assert main(["search", str(cfg), "--out", str(out)]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if "error" in ln]
+    assert len(err) == 1, err
+    assert "candidate 'cmaes g0.1'" in err[0] and "failed 3 time(s)" in err[0] and "exit 3" in err[0]
+    assert "CUDA out of memory on node 7" in err[0] and str(script) in err[0]
+    assert len(counter.read_text().splitlines()) == 1 + 3  # the first candidate, then 3 attempts
+    (line,) = (out / "history.jsonl").read_text().splitlines()
+    assert json.loads(line)["scores"] == {"zoo_sort": 0.5, "zoo_fin": 0.25}
+
+
+def test_timeout_kills_the_command(small_zoo: Path, tmp_path: Path) -> None:
+    from bigmerge.errors import EvaluationError
+    from bigmerge.eval.backends import CommandBackend, run_command
+
+    b = CommandBackend(command="sleep 30 # {model} {output}", timeout_s=0.5, retries=0)
+    t0 = time.monotonic()
+    with pytest.raises(EvaluationError, match=r"candidate 'c'.*timed out after 0.5 s"):
+        run_command(b, "echo started; sleep 30", tmp_path / "o", "c")
+    assert time.monotonic() - t0 < 10
+
+
+# --- backends checked at config time -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "backend,message",
+    [
+        ({"type": "vllm", "tensor_parallel_size": 0}, "tensor_parallel_size"),
+        ({"type": "vllm", "data_parallel_size": -1}, "data_parallel_size"),
+        ({"type": "vllm", "gpu_memory_utilization": 1.5}, "gpu_memory_utilization"),
+        ({"type": "vllm", "model_args": {"truncation_side": "up"}}, "truncation_side 'up' is not one of"),
+        ({"type": "vllm", "model_args": {"pretrained": "x"}}, "model_args.pretrained: set by bigmerge"),
+        ({"type": "vllm", "model_args": {"batch_size": 8}}, "model_args.batch_size: set by bigmerge"),
+        ({"type": "hf", "max_memory_per_gpu": "70GiB"}, "only with parallelize: true"),
+        ({"type": "hf", "parallelize": "sometimes"}, "parallelize"),
+        ({"type": "tgi"}, "fitness.backend"),
+        ({"type": "command", "command": "lm_eval {modle}"}, "unknown placeholder {modle}"),
+        ({"type": "command", "command": "lm_eval --output_path {output}"}, "must name the candidate"),
+        ({"type": "command", "command": "lm_eval {model}"}, "results must go to {output}"),
+        ({"type": "command", "command": "x {model} {eval_args}", "retries": -1}, "retries"),
+        ({"type": "command", "command": "x {model} {eval_args}", "timeout_s": 0}, "timeout_s"),
+    ],
+)
+def test_backend_arguments_are_checked_at_config_time(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], backend: dict[str, Any], message: str
+) -> None:
+    cfg: dict[str, Any] = {
+        "merge": {"merge_method": "linear", "models": [{"model": "a"}, {"model": "b"}]},
+        "fitness": {"tasks": {"zoo_sort": 1}, "backend": backend},
+    }
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("{", r"\{").replace("}", r"\}")):
+        load_search_config(path)
+    capsys.readouterr()
+    assert main(["search", str(path), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("bigmerge: error: ") and "\n" not in err and "fitness.backend" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_vllm_and_multi_gpu_hf_are_lm_evals_registered_models(tmp_path: Path) -> None:
+    """Good configs pass; the classes named are those lm-eval's registry builds (``--model vllm``,
+    ``--model hf``): vLLM's arguments are read from lm-eval's source, since vllm is not installed."""
+    from bigmerge.eval.backends import HFBackend, VLLMBackend, model_signature
+
+    cfg: dict[str, Any] = {
+        "merge": {"merge_method": "linear", "models": [{"model": "a"}, {"model": "b"}]},
+        "fitness": {
+            "tasks": {"zoo_sort": 1},
+            "dtype": "bfloat16",
+            "backend": {"type": "vllm", "tensor_parallel_size": 8, "data_parallel_size": 2, "max_model_len": 4096},
+        },
+    }
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    spec = load_search_config(path)
+    assert isinstance(spec.fitness.backend, VLLMBackend)
+    assert spec.fitness.backend.lm_args()["tensor_parallel_size"] == 8
+    sig = model_signature("vllm")
+    assert sig.cls == "lm_eval.models.vllm_causallms.VLLM"
+    assert {"tensor_parallel_size", "data_parallel_size", "max_model_len"} <= set(sig.params)
+    cfg["fitness"]["dtype"] = "float64"  # not a dtype lm-eval's VLLM takes
+    path.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ConfigError, match="dtype 'float64' is not one of"):
+        load_search_config(path)
+    cfg["fitness"] = {"tasks": {"zoo_sort": 1}, "backend": {"parallelize": True, "max_memory_per_gpu": "70GiB"}}
+    path.write_text(yaml.safe_dump(cfg))
+    spec = load_search_config(path)
+    assert isinstance(spec.fitness.backend, HFBackend) and not spec.fitness.backend.in_memory()
+    assert model_signature("hf").cls == "lm_eval.models.huggingface.HFLM" and "parallelize" in model_signature("hf").params
+    # memory mode cannot hand a model object to a backend that loads a checkpoint itself
+    cfg["evaluation"] = {"mode": "memory"}
+    path.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ConfigError, match="evaluation.mode 'memory'"):
+        load_search_config(path)
+
+
+def test_mpi_env_is_not_passed_to_the_evaluation_command() -> None:
+    from bigmerge.eval.backends import _child_env
+
+    os.environ["OMPI_COMM_WORLD_RANK"] = "0"
+    try:
+        assert "OMPI_COMM_WORLD_RANK" not in _child_env()
+    finally:
+        del os.environ["OMPI_COMM_WORLD_RANK"]
+    assert mpi_env()  # the helper the MPI tests use is importable here
