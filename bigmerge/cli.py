@@ -175,6 +175,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="cpu", help="torch device (default cpu)")
     e.add_argument("--dtype", default="float32", help="load dtype (default float32)")
     e.add_argument("--quiet", action="store_true", help="print only the table")
+    e.add_argument(
+        "--backend",
+        choices=("hf", "vllm", "command"),
+        default="hf",
+        help="hf (this process, default), vllm (lm-eval's vLLM model), or command (--command, per model)",
+    )
+    e.add_argument("--model-args", default=None, help="hf/vllm: more lm-eval model arguments, k=v,k=v")
+    e.add_argument("--command", dest="eval_command", default=None, help="--backend command: the template ({model}, {eval_args}, ...)")
+    e.add_argument("--timeout", type=float, default=None, help="--backend command: seconds per attempt")
+    e.add_argument("--retries", type=int, default=0, help="--backend command: attempts after a failed one")
 
     d = sub.add_parser(
         "dam",
@@ -200,11 +210,22 @@ def build_parser() -> argparse.ArgumentParser:
         "See configs/recycle-zoo.yaml.",
     )
     se.add_argument("config", help="search config (YAML)")
-    se.add_argument("--out", required=True, help="result directory (a rerun on it resumes from its journal)")
+    se.add_argument("--out", default=None, help="result directory (a rerun on it resumes from its journal)")
     se.add_argument("--workers", type=int, default=None, help="worker processes scoring candidates (default: config)")
     se.add_argument("--mode", choices=("auto", "memory", "disk"), default=None, help="where candidates are merged")
     se.add_argument("--overwrite", action="store_true", help="discard a previous search at OUT and start afresh")
     se.add_argument("--quiet", action="store_true")
+    sest = se.add_argument_group("--estimate: the whole search's time and bytes, before launching it")
+    sest.add_argument("--estimate", action="store_true", help="print the estimate and exit (reads only headers)")
+    sest.add_argument("--nodes", type=int, default=1, help="merge nodes (default 1)")
+    sest.add_argument("--ranks-per-node", type=int, default=1, help="ranks per node (default 1)")
+    sest.add_argument("--cores-per-node", type=int, default=None, help="cores per node (default: this machine's)")
+    sest.add_argument("--read-gbps", type=float, default=2.0, help="read GB/s per node from the sources (default 2)")
+    sest.add_argument("--write-gbps", type=float, default=1.0, help="write GB/s per node to scratch (default 1)")
+    sest.add_argument("--params", default=None, help="parameters per checkpoint (e.g. 100B) when headers are out of reach")
+    sest.add_argument(
+        "--eval-seconds", type=float, default=None, help="one candidate's scoring (default: measured in OUT's journal)"
+    )
 
     v = sub.add_parser("verify", help="re-check every tensor of a finished merge against its manifest")
     v.add_argument("out")
@@ -406,11 +427,45 @@ def cmd_search(args: argparse.Namespace) -> int:
     from bigmerge.dist.comm import get_comm
     from bigmerge.search.run import SearchOptions, run_search
 
-    if args.workers is not None and args.workers < 1:
-        from bigmerge.errors import ConfigError
+    from bigmerge.errors import ConfigError
 
+    if args.workers is not None and args.workers < 1:
         raise ConfigError(f"--workers must be at least 1, not {args.workers}")
+    if args.estimate:
+        return _search_estimate(args)
+    if args.out is None:
+        raise ConfigError("bigmerge search: --out DIR is required (the results and the journal go there)")
     run_search(args.config, args.out, get_comm(), SearchOptions(args.overwrite, args.quiet, args.workers, args.mode))
+    return 0
+
+
+def _search_estimate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from bigmerge.errors import ConfigError
+    from bigmerge.estimate import Cluster, parse_count
+    from bigmerge.search.config import load_search_config
+    from bigmerge.search.estimate import estimate_search
+
+    cfg = load_search_config(args.config)
+    if min(args.nodes, args.ranks_per_node) < 1:
+        raise ConfigError("--nodes and --ranks-per-node must be at least 1")
+    cores = args.cores_per_node or os.cpu_count() or 1
+    cluster = Cluster(args.nodes, args.ranks_per_node, cores, args.read_gbps, args.write_gbps, "direct")
+    params = None
+    if args.params is not None:
+        try:
+            params = parse_count(args.params)
+        except ValueError:
+            raise ConfigError(f"--params {args.params!r}: expected a count such as 100B, 8e9 or 1.5T") from None
+    journal = Path(args.out) / "history.jsonl" if args.out else None
+    e = estimate_search(cfg, cluster, params=params, eval_seconds=args.eval_seconds, journal=journal)
+    print(f"search        {args.config}: {cfg.optimizer.name}, {cfg.fitness.backend.type} backend")
+    print(
+        f"cluster       {args.nodes} node(s) x {args.ranks_per_node} rank(s), {cores} cores/node, "
+        f"read {args.read_gbps:g} GB/s, write {args.write_gbps:g} GB/s per node"
+    )
+    print(e.describe())
     return 0
 
 

@@ -241,6 +241,47 @@ def build_lm(backend: HFBackend | VLLMBackend, checkpoint: str, *, batch_size: i
     return cls.create_from_arg_obj(args, extra)  # type: ignore[attr-defined]
 
 
+def score_checkpoint(
+    evaluator: Any,
+    backend: Backend,
+    checkpoint: str | Path,
+    *,
+    label: str,
+    samples: dict[str, list[int]] | None = None,
+    work: Path | None = None,
+) -> dict[str, float]:
+    """{task: score} of a checkpoint directory with ``backend``, on the evaluator's tasks (its limit,
+    or ``samples``); a command's output goes under ``work`` (default: beside the checkpoint)."""
+    tasks = list(evaluator.tasks)
+    if isinstance(backend, CommandBackend):
+        work = work or Path(str(checkpoint).rstrip("/") + ".eval")
+        output = work / "results"
+        work.mkdir(parents=True, exist_ok=True)
+        line = command_line(
+            backend,
+            model=str(checkpoint),
+            tasks=tasks,
+            output=output,
+            include_path=evaluator.include_path,
+            samples=samples,
+            limit=None if samples is not None else evaluator.limit,
+            label=label,
+        )
+        results = run_command(backend, line, output, label, log_path=work / "eval.log")
+        scores, metrics = scores_from_results(results, tasks, label)
+        evaluator.metric.update(metrics)
+        return scores
+    if backend.in_memory():
+        from bigmerge.eval.harness import load_model
+
+        model, tok = load_model(checkpoint, evaluator.dtype)
+        return evaluator.score(label, model, tok, samples=samples)  # type: ignore[no-any-return]
+    lm = build_lm(
+        backend, str(checkpoint), batch_size=evaluator.batch_size, device=evaluator.device, dtype=evaluator.dtype
+    )
+    return evaluator.score_lm(lm, samples=samples)  # type: ignore[no-any-return]
+
+
 # --- a command per candidate ---------------------------------------------------------------------
 
 

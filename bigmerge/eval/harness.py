@@ -270,8 +270,10 @@ class Evaluator:
         models: Sequence[str | os.PathLike[str] | tuple[str, Any, Any]],
         *,
         log: Callable[[str], None] | None = None,
+        backend: Any = None,
     ) -> Table:
-        """Score every model (a checkpoint path, or (name, model, tokenizer)) on every task."""
+        """Score every model (a checkpoint path, or (name, model, tokenizer)) on every task; paths
+        with ``backend`` (bigmerge.eval.backends: hf, vllm, command) when given."""
         rows: list[str] = []
         scores: dict[str, dict[str, float]] = {}
         seconds: dict[str, float] = {}
@@ -281,10 +283,18 @@ class Evaluator:
                 name, model, tok = spec
             else:
                 name = str(spec)
-                model, tok = load_model(spec, self.dtype)
             if name in scores:
                 raise ConfigError(f"model {name!r} given twice")
-            scores[name] = self.score(name, model, tok)
+            if isinstance(spec, tuple):
+                scores[name] = self.score(name, model, tok)
+            elif backend is not None and not backend.in_memory():
+                from bigmerge.eval.backends import score_checkpoint
+
+                work = Path(tempfile.mkdtemp(prefix="eval-", dir=self._dir))
+                scores[name] = score_checkpoint(self, backend, spec, label=name, work=work)
+            else:
+                model, tok = load_model(spec, self.dtype)
+                scores[name] = self.score(name, model, tok)
             rows.append(name)
             seconds[name] = round(time.perf_counter() - t0, 2)
             if log:
@@ -306,6 +316,7 @@ def evaluate(
     device: str = "cpu",
     dtype: str = "float32",
     log: Callable[[str], None] | None = None,
+    backend: Any = None,
 ) -> Table:
     """Score models (checkpoint directories, or (name, model, tokenizer) tuples) on tasks -> Table."""
     if not models:
@@ -315,7 +326,7 @@ def evaluate(
         if not isinstance(spec, tuple):
             model_dir(spec)
     with Evaluator(tasks, limit=limit, batch_size=batch_size, device=device, dtype=dtype) as ev:
-        return ev.table(models, log=log)
+        return ev.table(models, log=log, backend=backend)
 
 
 def _limit(value: float | None) -> int | float | None:
@@ -329,6 +340,7 @@ def _limit(value: float | None) -> int | float | None:
 def run_cli(args: Any) -> int:
     """``bigmerge eval``: score, print the table, write JSON / Markdown / PNG under --out."""
     say = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    backend = cli_backend(args)
     table = evaluate(
         args.models,
         args.tasks,
@@ -337,6 +349,7 @@ def run_cli(args: Any) -> int:
         device=args.device,
         dtype=args.dtype,
         log=say,
+        backend=backend,
     )
     print(table.to_text())
     if args.out:
@@ -344,3 +357,38 @@ def run_cli(args: Any) -> int:
         if say:
             say("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
+
+
+def cli_backend(args: Any) -> Any:
+    """``--backend``, ``--model-args``, ``--command``, ``--timeout``, ``--retries`` as a checked backend."""
+    from typing import Annotated
+
+    from pydantic import Field, TypeAdapter, ValidationError
+
+    from bigmerge.eval.backends import Backend, check_backend
+
+    kind = getattr(args, "backend", "hf") or "hf"
+    spec: dict[str, Any] = {"type": kind}
+    if getattr(args, "model_args", None):
+        if kind == "command":
+            raise ConfigError("--model-args: for --backend hf or vllm; a command names its own model arguments")
+        pairs = [p for p in args.model_args.split(",") if p.strip()]
+        if any("=" not in p for p in pairs):
+            raise ConfigError(f"--model-args {args.model_args!r}: expected key=value,key=value")
+        import yaml
+
+        spec["model_args"] = {k.strip(): yaml.safe_load(v) for k, v in (p.split("=", 1) for p in pairs)}
+    if kind == "command":
+        if not getattr(args, "eval_command", None):
+            raise ConfigError("--backend command: give --command 'TEMPLATE' (placeholders {model}, {eval_args}, ...)")
+        spec.update(command=args.eval_command, timeout_s=args.timeout, retries=args.retries)
+    elif getattr(args, "eval_command", None):
+        raise ConfigError("--command: only with --backend command")
+    try:
+        backend = TypeAdapter(Annotated[Backend, Field(discriminator="type")]).validate_python(spec)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"][1:]) or "--backend"
+        raise ConfigError(f"--backend {kind}: {where}: {err['msg']}") from None
+    check_backend(backend, "--backend", own={"dtype": args.dtype})
+    return backend

@@ -156,42 +156,13 @@ class CandidateScorer:
     def score_checkpoint(self, job: Job, checkpoint: Path, work: Path | None = None) -> dict[str, Any]:
         """Score the merged checkpoint of ``job`` with the configured backend (this process, or a
         command whose lm-eval results are read back); ``work`` holds a command's output."""
-        from bigmerge.eval import load_model
-        from bigmerge.eval.backends import (
-            CommandBackend,
-            build_lm,
-            command_line,
-            run_command,
-            scores_from_results,
-        )
+        from bigmerge.eval.backends import score_checkpoint
 
-        f = self.cfg.fitness
-        backend = f.backend
         samples = self.samples if job.split == "search" else None
         t0 = time.perf_counter()
-        if isinstance(backend, CommandBackend):
-            work = work or checkpoint.parent / f"{checkpoint.name}.eval"
-            output = work / "results"
-            work.mkdir(parents=True, exist_ok=True)
-            line = command_line(
-                backend,
-                model=str(checkpoint),
-                tasks=list(self.weights),
-                output=output,
-                include_path=self.evaluator.include_path,
-                samples=samples,
-                limit=None if samples is not None else f.heldout,
-                label=job.label,
-            )
-            results = run_command(backend, line, output, job.label, log_path=work / "eval.log")
-            scores, metrics = scores_from_results(results, list(self.weights), job.label)
-            self.evaluator.metric.update(metrics)
-        elif backend.in_memory():
-            model, tok = load_model(checkpoint, f.dtype)
-            scores = self.evaluator.score(job.label, model, tok, samples=samples)
-        else:
-            lm = build_lm(backend, str(checkpoint), batch_size=f.batch_size, device=f.device, dtype=f.dtype)  # type: ignore[arg-type]
-            scores = self.evaluator.score_lm(lm, samples=samples)
+        scores = score_checkpoint(
+            self.evaluator, self.cfg.fitness.backend, checkpoint, label=job.label, samples=samples, work=work
+        )
         return self._result(scores, 0.0, time.perf_counter() - t0)
 
 
