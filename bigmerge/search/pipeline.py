@@ -59,6 +59,7 @@ class PipelineBackend:
         self.max_on_disk = 0  # most candidate directories seen at once, the kept best not counted
         self.merges = 0  # candidates merged by this process (for fault injection)
         self.scorings = 0
+        self.handed = 0  # results handed on (journaled by the caller)
 
     def run(self, jobs: list[Job]) -> Iterator[tuple[Job, dict[str, Any]]]:
         wanted = {candidate_dir(self.scratch, j.config).name for j in jobs}
@@ -73,7 +74,8 @@ class PipelineBackend:
                 if not self._is_best(d) and not (d / MANIFEST_NAME).is_file():  # not merged by a killed run
                     self._note_on_disk(len(pending) + 1)
                     self.merges += 1
-                    _inject("merge", self.merges)
+                    if _injected("merge", self.merges):  # killed after the merge's first block
+                        os.environ[EXECUTOR_FAULT_ENV] = "0:1:kill"
                     self.comm.bcast(("merge", (job.config, str(d) + ".yaml", str(d))))
                     merge_candidate(self.comm, job.config, Path(str(d) + ".yaml"), d)
                 timeline = [t0, time.time()]
@@ -88,7 +90,11 @@ class PipelineBackend:
 
     def _score(self, job: Job, d: Path, timeline: list[float]) -> dict[str, Any]:
         self.scorings += 1
-        _inject("eval", self.scorings)
+        if _injected("eval", self.scorings):  # once the scorings before it are journaled
+            deadline = time.time() + 120
+            while self.handed < self.scorings - 1 and time.time() < deadline:
+                time.sleep(0.01)
+            os.kill(os.getpid(), signal.SIGKILL)
         t2 = time.time()
         res = self.scorer.score_checkpoint(job, d, work=Path(str(d) + ".eval"))
         t3 = time.time()
@@ -99,8 +105,8 @@ class PipelineBackend:
     def _finish(
         self, pending: dict[Future[dict[str, Any]], tuple[Job, Path, list[float]]], done: set[Future[dict[str, Any]]]
     ) -> Iterator[tuple[Job, dict[str, Any]]]:
-        """Results of finished scorings, in submission order; a failed one is raised after the
-        others that finished have been handed on (so that they are journaled)."""
+        """Results of finished scorings, in submission order; a failed one is raised after every
+        other scoring that finishes has been handed on (so that it is journaled)."""
         error: BaseException | None = None
         for fut in [f for f in pending if f in done]:
             job, d, _ = pending.pop(fut)
@@ -111,7 +117,17 @@ class PipelineBackend:
                 continue
             self._keep_or_remove(job, d, res)
             yield job, res
-        if error is not None:
+            self.handed += 1
+        if error is not None:  # scorings already running finish and are journaled; queued ones are dropped
+            for fut in pending:
+                fut.cancel()
+            wait(pending)
+            for fut in list(pending):
+                job, d, _ = pending.pop(fut)
+                if not fut.cancelled() and fut.exception() is None:
+                    res = fut.result()
+                    self._keep_or_remove(job, d, res)
+                    yield job, res
             raise error
 
     def _is_best(self, d: Path) -> bool:
@@ -167,13 +183,7 @@ def _remove_extras(d: Path) -> None:
 FAULT_ENV = "BIGMERGE_SEARCH_FAULT"
 
 
-def _inject(stage: str, n: int) -> None:
+def _injected(stage: str, n: int) -> bool:
     """For the kill tests: BIGMERGE_SEARCH_FAULT=merge:K kills this process (SIGKILL) after the
     first block of its K-th merge; eval:K as its K-th scoring starts."""
-    spec = os.environ.get(FAULT_ENV, "")
-    if spec != f"{stage}:{n}":
-        return
-    if stage == "merge":
-        os.environ[EXECUTOR_FAULT_ENV] = "0:1:kill"  # rank 0, after one block written
-    else:
-        os.kill(os.getpid(), signal.SIGKILL)
+    return os.environ.get(FAULT_ENV, "") == f"{stage}:{n}"
