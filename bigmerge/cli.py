@@ -182,7 +182,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="hf (this process, default), vllm (lm-eval's vLLM model), or command (--command, per model)",
     )
     e.add_argument("--model-args", default=None, help="hf/vllm: more lm-eval model arguments, k=v,k=v")
-    e.add_argument("--command", dest="eval_command", default=None, help="--backend command: the template ({model}, {eval_args}, ...)")
+    e.add_argument(
+        "--command",
+        dest="eval_command",
+        default=None,
+        help="--backend command: the template ({model}, {eval_args}, ...)",
+    )
     e.add_argument("--timeout", type=float, default=None, help="--backend command: seconds per attempt")
     e.add_argument("--retries", type=int, default=0, help="--backend command: attempts after a failed one")
 
@@ -222,7 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     sest.add_argument("--cores-per-node", type=int, default=None, help="cores per node (default: this machine's)")
     sest.add_argument("--read-gbps", type=float, default=2.0, help="read GB/s per node from the sources (default 2)")
     sest.add_argument("--write-gbps", type=float, default=1.0, help="write GB/s per node to scratch (default 1)")
-    sest.add_argument("--params", default=None, help="parameters per checkpoint (e.g. 100B) when headers are out of reach")
+    sest.add_argument(
+        "--params", default=None, help="parameters per checkpoint (e.g. 100B) when headers are out of reach"
+    )
     sest.add_argument(
         "--eval-seconds", type=float, default=None, help="one candidate's scoring (default: measured in OUT's journal)"
     )
@@ -425,9 +432,8 @@ def cmd_dam(args: argparse.Namespace) -> int:
 
 def cmd_search(args: argparse.Namespace) -> int:
     from bigmerge.dist.comm import get_comm
-    from bigmerge.search.run import SearchOptions, run_search
-
     from bigmerge.errors import ConfigError
+    from bigmerge.search.run import SearchOptions, run_search
 
     if args.workers is not None and args.workers < 1:
         raise ConfigError(f"--workers must be at least 1, not {args.workers}")

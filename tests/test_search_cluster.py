@@ -28,7 +28,9 @@ from bigmerge.search.config import load_search_config
 
 LM_EVAL = Path(sys.executable).parent / "lm_eval"
 # the real lm-eval CLI on the candidate's checkpoint; {eval_args}: tasks, output, include path, split
-COMMAND = f"{LM_EVAL} --model hf --model_args pretrained={{model}},dtype=float32 --device cpu --batch_size 32 {{eval_args}}"
+COMMAND = (
+    f"{LM_EVAL} --model hf --model_args pretrained={{model}},dtype=float32 --device cpu --batch_size 32 {{eval_args}}"
+)
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -178,7 +180,7 @@ def test_failing_command_is_retried_then_stops_with_one_line(
     script = tmp_path / "eval.sh"
     script.write_text(
         "#!/bin/bash\n"
-        f'echo x >> {counter}\n'
+        f"echo x >> {counter}\n"
         f'if [ $(wc -l < {counter}) -gt 1 ]; then echo "loading {{model}}"; echo "CUDA out of memory on node 7"; exit 3; fi\n'
         'mkdir -p "$2/m" && echo \'{"results": {"zoo_sort": {"acc,none": 0.5}, "zoo_fin": {"acc,none": 0.25}}}\''
         ' > "$2/m/results_1.json"\n'
@@ -278,7 +280,9 @@ def test_vllm_and_multi_gpu_hf_are_lm_evals_registered_models(tmp_path: Path) ->
     path.write_text(yaml.safe_dump(cfg))
     spec = load_search_config(path)
     assert isinstance(spec.fitness.backend, HFBackend) and not spec.fitness.backend.in_memory()
-    assert model_signature("hf").cls == "lm_eval.models.huggingface.HFLM" and "parallelize" in model_signature("hf").params
+    assert (
+        model_signature("hf").cls == "lm_eval.models.huggingface.HFLM" and "parallelize" in model_signature("hf").params
+    )
     # memory mode cannot hand a model object to a backend that loads a checkpoint itself
     cfg["evaluation"] = {"mode": "memory"}
     path.write_text(yaml.safe_dump(cfg))
@@ -295,3 +299,40 @@ def test_mpi_env_is_not_passed_to_the_evaluation_command() -> None:
     finally:
         del os.environ["OMPI_COMM_WORLD_RANK"]
     assert mpi_env()  # the helper the MPI tests use is importable here
+
+
+# --- the estimate before launch --------------------------------------------------------------------
+
+
+def test_estimate_of_the_recycle_pool_reads_no_source(capsys: pytest.CaptureFixture[str]) -> None:
+    """configs/recycle-pool.yaml's sources are on an S3 bucket out of reach: --params stands in for
+    their headers; the README prints this output."""
+    args = ["search", str(REPO / "configs/recycle-pool.yaml"), "--estimate", "--nodes", "8", "--ranks-per-node", "8"]
+    args += ["--cores-per-node", "64", "--read-gbps", "10", "--write-gbps", "5", "--params", "100B"]
+    capsys.readouterr()
+    assert main([*args, "--eval-seconds", "1800"]) == 0
+    out = capsys.readouterr().out
+    assert "candidates    132: checkpoints + uniform soup 17, greedy trials 15, CMA-ES 96 (8 x 12), held-out 4" in out
+    assert "per candidate read 3.2 TB, write 200.0 GB to scratch" in out
+    assert "5 in flight, 4 evaluator(s)" in out
+    assert main(args) == 2  # no evaluation time given, no journal to measure it in
+    assert "give --eval-seconds" in capsys.readouterr().err
+
+
+def test_estimate_measures_the_first_candidate_in_the_journal(serial: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    capsys.readouterr()
+    assert main(["search", str(serial.parent / "search.yaml"), "--estimate", "--out", str(serial)]) == 0
+    out = capsys.readouterr().out
+    first = json.loads((serial / "history.jsonl").read_text().splitlines()[0])
+    assert f"({'measured: ' + first['label']} in the journal)" in out
+    assert "candidates    4: CMA-ES 3, held-out 1" in out  # the small zoo's headers were read
+
+
+def test_pipelined_batch_time_is_simulated_as_the_pipeline_runs() -> None:
+    from bigmerge.search.estimate import batch_seconds
+
+    assert batch_seconds(3, 1, 10, in_flight=1, evaluators=1) == 33  # merge, score, one after the other
+    assert batch_seconds(3, 1, 10, in_flight=2, evaluators=1) == 31  # merges hidden behind scorings
+    assert batch_seconds(3, 10, 1, in_flight=2, evaluators=1) == 31  # scorings hidden behind merges
+    assert batch_seconds(4, 1, 10, in_flight=5, evaluators=4) == 14  # four scorings at once
+    assert batch_seconds(4, 1, 10, in_flight=2, evaluators=4) == 23  # in_flight bounds them: two at a time

@@ -129,12 +129,17 @@ def main() -> None:
             "eval_s_mean": round(sum(evals) / len(evals), 2),
             "same_journal_as_first": same,
         }
-        print(f"{v:12s} wall {wall:7.1f} s  {len(got)} evaluations  merge {results[v]['merge_s_mean']:.2f} s  "
-              f"eval {results[v]['eval_s_mean']:.2f} s  same journal: {same}", flush=True)
+        print(
+            f"{v:12s} wall {wall:7.1f} s  {len(got)} evaluations  merge {results[v]['merge_s_mean']:.2f} s  "
+            f"eval {results[v]['eval_s_mean']:.2f} s  same journal: {same}",
+            flush=True,
+        )
     if "memory" in results:
-        for v, r in results.items():
+        for r in results.values():
             r["vs_memory"] = round(r["wall_s"] / results["memory"]["wall_s"], 2)
-    (base / "bench_search.json").write_text(json.dumps({"budget": a.budget, "limit": a.limit, "results": results}, indent=1))
+    (base / "bench_search.json").write_text(
+        json.dumps({"budget": a.budget, "limit": a.limit, "results": results}, indent=1)
+    )
     print(json.dumps(results, indent=1))
 
 

@@ -218,9 +218,8 @@ def check_installed(backend: Backend) -> None:
 
 def lm_eval_model_class(name: str) -> type:
     """The class lm-eval's registry gives for ``name`` (imports its module: vllm for 'vllm')."""
-    from lm_eval.api.registry import get_model
-
     import lm_eval.models  # noqa: F401 - registers the models
+    from lm_eval.api.registry import get_model
 
     try:
         return get_model(LM_EVAL_NAME[name])  # type: ignore[no-any-return]
@@ -413,7 +412,9 @@ def find_results(output: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) and isinstance(data.get("results"), dict) else None
 
 
-def scores_from_results(results: dict[str, Any], tasks: list[str], label: str) -> tuple[dict[str, float], dict[str, str]]:
+def scores_from_results(
+    results: dict[str, Any], tasks: list[str], label: str
+) -> tuple[dict[str, float], dict[str, str]]:
     """{task: score} (the metric bigmerge eval shows) from lm-eval's results JSON."""
     from bigmerge.eval.harness import pick_metric
 

@@ -54,7 +54,9 @@ class SearchEstimate:
 
         m = self.merge
         cand = self.candidates
-        phases = ", ".join(f"{name} {n * k}" + (f" ({n} x {k})" if n > 1 and k > 1 else "") for name, n, k in self.batches)
+        phases = ", ".join(
+            f"{name} {n * k}" + (f" ({n} x {k})" if n > 1 and k > 1 else "") for name, n, k in self.batches
+        )
         lines = [
             f"candidates    {cand}: {phases}",
             f"model         {self.params / 1e9:g}B parameters; per candidate read {_gb(m.bytes_read)}, "
@@ -143,7 +145,9 @@ def estimate_search(
         try:
             params = model_bytes(cfg) / src_item
         except Exception as exc:  # noqa: BLE001 - unreachable sources: say what to give instead
-            raise ConfigError(f"--estimate: cannot read the sources' headers ({exc}); give --params, e.g. 100B") from None
+            raise ConfigError(
+                f"--estimate: cannot read the sources' headers ({exc}); give --params, e.g. 100B"
+            ) from None
     if eval_seconds is not None:
         eval_from = "given"
     else:

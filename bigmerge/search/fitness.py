@@ -20,8 +20,8 @@ from typing import Any
 from bigmerge.config import parse_config
 from bigmerge.dist.comm import SerialComm
 from bigmerge.errors import ConfigError
-from bigmerge.storage.export import MANIFEST_NAME
 from bigmerge.search.config import SearchConfig
+from bigmerge.storage.export import MANIFEST_NAME
 
 SPLITS = ("search", "heldout")
 

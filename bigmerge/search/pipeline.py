@@ -44,7 +44,9 @@ def candidate_dir(scratch: Path, config: dict[str, Any]) -> Path:
 class PipelineBackend:
     """Rank 0's side: merges in this thread (collectively, with the other ranks), scorings in a pool."""
 
-    def __init__(self, comm: Any, scorer: CandidateScorer, scratch: Path, in_flight: int, evaluators: int, keep_best: bool):
+    def __init__(
+        self, comm: Any, scorer: CandidateScorer, scratch: Path, in_flight: int, evaluators: int, keep_best: bool
+    ):
         self.comm = comm
         self.scorer = scorer
         self.scratch = scratch

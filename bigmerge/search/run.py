@@ -170,7 +170,9 @@ class _OwnNumpyRandom:
 
 
 class Search:
-    def __init__(self, cfg: SearchConfig, out: Path, backend: Backend | PipelineBackend, journal: Journal, space: Space, log: Any):
+    def __init__(
+        self, cfg: SearchConfig, out: Path, backend: Backend | PipelineBackend, journal: Journal, space: Space, log: Any
+    ):
         self.cfg = cfg
         self.out = out
         self.backend = backend
