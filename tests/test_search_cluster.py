@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import yaml
 from test_mpi import mpi_env, mpirun
+from test_search_parallel import _journal
 from zoo_fixture import small_zoo_dir
 
 from bigmerge.cli import main
@@ -55,13 +56,6 @@ def _cfg(zoo: Path, where: Path, mode: str = "memory", backend: dict[str, Any] |
     path = where / "search.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
-
-
-def _journal(out: Path) -> dict[str, dict[str, Any]]:
-    entries = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
-    by_key = {e["key"]: e for e in entries}
-    assert len(by_key) == len(entries)  # nothing scored twice
-    return by_key
 
 
 @pytest.fixture(scope="module")

@@ -119,9 +119,17 @@ def test_disk_mode_scores_as_memory_mode(small_zoo: Path, serial: Path, tmp_path
     out = tmp_path / "run"
     assert main(["search", str(cfg), "--out", str(out), "--quiet"]) == 0
     _same_search(serial, out, "disk")
-    # each candidate went through the executor into this process's scratch store, then was removed
-    (d,) = (tmp_path / "scratch").iterdir()
-    assert d.name == f"p{os.getpid()}" and (d / "candidate.yaml").is_file() and not (d / "model").exists()
+    _only_the_best_is_left(tmp_path / "scratch", out)
+
+
+def _only_the_best_is_left(scratch: Path, out: Path) -> None:
+    """Each candidate went through the executor into scratch and was removed once scored, except
+    the best search candidate's checkpoint (the pipeline's keep_best)."""
+    best = json.loads((scratch / "best.json").read_text())
+    assert sorted(p.name for p in scratch.iterdir()) == ["best.json", best["dir"]]
+    assert (scratch / best["dir"] / "config.json").is_file()
+    searched = [e for e in _journal(out).values() if e["split"] == "search"]
+    assert best["fitness"] == max(e["fitness"] for e in searched)
 
 
 def test_mpi_disk_mode_merges_with_every_rank_and_scores_as_memory_mode(
@@ -133,7 +141,7 @@ def test_mpi_disk_mode_merges_with_every_rank_and_scores_as_memory_mode(
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = _same_search(serial, out, "disk")
     assert len({e["pid"] for e in got.values()}) == 1  # both ranks merge each candidate, rank 0 scores it
-    assert [d.name for d in (tmp_path / "scratch").iterdir()] == ["mpi"]
+    _only_the_best_is_left(tmp_path / "scratch", out)
 
 
 @pytest.mark.parametrize("method", ["linear", "ties"])

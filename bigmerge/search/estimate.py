@@ -61,7 +61,7 @@ class SearchEstimate:
             f"candidates    {cand}: {phases}",
             f"model         {self.params / 1e9:g}B parameters; per candidate read {_gb(m.bytes_read)}, "
             f"write {_gb(m.bytes_written)} to scratch",
-            f"merge         ~{_duration(m.seconds)} per candidate ({m.describe()})",
+            f"merge         per candidate {m.describe()}",
             f"evaluation    ~{_duration(self.eval_s)} per candidate ({self.eval_from})",
             f"whole search  ~{_duration(self.wall(self.in_flight >= 2))} wall"
             + (
