@@ -205,6 +205,17 @@ def test_timeout_kills_the_command(small_zoo: Path, tmp_path: Path) -> None:
     assert time.monotonic() - t0 < 10
 
 
+def test_a_command_that_writes_no_results_is_a_failure(tmp_path: Path) -> None:
+    from bigmerge.errors import EvaluationError
+    from bigmerge.eval.backends import CommandBackend, run_command
+
+    b = CommandBackend(command="true {model} {output}", retries=1, retry_delay_s=0)
+    with pytest.raises(
+        EvaluationError, match=r"failed 2 time\(s\) \(it wrote no lm-eval results under .*last output: done"
+    ):
+        run_command(b, "echo done", tmp_path / "o", "c")
+
+
 # --- backends checked at config time -------------------------------------------------------------
 
 

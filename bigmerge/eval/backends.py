@@ -348,7 +348,7 @@ def run_command(
             if code is None
             else f"exit {code}"
             if code != 0
-            else "it wrote no lm-eval results under {output}"
+            else f"it wrote no lm-eval results under {output}"
         )
         last = f"{why}; last output: {last}"
         if attempt < attempts:

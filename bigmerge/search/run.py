@@ -450,8 +450,12 @@ def _prepare_out(out: Path, cfg: SearchConfig, overwrite: bool) -> None:
 
 
 def _logger(comm: Comm, quiet: bool) -> Any:
+    # bound now: lm-eval's quiet scoring redirects sys.stderr while it runs, which in disk mode is
+    # in a thread beside the one that logs
+    err = sys.stderr
+
     def log(msg: str) -> None:
         if comm.rank == 0 and not quiet:
-            print(f"bigmerge: {msg}", file=sys.stderr, flush=True)
+            print(f"bigmerge: {msg}", file=err, flush=True)
 
     return log
