@@ -291,7 +291,7 @@ class Evaluator:
                 from bigmerge.eval.backends import score_checkpoint
 
                 work = Path(tempfile.mkdtemp(prefix="eval-", dir=self._dir))
-                scores[name] = score_checkpoint(self, backend, spec, label=name, work=work)
+                scores[name] = score_checkpoint(self, backend, Path(spec), label=name, work=work)
             else:
                 model, tok = load_model(spec, self.dtype)
                 scores[name] = self.score(name, model, tok)

@@ -137,7 +137,8 @@ def serve(comm: Comm, scorer: CandidateScorer) -> None:
 
     try:
         while True:
-            kind, payload = comm.bcast(None)
+            msg: Any = comm.bcast(None)
+            kind, payload = msg
             if kind == "stop":
                 return
             if kind == "merge":  # the pipeline (disk mode): one candidate, merged by every rank
