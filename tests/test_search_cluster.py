@@ -295,6 +295,23 @@ def test_vllm_and_multi_gpu_hf_are_lm_evals_registered_models(tmp_path: Path) ->
         load_search_config(path)
 
 
+def test_hf_through_lm_evals_registry_scores_as_the_in_process_evaluator(small_zoo: Path) -> None:
+    """The path the vllm and parallelize backends take (lm-eval's registry builds the model from the
+    checkpoint directory, as ``--model hf`` does), run on the CPU with the plain hf model; parallelize
+    itself needs CUDA (lm-eval moves inputs to cuda), so it is checked at config time only here."""
+    from bigmerge.eval import Evaluator
+    from bigmerge.eval.backends import HFBackend, build_lm, score_checkpoint
+
+    backend = HFBackend(model_args={"max_length": 256})  # not in memory: lm-eval loads the checkpoint
+    assert not backend.in_memory()
+    lm = build_lm(backend, str(small_zoo / "sort"), batch_size=32, device="cpu", dtype="float32")
+    assert type(lm).__name__ == "HFLM" and lm.max_length == 256
+    with Evaluator("zoo_sort,zoo_fin", limit=12, batch_size=32) as ev:
+        via_registry = score_checkpoint(ev, backend, small_zoo / "sort", label="sort")
+        in_process = score_checkpoint(ev, HFBackend(), small_zoo / "sort", label="sort")
+    assert via_registry == in_process and via_registry["zoo_sort"] > 0
+
+
 def test_mpi_env_is_not_passed_to_the_evaluation_command() -> None:
     from bigmerge.eval.backends import _child_env
 
