@@ -50,8 +50,6 @@ class SearchEstimate:
         return total
 
     def describe(self) -> str:
-        from bigmerge.estimate import _duration
-
         m = self.merge
         cand = self.candidates
         phases = ", ".join(
@@ -97,6 +95,10 @@ def batch_seconds(k: int, merge_s: float, eval_s: float, in_flight: int, evaluat
         ends.append(end)
         last = max(last, end)
     return last
+
+
+def _duration(s: float) -> str:
+    return f"{s:.1f} s" if s < 120 else f"{s / 60:.1f} min" if s < 7200 else f"{s / 3600:.1f} h"
 
 
 def _gb(n: float) -> str:
