@@ -205,6 +205,29 @@ def test_timeout_kills_the_command(small_zoo: Path, tmp_path: Path) -> None:
     assert time.monotonic() - t0 < 10
 
 
+def test_stopping_the_search_kills_running_commands_and_starts_no_retry(tmp_path: Path) -> None:
+    from bigmerge.eval.backends import STOP, CommandBackend, kill_running, run_command
+
+    b = CommandBackend(command="x {model} {output}", retries=3, retry_delay_s=0)
+    errors: list[BaseException] = []
+
+    def score() -> None:
+        try:
+            run_command(b, "sleep 60", tmp_path / "o", "c")
+        except BaseException as exc:  # noqa: BLE001 - the test looks at it
+            errors.append(exc)
+
+    t = threading.Thread(target=score)
+    t.start()
+    time.sleep(1)
+    t0 = time.monotonic()
+    kill_running()  # what the pipeline does when the search stops (Ctrl-C, a failed merge)
+    t.join(20)
+    STOP.clear()
+    assert not t.is_alive() and time.monotonic() - t0 < 10
+    assert "the search is stopping" in str(errors[0])
+
+
 def test_a_command_that_writes_no_results_is_a_failure(tmp_path: Path) -> None:
     from bigmerge.errors import EvaluationError
     from bigmerge.eval.backends import CommandBackend, run_command

@@ -28,6 +28,7 @@ import shlex
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -333,6 +334,8 @@ def run_command(
     attempts = backend.retries + 1
     last = ""
     for attempt in range(1, attempts + 1):
+        if STOP.is_set():
+            raise EvaluationError(f"candidate {label!r}: evaluation stopped: the search is stopping")
         if output.exists():  # left by an earlier attempt, or by a run that was killed
             import shutil
 
@@ -364,6 +367,7 @@ def _run_once(line: str, timeout: float | None, log_path: Path | None) -> tuple[
         proc = subprocess.Popen(
             ["bash", "-c", line], stdout=buf, stderr=subprocess.STDOUT, start_new_session=True, env=_child_env()
         )
+        _RUNNING.add(proc)
         try:
             code: int | None = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -372,6 +376,8 @@ def _run_once(line: str, timeout: float | None, log_path: Path | None) -> tuple[
         except BaseException:
             _kill_group(proc)  # a kill of the search (Ctrl-C) takes the evaluation with it
             raise
+        finally:
+            _RUNNING.discard(proc)
         buf.seek(0)
         text = buf.read().decode("utf-8", "replace")
     if log_path is not None:
@@ -379,6 +385,21 @@ def _run_once(line: str, timeout: float | None, log_path: Path | None) -> tuple[
             f.write(f"$ {line}\n{text}\n")
     tail = deque((ln.strip() for ln in text.splitlines() if ln.strip()), maxlen=1)
     return code, (tail[0] if tail else "")
+
+
+_RUNNING: set[subprocess.Popen[bytes]] = set()  # evaluation commands running in any thread
+STOP = threading.Event()  # set by kill_running: no further attempt starts (cleared by the next search)
+
+
+def kill_running() -> None:
+    """Stop every evaluation command still running (the search stops: Ctrl-C, an error elsewhere);
+    their threads then see a failed attempt and start no other."""
+    STOP.set()
+    for proc in list(_RUNNING):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:

@@ -53,6 +53,9 @@ class PipelineBackend:
         self.in_flight = in_flight
         self.keep_best = keep_best
         self.pool = ThreadPoolExecutor(evaluators, thread_name_prefix="bigmerge-eval")
+        from bigmerge.eval.backends import STOP
+
+        STOP.clear()  # a search stopped earlier in this process (tests, notebooks) does not stop this one
         scratch.mkdir(parents=True, exist_ok=True)
         best = scratch / BEST_FILE
         self.best: dict[str, Any] | None = json.loads(best.read_text()) if best.is_file() else None
@@ -85,8 +88,11 @@ class PipelineBackend:
             while pending:
                 yield from self._finish(pending, wait(pending, return_when=FIRST_COMPLETED).done)
         except BaseException:
-            for fut in pending:  # scorings not started are dropped; a running one is waited for
+            from bigmerge.eval.backends import kill_running
+
+            for fut in pending:  # scorings not started are dropped, running commands stopped
                 fut.cancel()
+            kill_running()
             wait(pending)
             raise
 
