@@ -311,7 +311,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from bigmerge.dist.comm import get_comm
+    from bigmerge.engine.comm import get_comm
     from bigmerge.merge import MergeOptions, run_merge
 
     if not gc.isenabled():  # entry() turned it off for the imports (torch's alone: ~0.4 s of collections)
@@ -403,7 +403,7 @@ def cmd_dam(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from bigmerge.dist.comm import get_comm
+    from bigmerge.engine.comm import get_comm
     from bigmerge.search.run import SearchOptions, run_search
 
     if args.workers is not None and args.workers < 1:
@@ -436,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
         "search": cmd_search,
         "dam": cmd_dam,
     }[args.command]
-    from bigmerge.dist.comm import get_comm, launched_by_mpi
+    from bigmerge.engine.comm import get_comm, launched_by_mpi
 
     comm = get_comm() if args.command in ("merge", "search") and launched_by_mpi() else None
     global _EXIT_NOW

@@ -15,9 +15,9 @@ from bigmerge import errors
 from bigmerge.catalog import ModelCatalog, catalog_models
 from bigmerge.config import MergeConfig, load_config
 from bigmerge.device import pick_device, share_cores
-from bigmerge.dist.comm import Comm
-from bigmerge.dist.executor import DEFAULT_CACHE_BYTES, execute
-from bigmerge.dist.reader import BlockReader
+from bigmerge.engine.comm import Comm
+from bigmerge.engine.executor import DEFAULT_CACHE_BYTES, execute
+from bigmerge.engine.reader import BlockReader
 from bigmerge.errors import BigmergeError, ConfigError, OutputExistsError
 from bigmerge.plan import DEFAULT_BLOCK_BYTES, Plan, build_plan
 from bigmerge.progress import Progress

@@ -265,7 +265,7 @@ def test_nonfinite_caught_by_the_operators_own_check(
     NaN), in a tensor of one block or of many, and nothing is written."""
     from safetensors.torch import load_file, save_file
 
-    import bigmerge.dist.reader as reader_mod
+    import bigmerge.engine.reader as reader_mod
 
     scans: list[int] = []
     real = reader_mod.first_nonfinite
@@ -544,7 +544,7 @@ def test_index_naming_a_tensor_no_shard_has(tmp_path: Path, capsys: pytest.Captu
 def test_nonfinite_scan_finds_the_first_bad_value_at_any_position(dtype: torch.dtype) -> None:
     """The reader's bit scan works in pieces of 4096: bad values at piece edges, several bad
     values, and the largest finite value (all exponent bits but one set) must come out right."""
-    from bigmerge.dist.finite import first_nonfinite
+    from bigmerge.engine.finite import first_nonfinite
 
     biggest = torch.finfo(dtype).max
     for n in (1, 4095, 4096, 4097, 10000):

@@ -17,7 +17,7 @@ from helpers import assert_bit_identical, load_output, write_checkpoint
 from safetensors.torch import save_file
 
 from bigmerge.cli import main as cli_main
-from bigmerge.dist.comm import SerialComm
+from bigmerge.engine.comm import SerialComm
 from bigmerge.errors import SourceError
 from bigmerge.merge import MergeOptions, run_merge
 from bigmerge.plan import Plan

@@ -12,7 +12,7 @@ import pytest
 import torch
 from helpers import assert_bit_identical, load_output, write_checkpoint
 
-from bigmerge.dist.comm import SerialComm
+from bigmerge.engine.comm import SerialComm
 from bigmerge.merge import MergeOptions, run_merge
 from bigmerge.ops.base import Scratch
 from bigmerge.storage.export import verify
@@ -106,7 +106,7 @@ def test_a_merge_stopped_midway_resumes_its_direct_io_blocks(tmp_path: Path, mon
     """Stopped after 4 blocks (the first ones O_DIRECT blocks of the large tensors), the rerun
     re-checks what the journal says against the bytes on disk, resumes them, merges the rest
     and ends byte-identical to an uninterrupted merge."""
-    from bigmerge.dist.faults import FAULT_ENV
+    from bigmerge.engine.faults import FAULT_ENV
     from bigmerge.storage.direct import PARTIAL_DIR
     from bigmerge.storage.export import MANIFEST_NAME
 

@@ -57,8 +57,8 @@ def test_the_reader_reuses_its_buffers(tmp_path: Path, monkeypatch: pytest.Monke
     buffers than the reads in flight hold (a pool that never got its buffers back allocated one
     per source per block, and peak memory then grew with the model)."""
     from bigmerge.config import load_config
-    from bigmerge.dist import reader as reader_module
-    from bigmerge.dist.reader import BlockReader
+    from bigmerge.engine import reader as reader_module
+    from bigmerge.engine.reader import BlockReader
     from bigmerge.merge import MergeOptions, plan_merge
 
     # the fixture's blocks are small: every one read alone, or a few to a coalesced read

@@ -11,7 +11,7 @@ from helpers import assert_bit_identical, load_output, synthetic_family, write_c
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bigmerge.dist.comm import SerialComm
+from bigmerge.engine.comm import SerialComm
 from bigmerge.errors import OutputExistsError
 from bigmerge.merge import MergeOptions, run_merge
 from bigmerge.storage.export import MANIFEST_NAME, verify
@@ -172,7 +172,7 @@ def test_direct_writer_resumes_from_its_journal_and_rechecks_what_it_resumes(
     """direct writer, stopped after 7 blocks: the rerun takes the journaled blocks whose bytes
     still match their CRC-32C, merges the rest (a torn journal line and a block with a flipped
     bit included) and ends bit-identical, with nothing half-written in sight before that."""
-    from bigmerge.dist.faults import FAULT_ENV
+    from bigmerge.engine.faults import FAULT_ENV
     from bigmerge.storage.direct import PARTIAL_DIR
     from bigmerge.storage.layout import Layout
 
@@ -389,7 +389,7 @@ def test_auto_writer_resumes_an_interrupted_zarr_merge(
 ) -> None:
     """A merge stopped under the zarr writer is resumed by the default writer, not restarted
     beside its store (which would be left behind in OUT)."""
-    from bigmerge.dist.faults import FAULT_ENV
+    from bigmerge.engine.faults import FAULT_ENV
 
     text = ties_cfg(family)
     ref = merge(text, tmp_path, "ref", block_bytes=256)

@@ -118,7 +118,7 @@ TESTED_ELSEWHERE = {"fisher": "test_data_informed.py", "regmean": "test_data_inf
 DRIVER = """
 import sys
 from pathlib import Path
-from bigmerge.dist.comm import get_comm
+from bigmerge.engine.comm import get_comm
 from bigmerge.merge import MergeOptions, run_merge
 comm = get_comm()
 for cfg in sorted(Path(sys.argv[1]).glob("*.yaml")):

@@ -19,7 +19,7 @@ import torch
 from helpers import assert_bit_identical, load_output, synthetic_family
 
 from bigmerge.cli import main as cli_main
-from bigmerge.dist.comm import SerialComm, reduce_stats
+from bigmerge.engine.comm import SerialComm, reduce_stats
 from bigmerge.merge import MergeOptions, run_merge
 from bigmerge.ops import get_op, kernels
 from bigmerge.ops.base import Block, Scratch, TensorTask

@@ -13,7 +13,7 @@ import pytest
 import torch
 from helpers import assert_bit_identical, load_output, synthetic_family
 
-from bigmerge.dist.comm import SerialComm
+from bigmerge.engine.comm import SerialComm
 from bigmerge.errors import ConfigError
 from bigmerge.merge import MergeOptions, run_merge
 

@@ -16,7 +16,7 @@ import pytest
 from helpers import REPO, assert_bit_identical, load_output, synthetic_family
 from test_mpi import mpirun
 
-from bigmerge.dist.comm import SerialComm
+from bigmerge.engine.comm import SerialComm
 from bigmerge.merge import STORE_DIR, MergeOptions, run_merge
 from bigmerge.storage.direct import PARTIAL_DIR
 from bigmerge.storage.export import MANIFEST_NAME

@@ -19,7 +19,7 @@ from fsspec.implementations.memory import MemoryFileSystem
 from helpers import assert_bit_identical, load_output, synthetic_family
 
 from bigmerge.cli import main
-from bigmerge.dist.comm import SerialComm
+from bigmerge.engine.comm import SerialComm
 from bigmerge.errors import StorageError
 from bigmerge.merge import MergeOptions, run_merge
 from bigmerge.storage.fs import Location, classify, retries_done

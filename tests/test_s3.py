@@ -115,7 +115,7 @@ def test_export_to_s3_is_assembled_by_the_server(
     import moto.s3.models
     import s3fs
 
-    from bigmerge.dist.comm import SerialComm
+    from bigmerge.engine.comm import SerialComm
     from bigmerge.merge import MergeOptions, run_merge
     from bigmerge.storage import export, layout
 

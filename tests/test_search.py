@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 
 from bigmerge.cli import main
 from bigmerge.config import parse_config
-from bigmerge.dist.comm import SerialComm
+from bigmerge.engine.comm import SerialComm
 from bigmerge.errors import ConfigError
 from bigmerge.merge import MergeOptions, run_merge
 from bigmerge.search.config import parse_search_config

@@ -16,7 +16,7 @@ from helpers import assert_bit_identical, bigmerge, load_output
 from test_mpi import mpirun
 from toy_models import make_family
 
-from bigmerge.dist.comm import SerialComm
+from bigmerge.engine.comm import SerialComm
 from bigmerge.merge import MergeOptions, run_merge
 
 EXTRA = {"ft1": ["<|a|>", "<|b|>"], "ft2": ["<|a|>"]}

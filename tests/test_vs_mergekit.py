@@ -21,7 +21,7 @@ from helpers import load_output
 from safetensors.torch import load_file
 from toy_models import family_files, make_family, sha256_file
 
-from bigmerge.dist.comm import SerialComm
+from bigmerge.engine.comm import SerialComm
 from bigmerge.merge import MergeOptions, run_merge
 
 GOLDEN = Path(__file__).parent / "golden"

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bigmerge.dist.comm import SerialComm, reduce_stats
+from bigmerge.engine.comm import SerialComm, reduce_stats
 from bigmerge.errors import ConfigError
 from bigmerge.ops import kernels, select
 from bigmerge.ops.base import Block, MergeOp, Param, Scratch, Stats, TensorTask, as_compute, require_base

@@ -142,7 +142,7 @@ class CandidateScorer:
     def _merge_to_disk(self, job: Job, comm: Any = None) -> tuple[Any, Any]:
         import yaml
 
-        from bigmerge.dist.comm import SerialComm
+        from bigmerge.engine.comm import SerialComm
         from bigmerge.eval import load_model
         from bigmerge.merge import MergeOptions, run_merge
 

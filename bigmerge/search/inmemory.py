@@ -16,9 +16,9 @@ import torch
 
 from bigmerge.catalog import ModelCatalog, catalog_models
 from bigmerge.config import MergeConfig
-from bigmerge.dist.comm import SerialComm
-from bigmerge.dist.executor import execute
-from bigmerge.dist.reader import BlockReader
+from bigmerge.engine.comm import SerialComm
+from bigmerge.engine.executor import execute
+from bigmerge.engine.reader import BlockReader
 from bigmerge.errors import SourceError
 from bigmerge.plan import DEFAULT_BLOCK_BYTES, Plan, TensorPlan, build_plan
 from bigmerge.storage.safetensors import DTYPES

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from bigmerge.dist.comm import Comm
+from bigmerge.engine.comm import Comm
 from bigmerge.errors import ConfigError, OutputExistsError
 from bigmerge.search.config import SearchConfig, load_search_config
 from bigmerge.search.fitness import CandidateScorer, Job, model_bytes

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bigmerge.dist.faults import disk_full_point
+from bigmerge.engine.faults import disk_full_point
 from bigmerge.errors import OutputExistsError, StorageError
 from bigmerge.plan import Plan, TensorPlan
 from bigmerge.storage.checksum import combine, crc32c, hex32

@@ -21,8 +21,8 @@ import numpy as np
 
 from bigmerge import __version__
 from bigmerge.catalog import INDEX_NAME, ModelCatalog
-from bigmerge.dist.comm import Comm
-from bigmerge.dist.faults import fault_point
+from bigmerge.engine.comm import Comm
+from bigmerge.engine.faults import fault_point
 from bigmerge.errors import SourceError, VerifyError
 from bigmerge.plan import Plan, TensorPlan
 from bigmerge.storage.checksum import combine, crc32c, hex32

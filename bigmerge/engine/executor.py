@@ -15,9 +15,9 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from bigmerge.dist.comm import Comm, reduce_stats
-from bigmerge.dist.faults import FAULT_ENV, fail_now, fault_spec  # noqa: F401 - FAULT_ENV re-exported
-from bigmerge.dist.reader import BlockReader
+from bigmerge.engine.comm import Comm, reduce_stats
+from bigmerge.engine.faults import FAULT_ENV, fail_now, fault_spec  # noqa: F401 - FAULT_ENV re-exported
+from bigmerge.engine.reader import BlockReader
 from bigmerge.ops import get_op
 from bigmerge.ops.base import Block, Scratch
 from bigmerge.plan import Plan, TensorPlan

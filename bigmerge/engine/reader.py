@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from bigmerge.dist.finite import first_nonfinite
+from bigmerge.engine.finite import first_nonfinite
 from bigmerge.errors import SourceError
 from bigmerge.plan import Plan, TensorPlan
 from bigmerge.storage.fs import Location, location
