@@ -222,7 +222,7 @@ def _human(n: float) -> str:
 
 def _cluster(args: argparse.Namespace) -> tuple[int, object]:
     from bigmerge.errors import ConfigError
-    from bigmerge.estimate import Cluster
+    from bigmerge.planning.estimate import Cluster
 
     rpn = args.ranks_per_node or (max(1, (args.world_size or 1) // args.nodes) if args.world_size else 1)
     world = args.world_size or args.nodes * rpn
@@ -233,10 +233,10 @@ def _cluster(args: argparse.Namespace) -> tuple[int, object]:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from bigmerge.config import load_config
     from bigmerge.errors import ConfigError
-    from bigmerge.estimate import estimate_model, estimate_plan, parse_count
     from bigmerge.merge import MergeOptions, plan_merge
+    from bigmerge.planning.config import load_config
+    from bigmerge.planning.estimate import estimate_model, estimate_plan, parse_count
 
     world, cluster = _cluster(args)
     if args.config is None:
@@ -415,7 +415,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from bigmerge.storage.export import verify
+    from bigmerge.output.export import verify
     from bigmerge.storage.fs import location
 
     n = verify(location(args.out))

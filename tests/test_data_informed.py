@@ -20,7 +20,7 @@ from bigmerge.cli import main as cli_main
 from bigmerge.engine.comm import SerialComm
 from bigmerge.errors import SourceError
 from bigmerge.merge import MergeOptions, run_merge
-from bigmerge.plan import Plan
+from bigmerge.planning.plan import Plan
 
 # -- the toy task ------------------------------------------------------------------------------
 
@@ -365,8 +365,8 @@ def test_missing_or_misshapen_statistics_tensor_is_refused(tmp_path: Path) -> No
 
 
 def test_statistics_are_in_the_plan_and_its_fingerprint(tmp_path: Path) -> None:
-    from bigmerge.config import load_config
     from bigmerge.merge import plan_merge
+    from bigmerge.planning.config import load_config
 
     fam = _family(tmp_path / "models")
     stats = _stats(tmp_path / "stats", fam)

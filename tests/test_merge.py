@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from bigmerge.engine.comm import SerialComm
 from bigmerge.errors import OutputExistsError
 from bigmerge.merge import MergeOptions, run_merge
-from bigmerge.storage.export import MANIFEST_NAME, verify
+from bigmerge.output.export import MANIFEST_NAME, verify
 from bigmerge.storage.fs import location
 
 
@@ -173,8 +173,8 @@ def test_direct_writer_resumes_from_its_journal_and_rechecks_what_it_resumes(
     still match their CRC-32C, merges the rest (a torn journal line and a block with a flipped
     bit included) and ends bit-identical, with nothing half-written in sight before that."""
     from bigmerge.engine.faults import FAULT_ENV
-    from bigmerge.storage.direct import PARTIAL_DIR
-    from bigmerge.storage.layout import Layout
+    from bigmerge.output.direct import PARTIAL_DIR
+    from bigmerge.output.layout import Layout
 
     text = ties_cfg(family)
     ref = merge(text, tmp_path, "ref", block_bytes=256)
@@ -193,8 +193,8 @@ def test_direct_writer_resumes_from_its_journal_and_rechecks_what_it_resumes(
     # the last line torn (as a crash mid-append leaves it), and one journaled block corrupted
     journal.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:3])
     ti, b, _ = map(int, lines[0].split())
-    from bigmerge.config import load_config
     from bigmerge.merge import plan_merge
+    from bigmerge.planning.config import load_config
 
     plan, _ = plan_merge(load_config(str(cfg)), 1, opts)
     layout = Layout.of(plan, opts.shard_bytes)
@@ -348,7 +348,7 @@ def test_store_shards_are_sized_to_their_tensor(family: dict[str, Path], tmp_pat
 
 
 def test_device_auto_and_local_rank(family: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from bigmerge.device import local_rank, pick_device
+    from bigmerge.engine.device import local_rank, pick_device
 
     monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_RANK", "3")
     assert local_rank() == 3

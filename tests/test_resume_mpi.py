@@ -18,9 +18,9 @@ from test_mpi import mpirun
 
 from bigmerge.engine.comm import SerialComm
 from bigmerge.merge import STORE_DIR, MergeOptions, run_merge
-from bigmerge.storage.direct import PARTIAL_DIR
-from bigmerge.storage.export import MANIFEST_NAME
-from bigmerge.storage.zarr_store import SHARD_KEY
+from bigmerge.output.direct import PARTIAL_DIR
+from bigmerge.output.export import MANIFEST_NAME
+from bigmerge.output.zarr_store import SHARD_KEY
 
 WRITERS = ["direct", "zarr"]  # the resume path of each writer
 

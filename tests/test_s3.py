@@ -117,7 +117,7 @@ def test_export_to_s3_is_assembled_by_the_server(
 
     from bigmerge.engine.comm import SerialComm
     from bigmerge.merge import MergeOptions, run_merge
-    from bigmerge.storage import export, layout
+    from bigmerge.output import export, layout
 
     monkeypatch.setattr(moto.s3.models, "S3_UPLOAD_PART_MIN_SIZE", 64)
     monkeypatch.setattr(export, "S3_MIN_PART", 64)

@@ -23,10 +23,10 @@ import yaml
 from safetensors.torch import load_file
 
 from bigmerge.cli import main
-from bigmerge.config import parse_config
 from bigmerge.engine.comm import SerialComm
 from bigmerge.errors import ConfigError
 from bigmerge.merge import MergeOptions, run_merge
+from bigmerge.planning.config import parse_config
 from bigmerge.search.config import parse_search_config
 from bigmerge.search.fitness import heldout_count
 from bigmerge.search.inmemory import InMemoryMerger, build_model

@@ -20,9 +20,9 @@ from bigmerge.engine.faults import FAULT_ENV, fail_now, fault_spec  # noqa: F401
 from bigmerge.engine.reader import BlockReader
 from bigmerge.ops import get_op
 from bigmerge.ops.base import Block, Scratch
-from bigmerge.plan import Plan, TensorPlan
+from bigmerge.output.zarr_store import BlockStore
+from bigmerge.planning.plan import Plan, TensorPlan
 from bigmerge.storage.safetensors import DTYPES, PAGE
-from bigmerge.storage.zarr_store import BlockStore
 
 DEFAULT_CACHE_BYTES = 512 * 1024 * 1024
 WRITERS = 3  # concurrent block writes: hides object-store latency, bounded memory

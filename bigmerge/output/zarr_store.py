@@ -24,7 +24,7 @@ import torch
 
 from bigmerge.engine.faults import disk_full_point
 from bigmerge.errors import OutputExistsError, StorageError
-from bigmerge.plan import Plan, TensorPlan
+from bigmerge.planning.plan import Plan, TensorPlan
 from bigmerge.storage.checksum import crc32c
 from bigmerge.storage.fs import Location
 from bigmerge.storage.safetensors import DTYPES

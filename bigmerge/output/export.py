@@ -20,18 +20,18 @@ from typing import Any
 import numpy as np
 
 from bigmerge import __version__
-from bigmerge.catalog import INDEX_NAME, ModelCatalog
 from bigmerge.engine.comm import Comm
 from bigmerge.engine.faults import fault_point
 from bigmerge.errors import SourceError, VerifyError
-from bigmerge.plan import Plan, TensorPlan
+from bigmerge.output.direct import DirectStore
+from bigmerge.output.layout import S3_MIN_PART, Layout
+from bigmerge.output.zarr_store import PREFIX, BlockStore
+from bigmerge.planning.catalog import INDEX_NAME, ModelCatalog
+from bigmerge.planning.plan import Plan, TensorPlan
+from bigmerge.planning.vocab import TOKENIZER_FILES, build_tokenizer, save_tokenizer
 from bigmerge.storage.checksum import combine, crc32c, hex32
-from bigmerge.storage.direct import DirectStore
 from bigmerge.storage.fs import Location, location
-from bigmerge.storage.layout import S3_MIN_PART, Layout
 from bigmerge.storage.safetensors import DTYPES, read_header
-from bigmerge.storage.zarr_store import PREFIX, BlockStore
-from bigmerge.vocab import TOKENIZER_FILES, build_tokenizer, save_tokenizer
 
 MANIFEST_NAME = "bigmerge-manifest.json"
 MANIFEST_VERSION = 2  # 2: a CRC-32C per tensor (1 had a sha256)

@@ -1,7 +1,7 @@
 """The direct writer: every block written once, at its final offset in the output files.
 
 For an output on a local or shared POSIX file system the whole layout of the checkpoint is
-known from the plan (`bigmerge.storage.layout`), so there is no need for the intermediate zarr
+known from the plan (`bigmerge.output.layout`), so there is no need for the intermediate zarr
 store and the copy out of it: each rank writes its blocks with `pwrite` into the output's
 safetensors files, kept under ``OUT/.bigmerge-partial/`` until the merge is complete. Export
 then renames them into place and writes the index, config, tokenizer and, last, the manifest.
@@ -30,12 +30,12 @@ import torch
 
 from bigmerge.engine.faults import disk_full_point
 from bigmerge.errors import OutputExistsError, StorageError
-from bigmerge.plan import Plan, TensorPlan
+from bigmerge.output.layout import Layout
+from bigmerge.output.zarr_store import STORE_FORMAT, to_storage
+from bigmerge.planning.plan import Plan, TensorPlan
 from bigmerge.storage.checksum import combine, crc32c, hex32
 from bigmerge.storage.fs import Location
-from bigmerge.storage.layout import Layout
 from bigmerge.storage.safetensors import PAGE
-from bigmerge.storage.zarr_store import STORE_FORMAT, to_storage
 
 PARTIAL_DIR = ".bigmerge-partial"
 PLAN_FILE = "bigmerge-plan.json"
