@@ -117,10 +117,10 @@ def test_export_to_s3_is_assembled_by_the_server(
 
     from bigmerge.engine.comm import SerialComm
     from bigmerge.merge import MergeOptions, run_merge
-    from bigmerge.output import export, layout
+    from bigmerge.output import layout, zarr_store
 
     monkeypatch.setattr(moto.s3.models, "S3_UPLOAD_PART_MIN_SIZE", 64)
-    monkeypatch.setattr(export, "S3_MIN_PART", 64)
+    monkeypatch.setattr(zarr_store, "S3_MIN_PART", 64)
     monkeypatch.setattr(layout, "S3_MIN_PART", 64)
     local, remote = s3_family
     c_local = tmp_path / "local.yaml"
@@ -129,13 +129,13 @@ def test_export_to_s3_is_assembled_by_the_server(
     c_s3.write_text(TIES.format(**remote))
     opts = MergeOptions(block_bytes=300, quiet=True)
     run_merge(str(c_local), str(tmp_path / "ref"), SerialComm(), opts)
-    before = dict(export.COPY_STATS)
+    before = dict(zarr_store.COPY_STATS)
     run_merge(str(c_s3), "s3://out-bkt/copied", SerialComm(), opts)
-    copied = export.COPY_STATS["blocks"] - before["blocks"]
-    copied_bytes = export.COPY_STATS["bytes"]
+    copied = zarr_store.COPY_STATS["blocks"] - before["blocks"]
+    copied_bytes = zarr_store.COPY_STATS["bytes"]
     monkeypatch.setenv("BIGMERGE_NO_SERVER_COPY", "1")
     run_merge(str(c_s3), "s3://out-bkt/streamed", SerialComm(), opts)
-    assert export.COPY_STATS["blocks"] - before["blocks"] == copied
+    assert zarr_store.COPY_STATS["blocks"] - before["blocks"] == copied
     out_bytes = sum(v.numel() * v.element_size() for v in load_output(tmp_path / "ref").values())
     assert copied > 10 and copied_bytes - before["bytes"] > out_bytes / 2, (copied, out_bytes)
     fs = s3fs.S3FileSystem(endpoint_url=s3_env["AWS_ENDPOINT_URL"], skip_instance_cache=True)

@@ -18,9 +18,9 @@ import torch
 from bigmerge.engine.comm import Comm, reduce_stats
 from bigmerge.engine.faults import FAULT_ENV, fail_now, fault_spec  # noqa: F401 - FAULT_ENV re-exported
 from bigmerge.engine.reader import BlockReader
+from bigmerge.engine.writer import BlockWriter
 from bigmerge.ops import get_op
 from bigmerge.ops.base import Block, Scratch
-from bigmerge.output.zarr_store import BlockStore
 from bigmerge.planning.plan import Plan, TensorPlan
 from bigmerge.storage.safetensors import DTYPES, PAGE
 
@@ -45,7 +45,7 @@ class ExecStats:
 def execute(
     plan: Plan,
     comm: Comm,
-    store: BlockStore,
+    store: BlockWriter,
     reader: BlockReader,
     done: set[tuple[int, int]],
     *,

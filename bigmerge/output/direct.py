@@ -28,7 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from bigmerge.engine.faults import disk_full_point
+from bigmerge.engine.comm import Comm
+from bigmerge.engine.faults import disk_full_point, fault_point
 from bigmerge.errors import OutputExistsError, StorageError
 from bigmerge.output.layout import Layout
 from bigmerge.output.zarr_store import STORE_FORMAT, to_storage
@@ -44,7 +45,7 @@ LAYOUT_VERSION = 2  # 2: headers padded so that large tensors start on a page
 
 
 class DirectStore:
-    """Same interface as the zarr BlockStore: prepare, write_block, done_blocks, loc."""
+    """Blocks written straight into the output files (a POSIX OUT); implements output.writer.Writer."""
 
     kind = "direct"
 
@@ -243,3 +244,17 @@ class DirectStore:
         for name in self.layout.names:
             src, dst = os.path.join(self.loc.path, name), os.path.join(self.out.path, name)
             self.loc.call(f"renaming {name} into place", lambda src=src, dst=dst: os.replace(src, dst))
+
+    def finish_files(
+        self, plan: Plan, comm: Comm, out: Location, shard_bytes: int
+    ) -> tuple[Layout, dict[str, str]]:
+        """The blocks are in place already: the files only move into the output directory.
+        Rank 0 gets every tensor's checksum (from the journal's block CRCs)."""
+        self.close()
+        fault_point(comm.rank, "export")
+        comm.barrier()  # every rank's blocks and journal lines are written
+        hashes: dict[str, str] = {}
+        if comm.rank == 0:
+            hashes = self.tensor_checksums()
+            self.publish()
+        return self.layout, hashes

@@ -67,7 +67,7 @@ class InMemoryMerger:
         store = MemoryStore(plan)
         reader = BlockReader(plan, cfg.storage_options, threads=self.io_threads, prefetch=1)
         try:
-            execute(plan, SerialComm(), store, reader, set())  # type: ignore[arg-type] - duck-typed store
+            execute(plan, SerialComm(), store, reader, set())
         finally:
             reader.close()
         return store.tensors, plan
