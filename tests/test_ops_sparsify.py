@@ -19,7 +19,7 @@ import torch
 from helpers import assert_bit_identical, load_output, synthetic_family
 
 from bigmerge.cli import main as cli_main
-from bigmerge.engine.comm import SerialComm, reduce_stats
+from bigmerge.engine.comm import SerialComm, reduce_one_block, reduce_stats
 from bigmerge.merge import MergeOptions, run_merge
 from bigmerge.ops import get_op, kernels
 from bigmerge.ops.base import Block, Scratch, TensorTask
@@ -57,7 +57,8 @@ def run_op(
 
     def block(b: int) -> Block:
         r0, r1 = b * block_rows, min(rows, (b + 1) * block_rows)
-        return Block(b, r0, r1, [x[r0:r1] if x.dim() else x for x in inputs], scratch)
+        rows_b = [x[r0:r1] if x.dim() else x for x in inputs]
+        return Block(b, r0, r1, rows_b, scratch, reduce=lambda s: reduce_one_block(b, s))
 
     prev = None
     for rnd in range(op.rounds(task)):

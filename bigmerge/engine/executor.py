@@ -8,6 +8,7 @@ own no block of a tensor still join its reductions, in the same tensor order.
 
 from __future__ import annotations
 
+import functools
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from bigmerge.engine.comm import Comm, reduce_stats
+from bigmerge.engine.comm import Comm, reduce_one_block, reduce_stats
 from bigmerge.engine.faults import FAULT_ENV, fail_now, fault_spec  # noqa: F401 - FAULT_ENV re-exported
 from bigmerge.engine.reader import BlockReader
 from bigmerge.engine.writer import BlockWriter
@@ -189,4 +190,4 @@ def _block(t: TensorPlan, b: int, inputs: list[torch.Tensor], scratch: Scratch, 
     aux = reader.take_aux(t, b)  # stays on the host: an operator moves what it needs (and may memoise it)
     if scratch.device.type != "cpu":  # a GPU rank: the block's inputs go to its device
         inputs = [x.to(scratch.device, non_blocking=True) for x in inputs]
-    return Block(b, r0, r1, inputs, scratch, aux=aux)
+    return Block(b, r0, r1, inputs, scratch, aux=aux, reduce=functools.partial(reduce_one_block, b))

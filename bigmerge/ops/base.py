@@ -113,6 +113,10 @@ class Block:
     # scan the inputs for NaN/Inf and raise the reader's error naming the first one (when
     # NaN/Inf are not allowed): what an operator calls when its kernel saw a non-finite value
     scan: Callable[[], None] | None = None
+    # the exact reduction of this block's statistics when it is its tensor's only block (the
+    # engine's reduce_stats over one block), given by the executor: operators reduce with the
+    # function they are given and never import the engine
+    reduce: Callable[[Stats], Stats] | None = None
 
     def checked(self, bad: int) -> None:
         """Record an operator's kernel's count of non-finite values it met. None: the block is
@@ -121,6 +125,12 @@ class Block:
         if bad and self.scan is not None:
             self.scan()
         self.finite = True
+
+    def reduce_alone(self, stats: Stats) -> Stats:
+        """This block's statistics reduced as its whole tensor's (a one-block tensor)."""
+        if self.reduce is None:
+            raise RuntimeError("Block.reduce is not set: the executor gives it to every block")
+        return self.reduce(stats)
 
     def output(self, name: str, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tensor:
         """Where an operator puts its result: the writer's buffer (dest) when it has this shape

@@ -25,7 +25,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from bigmerge.engine.comm import SerialComm, reduce_stats
 from bigmerge.errors import ConfigError
 from bigmerge.ops.base import Block, MergeOp, Param, Scratch, Stats, TensorTask, as_compute, require_base
 from bigmerge.ops.kernels import AVAILABLE, bf16_bits, njit, prange
@@ -417,7 +416,7 @@ class StatsOp(MergeOp):
             return stats
         prev: Any = None
         for rnd in range(self.stat_rounds(task)):
-            reduced = reduce_stats(SerialComm(), {block.index: self.stats(rnd, task, block, prev)}, 1)
+            reduced = block.reduce_alone(self.stats(rnd, task, block, prev))
             prev = self.finish(rnd, task, reduced, prev)
         return prev
 

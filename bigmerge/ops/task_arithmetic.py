@@ -18,7 +18,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from bigmerge.engine.comm import SerialComm, reduce_stats
 from bigmerge.errors import ConfigError
 from bigmerge.ops import kernels, select
 from bigmerge.ops.base import Block, MergeOp, Param, Scratch, Stats, TensorTask, as_compute, require_base
@@ -136,7 +135,7 @@ class TaskArithmeticOp(MergeOp):
         if self.select_deltas and _fused(task, block) and self._phases(task)[:3] == [HI, LO, TIES]:
             prev, start = self._local_selections(task, block)
         for rnd in range(start, self._stat_rounds(task)):
-            reduced = reduce_stats(SerialComm(), {block.index: self.stats(rnd, task, block, prev)}, 1)
+            reduced = block.reduce_alone(self.stats(rnd, task, block, prev))
             prev = self.finish(rnd, task, reduced, prev)
         return prev
 
@@ -163,7 +162,7 @@ class TaskArithmeticOp(MergeOp):
         )
         out: Stats = {f"hi{src}": hists[:, r].sum(axis=0) for r, src in enumerate(srcs)}
         self._first_stats(task, block, out)
-        topk = self.finish(0, task, reduce_stats(SerialComm(), {block.index: out}, 1), None)
+        topk = self.finish(0, task, block.reduce_alone(out), None)
         keys = [key for key in sels if key in topk.hi_bin]
         if not keys:
             return topk, 1
@@ -187,7 +186,7 @@ class TaskArithmeticOp(MergeOp):
         )
         lows = {key: low[k, : totals[k]] for k, key in enumerate(keys)}
         out = {f"lo{key}": np.bincount(lows[key], minlength=LO_BINS).astype(np.int64) for key in keys}
-        topk = self.finish(1, task, reduce_stats(SerialComm(), {block.index: out}, 1), topk)
+        topk = self.finish(1, task, block.reduce_alone(out), topk)
         out, cutoffs = {}, {}
         for k, key in enumerate(keys):
             if key in topk.tie_quota:
@@ -195,7 +194,7 @@ class TaskArithmeticOp(MergeOp):
                 out[f"pb_ties{key}"] = np.array([float(len(ties))])
                 quota = min(len(ties), topk.tie_quota[key][0])
                 cutoffs[key] = int(ties[quota - 1]) + 1 if quota > 0 else 0
-        topk = self.finish(2, task, reduce_stats(SerialComm(), {block.index: out}, 1), topk)
+        topk = self.finish(2, task, block.reduce_alone(out), topk)
         block.memo["cutoffs"] = cutoffs
         return topk, 3
 
