@@ -4,17 +4,17 @@ from __future__ import annotations
 
 from bigmerge.errors import ConfigError
 from bigmerge.ops.base import MergeOp
-from bigmerge.ops.breadcrumbs import BreadcrumbsOp, BreadcrumbsTiesOp
 from bigmerge.ops.dam import DamOp
-from bigmerge.ops.dare import DareLinearOp, DareTiesOp
 from bigmerge.ops.data_informed import FisherOp, RegMeanOp
-from bigmerge.ops.della import DellaLinearOp, DellaOp
 from bigmerge.ops.geometric import ModelStockOp, NearSwapOp
 from bigmerge.ops.linear import LinearOp
 from bigmerge.ops.passthrough import PassthroughOp
-from bigmerge.ops.sce import SceOp
 from bigmerge.ops.spherical import KarcherOp, MultiSlerpOp, NuSlerpOp, SlerpOp
-from bigmerge.ops.task_arithmetic import TaskArithmeticOp, TiesOp
+from bigmerge.ops.task_vector.breadcrumbs import BreadcrumbsOp, BreadcrumbsTiesOp
+from bigmerge.ops.task_vector.dare import DareLinearOp, DareTiesOp
+from bigmerge.ops.task_vector.della import DellaLinearOp, DellaOp
+from bigmerge.ops.task_vector.sce import SceOp
+from bigmerge.ops.task_vector.task_arithmetic import TaskArithmeticOp, TiesOp
 
 REGISTRY: dict[str, type[MergeOp]] = {op.name: op for op in (LinearOp, TaskArithmeticOp, TiesOp)}
 REGISTRY[BreadcrumbsOp.name] = BreadcrumbsOp

@@ -1,6 +1,6 @@
 """Fused CPU kernels for the task-vector family (numba), one pass over a block.
 
-The torch code in task_arithmetic.py states the arithmetic; these kernels do exactly the
+The torch code in task_vector/ states the arithmetic; these kernels do exactly the
 same float32 operations in the same order, element by element (numba does not contract
 a*b+c into FMA unless fastmath is on), in one pass instead of a dozen: the same bits,
 several times faster. A test pins kernels and torch code to identical output. Without
@@ -342,7 +342,7 @@ def _merge_part(
                     if has_scale:
                         v = _round(np.float32(v * s), bf16)
                     dr[q] = _round(np.float32(v * w), bf16)
-        # rows summed in float32, rounded once (task_arithmetic._sum_rows)
+        # rows summed in float32, rounded once (task_vector.common.sum_rows_in_order)
         for q in range(L):
             mixed[q] = d[0, q]
         for r in range(1, n):
