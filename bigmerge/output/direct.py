@@ -245,9 +245,7 @@ class DirectStore:
             src, dst = os.path.join(self.loc.path, name), os.path.join(self.out.path, name)
             self.loc.call(f"renaming {name} into place", lambda src=src, dst=dst: os.replace(src, dst))
 
-    def finish_files(
-        self, plan: Plan, comm: Comm, out: Location, shard_bytes: int
-    ) -> tuple[Layout, dict[str, str]]:
+    def finish_files(self, plan: Plan, comm: Comm, out: Location, shard_bytes: int) -> tuple[Layout, dict[str, str]]:
         """The blocks are in place already: the files only move into the output directory.
         Rank 0 gets every tensor's checksum (from the journal's block CRCs)."""
         self.close()

@@ -51,7 +51,6 @@ def clear_finished_markers(out: Location) -> None:
             out.join(name).remove()
 
 
-
 def export(
     plan: Plan,
     comm: Comm,

@@ -203,10 +203,7 @@ class BlockStore:
                 done.add((int(m.group(1)), int(m.group(2))))
         return done
 
-
-    def finish_files(
-        self, plan: Plan, comm: Comm, out: Location, shard_bytes: int
-    ) -> tuple[Layout, dict[str, str]]:
+    def finish_files(self, plan: Plan, comm: Comm, out: Location, shard_bytes: int) -> tuple[Layout, dict[str, str]]:
         """The output files streamed from the store (or, on S3, copied by the server from its
         shards), spread over the ranks; rank 0 gets every tensor's checksum."""
         layout = Layout.of(plan, shard_bytes)
