@@ -174,16 +174,16 @@ def test_bad_model_counts_are_config_errors(fam: dict[str, Path], tmp_path: Path
 
 
 def test_sums_are_the_same_on_one_thread_or_many(monkeypatch: pytest.MonkeyPatch) -> None:
-    from bigmerge.ops import spherical
+    from bigmerge.ops import sums
 
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(3, 3 * spherical._SEG + 17, generator=g)
+    x = torch.randn(3, 3 * sums.SEG + 17, generator=g)
     coef = torch.rand(3, generator=g).double().numpy()
     runs = []
     for threshold in (1 << 62, 0):  # one thread, then the parallel kernels
-        monkeypatch.setattr(spherical, "_PARALLEL_MIN", threshold)
-        lin = spherical.lincomb(x, coef, torch.empty(x.shape[1]))
-        runs.append((spherical.seg_gram(x, 1000), spherical.col_gram(x[:, : 51 * 3855], 51), lin))
+        monkeypatch.setattr(sums, "PARALLEL_MIN", threshold)
+        lin = sums.lincomb(x, coef, torch.empty(x.shape[1]))
+        runs.append((sums.seg_gram(x, 1000), sums.col_gram(x[:, : 51 * 3855], 51), lin))
     assert (runs[0][0] == runs[1][0]).all() and (runs[0][1] == runs[1][1]).all()
     assert torch.equal(runs[0][2], runs[1][2])
 

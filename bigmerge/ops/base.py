@@ -227,3 +227,23 @@ def as_compute(
     if scratch is None:
         return x.to(compute)
     return scratch.get(name, x.shape, compute).copy_(x)
+
+
+class StatsOp(MergeOp):
+    """An operator with whole-tensor statistics; a one-block tensor computes them in apply,
+    with the same stats/finish code (a reduction over one block is that block)."""
+
+    def stat_rounds(self, task: TensorTask) -> int:
+        return 0
+
+    def rounds(self, task: TensorTask) -> int:
+        return self.stat_rounds(task) if task.n_blocks > 1 else 0
+
+    def stats_or_local(self, task: TensorTask, block: Block, stats: Any) -> Any:
+        if stats is not None or task.n_blocks > 1:
+            return stats
+        prev: Any = None
+        for rnd in range(self.stat_rounds(task)):
+            reduced = block.reduce_alone(self.stats(rnd, task, block, prev))
+            prev = self.finish(rnd, task, reduced, prev)
+        return prev
