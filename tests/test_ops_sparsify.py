@@ -21,7 +21,7 @@ from helpers import assert_bit_identical, load_output, synthetic_family
 from bigmerge.cli import main as cli_main
 from bigmerge.engine.comm import SerialComm, reduce_one_block, reduce_stats
 from bigmerge.merge import MergeOptions, run_merge
-from bigmerge.ops import get_op, kernels
+from bigmerge.ops import get_op
 from bigmerge.ops.base import Block, Scratch, TensorTask
 
 RANDOM = ["dare_linear", "dare_ties", "della", "della_linear"]
@@ -176,7 +176,7 @@ def test_ties_at_the_kth_value_split_by_index_across_chunks_and_blocks(
         out = run_op(method, x, block_rows=rows, **params)
         ref = out if ref is None else ref
         assert torch.equal(out, ref), rows
-    monkeypatch.setattr(kernels, "AVAILABLE", False)
+    monkeypatch.setenv("BIGMERGE_NO_NUMBA", "1")
     assert torch.equal(run_op(method, x, **params), ref)
     assert torch.equal(run_op(method, x, block_rows=150, **params), ref)
     # the premise: the k-th largest magnitude is tied on both sides of k
@@ -209,7 +209,7 @@ def test_fused_kernels_match_the_torch_code(
     params = {"weight": [0.6, 0.5, 0.3], "density": [0.4, 0.7, 1.0]}  # 0.7: float32(0.7) < 0.7
     shared = {"rescale": rescale}
     fused = run_op(method, x, block_rows=block_rows, seed=2, shared=shared, **params)
-    monkeypatch.setattr(kernels, "AVAILABLE", False)
+    monkeypatch.setenv("BIGMERGE_NO_NUMBA", "1")
     plain = run_op(method, x, block_rows=block_rows, seed=2, shared=shared, **params)
     assert torch.equal(fused, plain)
 
@@ -234,7 +234,7 @@ def test_fused_kernels_do_bfloat16_arithmetic_as_torch(
     x = [t.to(sources) for t in family(3, (40, 36), seed=7)]
     params = {"weight": [0.6, 0.5, 0.3], "density": [0.4, 0.6, 0.3]}
     fused = run_op(method, x, block_rows=9, seed=2, shared=shared, compute=torch.bfloat16, **params)
-    monkeypatch.setattr(kernels, "AVAILABLE", False)
+    monkeypatch.setenv("BIGMERGE_NO_NUMBA", "1")
     plain = run_op(method, x, block_rows=9, seed=2, shared=shared, compute=torch.bfloat16, **params)
     assert torch.equal(fused.float(), plain.float())
 

@@ -14,7 +14,7 @@ import torch
 
 from bigmerge.errors import ConfigError
 from bigmerge.ops.base import Block, MergeOp, Param, Stats, StatsOp, TensorTask, as_compute, require_base
-from bigmerge.ops.kernels import AVAILABLE, njit, prange
+from bigmerge.ops.kernels import njit, prange, use_numba
 from bigmerge.ops.sums import (
     LANES,
     PARALLEL_MIN,
@@ -181,7 +181,7 @@ def fused_sources(task: TensorTask, block: Block, order: list[int]) -> tuple[Any
     dt = task.compute_dtype
     xs = [block.inputs[i] for i in order]
     src = xs[0].dtype
-    if not AVAILABLE or block.scratch.device.type != "cpu" or src not in (torch.float32, torch.bfloat16):
+    if not use_numba() or block.scratch.device.type != "cpu" or src not in (torch.float32, torch.bfloat16):
         return None
     if any(x.dtype != src or not x.is_contiguous() for x in xs) or dt not in (src, torch.float32):
         return None

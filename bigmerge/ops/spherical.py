@@ -27,7 +27,7 @@ import torch
 
 from bigmerge.errors import ConfigError
 from bigmerge.ops.base import Block, Param, Scratch, Stats, StatsOp, TensorTask, as_compute, require_base
-from bigmerge.ops.kernels import AVAILABLE, bf16_bits, njit, prange
+from bigmerge.ops.kernels import bf16_bits, njit, prange, use_numba
 from bigmerge.ops.sums import (
     LANES,
     PARALLEL_MIN,
@@ -175,7 +175,7 @@ def fused_pair(task: TensorTask, block: Block, i: int, j: int) -> tuple[np.ndarr
     rounds (float32 sources, bf16 compute). The kernels compute in float32 either way."""
     dt = task.compute_dtype
     x, y = block.inputs[i], block.inputs[j]
-    if not AVAILABLE or block.scratch.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
+    if not use_numba() or block.scratch.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
         return None
     if y.dtype != x.dtype or dt not in (x.dtype, torch.float32) or not (x.is_contiguous() and y.is_contiguous()):
         return None

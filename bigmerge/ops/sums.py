@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from bigmerge.ops.base import Scratch, TensorTask
-from bigmerge.ops.kernels import AVAILABLE, njit, prange
+from bigmerge.ops.kernels import njit, prange, use_numba
 
 SEG = 1 << 16  # elements per partial sum: fixed, so sums never depend on thread counts
 PARALLEL_MIN = 1 << 20  # elements of a block below which the kernels run on one thread
@@ -172,7 +172,7 @@ def seg_gram(x: torch.Tensor, seg: int) -> np.ndarray:
     if m == 0:
         return np.zeros((0, k, k))
     nseg = (m + seg - 1) // seg
-    if AVAILABLE and x.device.type == "cpu":
+    if use_numba() and x.device.type == "cpu":
         out = np.zeros((nseg, k, k))
         (_seg_gram_parallel if parallel(x) else _seg_gram_serial)(x.numpy(), seg, out)
         return out
@@ -194,7 +194,7 @@ def whole_gram(x: torch.Tensor) -> np.ndarray:
 def col_gram(x: torch.Tensor, cols: int) -> np.ndarray:
     """Per column: the Gram matrix over rows of x [k, rows * cols] -> [cols, k, k]."""
     k = x.shape[0]
-    if AVAILABLE and x.device.type == "cpu":
+    if use_numba() and x.device.type == "cpu":
         out = np.zeros((cols, k, k))
         (_col_gram_parallel if parallel(x) else _col_gram_serial)(x.numpy(), cols, out)
         return out
@@ -204,7 +204,7 @@ def col_gram(x: torch.Tensor, cols: int) -> np.ndarray:
 
 def lincomb(x: torch.Tensor, coef: np.ndarray, out: torch.Tensor) -> torch.Tensor:
     """out = sum_i coef[i] * x[i], in float64, rounded once to out's dtype (float32/64)."""
-    if AVAILABLE and x.device.type == "cpu" and out.dtype == x.dtype:
+    if use_numba() and x.device.type == "cpu" and out.dtype == x.dtype:
         (_lincomb_parallel if parallel(x) else _lincomb_serial)(x.numpy(), coef.astype(np.float64), out.numpy())
         return out
     acc = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)

@@ -75,7 +75,7 @@ def l1_scale(before: float, after: float, dt: torch.dtype) -> float | None:
 def use_fused(task: TensorTask, block: Block | None = None) -> bool:
     on_cpu = block is None or block.scratch.device.type == "cpu"
     exact = task.compute_dtype in (torch.float32, torch.bfloat16)  # the kernels' arithmetic
-    return kernels.AVAILABLE and on_cpu and exact and task.numel > 0
+    return kernels.use_numba() and on_cpu and exact and task.numel > 0
 
 
 def stacked_sources(block: Block, sc: Scratch, dt: torch.dtype = torch.float32) -> np.ndarray:

@@ -115,7 +115,7 @@ class DellaOp(RandomDropOp):
             return torch.lt(u.double(), _probabilities(ranks, task.numel, d, e), out=keep)
         flen, inner, outer = _fibers(task.shape, n)
         bits = mag_bits(delta, block.scratch)
-        if kernels.AVAILABLE and bits.device.type == "cpu":
+        if kernels.use_numba() and bits.device.type == "cpu":
             kernels.rank_keep(
                 bits.numpy(), outer, flen, inner, u.numpy(), d - e, e, d, keep.numpy(), 4 * kernels.threads()
             )
