@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import functools
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 
@@ -29,7 +30,7 @@ DEFAULT_CACHE_BYTES = 512 * 1024 * 1024
 WRITERS = 3  # concurrent block writes: hides object-store latency, bounded memory
 
 
-def _fault(rank: int) -> Optional[tuple[int, str]]:
+def _fault(rank: int) -> tuple[int, str] | None:
     """(blocks, kind) when a fault is injected after this rank has written that many blocks."""
     spec = fault_spec(rank)
     return (int(spec[0]), spec[1]) if spec is not None and spec[0].isdigit() else None
@@ -51,7 +52,7 @@ def execute(
     done: set[tuple[int, int]],
     *,
     cache_bytes: int = DEFAULT_CACHE_BYTES,
-    on_block: Optional[Callable[[int], None]] = None,
+    on_block: Callable[[int], None] | None = None,
     device: torch.device | None = None,
 ) -> ExecStats:
     op = get_op(plan.merge_method)
@@ -142,10 +143,13 @@ def execute(
             cache: dict[int, list[torch.Tensor]] = {}
             keep = local_bytes <= cache_bytes
 
-            def inputs_of(b: int) -> list[torch.Tensor]:
+            # t and cache bound now, not looked up when called: each closure belongs to this tensor
+            def inputs_of(
+                b: int, t: TensorPlan = t, cache: dict[int, list[torch.Tensor]] = cache
+            ) -> list[torch.Tensor]:
                 return cache[b] if b in cache else reader.read(t, b)
 
-            def done_with(b: int, inputs: list[torch.Tensor]) -> None:
+            def done_with(b: int, inputs: list[torch.Tensor], cache: dict[int, list[torch.Tensor]] = cache) -> None:
                 if b not in cache:
                     reader.release(inputs)
 
