@@ -151,7 +151,7 @@ def get_comm() -> Comm:
 PER_BLOCK = "pb_"  # float statistics under keys with this prefix come back per block, unsummed
 
 
-def reduce_stats(comm: Comm, partial: dict[str, Any], n_blocks: int) -> dict[str, np.ndarray]:
+def reduce_stats(comm: Comm, partial: dict[int, dict[str, Any]], n_blocks: int) -> dict[str, np.ndarray]:
     """Exact reduction of per-block statistics (see ops/base.py for the rules).
 
     `partial` maps block index -> stats dict from this rank. Integer arrays are summed;

@@ -22,10 +22,10 @@ try:  # numba is a dependency, but keep the torch path usable without it
 except ImportError:  # pragma: no cover - numba is a dependency; use_numba() is the switch tests use
     HAVE_NUMBA = False
 
-    def njit(*args: Any, **kwargs: Any) -> Any:
+    def njit(*args: Any, **kwargs: Any) -> Any:  # type: ignore[no-redef]  # stand-in for numba's
         return lambda f: f
 
-    prange = range
+    prange = range  # type: ignore[misc]  # numba's prange is a type
 
 NO_NUMBA_ENV = "BIGMERGE_NO_NUMBA"
 

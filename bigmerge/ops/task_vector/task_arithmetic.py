@@ -13,7 +13,7 @@ shares (TopK, keep masks, the sources as the kernels read them) is common.py.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -49,7 +49,7 @@ class TaskArithmeticOp(MergeOp):
     """base + lambda * sum of weighted task vectors (model - base)."""
 
     name = "task_arithmetic"
-    params = (
+    params: ClassVar[tuple[Param, ...]] = (
         Param("weight", float, "non_base", required=True, doc="weight of this model's task vector"),
         Param("normalize", bool, "shared", default=False, doc="divide by the sum of the weights"),
         Param("lambda", float, "shared", default=1.0, doc="scale of the merged task vector"),
