@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_bit_identical, load_output, synthetic_family, write_checkpoint
+from helpers import assert_bit_identical, load_output, merge_tensors, synthetic_family, write_checkpoint
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -19,11 +19,7 @@ from bigmerge.storage.fs import location
 
 
 def merge(cfg_text: str, tmp: Path, out_name: str = "out", **opts) -> dict[str, torch.Tensor]:
-    cfg = tmp / f"{out_name}.yaml"
-    cfg.write_text(cfg_text)
-    opts.setdefault("quiet", True)
-    run_merge(str(cfg), str(tmp / out_name), SerialComm(), MergeOptions(**opts))
-    return load_output(tmp / out_name)
+    return merge_tensors(cfg_text, tmp / out_name, **opts)
 
 
 def linear_cfg(f: dict[str, Path], w1: float, w2: float, extra: str = "") -> str:

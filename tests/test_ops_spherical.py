@@ -11,11 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_bit_identical, load_output, synthetic_family
+from helpers import assert_bit_identical, load_output, merge_tensors, synthetic_family
 
-from bigmerge.engine.comm import SerialComm
 from bigmerge.errors import ConfigError
-from bigmerge.merge import MergeOptions, run_merge
 
 
 @pytest.fixture(scope="module")
@@ -27,10 +25,7 @@ def fam(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def merge(text: str, tmp: Path, name: str = "out", block_bytes: int = 4096) -> dict[str, torch.Tensor]:
-    cfg = tmp / f"{name}.yaml"
-    cfg.write_text(text)
-    run_merge(str(cfg), str(tmp / name), SerialComm(), MergeOptions(quiet=True, block_bytes=block_bytes))
-    return load_output(tmp / name)
+    return merge_tensors(text, tmp / name, block_bytes=block_bytes)
 
 
 def models(*entries: tuple[Path, str]) -> str:
