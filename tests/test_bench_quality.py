@@ -13,6 +13,8 @@ from zoo_fixture import small_zoo_dir
 from bigmerge.ops import REGISTRY
 from bigmerge.planning.config import load_config
 
+pytestmark = pytest.mark.slow  # every operator merged and scored on the zoo
+
 
 @pytest.fixture(scope="module")
 def small_zoo(tmp_path_factory: pytest.TempPathFactory) -> Path:

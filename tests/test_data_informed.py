@@ -21,6 +21,8 @@ from bigmerge.errors import SourceError
 from bigmerge.merge import MergeOptions
 from bigmerge.planning.plan import Plan
 
+pytestmark = pytest.mark.slow  # fine-tunes two tiny Llamas and computes their statistics
+
 # -- the toy task ------------------------------------------------------------------------------
 
 WORDS = "the a cat dog sat ran on in under mat log sun big red small old new".split()
@@ -372,6 +374,7 @@ def test_statistics_are_in_the_plan_and_its_fingerprint(tmp_path: Path) -> None:
     assert plan.peak_memory_estimate() > 5 * 2 * ROWS * ROWS * 4
 
 
+@pytest.mark.mpi
 @pytest.mark.parametrize("method", ["fisher", "regmean"])
 def test_same_bytes_on_1_and_2_ranks(tmp_path: Path, method: str) -> None:
     from test_mpi import mpirun

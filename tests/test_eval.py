@@ -16,6 +16,8 @@ from bigmerge.errors import ConfigError, SourceError
 from bigmerge.eval import Evaluator, Table, evaluate, resolve_tasks, zoo_tasks
 from bigmerge.merge import MergeOptions, run_merge
 
+pytestmark = pytest.mark.slow  # lm-eval on the zoo's models
+
 
 @pytest.fixture(scope="module")
 def small_zoo(tmp_path_factory: pytest.TempPathFactory) -> Path:

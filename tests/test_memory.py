@@ -9,6 +9,8 @@ import pytest
 import torch
 from helpers import bigmerge, synthetic_family, write_checkpoint
 
+pytestmark = pytest.mark.slow  # peak memory of merges of large tensors
+
 
 def _big_family(root: Path, mb_per_model: int) -> dict[str, Path]:
     g = torch.Generator().manual_seed(1)

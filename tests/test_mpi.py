@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from helpers import assert_bit_identical, load_output, synthetic_family
 
+pytestmark = pytest.mark.mpi  # real mpirun runs
+
 MPIRUN = shutil.which("mpirun", path=str(Path(sys.executable).parent)) or shutil.which("mpirun")
 
 

@@ -22,6 +22,8 @@ from bigmerge.output.direct import PARTIAL_DIR
 from bigmerge.output.export import MANIFEST_NAME
 from bigmerge.output.zarr_store import SHARD_KEY
 
+pytestmark = pytest.mark.mpi  # real mpirun runs, killed and resumed
+
 WRITERS = ["direct", "zarr"]  # the resume path of each writer
 
 BLOCK = "256"  # bytes per source per block: 230 blocks on this fixture

@@ -13,6 +13,8 @@ import torch
 from helpers import assert_bit_identical, bigmerge, load_output, synthetic_family
 from test_mpi import mpirun
 
+pytestmark = pytest.mark.s3  # a real S3 server (moto) in the test process
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -65,6 +67,7 @@ def s3_family(
 TIES = "merge_method: ties\nbase_model: {base}\nmodels:\n  - model: {ft1}\n    parameters: {{weight: 0.7, density: 0.4}}\n  - model: {ft2}\n    parameters: {{weight: 0.4, density: 0.6}}\ndtype: float32\nout_dtype: bfloat16\n"
 
 
+@pytest.mark.mpi
 def test_s3_to_s3_under_mpirun_matches_local(
     s3_env: dict[str, str], s3_family: tuple[dict[str, Path], dict[str, str]], tmp_path: Path
 ) -> None:

@@ -34,6 +34,8 @@ from bigmerge.search.journal import Journal
 from bigmerge.search.run import Backend, Search
 from bigmerge.search.space import LayerGroupsSpace, WeightsSpace
 
+pytestmark = pytest.mark.slow  # CMA-ES searches scored with lm-eval
+
 
 @pytest.fixture(scope="module")
 def small_zoo(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -154,6 +154,7 @@ def test_union_tokenizer_and_embedding_rows(vocab_fam: dict[str, Path], tmp_path
     assert model(ids).logits.shape[-1] == 262
 
 
+@pytest.mark.mpi
 def test_union_and_slices_same_bytes_on_1_and_2_ranks(vocab_fam: dict[str, Path], tmp_path: Path) -> None:
     texts = {  # slices and a union vocabulary in one config: two launches per world size cost seconds
         "slices": "merge_method: linear\ntokenizer_source: union\nslices:\n  - sources:\n"

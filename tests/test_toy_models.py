@@ -26,6 +26,8 @@ from toy_models import (
 
 from bigmerge.ops import REGISTRY
 
+pytestmark = pytest.mark.slow  # builds every fixture family
+
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = REPO / "tests" / "golden"
 

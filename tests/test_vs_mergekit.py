@@ -21,6 +21,8 @@ from helpers import load_output, merge_tensors
 from safetensors.torch import load_file
 from toy_models import family_files, make_family, sha256_file
 
+pytestmark = pytest.mark.slow  # every golden config merged and compared with mergekit's output
+
 GOLDEN = Path(__file__).parent / "golden"
 MANIFEST = json.loads((GOLDEN / "MANIFEST.json").read_text())
 # Random operators draw differently from mergekit (per element position, not torch's global
