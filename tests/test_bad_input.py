@@ -247,6 +247,7 @@ OP_CHECKED = {
 WHERE = {"linear": ("base", "ft2"), "slerp": ("base", "ft2"), "task_arithmetic": ("ft1", "base")}
 
 
+@pytest.mark.slow  # the heaviest property tests: CI runs them, --fast does not
 @pytest.mark.parametrize("method", sorted(OP_CHECKED))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("where", [0, 1])
@@ -371,6 +372,7 @@ def test_duplicate_tensor_name_in_header(tmp_path: Path, capsys: pytest.CaptureF
     assert_clean_failure(code, err, tmp_path / "out", str(p), "'model.norm.weight'", "more than once")
 
 
+@pytest.mark.slow  # the heaviest property tests: CI runs them, --fast does not
 @pytest.mark.parametrize("writer", ["direct", "zarr"])
 def test_disk_full_keeps_the_journal_and_a_rerun_resumes(tmp_path: Path, writer: str) -> None:
     f = synthetic_family(tmp_path / "m")

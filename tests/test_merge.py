@@ -91,6 +91,7 @@ def test_manifest_checksums_are_each_tensors_crc32c_and_verify_catches_a_flipped
         verify(location(str(out)))
 
 
+@pytest.mark.slow  # the heaviest property tests: CI runs them, --fast does not
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     block=st.sampled_from([64, 96, 200, 512, 1000, 4096]),
@@ -125,6 +126,7 @@ def test_ties_density_one_without_conflicts_is_task_arithmetic(tmp_path: Path) -
     assert_bit_identical(ties, ta)
 
 
+@pytest.mark.slow  # the heaviest property tests: CI runs them, --fast does not
 def test_ties_keeps_density_fraction_of_each_delta(tmp_path: Path) -> None:
     f = synthetic_family(tmp_path / "m", n=1, rows=200)
     out = merge(

@@ -76,6 +76,7 @@ def family(n: int, shape: tuple[int, ...] = (64, 96), seed: int = 0) -> list[tor
 # -- identities ------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # the heaviest property tests: CI runs them, --fast does not
 @pytest.mark.parametrize(
     "method, counterpart",
     [
@@ -156,6 +157,7 @@ def tied_family(n: int, shape: tuple[int, ...], levels: int, dtype: torch.dtype,
     return [base.to(dtype)] + [(base + d).to(dtype) for d in deltas]
 
 
+@pytest.mark.slow  # the heaviest property tests: CI runs them, --fast does not
 @pytest.mark.parametrize("method", ["ties", "breadcrumbs", "breadcrumbs_ties"])
 @pytest.mark.parametrize("sources", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("levels", [3, 40])

@@ -131,6 +131,7 @@ models:
 """
 
 
+@pytest.mark.slow  # the heaviest property tests: CI runs them, --fast does not
 def test_union_tokenizer_and_embedding_rows(vocab_fam: dict[str, Path], tmp_path: Path) -> None:
     import transformers
 
