@@ -84,6 +84,7 @@ def _candidates_on_disk(scratch: Path) -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.mpi
 def test_mpirun_merges_command_scores_with_real_lm_eval_as_the_in_memory_search(
     small_zoo: Path, serial: Path, tmp_path: Path
 ) -> None:
@@ -164,6 +165,7 @@ def test_kills_mid_merge_and_mid_scoring_resume_to_the_same_best(small_zoo: Path
     assert got.keys() == _journal(serial).keys()
 
 
+@pytest.mark.slow
 def test_failing_command_is_retried_then_stops_with_one_line(
     small_zoo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -318,6 +320,7 @@ def test_vllm_and_multi_gpu_hf_are_lm_evals_registered_models(tmp_path: Path) ->
         load_search_config(path)
 
 
+@pytest.mark.slow
 def test_hf_through_lm_evals_registry_scores_as_the_in_process_evaluator(small_zoo: Path) -> None:
     """The path the vllm and parallelize backends take (lm-eval's registry builds the model from the
     checkpoint directory, as ``--model hf`` does), run on the CPU with the plain hf model; parallelize
@@ -364,6 +367,7 @@ def test_estimate_of_the_recycle_pool_reads_no_source(capsys: pytest.CaptureFixt
     assert "give --eval-seconds" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_estimate_measures_the_first_candidate_in_the_journal(serial: Path, capsys: pytest.CaptureFixture[str]) -> None:
     capsys.readouterr()
     assert main(["search", str(serial.parent / "search.yaml"), "--estimate", "--out", str(serial)]) == 0

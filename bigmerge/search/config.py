@@ -24,9 +24,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from bigmerge.config import MergeConfig, parse_config, read_yaml
 from bigmerge.errors import ConfigError
 from bigmerge.eval.backends import CommandBackend, HFBackend, VLLMBackend, check_backend
+from bigmerge.planning.config import MergeConfig, parse_config, read_yaml
 
 OPTIMIZERS = ("cmaes", "greedy")
 

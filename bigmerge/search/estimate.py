@@ -4,7 +4,7 @@
   (one batch), the greedy soup's trials (one candidate per batch: each depends on the last), the
   optimiser's generations (batches of popsize), the held-out scorings (one batch).
 - Per candidate merge: ``bigmerge plan``'s cost model for one merge of the pool on the cluster
-  (``bigmerge.estimate``), every source read once, the merged model written once to scratch.
+  (``bigmerge.planning.estimate``), every source read once, the merged model written once to scratch.
 - Per candidate evaluation: given (``--eval-seconds``), or measured: the first candidate in the
   journal at OUT.
 - Wall time: a batch of k candidates takes k·(M + E) one after the other; pipelined, the batch is
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bigmerge.errors import ConfigError
-from bigmerge.estimate import Cluster, Estimate, estimate_model
+from bigmerge.planning.estimate import Cluster, Estimate, estimate_model
 from bigmerge.search.config import SearchConfig, WeightSpace
 from bigmerge.search.space import pool_models
 

@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bigmerge.config import parse_config
-from bigmerge.dist.comm import SerialComm
+from bigmerge.engine.comm import SerialComm
 from bigmerge.errors import ConfigError
+from bigmerge.output.export import MANIFEST_NAME
+from bigmerge.planning.config import parse_config
 from bigmerge.search.config import SearchConfig
-from bigmerge.storage.export import MANIFEST_NAME
 
 SPLITS = ("search", "heldout")
 
@@ -60,7 +60,7 @@ def macro(scores: dict[str, float], weights: dict[str, float]) -> float:
 
 def model_bytes(cfg: SearchConfig) -> int:
     """Bytes of the merged model: the largest source, read from headers only."""
-    from bigmerge.catalog import catalog_models
+    from bigmerge.planning.catalog import catalog_models
 
     template = cfg.template()
     cats = catalog_models(template.model_refs(), template.storage_options)

@@ -28,9 +28,9 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
-from bigmerge.dist.faults import FAULT_ENV as EXECUTOR_FAULT_ENV
+from bigmerge.engine.faults import FAULT_ENV as EXECUTOR_FAULT_ENV
+from bigmerge.output.export import MANIFEST_NAME
 from bigmerge.search.fitness import CandidateScorer, Job, merge_candidate
-from bigmerge.storage.export import MANIFEST_NAME
 
 BEST_FILE = "best.json"
 
