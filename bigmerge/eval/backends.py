@@ -388,7 +388,7 @@ def _run_once(line: str, timeout: float | None, log_path: Path | None) -> tuple[
 
 
 _RUNNING: set[subprocess.Popen[bytes]] = set()  # evaluation commands running in any thread
-STOP = threading.Event()  # set by kill_running: no further attempt starts (cleared by the next search)
+STOP = threading.Event()  # set by kill_running: no further attempt starts (cleared once they stopped)
 
 
 def kill_running() -> None:

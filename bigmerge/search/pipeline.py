@@ -88,12 +88,13 @@ class PipelineBackend:
             while pending:
                 yield from self._finish(pending, wait(pending, return_when=FIRST_COMPLETED).done)
         except BaseException:
-            from bigmerge.eval.backends import kill_running
+            from bigmerge.eval.backends import STOP, kill_running
 
             for fut in pending:  # scorings not started are dropped, running commands stopped
                 fut.cancel()
             kill_running()
             wait(pending)
+            STOP.clear()  # the threads have stopped: later evaluations in this process may run
             raise
 
     def _score(self, job: Job, d: Path, timeline: list[float]) -> dict[str, Any]:
