@@ -207,6 +207,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="--dry-run: plan for a known architecture (llama-3-70b, llama-3-8b, mistral-7b) instead of reading "
         "the sources, which need not be on this machine",
     )
+    d.add_argument(
+        "--examples-per-shard",
+        type=int,
+        default=16,
+        metavar="N",
+        help="logits: examples per zarr shard of a new data set (one writer each; a rerun redoes unfinished ones)",
+    )
     d.add_argument("--quiet", action="store_true")
 
     se = sub.add_parser(
@@ -423,7 +430,7 @@ def cmd_dam(args: argparse.Namespace) -> int:
             raise ConfigError(f"bigmerge dam: one config, not {args.config!r} and {args.config_after_logits!r}")
         from bigmerge.dam.logits import LogitsOptions, run_logits
 
-        return run_logits(args.config_after_logits, LogitsOptions(quiet=args.quiet))
+        return run_logits(args.config_after_logits, LogitsOptions(args.quiet, args.examples_per_shard))
     opts = DamOptions(
         args.merge, args.restart, args.quiet, args.dry_run, args.overwrite, args.world_size, args.gpu_memory, args.arch
     )
@@ -466,7 +473,8 @@ def main(argv: list[str] | None = None) -> int:
     }[args.command]
     from bigmerge.dist.comm import get_comm, launched_by_mpi
 
-    comm = get_comm() if args.command in ("merge", "search") and launched_by_mpi() else None
+    # under mpirun a failing rank aborts the job: the others may wait on it in a collective (dam: ZeRO-3's)
+    comm = get_comm() if args.command in ("merge", "search", "dam") and launched_by_mpi() else None
     global _EXIT_NOW
     _EXIT_NOW = args.command == "merge"
     try:

@@ -14,7 +14,8 @@ appear without edits here) it writes a config with the operator's usual paramete
 - ``t: 0.5`` where an operator requires a ``t``; every other parameter at its default;
 - ``--set METHOD.PARAM=VALUE`` overrides any of them (``*.PARAM`` for every method).
 
-``dam`` trains its coefficients first (``bigmerge dam``, one process, ``training.engine: torch``)
+``dam`` trains its coefficients first (``bigmerge dam``, one process, ``training.engine: torch``;
+``--set dam.teacher=dataset`` computes the teachers' top-k logits first with ``bigmerge dam logits``)
 on a scenario whose models each train on their own skills (the zoo's ``mixture``: specialists,
 domain): each model's data are its skills' items from ``bigmerge.dam.zoo_data`` (``DAM_EXAMPLES``
 per model, split over its skills), the training settings ``DAM_TRAINING``, which
@@ -61,7 +62,11 @@ DAM_TRAINING = {"engine": "torch", "lr": 1e-2, "epochs": 2, "batch_size": 8, "lo
 DAM_EXAMPLES = 128
 REPO = Path(__file__).resolve().parents[1]
 # scenario -> the search config run on it (its model paths "zoo/NAME" name the zoo's models)
-SEARCHES = {"recycle": REPO / "configs" / "recycle-zoo.yaml"}
+SEARCHES = {
+    "recycle": REPO / "configs" / "recycle-zoo.yaml",
+    "specialists": REPO / "configs" / "specialists-zoo-search.yaml",  # CMA-ES beside DAM on the same sources
+    "domain": REPO / "configs" / "domain-zoo-search.yaml",
+}
 SEARCH_ROWS = ("cmaes", "greedy soup")  # rows of the search's summary that join the table
 
 
@@ -126,6 +131,7 @@ def dam_config(
 
     training = {**DAM_TRAINING, **overrides.get("dam", {})}
     examples = int(training.pop("examples", DAM_EXAMPLES))
+    loss = {k: training.pop(k) for k in ("teacher", "top_k") if k in training}  # loss: keys, not training:
     skills = dam_skills(info, models)
     files = write_zoo_data(zoo, examples=examples, out=work / "data")
     cfg_models = []
@@ -134,7 +140,10 @@ def dam_config(
         lines = [ln for s in skills[m] for ln in files[s].read_text().splitlines()[:per_skill]]
         (work / f"{m}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
         cfg_models.append({"model": str(zoo / m), "data": str(work / f"{m}.jsonl")})
-    return {"models": cfg_models, "output": str(work / "train"), "training": training}
+    out: dict[str, Any] = {"models": cfg_models, "output": str(work / "train"), "training": training}
+    if loss:
+        out["loss"] = loss
+    return out
 
 
 def search_rows(scenario: str, config: Path, zoo: Path, out: Path) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
@@ -253,6 +262,11 @@ def run(args: argparse.Namespace) -> int:
                     try:
                         dam = dam_config(info, zoo, models, work / f"{sc_name}-dam-train", overrides)
                         cfg_path.write_text(yaml.safe_dump(dam, sort_keys=False), encoding="utf-8")
+                        if dam.get("loss", {}).get("teacher") == "dataset":  # the teachers' logits first, once
+                            from bigmerge.dam.logits import LogitsOptions, run_logits
+
+                            run_logits(str(cfg_path), LogitsOptions(quiet=True))
+                            seconds.setdefault(sc_name, {})["dam:logits"] = round(time.perf_counter() - t0, 1)
                         run_dam(str(cfg_path), DamOptions(str(target), restart=True, quiet=True, overwrite=True))
                     except (BigmergeError, ValueError, RuntimeError) as exc:
                         skipped[row] = str(exc).splitlines()[0]

@@ -121,10 +121,11 @@ class LogitsDataset:
         return v, i
 
 
-def open_dataset(url: str, fingerprint: str | None = None) -> LogitsDataset:
-    """The finished or partial data set at url; ConfigError when there is none or it has other settings."""
+def open_dataset(url: str, fingerprint: str | None = None, mode: str = "r") -> LogitsDataset:
+    """The finished or partial data set at url (mode r+ to write shards); ConfigError when there is
+    none or it has other settings."""
     try:
-        group = _open_group(url, "r")
+        group = _open_group(url, mode)
     except (FileNotFoundError, KeyError, ValueError):
         raise ConfigError(f"{url}: no teacher-logits data set here; run `bigmerge dam logits CONFIG` first") from None
     attrs = dict(group.attrs)
@@ -142,7 +143,7 @@ def create_dataset(url: str, attrs: dict[str, Any], examples: list[int]) -> Logi
     """The data set's group and empty arrays (rank 0, before any shard is written); an existing data
     set of the same fingerprint is opened as it is (a resume)."""
     try:
-        return open_dataset(url, attrs["fingerprint"])
+        return open_dataset(url, attrs["fingerprint"], "r+")
     except ConfigError as exc:
         if "no teacher-logits data set" not in str(exc):
             raise
@@ -197,6 +198,7 @@ def dataset_bytes(examples: list[int], length: int, top_k: int) -> int:
 @dataclass
 class LogitsOptions:
     quiet: bool = False
+    examples_per_shard: int = EXAMPLES_PER_SHARD  # a new data set's shard size (a resumed one keeps its own)
 
 
 def _fault_after(rank: int) -> int | None:
@@ -246,7 +248,9 @@ def compute_logits(cfg: DamConfig, opts: LogitsOptions) -> dict[str, Any]:
     t = cfg.training
     url = cfg.logits_url()
     examples = [len(d) for d in data]
-    per = EXAMPLES_PER_SHARD
+    per = opts.examples_per_shard
+    if per < 1:
+        raise ConfigError(f"--examples-per-shard must be at least 1, not {per}")
     attrs = {
         "format": FORMAT,
         "fingerprint": logits_fingerprint(cfg, sources),
@@ -270,7 +274,8 @@ def compute_logits(cfg: DamConfig, opts: LogitsOptions) -> dict[str, Any]:
     if world > 1:
         torch.distributed.barrier()
     if rank != 0:
-        ds = open_dataset(url, attrs["fingerprint"])
+        ds = open_dataset(url, attrs["fingerprint"], "r+")
+    per = ds.per_shard  # a resumed data set keeps the shards it was made with
     # which shards are left, as rank 0 saw them before anyone wrote: the same list on every process
     todo = [[int(s) for s in np.flatnonzero(~ds.done(k))] for k in range(len(data))]
     if world > 1:

@@ -261,6 +261,13 @@ def dry_run(cfg: DamConfig, opts: Any) -> int:
         f"assumed {cluster.gpu_tflops:g} TFLOP/s at {cluster.mfu:g} MFU, PCIe {cluster.h2d_gb_s:g} GB/s, "
         f"links {cluster.link_gb_s:g} GB/s per GPU)"
     )
+    if cfg.loss.teacher != "online":
+        online_cfg = cfg.model_copy(update={"loss": cfg.loss.model_copy(update={"teacher": "online"})})
+        on = estimate(tensors, arch, n, online_cfg, cluster)
+        print(
+            f"  {'  with online teachers: step time (GPU memory)':<72} {on.seconds:10.1f} s  "
+            f"(overlapped: {on.seconds_overlapped:.1f} s; {sum(x for _, x in on.memory) / 1e9:.2f} GB)"
+        )
     if est.dataset_bytes:
         print(
             f"teacher logits (`bigmerge dam logits`, top-{cfg.loss.top_k}): {_gb(est.dataset_bytes).strip()}, "

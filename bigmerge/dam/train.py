@@ -766,7 +766,8 @@ MERGED_FILE = "merged.json"  # beside merge.yaml: which OUT holds the merge of w
 
 
 def _merge_record(merge_yaml: Path, out: str) -> dict[str, str] | None:
-    """What a finished merge of merge_yaml at out looks like: the config's and OUT's manifest's digests."""
+    """What a finished merge of merge_yaml at out looks like: digests of the config with its
+    coefficients and of OUT's manifest."""
     import hashlib
 
     from bigmerge.storage.export import MANIFEST_NAME
@@ -775,9 +776,18 @@ def _merge_record(merge_yaml: Path, out: str) -> dict[str, str] | None:
     manifest = location(out).join(MANIFEST_NAME)
     if not manifest.exists():
         return None
+    from safetensors import safe_open
+
+    # merge.yaml names the coefficient files; their tensors are what a new training step changes (their
+    # bytes are not enough: safetensors writes the metadata's keys in a random order)
+    digest = hashlib.sha256(merge_yaml.read_bytes())
+    for f in sorted((merge_yaml.parent / "coefficients").glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as st:
+            for name in sorted(st.keys()):
+                digest.update(name.encode() + st.get_tensor(name).numpy().tobytes())
     return {
         "out": location(out).url,
-        "merge_yaml_sha256": hashlib.sha256(merge_yaml.read_bytes()).hexdigest(),
+        "merge_sha256": digest.hexdigest(),
         "manifest_sha256": hashlib.sha256(manifest.read_bytes()).hexdigest(),
     }
 
