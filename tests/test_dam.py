@@ -589,3 +589,23 @@ def test_dry_run_at_scale_for_the_sec_70b_config(capsys: pytest.CaptureFixture[s
     online = float(out.split("the same with online teachers (3 N^2 model-sized gathers)")[1].split()[0])
     assert online / gathered == pytest.approx(4.0)  # (3 N^2 + N^2 recomputed) / (3 N) with N = 3: 4
     assert main(["dam", str(config), "--dry-run", "--arch", "llama-9"]) == 2
+
+
+def test_activation_checkpointing_recomputes_and_trains_the_same(
+    setup: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """training.activation_checkpointing (the 70B config needs it): every decoder layer recomputed in
+    backward, the same losses."""
+    from transformers import modeling_utils
+
+    from bigmerge.dam.config import parse_dam_config
+    from bigmerge.dam.train import DamOptions, train
+
+    plain = train(parse_dam_config(dam_config(setup, tmp_path / "a", max_steps=2)), DamOptions(quiet=True))
+    calls = []
+    original = modeling_utils.checkpoint  # what transformers' layers call to checkpoint
+    monkeypatch.setattr(modeling_utils, "checkpoint", lambda *a, **k: calls.append(1) or original(*a, **k))
+    cfg = dam_config(setup, tmp_path / "b", max_steps=2, activation_checkpointing=True)
+    ckpt = train(parse_dam_config(cfg), DamOptions(quiet=True))
+    assert len(calls) == 2 * 2 * 2 * 2  # 2 layers x (teacher and merged forward) x 2 sources x 2 steps
+    assert [h["kl"] for h in ckpt.history] == pytest.approx([h["kl"] for h in plain.history], rel=1e-6)

@@ -32,7 +32,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -64,7 +64,7 @@ def logits_fingerprint(cfg: DamConfig, sources: Sources) -> str:
     return h.hexdigest()[:16]
 
 
-def _open_group(url: str, mode: str) -> Any:
+def _open_group(url: str, mode: Literal["r", "r+", "w"]) -> Any:
     import zarr
 
     return zarr.open_group(store=url, mode=mode, zarr_format=3)
@@ -121,7 +121,7 @@ class LogitsDataset:
         return v, i
 
 
-def open_dataset(url: str, fingerprint: str | None = None, mode: str = "r") -> LogitsDataset:
+def open_dataset(url: str, fingerprint: str | None = None, mode: Literal["r", "r+"] = "r") -> LogitsDataset:
     """The finished or partial data set at url (mode r+ to write shards); ConfigError when there is
     none or it has other settings."""
     try:
@@ -251,9 +251,10 @@ def compute_logits(cfg: DamConfig, opts: LogitsOptions) -> dict[str, Any]:
     per = opts.examples_per_shard
     if per < 1:
         raise ConfigError(f"--examples-per-shard must be at least 1, not {per}")
-    attrs = {
+    fingerprint = logits_fingerprint(cfg, sources)
+    attrs: dict[str, Any] = {
         "format": FORMAT,
-        "fingerprint": logits_fingerprint(cfg, sources),
+        "fingerprint": fingerprint,
         "top_k": cfg.loss.top_k,
         "max_length": cfg.data.max_length,
         "examples_per_shard": per,
@@ -274,7 +275,7 @@ def compute_logits(cfg: DamConfig, opts: LogitsOptions) -> dict[str, Any]:
     if world > 1:
         torch.distributed.barrier()
     if rank != 0:
-        ds = open_dataset(url, attrs["fingerprint"], "r+")
+        ds = open_dataset(url, fingerprint, "r+")
     per = ds.per_shard  # a resumed data set keeps the shards it was made with
     # which shards are left, as rank 0 saw them before anyone wrote: the same list on every process
     todo = [[int(s) for s in np.flatnonzero(~ds.done(k))] for k in range(len(data))]

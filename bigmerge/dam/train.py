@@ -624,7 +624,18 @@ def train(cfg: DamConfig, opts: DamOptions) -> TrainResult:
     if not model.trainable():
         raise ConfigError("no trainable coefficients: enable coefficients.linear, biases, embeddings or norms")
     if t.activation_checkpointing:
-        model.module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        hf: Any = model.module  # a transformers PreTrainedModel
+        if hasattr(hf, "activation_checkpointing_enable"):  # transformers 5's name
+            hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers recomputes only in training mode; dropout stays off, as in eval mode
+        hf.train()
+        for mod in hf.modules():
+            if isinstance(mod, torch.nn.Dropout):
+                mod.p = 0.0
+            if isinstance(getattr(mod, "attention_dropout", None), float):
+                mod.attention_dropout = 0.0
     engine: Any
     if t.engine == "deepspeed":
         assert ds_config is not None
