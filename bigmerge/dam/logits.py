@@ -28,7 +28,6 @@ import hashlib
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,32 +153,21 @@ def create_dataset(url: str, attrs: dict[str, Any], examples: list[int]) -> Logi
     for k, n in enumerate(examples):
         shard = min(per, n)
         sub = group.create_group(str(k))
-        sub.create_array(
-            "values",
-            shape=(n, length, kk),
-            shards=(shard, length, kk),
-            chunks=(1, length, kk),
-            dtype="float32",
-            fill_value=0.0,
-            compressors=None,
-        )
-        sub.create_array(
-            "indices",
-            shape=(n, length, kk),
-            shards=(shard, length, kk),
-            chunks=(1, length, kk),
-            dtype="int32",
-            fill_value=0,
-        )
-        sub.create_array(
-            "logsumexp",
-            shape=(n, length),
-            shards=(shard, length),
-            chunks=(1, length),
-            dtype="float32",
-            fill_value=0.0,
-            compressors=None,
-        )
+        # per token: top_k float32 values and int32 indices, a float32 log-sum-exp; one inner chunk an example
+        for name, tail, dtype, compress in (
+            ("values", (length, kk), "float32", False),  # logits do not compress
+            ("indices", (length, kk), "int32", True),
+            ("logsumexp", (length,), "float32", False),
+        ):
+            sub.create_array(
+                name,
+                shape=(n, *tail),
+                shards=(shard, *tail),
+                chunks=(1, *tail),
+                dtype=dtype,
+                fill_value=0,
+                **({} if compress else {"compressors": None}),
+            )
         sub.create_array("lengths", shape=(n,), shards=(shard,), chunks=(shard,), dtype="int32", fill_value=0)
         sub.create_array("done", shape=(math.ceil(n / per),), chunks=(1,), dtype="uint8", fill_value=0)
     group.attrs.update({**attrs, "examples": list(examples)})  # last: a group with attributes is complete
@@ -223,28 +211,9 @@ def top_logits(z: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, tor
 
 def compute_logits(cfg: DamConfig, opts: LogitsOptions) -> dict[str, Any]:
     """Write (or complete) the data set; returns a summary (on every rank)."""
-    from bigmerge.dam.train import (
-        _device,
-        _import_deepspeed,
-        _stage,
-        batch_of,
-        dist_env,
-        init_processes,
-        pad_id,
-        tokenize_sources,
-    )
+    from bigmerge.dam.train import _import_deepspeed, _stage, batch_of, begin, buffers_to
 
-    rank0, _, local_rank = dist_env()
-    device = _device(cfg, local_rank)
-    sources = open_sources([m.model for m in cfg.models])
-    data = tokenize_sources(cfg, sources)
-    pads = [pad_id(r) for r in sources.refs]
-    rank, world = init_processes(cfg, device)
-    say = (
-        (lambda msg: None)
-        if opts.quiet or rank != 0
-        else (lambda msg: print(f"bigmerge dam logits: {msg}", file=sys.stderr, flush=True))
-    )
+    device, sources, data, pads, rank, world, say = begin(cfg, opts.quiet, "bigmerge dam logits")
     t = cfg.training
     url = cfg.logits_url()
     examples = [len(d) for d in data]
@@ -305,10 +274,7 @@ def compute_logits(cfg: DamConfig, opts: LogitsOptions) -> dict[str, Any]:
             ds_config["zero_optimization"].pop("offload_optimizer", None)
             partition = deepspeed.zero.Init(config_dict_or_path=ds_config) if _stage(ds_config) == 3 else None
             model = build_dam_model(one, frozen, dtype, t.seed, partition)
-            for mod in model.module.modules():  # buffers (rotary frequencies) are not partitioned
-                for key, buf in list(mod._buffers.items()):
-                    if buf is not None:
-                        mod._buffers[key] = buf.to(device)
+            buffers_to(model.module, device)
             engine = deepspeed.initialize(model=model.module, config=ds_config)[0]
         else:
             model = build_dam_model(one, frozen, dtype, t.seed)

@@ -27,6 +27,7 @@ import os
 import random
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -568,6 +569,33 @@ def write_outputs(cfg: DamConfig, sources: Sources, model: DamModel, values: dic
 # ---------------------------------------------------------------------------- the loop
 
 
+def begin(
+    cfg: DamConfig, quiet: bool, prefix: str
+) -> tuple[torch.device, Sources, list[list[list[int]]], list[int], int, int, Callable[[str], None]]:
+    """What training and `dam logits` both begin with: the device, the checked sources, the
+    tokenized data, pad ids, then the processes joined (rank, world) and rank 0's progress printer."""
+    _, _, local_rank = dist_env()
+    device = _device(cfg, local_rank)
+    sources = open_sources([m.model for m in cfg.models])
+    data = tokenize_sources(cfg, sources)
+    pads = [pad_id(r) for r in sources.refs]
+    rank, world = init_processes(cfg, device)
+
+    def log(msg: str) -> None:
+        if not quiet and rank == 0:
+            print(f"{prefix}: {msg}", file=sys.stderr, flush=True)
+
+    return device, sources, data, pads, rank, world, log
+
+
+def buffers_to(module: torch.nn.Module, device: torch.device) -> None:
+    """Buffers (rotary frequencies) onto the device: ZeRO-3 partitions parameters, not buffers."""
+    for mod in module.modules():
+        for key, buf in list(mod._buffers.items()):
+            if buf is not None:
+                mod._buffers[key] = buf.to(device)
+
+
 @dataclass
 class TrainResult:
     model: DamModel
@@ -577,17 +605,7 @@ class TrainResult:
 
 def train(cfg: DamConfig, opts: DamOptions) -> TrainResult:
     """Train, then write coefficients and merge.yaml (rank 0)."""
-    rank0, world0, local_rank = dist_env()
-    device = _device(cfg, local_rank)
-    sources = open_sources([m.model for m in cfg.models])
-    data = tokenize_sources(cfg, sources)
-    pads = [pad_id(r) for r in sources.refs]
-    rank, world = init_processes(cfg, device)
-    log = (
-        (lambda msg: None)
-        if opts.quiet or rank != 0
-        else (lambda msg: print(f"bigmerge dam: {msg}", file=sys.stderr, flush=True))
-    )
+    device, sources, data, pads, rank, world, log = begin(cfg, opts.quiet, "bigmerge dam")
 
     n = len(cfg.models)
     t = cfg.training
@@ -639,10 +657,7 @@ def train(cfg: DamConfig, opts: DamOptions) -> TrainResult:
     engine: Any
     if t.engine == "deepspeed":
         assert ds_config is not None
-        for mod in model.module.modules():  # buffers (rotary frequencies) are not partitioned: onto the device
-            for key, buf in list(mod._buffers.items()):
-                if buf is not None:
-                    mod._buffers[key] = buf.to(device)
+        buffers_to(model.module, device)
         engine = DeepSpeedEngine(model, cfg, ds_config)
         assert gathers is not None
         gathers.name_sources(model.module)
@@ -651,7 +666,13 @@ def train(cfg: DamConfig, opts: DamOptions) -> TrainResult:
         engine = TorchEngine(model, t.lr, t.betas, t.weight_decay, micro_per_step)
     log(
         f"{n} models, {describe(model)}; {world} process(es), engine {t.engine}, {device.type}; "
-        f"{total_steps} steps of {t.gradient_accumulation} x {n} micro batches of {t.batch_size} ({time.perf_counter() - t0:.1f} s to build)"
+        f"{total_steps} steps of {t.gradient_accumulation} x "
+        + (
+            f"1 micro batch of {n} x {t.batch_size} (stored teachers)"
+            if stored
+            else f"{n} micro batches of {t.batch_size}"
+        )
+        + f" ({time.perf_counter() - t0:.1f} s to build)"
     )
 
     out = Path(cfg.output)
