@@ -26,7 +26,9 @@ A scenario with a search config in ``SEARCHES`` (``recycle``: ``configs/recycle-
 ``zoo/...`` paths are rewritten to ZOO) also gets ``bigmerge search`` (one process, resumed from
 DIR/search-SCENARIO's journal on a rerun): rows "SCENARIO/search: cmaes" and "SCENARIO/search:
 greedy soup" are its CMA-ES best and greedy soup, merged and scored like every other row;
-``--no-search`` leaves them out.
+``--no-search`` leaves them out; ``--search SCENARIO=CONFIG`` adds one (the README's DAM against
+CMA-ES: ``--search specialists=configs/specialists-zoo-search.yaml --search
+domain=configs/domain-zoo-search.yaml``).
 
 An operator that takes exactly two models (slerp, nearswap) runs on a two-model scenario with
 the first model in the base's place. An operator that cannot run on the scenario (it raises ConfigError or SourceError: it needs data
@@ -62,11 +64,7 @@ DAM_TRAINING = {"engine": "torch", "lr": 1e-2, "epochs": 2, "batch_size": 8, "lo
 DAM_EXAMPLES = 128
 REPO = Path(__file__).resolve().parents[1]
 # scenario -> the search config run on it (its model paths "zoo/NAME" name the zoo's models)
-SEARCHES = {
-    "recycle": REPO / "configs" / "recycle-zoo.yaml",
-    "specialists": REPO / "configs" / "specialists-zoo-search.yaml",  # CMA-ES beside DAM on the same sources
-    "domain": REPO / "configs" / "domain-zoo-search.yaml",
-}
+SEARCHES = {"recycle": REPO / "configs" / "recycle-zoo.yaml"}  # --search adds others (DAM's scenarios)
 SEARCH_ROWS = ("cmaes", "greedy soup")  # rows of the search's summary that join the table
 
 
@@ -201,6 +199,12 @@ def run(args: argparse.Namespace) -> int:
     if unknown:
         raise SystemExit(f"unknown method(s): {', '.join(unknown)}; known: {', '.join(sorted(REGISTRY))}")
     overrides = parse_overrides(args.set or [])
+    searches_of = dict(SEARCHES)
+    for item in args.search or []:
+        scenario, _, path = item.partition("=")
+        if not path:
+            raise SystemExit(f"--search {item!r}: expected SCENARIO=CONFIG")
+        searches_of[scenario] = Path(path).resolve()
     out = Path(args.out).resolve()
     (out / "configs").mkdir(parents=True, exist_ok=True)
     work = out / "merged"
@@ -302,9 +306,9 @@ def run(args: argparse.Namespace) -> int:
                     shutil.rmtree(target, ignore_errors=True)
                     continue
                 scored(row, sc_name, method, "merge", target, t0)
-            if sc_name in SEARCHES and not args.no_search:
+            if sc_name in searches_of and not args.no_search:
                 t0 = time.perf_counter()
-                found, searches[sc_name] = search_rows(sc_name, SEARCHES[sc_name], zoo, out)
+                found, searches[sc_name] = search_rows(sc_name, searches_of[sc_name], zoo, out)
                 seconds.setdefault(sc_name, {})["search"] = round(time.perf_counter() - t0, 1)
                 for name, cfg in found.items():
                     slug = name.replace("search: ", "search-").replace(" ", "-")
@@ -373,6 +377,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--preset", default="full", help="zoo preset to build when ZOO has no zoo.json (default full)")
     ap.add_argument("--keep", action="store_true", help="keep the merged checkpoints under OUT/merged")
     ap.add_argument("--no-search", action="store_true", help="leave out the bigmerge search rows (SEARCHES)")
+    ap.add_argument(
+        "--search", action="append", metavar="SCENARIO=CONFIG", help="also run this search config on SCENARIO"
+    )
     return run(ap.parse_args(argv))
 
 
