@@ -247,7 +247,7 @@ def _human(n: float) -> str:
 
 def _cluster(args: argparse.Namespace) -> tuple[int, object]:
     from bigmerge.errors import ConfigError
-    from bigmerge.estimate import Cluster
+    from bigmerge.planning.estimate import Cluster
 
     rpn = args.ranks_per_node or (max(1, (args.world_size or 1) // args.nodes) if args.world_size else 1)
     world = args.world_size or args.nodes * rpn
@@ -258,10 +258,10 @@ def _cluster(args: argparse.Namespace) -> tuple[int, object]:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from bigmerge.config import load_config
     from bigmerge.errors import ConfigError
-    from bigmerge.estimate import estimate_model, estimate_plan, parse_count
     from bigmerge.merge import MergeOptions, plan_merge
+    from bigmerge.planning.config import load_config
+    from bigmerge.planning.estimate import estimate_model, estimate_plan, parse_count
 
     world, cluster = _cluster(args)
     if args.config is None:
@@ -336,7 +336,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from bigmerge.dist.comm import get_comm
+    from bigmerge.engine.comm import get_comm
     from bigmerge.merge import MergeOptions, run_merge
 
     if not gc.isenabled():  # entry() turned it off for the imports (torch's alone: ~0.4 s of collections)
@@ -438,7 +438,7 @@ def cmd_dam(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from bigmerge.dist.comm import get_comm
+    from bigmerge.engine.comm import get_comm
     from bigmerge.search.run import SearchOptions, run_search
 
     if args.workers is not None and args.workers < 1:
@@ -450,7 +450,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from bigmerge.storage.export import verify
+    from bigmerge.output.export import verify
     from bigmerge.storage.fs import location
 
     n = verify(location(args.out))
@@ -471,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
         "search": cmd_search,
         "dam": cmd_dam,
     }[args.command]
-    from bigmerge.dist.comm import get_comm, launched_by_mpi
+    from bigmerge.engine.comm import get_comm, launched_by_mpi
 
     # under mpirun a failing rank aborts the job: the others may wait on it in a collective (dam: ZeRO-3's)
     comm = get_comm() if args.command in ("merge", "search", "dam") and launched_by_mpi() else None

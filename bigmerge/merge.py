@@ -12,25 +12,25 @@ from typing import Any
 import torch
 
 from bigmerge import errors
-from bigmerge.catalog import ModelCatalog, catalog_models
-from bigmerge.config import MergeConfig, load_config
-from bigmerge.device import pick_device, share_cores
-from bigmerge.dist.comm import Comm
-from bigmerge.dist.executor import DEFAULT_CACHE_BYTES, execute
-from bigmerge.dist.reader import BlockReader
+from bigmerge.engine.comm import Comm
+from bigmerge.engine.device import pick_device, share_cores
+from bigmerge.engine.executor import DEFAULT_CACHE_BYTES, execute
+from bigmerge.engine.progress import Progress
+from bigmerge.engine.reader import BlockReader
 from bigmerge.errors import BigmergeError, ConfigError, OutputExistsError
-from bigmerge.plan import DEFAULT_BLOCK_BYTES, Plan, build_plan
-from bigmerge.progress import Progress
-from bigmerge.storage.direct import DirectStore
-from bigmerge.storage.export import (
+from bigmerge.output.direct import DirectStore
+from bigmerge.output.export import (
     DEFAULT_SHARD_BYTES,
     MANIFEST_NAME,
     check_tokenizer_source,
     clear_finished_markers,
     export,
 )
+from bigmerge.output.zarr_store import PLAN_FILE, BlockStore
+from bigmerge.planning.catalog import ModelCatalog, catalog_models
+from bigmerge.planning.config import MergeConfig, load_config
+from bigmerge.planning.plan import DEFAULT_BLOCK_BYTES, Plan, build_plan
 from bigmerge.storage.fs import Location, location, retries_done
-from bigmerge.storage.zarr_store import PLAN_FILE, BlockStore
 
 STORE_DIR = ".bigmerge-store.zarr"
 

@@ -252,6 +252,14 @@ class Part:
         }
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def bigmerge_cmd(ctx: Context) -> list[str]:
     return [ctx.python, "-m", "bigmerge"]
 
@@ -581,7 +589,8 @@ def part_dam(part: Part) -> None:
     path = ctx.path("configs", "dam.yaml")
     path.parent.mkdir(exist_ok=True)
     path.write_text(yaml.safe_dump(cfg))
-    env = {"MASTER_PORT": "29533"}
+    port = free_port()  # two checks on one machine (CI beside a developer) must not share a rendezvous
+    env = {"MASTER_PORT": str(port)}
     r = part.run(
         [
             ctx.python,
@@ -590,7 +599,7 @@ def part_dam(part: Part) -> None:
             "--nproc_per_node",
             "1",
             "--master_port",
-            "29533",
+            str(port),
             "-m",
             "bigmerge",
             "dam",
