@@ -432,7 +432,7 @@ def mpirun_logits(cfg: Path, fault: str | None = None) -> subprocess.CompletedPr
     return subprocess.run([*cmd, "--examples-per-shard", "2"], capture_output=True, text=True, env=env, timeout=300)
 
 
-@pytest.mark.slow
+@pytest.mark.mpi
 def test_logits_under_mpirun_killed_and_rerun_equal_one_process(setup: dict[str, Path], tmp_path: Path) -> None:
     """`bigmerge dam logits` on 2 ZeRO-3 processes (mpirun, gloo), rank 1 SIGKILLed after its first
     shard: the rerun skips the finished shards and the data set equals one uninterrupted process's."""

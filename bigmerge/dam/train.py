@@ -802,7 +802,7 @@ def _merge_record(merge_yaml: Path, out: str) -> dict[str, str] | None:
     coefficients and of OUT's manifest."""
     import hashlib
 
-    from bigmerge.storage.export import MANIFEST_NAME
+    from bigmerge.output.export import MANIFEST_NAME
     from bigmerge.storage.fs import location
 
     manifest = location(out).join(MANIFEST_NAME)
