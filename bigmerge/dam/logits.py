@@ -211,7 +211,7 @@ def top_logits(z: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, tor
 
 def compute_logits(cfg: DamConfig, opts: LogitsOptions) -> dict[str, Any]:
     """Write (or complete) the data set; returns a summary (on every rank)."""
-    from bigmerge.dam.train import _import_deepspeed, _stage, batch_of, begin, buffers_to
+    from bigmerge.dam.train import batch_of, begin, buffers_to, import_deepspeed, zero_stage
 
     device, sources, data, pads, rank, world, say = begin(cfg, opts.quiet, "bigmerge dam logits")
     t = cfg.training
@@ -269,10 +269,10 @@ def compute_logits(cfg: DamConfig, opts: LogitsOptions) -> dict[str, Any]:
         one = _one_source(sources.refs[k])
         engine: Any
         if t.engine == "deepspeed":
-            deepspeed = _import_deepspeed()
+            deepspeed = import_deepspeed()
             ds_config = cfg.deepspeed_config(1)
             ds_config["zero_optimization"].pop("offload_optimizer", None)
-            partition = deepspeed.zero.Init(config_dict_or_path=ds_config) if _stage(ds_config) == 3 else None
+            partition = deepspeed.zero.Init(config_dict_or_path=ds_config) if zero_stage(ds_config) == 3 else None
             model = build_dam_model(one, frozen, dtype, t.seed, partition)
             buffers_to(model.module, device)
             engine = deepspeed.initialize(model=model.module, config=ds_config)[0]

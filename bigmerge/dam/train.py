@@ -95,7 +95,7 @@ def _device(cfg: DamConfig, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def _import_deepspeed() -> Any:
+def import_deepspeed() -> Any:
     import warnings
 
     # torch 2.13 deprecates the collectives DeepSpeed calls, once per call
@@ -145,7 +145,7 @@ def init_processes(cfg: DamConfig, device: torch.device) -> tuple[int, int]:
         if world > 1:
             raise ConfigError("training.engine torch runs one process; use engine deepspeed for several")
         return 0, 1
-    deepspeed = _import_deepspeed()
+    deepspeed = import_deepspeed()
     if "MASTER_ADDR" not in os.environ:
         os.environ["MASTER_ADDR"] = _master_addr(rank, world)
     if "MASTER_PORT" not in os.environ:  # torchrun and deepspeed set it; alone or under mpirun: a free one
@@ -407,7 +407,7 @@ class DeepSpeedEngine:
     """deepspeed.initialize's engine, and the collective reads and writes of full coefficients."""
 
     def __init__(self, model: DamModel, cfg: DamConfig, ds_config: dict[str, Any]):
-        deepspeed = _import_deepspeed()
+        deepspeed = import_deepspeed()
         self.params = model.trainable()
         t = cfg.training
         opt = torch.optim.AdamW(self.params.values(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
@@ -629,14 +629,14 @@ def train(cfg: DamConfig, opts: DamOptions) -> TrainResult:
     ds_config = None
     gathers = None
     if t.engine == "deepspeed":
-        deepspeed = _import_deepspeed()
+        deepspeed = import_deepspeed()
         from bigmerge.dam.gathers import install
 
         gathers = install()
         ds_config = cfg.deepspeed_config(micro_per_step)
         # dtype comes from the config's bf16 switch: an explicit dtype= is misread on CPUs
         # (DeepSpeed 0.19 evaluates `dtype or fp16 if fp16_supported else bf16`, i.e. bf16 here)
-        partition = deepspeed.zero.Init(config_dict_or_path=ds_config) if _stage(ds_config) == 3 else None
+        partition = deepspeed.zero.Init(config_dict_or_path=ds_config) if zero_stage(ds_config) == 3 else None
     t0 = time.perf_counter()
     model = build_dam_model(sources, cfg.coefficients, dtype, t.seed, partition)
     if not model.trainable():
@@ -757,7 +757,7 @@ def train(cfg: DamConfig, opts: DamOptions) -> TrainResult:
     return TrainResult(model, history, merge_yaml)
 
 
-def _stage(ds: dict[str, Any]) -> int:
+def zero_stage(ds: dict[str, Any]) -> int:
     return int(ds.get("zero_optimization", {}).get("stage", 0))
 
 
