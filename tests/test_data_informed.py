@@ -190,6 +190,8 @@ def _family(root: Path, n: int = 2) -> dict[str, Path]:
         "model.layers.0.self_attn.q_proj.weight": torch.randn(16, 8, generator=g),
         "model.layers.0.mlp.up_proj.weight": torch.randn(ROWS, 8, generator=g),
         "model.layers.1.mlp.down_proj.weight": torch.randn(8, ROWS, generator=g),
+        # square: its Gram matrix has the weight's own shape, yet is read whole, not row-blocked
+        "model.layers.1.self_attn.o_proj.weight": torch.randn(16, 16, generator=g),
         "model.norm.weight": torch.ones(8),
     }
     out = {}

@@ -96,7 +96,7 @@ class BlockReader:
                     del self._pooled[ptr]  # freed now; its address may be reused
 
     def read_aux(self, t: TensorPlan, b: int) -> list[dict[str, torch.Tensor]]:
-        """Block b's auxiliary inputs per source: its rows of aux tensors shaped like t, others whole.
+        """Block b's auxiliary inputs per source: its rows of the row-blocked ones, the others whole.
 
         Whole ones (e.g. Gram matrices) are read once and kept while the next tensors come, so
         the blocks of one tensor share them; they are fresh tensors, never pooled buffers.
@@ -107,7 +107,7 @@ class BlockReader:
             got: dict[str, torch.Tensor] = {}
             for key, span in per.items():
                 dtype, size = DTYPES[span.dtype]
-                if span.shape == t.shape:
+                if span.rows:
                     row_bytes = t.row_elems * size
                     buf = torch.empty((r1 - r0) * row_bytes, dtype=torch.uint8)
                     if r1 > r0:

@@ -144,15 +144,17 @@ class Block:
 class AuxInput:
     """An extra tensor an operator reads beside one source: `tensor` in the safetensors `file`.
 
-    With `shape` equal to the merged tensor's shape it is read row-blocked with the block;
-    any other shape is read whole. `optional`: when it is absent from every source's file the
-    key is simply missing from `block.aux[i]`; present in some files but not others is an error.
+    `rows`: read row-blocked with the block (its shape must be the merged tensor's: a Fisher
+    value per weight); else read whole (a Gram matrix, even a square layer's, whose shape is
+    the weight's own). `optional`: when it is absent from every source's file the key is simply
+    missing from `block.aux[i]`; present in some files but not others is an error.
     """
 
     file: str  # local path or fsspec URL of a safetensors file
     tensor: str
     shape: tuple[int, ...]
     optional: bool = False
+    rows: bool = False
 
 
 class MergeOp:

@@ -55,7 +55,8 @@ class DamOp(MergeOp):
             file = task.per_model[i].get("coefficients") or ""
             if not file:
                 raise ConfigError(f"merge_method 'dam' needs parameters.coefficients for model {ref}")
-            out.append({"coef": AuxInput(file, tensor, shape, optional=True)})
+            # a vector tensor's coefficients are elementwise (row-blocked); a matrix's per column (whole)
+            out.append({"coef": AuxInput(file, tensor, shape, optional=True, rows=shape == tuple(task.shape))})
         return out
 
     def apply(self, task: TensorTask, block: Block, stats: Any) -> torch.Tensor:

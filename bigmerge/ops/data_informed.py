@@ -97,7 +97,7 @@ class FisherOp(MergeOp):
 
     def aux_inputs(self, task: TensorTask, sources: list[tuple[str, str]]) -> list[dict[str, AuxInput]]:
         return [
-            {"fisher": AuxInput(statistics_file(task, i, ref, FISHER_FILE, self.name), tensor, task.shape)}
+            {"fisher": AuxInput(statistics_file(task, i, ref, FISHER_FILE, self.name), tensor, task.shape, rows=True)}
             for i, (ref, tensor) in enumerate(sources)
         ]
 

@@ -51,6 +51,7 @@ class AuxSpan:
     end: int
     dtype: str
     shape: list[int]
+    rows: bool = False  # read row-blocked with the block (AuxInput.rows), else whole
 
 
 @dataclass
@@ -633,7 +634,7 @@ def _aux_bytes(t: TensorPlan) -> tuple[int, int]:
     rows = whole = 0
     for per in t.aux:
         for span in per.values():
-            if span.shape == t.shape:
+            if span.rows:
                 rows += t.block_rows * t.row_elems * DTYPES[span.dtype][1]
             else:
                 whole += span.end - span.start
@@ -664,7 +665,7 @@ class _AuxFiles:
         wanted = op.aux_inputs(task, sources)
         if not wanted:
             return []
-        if permuted and any(req.shape == task.shape for per in wanted for req in per.values()):
+        if permuted and any(req.rows for per in wanted for req in per.values()):
             # the statistics' rows are in each source's own vocabulary order, the block's are not
             raise ConfigError(
                 f"merge_method {op.name!r} with a tokenizer_source that changes the vocabulary: the statistics "
@@ -687,7 +688,9 @@ class _AuxFiles:
                     )
                 if info.dtype not in FLOAT_DTYPES:
                     raise SourceError(f"{url}: tensor {req.tensor!r} has dtype {info.dtype}; expected floating point")
-                spans[key] = AuxSpan(info.file, info.start, info.end, info.dtype, list(info.shape))
+                if req.rows and tuple(req.shape) != tuple(task.shape):
+                    raise ValueError(f"{op.name}: a row-blocked aux input must have the shape of {task.name!r}")
+                spans[key] = AuxSpan(info.file, info.start, info.end, info.dtype, list(info.shape), req.rows)
                 self.used[req.file] += 1
             out.append(spans)
         for key in sorted({k for per in wanted for k in per}):
