@@ -196,14 +196,39 @@ def build_parser() -> argparse.ArgumentParser:
         help="train DAM merge coefficients (DeepSpeed ZeRO-3), write them and a merge config",
         description="Train DAM coefficients (W = sum_i W_i diag(f(c_i)) per linear layer) by distilling each source "
         "model on its own data into the merged model; launch under deepspeed, torchrun or mpirun for several processes. "
-        "Writes OUTPUT/coefficients/*.safetensors and OUTPUT/merge.yaml (merge_method: dam); see configs/dam/zoo.yaml.",
+        "Writes OUTPUT/coefficients/*.safetensors and OUTPUT/merge.yaml (merge_method: dam); see configs/dam/zoo.yaml. "
+        "`bigmerge dam logits CONFIG` first writes every source's top-k logits into a data set (loss.teacher: dataset).",
     )
-    d.add_argument("config", help="DAM config (YAML)")
+    d.add_argument(
+        "config",
+        metavar="[logits] CONFIG",
+        help="DAM config (YAML); `logits CONFIG`: compute each source's top-k teacher logits into the data set "
+        "(loss.dataset, default OUTPUT/teacher-logits), resumable, before training",
+    )
+    d.add_argument("config_after_logits", nargs="?", default=None, help=argparse.SUPPRESS)
     d.add_argument("--merge", metavar="OUT", default=None, help="then merge into OUT with the written merge.yaml")
     d.add_argument("--overwrite", action="store_true", help="--merge: replace a finished merge at OUT")
     d.add_argument("--restart", action="store_true", help="ignore checkpoints in the output directory")
     d.add_argument("--dry-run", action="store_true", help="check the config and sources; print memory per process")
-    d.add_argument("--world-size", "-n", type=int, default=None, help="--dry-run: processes to plan for")
+    d.add_argument(
+        "--world-size", "-n", "--gpus", type=int, default=None, help="--dry-run: processes (GPUs) to plan for"
+    )
+    d.add_argument(
+        "--gpu-memory", type=float, default=None, metavar="GB", help="--dry-run: memory per GPU (default 80)"
+    )
+    d.add_argument(
+        "--arch",
+        default=None,
+        help="--dry-run: plan for a known architecture (llama-3-70b, llama-3-8b, mistral-7b) instead of reading "
+        "the sources, which need not be on this machine",
+    )
+    d.add_argument(
+        "--examples-per-shard",
+        type=int,
+        default=16,
+        metavar="N",
+        help="logits: examples per zarr shard of a new data set (one writer each; a rerun redoes unfinished ones)",
+    )
     d.add_argument("--quiet", action="store_true")
 
     se = sub.add_parser(
@@ -426,7 +451,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_dam(args: argparse.Namespace) -> int:
     from bigmerge.dam.train import DamOptions, run_dam
 
-    opts = DamOptions(args.merge, args.restart, args.quiet, args.dry_run, args.overwrite, args.world_size)
+    if args.config_after_logits is not None:
+        if args.config != "logits":
+            from bigmerge.errors import ConfigError
+
+            raise ConfigError(f"bigmerge dam: one config, not {args.config!r} and {args.config_after_logits!r}")
+        from bigmerge.dam.logits import LogitsOptions, run_logits
+
+        return run_logits(args.config_after_logits, LogitsOptions(args.quiet, args.examples_per_shard))
+    opts = DamOptions(
+        args.merge, args.restart, args.quiet, args.dry_run, args.overwrite, args.world_size, args.gpu_memory, args.arch
+    )
     return run_dam(args.config, opts)
 
 
@@ -499,7 +534,8 @@ def main(argv: list[str] | None = None) -> int:
     }[args.command]
     from bigmerge.engine.comm import get_comm, launched_by_mpi
 
-    comm = get_comm() if args.command in ("merge", "search") and launched_by_mpi() else None
+    # under mpirun a failing rank aborts the job: the others may wait on it in a collective (dam: ZeRO-3's)
+    comm = get_comm() if args.command in ("merge", "search", "dam") and launched_by_mpi() else None
     global _EXIT_NOW
     _EXIT_NOW = args.command == "merge"
     try:

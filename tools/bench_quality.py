@@ -14,7 +14,8 @@ appear without edits here) it writes a config with the operator's usual paramete
 - ``t: 0.5`` where an operator requires a ``t``; every other parameter at its default;
 - ``--set METHOD.PARAM=VALUE`` overrides any of them (``*.PARAM`` for every method).
 
-``dam`` trains its coefficients first (``bigmerge dam``, one process, ``training.engine: torch``)
+``dam`` trains its coefficients first (``bigmerge dam``, one process, ``training.engine: torch``;
+``--set dam.teacher=dataset`` computes the teachers' top-k logits first with ``bigmerge dam logits``)
 on a scenario whose models each train on their own skills (the zoo's ``mixture``: specialists,
 domain): each model's data are its skills' items from ``bigmerge.dam.zoo_data`` (``DAM_EXAMPLES``
 per model, split over its skills), the training settings ``DAM_TRAINING``, which
@@ -25,7 +26,9 @@ A scenario with a search config in ``SEARCHES`` (``recycle``: ``configs/recycle-
 ``zoo/...`` paths are rewritten to ZOO) also gets ``bigmerge search`` (one process, resumed from
 DIR/search-SCENARIO's journal on a rerun): rows "SCENARIO/search: cmaes" and "SCENARIO/search:
 greedy soup" are its CMA-ES best and greedy soup, merged and scored like every other row;
-``--no-search`` leaves them out.
+``--no-search`` leaves them out; ``--search SCENARIO=CONFIG`` adds one (the README's DAM against
+CMA-ES: ``--search specialists=configs/specialists-zoo-search.yaml --search
+domain=configs/domain-zoo-search.yaml``).
 
 An operator that takes exactly two models (slerp, nearswap) runs on a two-model scenario with
 the first model in the base's place. An operator that cannot run on the scenario (it raises ConfigError or SourceError: it needs data
@@ -61,7 +64,7 @@ DAM_TRAINING = {"engine": "torch", "lr": 1e-2, "epochs": 2, "batch_size": 8, "lo
 DAM_EXAMPLES = 128
 REPO = Path(__file__).resolve().parents[1]
 # scenario -> the search config run on it (its model paths "zoo/NAME" name the zoo's models)
-SEARCHES = {"recycle": REPO / "configs" / "recycle-zoo.yaml"}
+SEARCHES = {"recycle": REPO / "configs" / "recycle-zoo.yaml"}  # --search adds others (DAM's scenarios)
 SEARCH_ROWS = ("cmaes", "greedy soup")  # rows of the search's summary that join the table
 
 
@@ -126,6 +129,7 @@ def dam_config(
 
     training = {**DAM_TRAINING, **overrides.get("dam", {})}
     examples = int(training.pop("examples", DAM_EXAMPLES))
+    loss = {k: training.pop(k) for k in ("teacher", "top_k") if k in training}  # loss: keys, not training:
     skills = dam_skills(info, models)
     files = write_zoo_data(zoo, examples=examples, out=work / "data")
     cfg_models = []
@@ -134,7 +138,10 @@ def dam_config(
         lines = [ln for s in skills[m] for ln in files[s].read_text().splitlines()[:per_skill]]
         (work / f"{m}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
         cfg_models.append({"model": str(zoo / m), "data": str(work / f"{m}.jsonl")})
-    return {"models": cfg_models, "output": str(work / "train"), "training": training}
+    out: dict[str, Any] = {"models": cfg_models, "output": str(work / "train"), "training": training}
+    if loss:
+        out["loss"] = loss
+    return out
 
 
 def search_rows(scenario: str, config: Path, zoo: Path, out: Path) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
@@ -192,6 +199,12 @@ def run(args: argparse.Namespace) -> int:
     if unknown:
         raise SystemExit(f"unknown method(s): {', '.join(unknown)}; known: {', '.join(sorted(REGISTRY))}")
     overrides = parse_overrides(args.set or [])
+    searches_of = dict(SEARCHES)
+    for item in args.search or []:
+        scenario, _, path = item.partition("=")
+        if not path:
+            raise SystemExit(f"--search {item!r}: expected SCENARIO=CONFIG")
+        searches_of[scenario] = Path(path).resolve()
     out = Path(args.out).resolve()
     (out / "configs").mkdir(parents=True, exist_ok=True)
     work = out / "merged"
@@ -253,6 +266,11 @@ def run(args: argparse.Namespace) -> int:
                     try:
                         dam = dam_config(info, zoo, models, work / f"{sc_name}-dam-train", overrides)
                         cfg_path.write_text(yaml.safe_dump(dam, sort_keys=False), encoding="utf-8")
+                        if dam.get("loss", {}).get("teacher") == "dataset":  # the teachers' logits first, once
+                            from bigmerge.dam.logits import LogitsOptions, run_logits
+
+                            run_logits(str(cfg_path), LogitsOptions(quiet=True))
+                            seconds.setdefault(sc_name, {})["dam:logits"] = round(time.perf_counter() - t0, 1)
                         run_dam(str(cfg_path), DamOptions(str(target), restart=True, quiet=True, overwrite=True))
                     except (BigmergeError, ValueError, RuntimeError) as exc:
                         skipped[row] = str(exc).splitlines()[0]
@@ -288,9 +306,9 @@ def run(args: argparse.Namespace) -> int:
                     shutil.rmtree(target, ignore_errors=True)
                     continue
                 scored(row, sc_name, method, "merge", target, t0)
-            if sc_name in SEARCHES and not args.no_search:
+            if sc_name in searches_of and not args.no_search:
                 t0 = time.perf_counter()
-                found, searches[sc_name] = search_rows(sc_name, SEARCHES[sc_name], zoo, out)
+                found, searches[sc_name] = search_rows(sc_name, searches_of[sc_name], zoo, out)
                 seconds.setdefault(sc_name, {})["search"] = round(time.perf_counter() - t0, 1)
                 for name, cfg in found.items():
                     slug = name.replace("search: ", "search-").replace(" ", "-")
@@ -359,6 +377,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--preset", default="full", help="zoo preset to build when ZOO has no zoo.json (default full)")
     ap.add_argument("--keep", action="store_true", help="keep the merged checkpoints under OUT/merged")
     ap.add_argument("--no-search", action="store_true", help="leave out the bigmerge search rows (SEARCHES)")
+    ap.add_argument(
+        "--search", action="append", metavar="SCENARIO=CONFIG", help="also run this search config on SCENARIO"
+    )
     return run(ap.parse_args(argv))
 
 

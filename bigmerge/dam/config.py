@@ -59,8 +59,11 @@ class Coefficients(_Strict):
 
 class Loss(_Strict):
     temperature: float = Field(2.0, gt=0)  # T: T^2 KL(softmax(z_k/T) || softmax(z/T))
-    teacher: Literal["online", "topk"] = "online"  # online: z_k computed at every step; topk: once, kept
-    top_k: int = Field(64, ge=1)  # topk: the teacher's k largest logits per token (renormalised over them)
+    # online: z_k computed at every step; topk: once, kept in memory; dataset: read from the data set that
+    # `bigmerge dam logits` wrote (no teacher forward in training, one merged forward per step)
+    teacher: Literal["online", "topk", "dataset"] = "online"
+    top_k: int = Field(64, ge=1)  # topk, dataset: the teacher's k largest logits per token (renormalised over them)
+    dataset: str | None = None  # dataset: its path or fsspec URL; default OUTPUT/teacher-logits
     similarity: float = Field(0.01, ge=0)  # lambda_sim x mean pairwise cosine similarity of c_i, c_j
     l1: float = Field(0.0, ge=0)  # lambda x sum |f(c)|; the paper's value when on: 1e-6
     l2: float = Field(0.0, ge=0)  # lambda x sum f(c)^2; the paper's value when on: 1e-6
@@ -88,6 +91,8 @@ class Training(_Strict):
     log_every: int = Field(10, ge=1)  # optimizer steps between progress lines
     checkpoint_every: int = Field(100, ge=1)  # optimizer steps between checkpoints (and one at the end)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: each process's local GPU when there is one
+    # recompute each decoder layer in backward instead of keeping its activations (long sequences, 70B)
+    activation_checkpointing: bool = False
 
 
 class MergeOutput(_Strict):
@@ -123,6 +128,10 @@ class DamConfig(_Strict):
                     f"{key} is set by bigmerge from training.batch_size, gradient_accumulation and lr; remove it"
                 )
         return v
+
+    def logits_url(self) -> str:
+        """Where `bigmerge dam logits` writes the teachers' top-k logits and training reads them."""
+        return self.loss.dataset or str(Path(self.output) / "teacher-logits")
 
     def deepspeed_config(self, accumulation_micro_steps: int) -> dict[str, Any]:
         """The DeepSpeed config: the defaults, the user's `deepspeed:` over them, then what the

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -517,26 +516,3 @@ def coefficient_tensors(model: DamModel, values: dict[str, torch.Tensor]) -> lis
 def describe(model: DamModel) -> str:
     total = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.trainable().values())
     return f"{len(model.layers)} DAM layers, {len(model.trainable())} trainable coefficient sets, {total} coefficients"
-
-
-def memory_estimate(sources: Sources, world: int, tokens: int, dtype_bytes: int) -> list[tuple[str, float]]:
-    """Rough bytes per process under ZeRO-3 with parameters and optimizer offloaded to the CPU;
-    `tokens` = batch size x sequence length of one micro batch."""
-    n = len(sources.refs)
-    numel = {k: math.prod(s) for k, s in sources.tensors.items()}
-    cfg = sources.config
-    vocab, hidden = int(cfg.get("vocab_size", 0)), int(cfg.get("hidden_size", 0))
-    layers, inter = int(cfg.get("num_hidden_layers", 0)), int(cfg.get("intermediate_size", 0))
-    coefs = n * sum(s[-1] if len(s) > 1 else 1 for s in sources.tensors.values())
-    biggest = max(numel.values())
-    layer = max(
-        (sum(v for k, v in numel.items() if f".{i}." in k) for i in range(layers)), default=biggest
-    )  # one decoder layer's tensors
-    return [
-        ("CPU: frozen weights (this process's partition)", n * sum(numel.values()) * dtype_bytes / world),
-        ("CPU: coefficients, fp32 master, AdamW moments, gradients", coefs * (dtype_bytes + 16) / world),
-        ("CPU: while building, one tensor of every source", n * biggest * 4),
-        ("GPU: gathered weights (a layer of N sources, and one prefetched)", 2 * n * max(layer, biggest) * dtype_bytes),
-        ("GPU: saved activations", tokens * layers * (6 * hidden + 3 * inter) * dtype_bytes),
-        ("GPU: logits (teacher, merged, log-softmaxes; fp32)", tokens * vocab * 4 * 4),
-    ]

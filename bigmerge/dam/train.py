@@ -27,11 +27,13 @@ import os
 import random
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from bigmerge.dam.config import DamConfig, load_dam_config
 from bigmerge.dam.data import as_text, model_name, read_texts
@@ -59,7 +61,9 @@ class DamOptions:
     quiet: bool = False
     dry_run: bool = False
     overwrite: bool = False  # --merge: replace a finished merge at OUT
-    world_size: int | None = None  # --dry-run: processes to plan for (default: the launcher's)
+    world_size: int | None = None  # --dry-run: processes (GPUs) to plan for (default: the launcher's)
+    gpu_memory: float | None = None  # --dry-run: GB per GPU
+    arch: str | None = None  # --dry-run: a known architecture instead of the sources' headers
 
 
 # ---------------------------------------------------------------------------- processes
@@ -91,7 +95,7 @@ def _device(cfg: DamConfig, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def _import_deepspeed() -> Any:
+def import_deepspeed() -> Any:
     import warnings
 
     # torch 2.13 deprecates the collectives DeepSpeed calls, once per call
@@ -116,16 +120,36 @@ def _master_addr(rank: int, world: int) -> str:
     return "127.0.0.1"
 
 
+def _free_port() -> int:
+    """A TCP port nobody listens on now (the kernel's pick), so two jobs on one node never collide."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return int(s.getsockname()[1])
+
+
+def _master_port(rank: int, world: int) -> int:
+    """Rank 0's free port, broadcast over MPI under mpirun; a fixed port (29511 before) made a second
+    job on the same node fail with EADDRINUSE."""
+    if world > 1 and "OMPI_COMM_WORLD_RANK" in os.environ:
+        from mpi4py import MPI
+
+        return int(MPI.COMM_WORLD.bcast(_free_port() if rank == 0 else None, root=0))
+    return _free_port()
+
+
 def init_processes(cfg: DamConfig, device: torch.device) -> tuple[int, int]:
     rank, world, local_rank = dist_env()
     if cfg.training.engine == "torch":
         if world > 1:
             raise ConfigError("training.engine torch runs one process; use engine deepspeed for several")
         return 0, 1
-    deepspeed = _import_deepspeed()
+    deepspeed = import_deepspeed()
     if "MASTER_ADDR" not in os.environ:
         os.environ["MASTER_ADDR"] = _master_addr(rank, world)
-    os.environ.setdefault("MASTER_PORT", "29511")
+    if "MASTER_PORT" not in os.environ:  # torchrun and deepspeed set it; alone or under mpirun: a free one
+        os.environ["MASTER_PORT"] = str(_master_port(rank, world))
     os.environ.setdefault("RANK", str(rank))
     os.environ.setdefault("WORLD_SIZE", str(world))
     os.environ.setdefault("LOCAL_RANK", str(local_rank))
@@ -248,6 +272,88 @@ class TopkTeachers:
         return values.to(device), indices.to(device)
 
 
+class DatasetTeachers:
+    """`loss.teacher: dataset`: each source's top-k logits read from the data set of `bigmerge dam
+    logits`, example by example (the same examples, in the same order, as this process trains on)."""
+
+    def __init__(self, ds: Any, data: list[list[list[int]]], rank: int, world: int) -> None:
+        for k, examples in enumerate(data):
+            if ds.examples(k) != len(examples):
+                raise ConfigError(
+                    f"{ds.url}: {ds.examples(k)} examples of source {k}, the config gives {len(examples)}"
+                )
+            if not ds.done(k).all():
+                raise ConfigError(f"{ds.url}: source {k}'s logits are not all written; rerun `bigmerge dam logits`")
+        self.ds, self.data, self.rank, self.world = ds, data, rank, world
+        self.k = ds.top_k
+
+    def example_of(self, k: int, row: int) -> int:
+        """The data set's index of row `row` of this process's share (examples rank, rank + world, ...)."""
+        return self.rank + row * self.world if self.rank < len(self.data[k]) else row
+
+    def batch(self, k: int, rows: list[int], width: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        got = [self.ds.read(k, self.example_of(k, r), width) for r in rows]
+        return torch.stack([v for v, _ in got]).to(device), torch.stack([i for _, i in got]).to(device)
+
+
+def merged_step(
+    engine: Any,
+    model: DamModel,
+    cfg: DamConfig,
+    data: list[list[list[int]]],
+    pads: list[int],
+    teachers: DatasetTeachers,
+    micro: int,
+    rank: int,
+    world: int,
+    device: torch.device,
+) -> tuple[float, float, int]:
+    """One micro step on stored teachers: the N sources' batches side by side in one batch, one forward
+    and one backward of the merged model; loss = mean_k KL_k + regularisers (the gradient of the
+    per-source loop, whose N backward passes DeepSpeed averages). Returns (kl, loss, tokens)."""
+    size = cfg.training.batch_size
+    batches = [batch_of(data[k], micro, rank, world, size, pads[k]) for k in range(len(data))]
+    width = max(ids.shape[1] for ids, _ in batches)
+    ids = torch.cat([F.pad(b, (0, width - b.shape[1]), value=pads[k]) for k, (b, _) in enumerate(batches)])
+    mask = torch.cat([F.pad(m, (0, width - m.shape[1])) for _, m in batches])
+    ids, mask = ids.to(device), mask.to(device)
+    z = engine(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    kls = []
+    for k in range(len(data)):
+        part = slice(k * size, (k + 1) * size)
+        values, indices = teachers.batch(k, local_rows(len(data[k]), micro, rank, world, size), width, device)
+        kls.append(topk_distillation_loss(values, indices, z[part], mask[part], cfg.loss.temperature))
+    kd = torch.stack(kls).mean()
+    loss = kd + regulariser(model.take_terms(), cfg.loss)
+    engine.backward(loss)
+    engine.step()
+    return kd.item(), loss.detach().item(), int(mask.sum())
+
+
+class TrainLog:
+    """train-log.jsonl, one line per optimizer step, written as the step ends; a resumed run keeps the
+    lines of the steps its checkpoint holds (steps after it, from a run that died, are redone)."""
+
+    def __init__(self, path: Path, start: int) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if path.is_file():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    if int(json.loads(line)["step"]) <= start:
+                        kept.append(line)
+                except (ValueError, KeyError, TypeError):
+                    continue  # a line cut short by a kill
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(x + "\n" for x in kept), encoding="utf-8")
+        tmp.replace(path)
+        self.path = path
+
+    def append(self, entry: dict[str, Any]) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(entry) + "\n")
+
+
 # ---------------------------------------------------------------------------- engines
 
 
@@ -301,7 +407,7 @@ class DeepSpeedEngine:
     """deepspeed.initialize's engine, and the collective reads and writes of full coefficients."""
 
     def __init__(self, model: DamModel, cfg: DamConfig, ds_config: dict[str, Any]):
-        deepspeed = _import_deepspeed()
+        deepspeed = import_deepspeed()
         self.params = model.trainable()
         t = cfg.training
         opt = torch.optim.AdamW(self.params.values(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
@@ -463,6 +569,33 @@ def write_outputs(cfg: DamConfig, sources: Sources, model: DamModel, values: dic
 # ---------------------------------------------------------------------------- the loop
 
 
+def begin(
+    cfg: DamConfig, quiet: bool, prefix: str
+) -> tuple[torch.device, Sources, list[list[list[int]]], list[int], int, int, Callable[[str], None]]:
+    """What training and `dam logits` both begin with: the device, the checked sources, the
+    tokenized data, pad ids, then the processes joined (rank, world) and rank 0's progress printer."""
+    _, _, local_rank = dist_env()
+    device = _device(cfg, local_rank)
+    sources = open_sources([m.model for m in cfg.models])
+    data = tokenize_sources(cfg, sources)
+    pads = [pad_id(r) for r in sources.refs]
+    rank, world = init_processes(cfg, device)
+
+    def log(msg: str) -> None:
+        if not quiet and rank == 0:
+            print(f"{prefix}: {msg}", file=sys.stderr, flush=True)
+
+    return device, sources, data, pads, rank, world, log
+
+
+def buffers_to(module: torch.nn.Module, device: torch.device) -> None:
+    """Buffers (rotary frequencies) onto the device: ZeRO-3 partitions parameters, not buffers."""
+    for mod in module.modules():
+        for key, buf in list(mod._buffers.items()):
+            if buf is not None:
+                mod._buffers[key] = buf.to(device)
+
+
 @dataclass
 class TrainResult:
     model: DamModel
@@ -472,17 +605,7 @@ class TrainResult:
 
 def train(cfg: DamConfig, opts: DamOptions) -> TrainResult:
     """Train, then write coefficients and merge.yaml (rank 0)."""
-    rank0, world0, local_rank = dist_env()
-    device = _device(cfg, local_rank)
-    sources = open_sources([m.model for m in cfg.models])
-    data = tokenize_sources(cfg, sources)
-    pads = [pad_id(r) for r in sources.refs]
-    rank, world = init_processes(cfg, device)
-    log = (
-        (lambda msg: None)
-        if opts.quiet or rank != 0
-        else (lambda msg: print(f"bigmerge dam: {msg}", file=sys.stderr, flush=True))
-    )
+    device, sources, data, pads, rank, world, log = begin(cfg, opts.quiet, "bigmerge dam")
 
     n = len(cfg.models)
     t = cfg.training
@@ -494,32 +617,62 @@ def train(cfg: DamConfig, opts: DamOptions) -> TrainResult:
     dtype = torch.bfloat16 if t.dtype == "bfloat16" else torch.float32
     fingerprint = run_fingerprint(cfg, sources)
 
+    stored = None
+    if cfg.loss.teacher == "dataset":  # before building: a missing or stale data set is known now
+        from bigmerge.dam.logits import logits_fingerprint, open_dataset
+
+        ds = open_dataset(cfg.logits_url(), logits_fingerprint(cfg, sources))
+        stored = DatasetTeachers(ds, data, rank, world)
+    # micro steps per optimizer step: one per source (teachers in the loop) or one for all (data set)
+    micro_per_step = t.gradient_accumulation * (1 if stored is not None else n)
     partition = None
     ds_config = None
+    gathers = None
     if t.engine == "deepspeed":
-        deepspeed = _import_deepspeed()
-        ds_config = cfg.deepspeed_config(n * t.gradient_accumulation)  # one micro step per source
+        deepspeed = import_deepspeed()
+        from bigmerge.dam.gathers import install
+
+        gathers = install()
+        ds_config = cfg.deepspeed_config(micro_per_step)
         # dtype comes from the config's bf16 switch: an explicit dtype= is misread on CPUs
         # (DeepSpeed 0.19 evaluates `dtype or fp16 if fp16_supported else bf16`, i.e. bf16 here)
-        partition = deepspeed.zero.Init(config_dict_or_path=ds_config) if _stage(ds_config) == 3 else None
+        partition = deepspeed.zero.Init(config_dict_or_path=ds_config) if zero_stage(ds_config) == 3 else None
     t0 = time.perf_counter()
     model = build_dam_model(sources, cfg.coefficients, dtype, t.seed, partition)
     if not model.trainable():
         raise ConfigError("no trainable coefficients: enable coefficients.linear, biases, embeddings or norms")
+    if t.activation_checkpointing:
+        hf: Any = model.module  # a transformers PreTrainedModel
+        if hasattr(hf, "activation_checkpointing_enable"):  # transformers 5's name
+            hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers recomputes only in training mode; dropout stays off, as in eval mode
+        hf.train()
+        for mod in hf.modules():
+            if isinstance(mod, torch.nn.Dropout):
+                mod.p = 0.0
+            if isinstance(getattr(mod, "attention_dropout", None), float):
+                mod.attention_dropout = 0.0
     engine: Any
     if t.engine == "deepspeed":
         assert ds_config is not None
-        for mod in model.module.modules():  # buffers (rotary frequencies) are not partitioned: onto the device
-            for key, buf in list(mod._buffers.items()):
-                if buf is not None:
-                    mod._buffers[key] = buf.to(device)
+        buffers_to(model.module, device)
         engine = DeepSpeedEngine(model, cfg, ds_config)
+        assert gathers is not None
+        gathers.name_sources(model.module)
     else:
         model.module.to(device)
-        engine = TorchEngine(model, t.lr, t.betas, t.weight_decay, n * t.gradient_accumulation)
+        engine = TorchEngine(model, t.lr, t.betas, t.weight_decay, micro_per_step)
     log(
         f"{n} models, {describe(model)}; {world} process(es), engine {t.engine}, {device.type}; "
-        f"{total_steps} steps of {t.gradient_accumulation} x {n} micro batches of {t.batch_size} ({time.perf_counter() - t0:.1f} s to build)"
+        f"{total_steps} steps of {t.gradient_accumulation} x "
+        + (
+            f"1 micro batch of {n} x {t.batch_size} (stored teachers)"
+            if stored
+            else f"{n} micro batches of {t.batch_size}"
+        )
+        + f" ({time.perf_counter() - t0:.1f} s to build)"
     )
 
     out = Path(cfg.output)
@@ -530,7 +683,7 @@ def train(cfg: DamConfig, opts: DamOptions) -> TrainResult:
         engine.load(state, state, start)
         log(f"resumed from step {start} ({out / 'checkpoints'})")
 
-    teachers = None
+    teachers: TopkTeachers | DatasetTeachers | None = stored
     if cfg.loss.teacher == "topk":
         t1 = time.perf_counter()
         teachers = TopkTeachers(cfg.loss.top_k)
@@ -538,12 +691,20 @@ def train(cfg: DamConfig, opts: DamOptions) -> TrainResult:
         log(f"teachers' top-{cfg.loss.top_k} logits computed ({time.perf_counter() - t1:.1f} s)")
 
     history = []
+    train_log = TrainLog(out / "train-log.jsonl", start) if rank == 0 else None
     t_log, tokens = time.perf_counter(), 0
     for step in range(start, total_steps):
         t_step = time.perf_counter()
+        gathered0 = gathers.snapshot() if gathers is not None else (0, 0)
         losses = []
         for acc in range(t.gradient_accumulation):
             micro = step * t.gradient_accumulation + acc
+            if isinstance(teachers, DatasetTeachers):
+                # every source's batch in one forward and one backward: each source gathered once each way
+                kd, loss, n_tok = merged_step(engine, model, cfg, data, pads, teachers, micro, rank, world, device)
+                losses.append((kd, loss))
+                tokens += n_tok
+                continue
             for k in range(n):
                 ids, mask = batch_of(data[k], micro, rank, world, t.batch_size, pads[k])
                 ids, mask = ids.to(device), mask.to(device)
@@ -554,21 +715,30 @@ def train(cfg: DamConfig, opts: DamOptions) -> TrainResult:
                     model.set_teacher(None)
                 z = engine(input_ids=ids, attention_mask=mask, use_cache=False).logits
                 if teachers is None:
-                    kd = distillation_loss(z_k, z, mask, cfg.loss.temperature)
+                    kd_t = distillation_loss(z_k, z, mask, cfg.loss.temperature)
                 else:
                     rows = local_rows(len(data[k]), micro, rank, world, t.batch_size)
                     values, indices = teachers.batch(k, rows, ids.shape[1], device)
-                    kd = topk_distillation_loss(values, indices, z, mask, cfg.loss.temperature)
-                loss = kd + regulariser(model.take_terms(), cfg.loss)
-                engine.backward(loss)
+                    kd_t = topk_distillation_loss(values, indices, z, mask, cfg.loss.temperature)
+                loss_t = kd_t + regulariser(model.take_terms(), cfg.loss)
+                engine.backward(loss_t)
                 engine.step()
-                losses.append((kd.item(), loss.detach().item()))
+                losses.append((kd_t.item(), loss_t.detach().item()))
                 tokens += int(mask.sum())
         kd_mean = sum(x[0] for x in losses) / len(losses)
         loss_mean = sum(x[1] for x in losses) / len(losses)
-        history.append(
-            {"step": step + 1, "kl": kd_mean, "loss": loss_mean, "step_s": round(time.perf_counter() - t_step, 4)}
-        )
+        entry: dict[str, Any] = {
+            "step": step + 1,
+            "kl": kd_mean,
+            "loss": loss_mean,
+            "step_s": round(time.perf_counter() - t_step, 4),
+        }
+        if gathers is not None:  # what ZeRO-3 gathered in this process during the step
+            entry["gathered_bytes"] = gathers.snapshot()[0] - gathered0[0]
+            entry["gathers"] = gathers.snapshot()[1] - gathered0[1]
+        history.append(entry)
+        if train_log is not None:
+            train_log.append(entry)
         done = step + 1
         if done % t.log_every == 0 or done == total_steps or done == start + 1:
             now = time.perf_counter()
@@ -577,11 +747,6 @@ def train(cfg: DamConfig, opts: DamOptions) -> TrainResult:
             t_log, tokens = now, 0
         if done % t.checkpoint_every == 0 or done == total_steps:
             save_checkpoint(out, done, engine, model, fingerprint, rank)
-    if rank == 0 and history:
-        out.mkdir(parents=True, exist_ok=True)
-        with open(out / "train-log.jsonl", "a", encoding="utf-8") as f:
-            for h in history:
-                f.write(json.dumps(h) + "\n")
     values = engine.full_values(model)  # collective
     merge_yaml = None
     if rank == 0:
@@ -592,14 +757,16 @@ def train(cfg: DamConfig, opts: DamOptions) -> TrainResult:
     return TrainResult(model, history, merge_yaml)
 
 
-def _stage(ds: dict[str, Any]) -> int:
+def zero_stage(ds: dict[str, Any]) -> int:
     return int(ds.get("zero_optimization", {}).get("stage", 0))
 
 
 def run_dam(config_path: str, opts: DamOptions) -> int:
     cfg = load_dam_config(config_path)
     if opts.dry_run:
-        return dry_run(cfg, opts.world_size)
+        from bigmerge.dam.scale import dry_run
+
+        return dry_run(cfg, opts)
     train(cfg, opts)
     if opts.merge_out:
         from bigmerge.engine.comm import SerialComm, get_comm, launched_by_mpi
@@ -612,38 +779,68 @@ def run_dam(config_path: str, opts: DamOptions) -> int:
             comm = SerialComm()
         else:
             return 0
-        merge_yaml = str(Path(cfg.output) / "merge.yaml")
-        run_merge(merge_yaml, opts.merge_out, comm, MergeOptions(quiet=opts.quiet, overwrite=opts.overwrite))
+        merge_yaml = Path(cfg.output) / "merge.yaml"
+        if not opts.overwrite and merged_already(merge_yaml, opts.merge_out):
+            if comm.rank == 0 and not opts.quiet:
+                print(
+                    f"bigmerge dam: {opts.merge_out} already holds this run's finished merge; nothing to do",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            return 0
+        run_merge(str(merge_yaml), opts.merge_out, comm, MergeOptions(quiet=opts.quiet, overwrite=opts.overwrite))
+        if comm.rank == 0:
+            record_merge(merge_yaml, opts.merge_out)
     return 0
 
 
-def _gb(b: float) -> str:
-    return f"{b / 1e9:9.2f} GB" if b >= 1e8 else f"{b / 1e6:9.2f} MB"
+MERGED_FILE = "merged.json"  # beside merge.yaml: which OUT holds the merge of which merge.yaml
 
 
-def dry_run(cfg: DamConfig, world: int | None = None) -> int:
-    """Check the config and the sources (headers and config.json only); print memory per process."""
-    from bigmerge.dam.model import memory_estimate
+def _merge_record(merge_yaml: Path, out: str) -> dict[str, str] | None:
+    """What a finished merge of merge_yaml at out looks like: digests of the config with its
+    coefficients and of OUT's manifest."""
+    import hashlib
 
-    sources = open_sources([m.model for m in cfg.models])
-    for m in cfg.models:
-        if not Path(m.data).is_file():
-            raise ConfigError(f"{m.data}: data file of model {m.model} not found")
-    world = world or dist_env()[1]
-    dtype_bytes = 2 if cfg.training.dtype == "bfloat16" else 4
-    tokens = cfg.training.batch_size * cfg.data.max_length
-    params = sum(math.prod(s) for s in sources.tensors.values())
-    print(
-        f"{len(sources.refs)} models of {params / 1e9:.2f} B parameters ({len(sources.tensors)} tensors), "
-        f"{world} process(es), micro batch {cfg.training.batch_size} x {cfg.data.max_length} tokens, {cfg.training.dtype}"
-    )
-    total = {"CPU": 0.0, "GPU": 0.0}
-    for what, b in memory_estimate(sources, world, tokens, dtype_bytes):
-        print(f"  {what:<66} {_gb(b)}")
-        total[what[:3]] += b
-    print(f"  {'per process: CPU':<66} {_gb(total['CPU'])} (x processes per node)")
-    print(f"  {'per process: GPU (or CPU, without one)':<66} {_gb(total['GPU'])}")
-    return 0
+    from bigmerge.output.export import MANIFEST_NAME
+    from bigmerge.storage.fs import location
+
+    manifest = location(out).join(MANIFEST_NAME)
+    if not manifest.exists():
+        return None
+    from safetensors import safe_open
+
+    # merge.yaml names the coefficient files; their tensors are what a new training step changes (their
+    # bytes are not enough: safetensors writes the metadata's keys in a random order)
+    digest = hashlib.sha256(merge_yaml.read_bytes())
+    for f in sorted((merge_yaml.parent / "coefficients").glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as st:
+            for name in sorted(st.keys()):
+                digest.update(name.encode() + st.get_tensor(name).numpy().tobytes())
+    return {
+        "out": location(out).url,
+        "merge_sha256": digest.hexdigest(),
+        "manifest_sha256": hashlib.sha256(manifest.read_bytes()).hexdigest(),
+    }
+
+
+def merged_already(merge_yaml: Path, out: str) -> bool:
+    """True when OUT holds the finished merge that this run's merge.yaml (these coefficients) gave."""
+    marker = merge_yaml.parent / MERGED_FILE
+    if not marker.is_file():
+        return False
+    try:
+        return json.loads(marker.read_text()) == _merge_record(merge_yaml, out)
+    except ValueError:
+        return False
+
+
+def record_merge(merge_yaml: Path, out: str) -> None:
+    record = _merge_record(merge_yaml, out)
+    if record is not None:
+        tmp = merge_yaml.parent / (MERGED_FILE + ".tmp")
+        tmp.write_text(json.dumps(record, indent=1) + "\n")
+        tmp.replace(merge_yaml.parent / MERGED_FILE)
 
 
 __all__ = ["DamOptions", "TrainResult", "run_dam", "train"]
