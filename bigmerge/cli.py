@@ -94,6 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
         "converted to safetensors under OUT/.bigmerge-bin-cache first (removed after the merge)",
     )
     m.add_argument(
+        "--verify-sources",
+        choices=("stat", "hash"),
+        default="stat",
+        help="how a resume knows the sources did not change: stat (default: size, mtime and inode; ETag and version "
+        "on object storage) or hash (also a CRC-32C of every source byte, read once more at the start of each run)",
+    )
+    m.add_argument(
         "--allow-nonfinite",
         action="store_true",
         help="merge sources that hold NaN or Inf values (by default the first one found is an error)",
@@ -334,6 +341,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         device=args.device,
         allow_nonfinite=args.allow_nonfinite,
         allow_bin=args.allow_bin,
+        verify_sources=args.verify_sources,
     )
     run_merge(args.config, args.out, get_comm(), opts)
     return 0
@@ -418,9 +426,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from bigmerge.storage.export import verify
     from bigmerge.storage.fs import location
 
-    n = verify(location(args.out))
+    report: list[str] = []
+    n = verify(location(args.out), report=report)
     if not args.quiet:
-        print(f"bigmerge: verified {n} tensors in {args.out}")
+        print(f"bigmerge: verified {n} tensors in {args.out} against its manifest:")
+        for line in report:
+            print(f"  {line}")
     return 0
 
 
