@@ -457,7 +457,8 @@ def main(argv: list[str] | None = None) -> int:
     except BigmergeError as exc:
         collective = bool(getattr(exc, "collective", False))
         if comm is None or comm.rank == 0 or not collective:
-            print(f"bigmerge: error: {exc}", file=sys.stderr, flush=True)
+            one_line = " ".join(str(exc).splitlines())  # the contract: one line, whatever a library said
+            print(f"bigmerge: error: {one_line}", file=sys.stderr, flush=True)
         if comm is not None and comm.size > 1 and not collective:
             comm.abort(exc.exit_code)  # the other ranks may be waiting on this one
         return exc.exit_code

@@ -199,8 +199,9 @@ def load_yaml_bounded(text: str, source: str) -> Any:
     would expand beyond the bounds above; aliases are measured before anything is built."""
     if len(text) > MAX_CONFIG_BYTES:
         raise ConfigError(f"{source}: {len(text)} bytes; a config may have at most {MAX_CONFIG_BYTES}")
-    loader = yaml.SafeLoader(text)
+    loader: _BoundedLoader | None = None
     try:
+        loader = _BoundedLoader(text)  # the reader refuses unprintable characters here already
         node = loader.get_single_node()
         if node is None:
             return None
@@ -209,11 +210,33 @@ def load_yaml_bounded(text: str, source: str) -> Any:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{source}: not valid YAML{at}: {getattr(exc, 'problem', exc)}") from None
-    except RecursionError:
-        raise ConfigError(f"{source}: nests too deeply (at most {MAX_YAML_DEPTH} levels)") from None
+        problem = " ".join(str(getattr(exc, "problem", None) or exc).split())  # one line, whatever PyYAML says
+        raise ConfigError(f"{source}: not valid YAML{at}: {problem}") from None
+    except (RecursionError, _TooDeep):
+        raise ConfigError(f"{source}: nests more than {MAX_YAML_DEPTH} levels deep; refused") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
+
+
+class _TooDeep(Exception):
+    pass
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """The safe loader, stopped at MAX_YAML_DEPTH levels of nesting while it scans: PyYAML's
+    scanner does work per open level for every token (3 s for 3000 nested '['), and its
+    composer recurses once per level."""
+
+    def fetch_flow_collection_start(self, TokenClass: Any) -> None:  # noqa: N803 - PyYAML's name
+        if self.flow_level >= MAX_YAML_DEPTH:
+            raise _TooDeep
+        super().fetch_flow_collection_start(TokenClass)  # type: ignore[misc]
+
+    def add_indent(self, column: int) -> bool:
+        if len(self.indents) >= MAX_YAML_DEPTH:
+            raise _TooDeep
+        return bool(super().add_indent(column))  # type: ignore[misc]
 
 
 def _check_yaml_size(root: yaml.Node, source: str) -> None:
