@@ -22,7 +22,7 @@ import pytest
 import torch
 from helpers import assert_bit_identical, bigmerge, load_output, synthetic_family
 
-from bigmerge.storage.outdir import LOCK_NAME, RECORD_NAME, _start_time
+from bigmerge.storage.outdir import LOCK_NAME, RECORD_NAME, process_start_time
 
 LINEAR = "merge_method: linear\nmodels:\n  - model: {ft1}\n    parameters: {{weight: 0.7}}\n  - model: {ft2}\n    parameters: {{weight: 0.4}}\n"
 DONE = re.compile(r"bigmerge: done: .* \((\d+) blocks computed, (\d+) resumed")
@@ -325,7 +325,7 @@ def test_the_same_model_twice_is_refused_naming_it(tmp_path: Path, fam: dict[str
 def _lock(out: Path, pid: int) -> None:
     out.mkdir(parents=True, exist_ok=True)
     holder = {"pid": pid, "host": socket.gethostname(), "since": "2026-12-04 10:00:00 UTC", "token": "t"}
-    holder["start"] = _start_time(pid)
+    holder["start"] = process_start_time(pid)
     (out / LOCK_NAME).write_text(json.dumps(holder))
 
 

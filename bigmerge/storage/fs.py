@@ -184,7 +184,7 @@ def _chain(exc: BaseException) -> list[BaseException]:
     return seen
 
 
-def _service_error(exc: BaseException) -> tuple[str, int] | None:
+def service_error(exc: BaseException) -> tuple[str, int] | None:
     """(error code, HTTP status) of a service response in the chain (botocore's ClientError shape)."""
     for e in _chain(exc):
         response = getattr(e, "response", None)
@@ -200,7 +200,7 @@ def _service_error(exc: BaseException) -> tuple[str, int] | None:
 
 def classify(exc: BaseException) -> str:
     """'missing', 'denied', 'transient', or 'fatal' (any other error: not worth repeating)."""
-    service = _service_error(exc)
+    service = service_error(exc)
     if service is not None:
         code, status = service
         if code in _MISSING_CODES or (status == 404 and not code):
@@ -233,7 +233,7 @@ def _failure(
     url: str, what: str, exc: BaseException, kind: str, attempts: int, secrets: tuple[str, ...]
 ) -> StorageError:
     """The one line a user reads: what failed, where, and what to do about it."""
-    service = _service_error(exc)
+    service = service_error(exc)
     code = service[0] if service else ""
     if kind == "missing":
         if code == "NoSuchBucket" and _bucket(url):

@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from bigmerge.errors import OutputExistsError, OutputLockedError, SourceError, UnsafeOutputError
-from bigmerge.storage.fs import Location, _service_error, location
+from bigmerge.storage.fs import Location, location, service_error
 from bigmerge.storage.jsonio import loads_bounded
 
 RECORD_NAME = ".bigmerge-written.json"
@@ -263,7 +263,7 @@ class OutputDir:
 # -- the lock -------------------------------------------------------------------------------
 
 
-def _start_time(pid: int) -> str | None:
+def process_start_time(pid: int) -> str | None:
     """The process's start time in clock ticks since boot (Linux), to tell a reused pid apart."""
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -279,7 +279,7 @@ def _alive(pid: int, start: str | None) -> bool:
         return False
     except PermissionError:
         pass
-    return start is None or _start_time(pid) in (None, start)
+    return start is None or process_start_time(pid) in (None, start)
 
 
 @contextlib.contextmanager
@@ -325,7 +325,7 @@ class OutputLock:
                 try:
                     loc.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
                 except Exception as exc:  # noqa: BLE001 - s3fs wraps the service's answer
-                    service = _service_error(exc)
+                    service = service_error(exc)
                     if service is not None and (
                         service[0] in ("PreconditionFailed", "ConditionalRequestConflict") or service[1] in (409, 412)
                     ):
@@ -356,7 +356,7 @@ class OutputLock:
             "pid": os.getpid(),
             "host": socket.gethostname(),
             "since": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-            "start": _start_time(os.getpid()),
+            "start": process_start_time(os.getpid()),
             "token": self.token,
         }
         data = json.dumps(me).encode()
