@@ -191,6 +191,8 @@ class OutputDir:
         )
         foreign = present - ours
         resume = old is not None and old.get("plan") == plan and not finished
+        if old is None and not finished and ours & {STORE_DIR, PARTIAL_DIR}:
+            resume = True  # a bigmerge that kept no record: its store checks the plan's fingerprint itself
         changed = changed_source(old.get("sources", {}), pins) if resume and old is not None else None
         if changed and not overwrite:
             raise SourceError(
@@ -223,7 +225,7 @@ class OutputDir:
         if not resume:
             # only what bigmerge wrote; the bin cache was (re)made by this run's planning
             for n in sorted(ours - {RECORD_NAME, BIN_CACHE}):
-                self.out.join(n).remove(recursive=True)
+                self.out.join(n).remove(recursive=n in OWN_DIRS)
         keep = set(old["names"]) & present if resume and old is not None else set()
         self.record = {
             "format": RECORD_FORMAT,
