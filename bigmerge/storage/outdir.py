@@ -125,44 +125,39 @@ class OutputDir:
         self.out = out
         self.record: dict[str, Any] = {}
 
-    def read_record(self) -> dict[str, Any] | None:
-        loc = self.out.join(RECORD_NAME)
+    def _json(self, name: str) -> Any:
+        """A JSON file in OUT, or None when it is missing or not JSON (bounded: see jsonio)."""
+        loc = self.out.join(name)
         if not loc.exists():
             return None
         try:
-            rec = loads_bounded(loc.read_bytes(), loc.url)
+            return loads_bounded(loc.read_bytes(), loc.url)
         except SourceError:
-            rec = None
+            return None
+
+    def read_record(self) -> dict[str, Any] | None:
+        if not self.out.join(RECORD_NAME).exists():
+            return None
+        rec = self._json(RECORD_NAME)
         if not isinstance(rec, dict) or rec.get("format") != RECORD_FORMAT or not isinstance(rec.get("names"), list):
             raise UnsafeOutputError(
-                f"{loc.url}: unreadable record of what bigmerge wrote here; move OUT's files away yourself"
+                f"{self.out.join(RECORD_NAME).url}: unreadable record of what bigmerge wrote here; "
+                "move OUT's files away yourself"
             )
         return rec
 
     def _legacy_names(self, present: set[str]) -> set[str]:
         """An output of a bigmerge that kept no record: what its finished manifest vouches for."""
-        if MANIFEST_NAME not in present:
-            return set()
-        try:
-            manifest = loads_bounded(self.out.join(MANIFEST_NAME).read_bytes(), MANIFEST_NAME)
-        except SourceError:
-            return set()
-        if not isinstance(manifest, dict) or manifest.get("format") != "bigmerge-manifest":
+        if MANIFEST_NAME not in present or not self.finished():
             return set()
         from bigmerge.vocab import TOKENIZER_FILES
 
-        files = {f for f in manifest.get("files", []) if isinstance(f, str)}
+        files = {f for f in self._json(MANIFEST_NAME).get("files", []) if isinstance(f, str)}
         return (files | set(META_NAMES) | set(TOKENIZER_FILES)) & present
 
     def finished(self) -> bool:
         """A manifest that bigmerge wrote, whole (it is written atomically, last)."""
-        loc = self.out.join(MANIFEST_NAME)
-        if not loc.exists():
-            return False
-        try:
-            doc = loads_bounded(loc.read_bytes(), loc.url)
-        except SourceError:
-            return False
+        doc = self._json(MANIFEST_NAME)
         return isinstance(doc, dict) and doc.get("format") == "bigmerge-manifest"
 
     def claim(
