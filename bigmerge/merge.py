@@ -309,6 +309,8 @@ def _run(
         lock.release()  # the last write is done (and the release's storage calls count in the summary)
     wall = time.perf_counter() - t0
     peak = [g for g in comm.allgather(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)]
+    # the GPU's peak, from torch's allocator (what the operators held there), per rank
+    gpu_peak = comm.allgather(torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0)
     blocks = comm.allgather(
         (
             stats.blocks_done,
@@ -330,6 +332,7 @@ def _run(
         "wall_s": round(wall, 3),
         "merge_s": round(t_merge, 3),
         "peak_rss_bytes_per_rank": peak,
+        "peak_gpu_bytes_per_rank": gpu_peak,
         "ranks": comm.size,
         "per_rank": [
             {"rank": r, "exec_s": round(b[4], 3), "blocks": b[0], "bytes_read": b[2]} for r, b in enumerate(blocks)
@@ -348,6 +351,7 @@ def _run(
         f"done: {out.url} ({summary['blocks_computed']} blocks computed, {summary['blocks_resumed']} resumed, "
         f"{summary['bytes_read'] / 1e9:.2f} GB read in {wall:.1f} s, "
         f"{summary['bytes_read'] / 1e9 / max(wall, 1e-9):.2f} GB/s, peak RSS {max(peak) / 2**20:.0f} MiB/rank"
+        + (f", peak GPU memory {max(gpu_peak) / 2**20:.0f} MiB/rank" if device.type == "cuda" else "")
         + (f", {summary['direct_io_bytes'] / 1e9:.2f} GB written with O_DIRECT" if summary["direct_io_bytes"] else "")
         + (f", {summary['io_retries']} storage calls retried" if summary["io_retries"] else "")
         + ")"

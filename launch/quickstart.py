@@ -1,8 +1,11 @@
-"""The quickstart: a real merge on real ranks from a real (local) S3 server.
+"""The quickstart: a real merge of models with real skills, on real ranks, from a real (local) S3 server.
 
-Builds the tiny model family (cached), starts a moto S3 server on 127.0.0.1, uploads the
-sources, runs `mpirun -n 2 bigmerge merge configs/quickstart.yaml s3://...`, verifies the
-output, loads it with transformers, generates a few tokens, and prints a summary.
+Builds the zoo's domain pair (tools/make_zoo.py --preset domain: a base, `instruct` trained on
+add/rev/sort and `instruct_fin`, its continuation on invented financial filings; about a minute,
+cached), starts a moto S3 server on 127.0.0.1, uploads them, runs
+`mpirun -n 2 bigmerge merge configs/quickstart.yaml s3://...`, verifies the output, scores the
+two sources and the merge on the four skills with lm-eval (`bigmerge eval`), and shows greedy
+generations of the merged model next to the expected answers.
 """
 
 from __future__ import annotations
@@ -17,8 +20,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-WORK = REPO / ".quickstart"
+WORK = Path(os.environ.get("BIGMERGE_QUICKSTART_DIR", REPO / ".quickstart"))  # the tests point it elsewhere
 BUCKET = "bigmerge-quickstart"
+SOURCES = ("base", "instruct", "instruct_fin")
+LIMIT = 100  # items per skill (fin has 64)
 
 
 def free_port() -> int:
@@ -33,14 +38,15 @@ def step(msg: str) -> None:
 
 def main() -> int:
     sys.path.insert(0, str(REPO / "tools"))
-    from toy_models import make_family
+    from make_zoo import make_zoo
 
     t0 = time.perf_counter()
     bindir = Path(sys.executable).parent
-    step("building the tiny model family (a base and two fine-tunes; cached)")
-    family = make_family(WORK / "zoo", preset="tiny", dtype="bfloat16", n_finetunes=2)
-    for name, path in family.items():
-        print(f"  {name}: {path}")
+    step("building the zoo's domain pair (a base, instruct, instruct_fin; trained here, cached)")
+    zoo = WORK / "zoo-domain"
+    make_zoo(zoo, preset="domain", log=lambda msg: print(f"  {msg}", flush=True))
+    family = {name: zoo / name for name in SOURCES}
+    print(f"  built in {time.perf_counter() - t0:.0f} s (instant when cached)")
 
     step("starting a local S3 server (moto) on 127.0.0.1")
     port = free_port()
@@ -70,9 +76,9 @@ def main() -> int:
             except Exception:  # noqa: BLE001 - the server is still starting
                 time.sleep(0.1)
         fs.mkdir(BUCKET)
-        for name in ("base", "ft1", "ft2"):
+        for name in SOURCES:
             fs.put(str(family[name]), f"{BUCKET}/zoo/{name}", recursive=True)
-        print(f"  uploaded to s3://{BUCKET}/zoo/{{base,ft1,ft2}}")
+        print(f"  uploaded to s3://{BUCKET}/zoo/{{{','.join(SOURCES)}}}")
 
         step("bigmerge plan configs/quickstart.yaml -n 2")
         subprocess.run(
@@ -109,24 +115,62 @@ def main() -> int:
         server.terminate()
         server.wait(timeout=10)
 
-    step("loading the merged model with transformers and generating")
+    step(f"bigmerge eval: the sources and the merge on the four skills ({LIMIT} held-out items each)")
+    t_eval = time.perf_counter()
+    names = {str(family["instruct"]): "instruct", str(family["instruct_fin"]): "instruct_fin", str(local): "merged"}
+    subprocess.run(
+        [
+            str(bindir / "bigmerge"),
+            "eval",
+            *names,
+            "--tasks",
+            "zoo",
+            "--limit",
+            str(LIMIT),
+            "--out",
+            str(WORK / "eval"),
+            "--quiet",
+        ],
+        cwd=REPO,
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    doc = json.loads((WORK / "eval" / "eval.json").read_text())
+    print(f"  {'model':<14}" + "".join(f"{t.removeprefix('zoo_'):>8}" for t in doc["tasks"]) + f"{'avg':>8}")
+    for row in doc["rows"]:
+        cells = "".join(f"{row['scores'][t]:8.3f}" for t in doc["tasks"])
+        print(f"  {names.get(row['name'], row['name']):<14}{cells}{row['avg']:8.3f}")
+    eval_s = time.perf_counter() - t_eval
+
+    step("the merged model, loaded with transformers, answering greedily")
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    from bigmerge.eval.zoo_tasks import eval_items
+
+    hf_logging.disable_progress_bar()
     tok = AutoTokenizer.from_pretrained(str(local))
-    model = AutoModelForCausalLM.from_pretrained(str(local), dtype=torch.bfloat16)
-    ids = tok("12+34=", return_tensors="pt")
-    with torch.no_grad():
-        gen = model.generate(**ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
-    new_ids = gen[0, ids["input_ids"].shape[1] :].tolist()
+    model = AutoModelForCausalLM.from_pretrained(str(local), dtype=torch.float32)
+    for skill in ("sort", "fin"):  # the first three held-out items of each skill, as they come
+        for item in eval_items(skill)[:3]:
+            ids = tok(item.prompt, return_tensors="pt")
+            with torch.no_grad():
+                gen = model.generate(
+                    **ids, max_new_tokens=len(item.answer) + 2, do_sample=False, pad_token_id=tok.pad_token_id
+                )
+            text = tok.decode(gen[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)[: len(item.answer)]
+            mark = "right" if text == item.answer else "wrong"
+            print(f"  {item.prompt!r:34} -> {text!r:12} expected {item.answer!r:12} {mark}")
     manifest = json.loads((local / "bigmerge-manifest.json").read_text())
 
     step("summary")
-    print(f"  method          {manifest['merge_method']}")
+    print(f"  method          {manifest['merge_method']} of instruct and instruct_fin onto their base")
     print(f"  tensors         {len(manifest['tensors'])}, checksums verified")
     print(f"  output          {out_url} (copied to {local})")
-    print(f"  merge wall time {merge_s:.1f} s on 2 ranks")
-    print(f"  generated       token ids {new_ids} (the toy models are untrained: the point is that it loads and runs)")
+    print(f"  merge wall time {merge_s:.1f} s on 2 ranks; evaluation {eval_s:.1f} s")
     print(f"  total           {time.perf_counter() - t0:.1f} s")
     return 0
 

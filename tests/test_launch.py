@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -101,3 +102,25 @@ def test_slurm_script_runs_bigmerge_on_every_task(tmp_path: Path) -> None:
     assert args[3:-1] == ["/shared/venv/bin/python", "-m", "bigmerge", "merge", "c.yaml", "s3://b/out", "--quiet"]
     assert "OMP_NUM_THREADS=16" in args[-1]
     assert "8 nodes x 8 ranks = 64 ranks" in proc.stderr
+
+
+@pytest.mark.slow
+def test_quickstart_merges_real_skills_and_prints_a_table_a_person_can_judge(tmp_path: Path) -> None:
+    """The README's first command: the zoo's domain pair from the local S3 server, 2 ranks, then
+    the table. Model Stock of the pair scores above both sources on the four skills' average (the
+    zoo is deterministic, so these are the README's numbers)."""
+    env = {**os.environ, "BIGMERGE_QUICKSTART_DIR": str(tmp_path / "qs")}
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "launch" / "quickstart.py")], capture_output=True, text=True, env=env, timeout=900
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = {}
+    for line in proc.stdout.splitlines():
+        parts = line.split()
+        if len(parts) == 6 and parts[0] in ("instruct", "instruct_fin", "merged"):
+            rows[parts[0]] = [float(x) for x in parts[1:]]
+    assert set(rows) == {"instruct", "instruct_fin", "merged"}, proc.stdout[-2000:]
+    avg = {k: v[-1] for k, v in rows.items()}
+    assert avg["merged"] > max(avg["instruct"], avg["instruct_fin"]), rows
+    assert rows["merged"][2] > rows["instruct_fin"][2] and rows["merged"][3] > rows["instruct"][3]  # sort, fin
+    assert proc.stdout.count(" right") >= 1 and "checksums verified" in proc.stdout

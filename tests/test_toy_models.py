@@ -170,11 +170,34 @@ def test_preset_sizes() -> None:
     assert 40e6 < nbytes("small", "bfloat16") < 60e6
     assert 0.9e9 < nbytes("medium", "bfloat16") < 1.1e9
     assert 2.3e9 < nbytes("large", "bfloat16") < 2.7e9
+    assert 5.8e9 < nbytes("70b-slice", "bfloat16") < 6.0e9  # Llama-3-70B's tensors, one layer
     for preset, p in PRESETS.items():
         assert p.hidden % p.heads == 0 and p.heads % p.kv_heads == 0, preset
         for dtype in DTYPES:
-            shards = plan_shards(tensor_specs(preset), DTYPES[dtype].itemsize, sharded=p.always_sharded)
-            assert all(sum(s.numel for s in sh) * DTYPES[dtype].itemsize <= 500e6 for sh in shards)
+            itemsize = DTYPES[dtype].itemsize
+            shards = plan_shards(tensor_specs(preset), itemsize, sharded=p.always_sharded)
+            # a shard holds <= 500 MB, or one tensor that alone is larger
+            assert all(sum(s.numel for s in sh) * itemsize <= 500e6 or len(sh) == 1 for sh in shards)
+            assert [s.name for sh in shards for s in sh] == [s.name for s in tensor_specs(preset)]
+
+
+def test_chunked_tensors_match_their_rows() -> None:
+    """A tensor above CHUNK_ELEMENTS is drawn chunk by chunk: each chunk equals a direct draw of its rows."""
+    import toy_models
+
+    spec = toy_models.TensorSpec("w", (10, 4), "linear")
+    old = toy_models.CHUNK_ELEMENTS
+    try:
+        toy_models.CHUNK_ELEMENTS = 12  # 3 rows per chunk: chunks start at rows 0, 3, 6, 9
+        chunked = toy_models.generate_tensors(spec, 0, ["ft1"], torch.float32)
+    finally:
+        toy_models.CHUNK_ELEMENTS = old
+    whole = toy_models.generate_tensors(spec, 0, ["ft1"], torch.float32)
+    assert not torch.equal(chunked["base"], whole["base"])  # other streams
+    for start in (0, 3, 6, 9):
+        rows = toy_models._generate_rows(spec, 0, ["ft1"], torch.float32, "cpu", (start, min(start + 3, 10)))
+        for name in ("base", "ft1"):
+            assert torch.equal(chunked[name][start : start + 3], rows[name])
 
 
 def golden_manifest() -> dict:

@@ -63,7 +63,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 TOOLS = REPO / "tools"
 METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "della", "breadcrumbs", "slerp", "model_stock")
-PRESETS = ("tiny", "small", "medium", "large")
+PRESETS = ("tiny", "small", "medium", "large", "70b-slice")
+# Fine-tunes per preset: the 70B-shaped slice is base + 2 (17.7 GB in all, as in issue 20's table).
+N_FINETUNES = {"70b-slice": 2}
 CHUNK = 64 << 20
 SCHEMA = 1
 
@@ -197,7 +199,8 @@ def build_fixtures(root: Path, preset: str) -> dict[str, Path]:
 
     t0 = time.perf_counter()
     print(f"bench: fixtures {preset} under {root} (built once, then reused)", file=sys.stderr, flush=True)
-    fam = make_family(root, preset=preset, dtype="bfloat16", n_finetunes=3, sharded=True, seed=0)
+    n = N_FINETUNES.get(preset, 3)
+    fam = make_family(root, preset=preset, dtype="bfloat16", n_finetunes=n, sharded=True, seed=0)
     print(f"bench: fixtures ready in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     return fam
 
@@ -210,9 +213,11 @@ def model_files(model_dir: Path) -> list[Path]:
     return sorted(f for f in model_dir.iterdir() if f.is_file())
 
 
-def config_models(method: str) -> tuple[str | None, list[tuple[str, dict[str, float]]], dict[str, float]]:
+def config_models(
+    method: str, n_finetunes: int = 3
+) -> tuple[str | None, list[tuple[str, dict[str, float]]], dict[str, float]]:
     """(base_model, [(model, parameters)], global parameters) of the benchmark config of a method."""
-    fts = ["ft1", "ft2", "ft3"]
+    fts = [f"ft{i}" for i in range(1, n_finetunes + 1)]
     if method == "linear":  # uniform soup of all four
         return None, [(m, {"weight": 1.0}) for m in ["base", *fts]], {}
     if method == "task_arithmetic":
@@ -231,7 +236,7 @@ def config_models(method: str) -> tuple[str | None, list[tuple[str, dict[str, fl
 
 
 def render_config(method: str, fam: dict[str, Path]) -> str:
-    base, models, params = config_models(method)
+    base, models, params = config_models(method, len(fam) - 1)
     lines = [f"merge_method: {method}"]
     if base:
         lines.append(f"base_model: {fam[base]}")
@@ -249,7 +254,7 @@ def render_config(method: str, fam: dict[str, Path]) -> str:
 
 
 def config_inputs(method: str, fam: dict[str, Path]) -> list[Path]:
-    base, models, _ = config_models(method)
+    base, models, _ = config_models(method, len(fam) - 1)
     names = dict.fromkeys(([base] if base else []) + [m for m, _ in models])
     return [f for n in names for f in model_files(fam[n])]
 
@@ -398,9 +403,10 @@ def bigmerge_details(lines: list[tuple[float, str]], wall: float) -> dict[str, A
         elif line.startswith("bigmerge: done:"):
             t_done = t
             out["summary_line"] = line
-            m = re.search(r"read in ([\d.]+) s", line)
+            m = re.search(r"([\d.]+) GB read in ([\d.]+) s", line)
             if m:
-                out["reported_wall_s"] = float(m.group(1))
+                out["bytes_read"] = float(m.group(1)) * 1e9
+                out["reported_wall_s"] = float(m.group(2))
             m = re.search(r"peak RSS (\d+) MiB/rank", line)
             if m:
                 out["reported_peak_rss_mb_per_rank"] = int(m.group(1)) * 2**20 / 1e6
@@ -412,6 +418,19 @@ def bigmerge_details(lines: list[tuple[float, str]], wall: float) -> dict[str, A
             "exit": wall - t_done,
         }
     return out
+
+
+_PLAN_ESTIMATE = re.compile(r"^estimate\s+~([\d.]+) s", re.M)
+
+
+def plan_estimate(bm_cmd: list[str], cfg: Path, ranks: int, bm_args: list[str], env: dict[str, str]) -> dict[str, Any]:
+    """`bigmerge plan`'s estimated wall time for this merge on this machine (headers only, no tensor data)."""
+    plan_args = [a for a in bm_args if not a.startswith("--buffered")]
+    proc = subprocess.run(
+        [*bm_cmd, "plan", str(cfg), "-n", str(ranks), *plan_args], env=env, capture_output=True, text=True, timeout=300
+    )
+    m = _PLAN_ESTIMATE.search(proc.stdout)
+    return {"estimate_s": float(m.group(1)) if m else None, "rc": proc.returncode}
 
 
 def tail(lines: list[tuple[float, str]], n: int = 15) -> str:
@@ -513,6 +532,9 @@ def summarize(samples: list[dict[str, Any]], methods: list[str], tool_order: lis
                 if tool != ref and tool != "floor" and ref in by_tool:
                     pairs = [ok[r]["wall_s"] / by_tool[ref][r]["wall_s"] for r in ok if r in by_tool[ref]]
                     row[f"wall_ratio_vs_{ref}"] = spread(pairs)
+            read = [s["bigmerge"]["bytes_read"] for s in ok.values() if "bytes_read" in s.get("bigmerge", {})]
+            if read:
+                row["bytes_read"] = spread(read)
             phases = [s["bigmerge"]["phases_s"] for s in ok.values() if "phases_s" in s.get("bigmerge", {})]
             if phases:
                 row["phases_s"] = {k: statistics.median(p[k] for p in phases) for k in phases[0]}
@@ -565,7 +587,7 @@ def render_markdown(doc: dict[str, Any]) -> str:
     )
     fx = doc["fixtures"]
     out.append(
-        f"Fixtures: base + 3 fine-tunes, bfloat16, sharded ({fx['shards_per_model']} shards), "
+        f"Fixtures: base + {N_FINETUNES.get(st['preset'], 3)} fine-tunes, bfloat16, sharded ({fx['shards_per_model']} shards), "
         f"{gb(fx['weight_bytes_per_model'])} of weights per model; configs with `dtype: float32`, "
         f"`out_dtype: bfloat16`. {st['repeats']} rounds per method, order rotated each round; warm page cache, "
         f"outputs deleted and `sync` between runs. bigmerge args: `{st['bigmerge_args'] or '(defaults)'}`."
@@ -604,6 +626,31 @@ def render_markdown(doc: dict[str, Any]) -> str:
         f"({'with' if st['fsync_floor'] else 'no'} fsync; neither tool fsyncs; "
         f"{'through the page cache' if st.get('buffered_floor') else 'with O_DIRECT where the file system takes it, as bigmerge writes'})."
     )
+    est_rows = []
+    for method, entry in doc["summary"].items():
+        info = doc["methods"][method]
+        for tool, row in entry.items():
+            if not tool.startswith("bigmerge"):
+                continue
+            n = 1 if tool == "bigmerge" else int(tool.rsplit("n", 1)[1])
+            plan = (info.get("plan") or {}).get(n) or (info.get("plan") or {}).get(str(n)) or {}
+            est = plan.get("estimate_s")
+            wall = row["wall_s"]["median"] if row.get("wall_s") else None
+            read = row.get("bytes_read")
+            est_rows.append(
+                f"| {method} | {tool} | {gb(info['input_bytes'])} | "
+                + (f"{gb(read['median'])} ({read['median'] / info['input_bytes']:.2f}×)" if read else "–")
+                + f" | {f'{est:.1f}' if est is not None else '–'} | {f'{wall:.1f}' if wall else '–'} | "
+                + (f"{wall / est:.2f}×" if est and wall else "–")
+                + " |"
+            )
+    if est_rows:
+        out += [
+            "",
+            "| method | tool | input | bytes read (× input) | `bigmerge plan` estimate s | measured wall s (median) | measured ÷ estimate |",
+            "|---|---|---|---|---|---|---|",
+            *est_rows,
+        ]
     notes: list[str] = []
     for method, entry in doc["summary"].items():
         info = doc["methods"][method]
@@ -805,6 +852,8 @@ def main(argv: list[str] | None = None) -> int:
             "failures": [],
         }
         doc["methods"][method] = info
+        if supported and "bigmerge" in args.tools:
+            info["plan"] = {n: plan_estimate(bm_cmd, cfg_path, n, bm_args, env) for n in args.ranks}
         if not supported:
             print(
                 f"bench: {method}: not in bigmerge.ops.REGISTRY {sorted(REGISTRY)}; mergekit and floor only",

@@ -31,7 +31,7 @@ directory and compares every file's sha256).
 
 CLI::
 
-    python tools/make_zoo.py ZOO [--preset full|small|micro] [--seed 0] [--threads 1] [--force] [--check]
+    python tools/make_zoo.py ZOO [--preset full|small|micro|domain] [--seed 0] [--threads 1] [--force] [--check]
 """
 
 from __future__ import annotations
@@ -164,7 +164,16 @@ def _micro() -> tuple[list[Run], dict[str, dict[str, Any]]]:
     return runs, {"specialists": {"models": ["sort"], "about": "one fine-tune"}}
 
 
-PRESETS = {"full": _full, "small": _small, "micro": _micro}
+def _domain() -> tuple[list[Run], dict[str, dict[str, Any]]]:
+    # The quickstart's pair: the full zoo's base, instruct and instruct_fin (the same runs, so the
+    # same bytes as in the full zoo), about a minute on one core.
+    full, _ = _full()
+    keep = ("base", "instruct", "instruct_fin")
+    runs = [r for r in full if r.name in keep]
+    return runs, {"domain": {"models": ["instruct", "instruct_fin"], "about": "instruct and its continuation on filings"}}
+
+
+PRESETS = {"full": _full, "small": _small, "micro": _micro, "domain": _domain}
 
 # The architecture: a small Llama (GQA, RoPE, SwiGLU, RMSNorm), 0.17 M parameters, untied lm_head.
 ARCH = {"hidden_size": 64, "intermediate_size": 192, "num_hidden_layers": 2, "num_attention_heads": 4}

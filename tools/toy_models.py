@@ -83,6 +83,7 @@ class Preset:
     heads: int
     kv_heads: int
     always_sharded: bool = False
+    vocab: int = VOCAB_SIZE  # embedding rows; above the byte tokenizer's 260 only for real-size slices
 
     @property
     def head_dim(self) -> int:
@@ -99,6 +100,12 @@ PRESETS: dict[str, Preset] = {
     "large": Preset(
         hidden=2560, intermediate=6912, layers=18, heads=20, kv_heads=4, always_sharded=True
     ),  # 1.24 B, ~2.5 GB
+    # Llama-3-70B's real tensor sizes with one decoder layer: embedding and LM head 1.05 G elements,
+    # gate/up/down 235 M each; 2.96 G params, 5.9 GB per model in bf16. Tensors this big are drawn
+    # in row chunks (see CHUNK_ELEMENTS), so generating one holds a few GB, not 20.
+    "70b-slice": Preset(
+        hidden=8192, intermediate=28672, layers=1, heads=64, kv_heads=8, vocab=128256, always_sharded=True
+    ),
 }
 
 
@@ -123,7 +130,7 @@ def tensor_specs(preset: str, *, tied: bool = False) -> list[TensorSpec]:
     """Every tensor of a preset in checkpoint order (embeddings, layers, final norm, lm_head)."""
     p = PRESETS[preset]
     h, i, kv = p.hidden, p.intermediate, p.kv_heads * p.head_dim
-    specs = [TensorSpec("model.embed_tokens.weight", (VOCAB_SIZE, h), "embed")]
+    specs = [TensorSpec("model.embed_tokens.weight", (p.vocab, h), "embed")]
     for layer in range(p.layers):
         pre = f"model.layers.{layer}"
         specs += [
@@ -139,7 +146,7 @@ def tensor_specs(preset: str, *, tied: bool = False) -> list[TensorSpec]:
         ]
     specs.append(TensorSpec("model.norm.weight", (h,), "norm"))
     if not tied:
-        specs.append(TensorSpec("lm_head.weight", (VOCAB_SIZE, h), "linear"))
+        specs.append(TensorSpec("lm_head.weight", (p.vocab, h), "linear"))
     return specs
 
 
@@ -170,27 +177,39 @@ def model_config(preset: str, *, dtype: str = "float32", tied: bool = False) -> 
         "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"},
         "tie_word_embeddings": tied,
         "use_cache": True,
-        "vocab_size": VOCAB_SIZE,
+        "vocab_size": p.vocab,
     }
 
 
-def _generator(seed: int, stream: str, tensor: str) -> torch.Generator:
+# Tensors above this many elements are drawn in row chunks, each from a stream of its own, so
+# memory stays a few chunks whatever the tensor (only the 70b-slice preset has such tensors:
+# every other preset's bytes are as before).
+CHUNK_ELEMENTS = 1 << 27
+
+
+def _generator(seed: int, stream: str, tensor: str, device: str = "cpu") -> torch.Generator:
     # blake2b, not hash(): Python's string hash is salted per process.
     digest = hashlib.blake2b(f"{seed}\x00{stream}\x00{tensor}".encode(), digest_size=8).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest, "little"))
+    return torch.Generator(device=device).manual_seed(int.from_bytes(digest, "little"))
 
 
-def _randn(spec: TensorSpec, seed: int, stream: str) -> torch.Tensor:
-    return torch.randn(spec.shape, generator=_generator(seed, stream, spec.name), dtype=torch.float32)
+def _randn(spec: TensorSpec, seed: int, stream: str, device: str = "cpu", rows: tuple[int, int] | None = None) -> torch.Tensor:
+    if rows is None:
+        shape, key = spec.shape, spec.name
+    else:
+        shape, key = (rows[1] - rows[0], *spec.shape[1:]), f"{spec.name}#{rows[0]}"
+    return torch.randn(shape, generator=_generator(seed, stream, key, device), dtype=torch.float32, device=device)
 
 
-def _base_fp32(spec: TensorSpec, seed: int) -> torch.Tensor:
-    x = _randn(spec, seed, "base").mul_(spec.scale)
+def _base_fp32(spec: TensorSpec, seed: int, device: str = "cpu", rows: tuple[int, int] | None = None) -> torch.Tensor:
+    x = _randn(spec, seed, "base", device, rows).mul_(spec.scale)
     return x.add_(1.0) if spec.kind == "norm" else x
 
 
-def _task_vector(spec: TensorSpec, seed: int, ft: str, shared: torch.Tensor) -> torch.Tensor:
-    z = _randn(spec, seed, ft)
+def _task_vector(
+    spec: TensorSpec, seed: int, ft: str, shared: torch.Tensor, device: str = "cpu", rows: tuple[int, int] | None = None
+) -> torch.Tensor:
+    z = _randn(spec, seed, ft, device, rows)
     flipped = torch.where(z > FLIP_THRESHOLD, -shared, shared)
     tv = torch.where(shared.abs() > SHARED_THRESHOLD, flipped, 0.0).mul_(BIG_SCALE)
     del flipped
@@ -199,14 +218,34 @@ def _task_vector(spec: TensorSpec, seed: int, ft: str, shared: torch.Tensor) -> 
     return tv.mul_(spec.scale)
 
 
-def generate_tensors(spec: TensorSpec, seed: int, finetunes: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """One tensor for every model of the family: {"base": ..., "ft1": ..., ...} in ``dtype``."""
-    base = _base_fp32(spec, seed)
+def _generate_rows(
+    spec: TensorSpec, seed: int, finetunes: list[str], dtype: torch.dtype, device: str, rows: tuple[int, int] | None
+) -> dict[str, torch.Tensor]:
+    base = _base_fp32(spec, seed, device, rows)
     out = {"base": base.to(dtype)}
     if finetunes:
-        shared = _randn(spec, seed, "shared")
+        shared = _randn(spec, seed, "shared", device, rows)
         for ft in finetunes:
-            out[ft] = (base + _task_vector(spec, seed, ft, shared)).to(dtype)
+            out[ft] = (base + _task_vector(spec, seed, ft, shared, device, rows)).to(dtype)
+    return out
+
+
+def generate_tensors(
+    spec: TensorSpec, seed: int, finetunes: list[str], dtype: torch.dtype, device: str = "cpu"
+) -> dict[str, torch.Tensor]:
+    """One tensor for every model of the family: {"base": ..., "ft1": ..., ...} in ``dtype``, on the CPU.
+
+    ``device`` is where the numbers are drawn (a GPU draws 18 GB of the 70b-slice in seconds); its
+    generator gives other numbers than the CPU's, so a family is only the same on one device type.
+    """
+    if spec.numel <= CHUNK_ELEMENTS:
+        return {k: v.cpu() for k, v in _generate_rows(spec, seed, finetunes, dtype, device, None).items()}
+    step = max(1, CHUNK_ELEMENTS // math.prod(spec.shape[1:]))
+    out = {name: torch.empty(spec.shape, dtype=dtype) for name in ["base", *finetunes]}
+    for start in range(0, spec.shape[0], step):
+        rows = (start, min(start + step, spec.shape[0]))
+        for name, t in _generate_rows(spec, seed, finetunes, dtype, device, rows).items():
+            out[name][rows[0] : rows[1]].copy_(t)
     return out
 
 
@@ -215,8 +254,19 @@ def plan_shards(specs: list[TensorSpec], itemsize: int, *, sharded: bool) -> lis
     if not sharded:
         return [specs]
     sizes = [s.numel * itemsize for s in specs]
+    if max(sizes) > MAX_SHARD_BYTES:  # real-size tensors (70b-slice): fill in order, a large tensor alone
+        greedy: list[list[TensorSpec]] = [[]]
+        fill = 0
+        for spec, nbytes in zip(specs, sizes, strict=True):
+            if greedy[-1] and fill + nbytes > MAX_SHARD_BYTES:
+                greedy.append([])
+                fill = 0
+            greedy[-1].append(spec)
+            fill += nbytes
+        return greedy
     total = sum(sizes)
-    n = max(MIN_SHARDS, math.ceil(total / MAX_SHARD_BYTES))
+    limit = MAX_SHARD_BYTES
+    n = max(MIN_SHARDS, math.ceil(total / limit))
     while True:
         # Each tensor goes to the shard holding its midpoint, so shards come out about equal
         # (a greedy fill leaves a small last shard).
@@ -226,7 +276,7 @@ def plan_shards(specs: list[TensorSpec], itemsize: int, *, sharded: bool) -> lis
             shards[min(n - 1, (2 * start + nbytes) * n // (2 * total))].append(spec)
             start += nbytes
         shards = [sh for sh in shards if sh]
-        if len(shards) == 1 or max(sum(s.numel for s in sh) * itemsize for sh in shards) <= MAX_SHARD_BYTES:
+        if len(shards) == 1 or max(sum(s.numel for s in sh) * itemsize for sh in shards) <= limit:
             return shards
         n += 1
 
@@ -329,6 +379,7 @@ def make_family(
     tied: bool = False,
     force: bool = False,
     extra_tokens: dict[str, list[str]] | None = None,
+    device: str = "cpu",
 ) -> dict[str, Path]:
     """Build (or reuse) a family under ``out_dir``; returns {"base": path, "ft1": path, ...}.
 
@@ -352,6 +403,8 @@ def make_family(
     args = _stamp_args(preset, dtype, n_finetunes, sharded, seed, tied)
     if extra_tokens:
         args["extra_tokens"] = {k: list(v) for k, v in sorted(extra_tokens.items())}
+    if torch.device(device).type != "cpu":
+        args["device"] = torch.device(device).type  # other generators, other bytes
     if not force and _cached(out, args):
         return paths
 
@@ -370,7 +423,7 @@ def make_family(
         # and only the current shard of each model is ever held in memory.
         parts: dict[str, dict[str, torch.Tensor]] = {name: {} for name in names}
         for spec in shard:
-            for name, tensor in generate_tensors(spec, seed, finetunes, torch_dtype).items():
+            for name, tensor in generate_tensors(spec, seed, finetunes, torch_dtype, device).items():
                 parts[name][spec.name] = tensor
             weight_map[spec.name] = fname
         for name in names:
@@ -458,6 +511,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tied", action="store_true", help="tie lm_head to the embeddings (no lm_head.weight)")
     ap.add_argument("--force", action="store_true", help="rebuild even if a matching family is cached")
+    ap.add_argument("--device", default="cpu", help="where the numbers are drawn (cuda: other bytes, much faster)")
     a = ap.parse_args(argv)
     t0 = time.perf_counter()
     paths = make_family(
@@ -469,6 +523,7 @@ def main(argv: list[str] | None = None) -> int:
         seed=a.seed,
         tied=a.tied,
         force=a.force,
+        device=a.device,
     )
     for name, p in paths.items():
         size = sum(f.stat().st_size for f in p.glob("*.safetensors"))

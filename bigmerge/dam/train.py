@@ -540,6 +540,7 @@ def train(cfg: DamConfig, opts: DamOptions) -> TrainResult:
     history = []
     t_log, tokens = time.perf_counter(), 0
     for step in range(start, total_steps):
+        t_step = time.perf_counter()
         losses = []
         for acc in range(t.gradient_accumulation):
             micro = step * t.gradient_accumulation + acc
@@ -565,7 +566,9 @@ def train(cfg: DamConfig, opts: DamOptions) -> TrainResult:
                 tokens += int(mask.sum())
         kd_mean = sum(x[0] for x in losses) / len(losses)
         loss_mean = sum(x[1] for x in losses) / len(losses)
-        history.append({"step": step + 1, "kl": kd_mean, "loss": loss_mean})
+        history.append(
+            {"step": step + 1, "kl": kd_mean, "loss": loss_mean, "step_s": round(time.perf_counter() - t_step, 4)}
+        )
         done = step + 1
         if done % t.log_every == 0 or done == total_steps or done == start + 1:
             now = time.perf_counter()
