@@ -229,7 +229,7 @@ def _human(n: float) -> str:
 
 def _cluster(args: argparse.Namespace) -> tuple[int, object]:
     from bigmerge.errors import ConfigError
-    from bigmerge.estimate import Cluster
+    from bigmerge.planning.estimate import Cluster
 
     rpn = args.ranks_per_node or (max(1, (args.world_size or 1) // args.nodes) if args.world_size else 1)
     world = args.world_size or args.nodes * rpn
@@ -240,10 +240,10 @@ def _cluster(args: argparse.Namespace) -> tuple[int, object]:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from bigmerge.config import load_config
     from bigmerge.errors import ConfigError
-    from bigmerge.estimate import estimate_model, estimate_plan, parse_count
     from bigmerge.merge import MergeOptions, plan_merge
+    from bigmerge.planning.config import load_config
+    from bigmerge.planning.estimate import estimate_model, estimate_plan, parse_count
 
     world, cluster = _cluster(args)
     if args.config is None:
@@ -318,7 +318,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from bigmerge.dist.comm import get_comm
+    from bigmerge.engine.comm import get_comm
     from bigmerge.merge import MergeOptions, run_merge
 
     if not gc.isenabled():  # entry() turned it off for the imports (torch's alone: ~0.4 s of collections)
@@ -411,7 +411,7 @@ def cmd_dam(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from bigmerge.dist.comm import get_comm
+    from bigmerge.engine.comm import get_comm
     from bigmerge.search.run import SearchOptions, run_search
 
     if args.workers is not None and args.workers < 1:
@@ -423,7 +423,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from bigmerge.storage.export import verify
+    from bigmerge.output.export import verify
     from bigmerge.storage.fs import location
 
     report: list[str] = []
@@ -447,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
         "search": cmd_search,
         "dam": cmd_dam,
     }[args.command]
-    from bigmerge.dist.comm import get_comm, launched_by_mpi
+    from bigmerge.engine.comm import get_comm, launched_by_mpi
 
     comm = get_comm() if args.command in ("merge", "search") and launched_by_mpi() else None
     global _EXIT_NOW

@@ -13,25 +13,21 @@ from typing import Any
 import torch
 
 from bigmerge import errors
-from bigmerge.catalog import ModelCatalog, catalog_models
-from bigmerge.config import MergeConfig, load_config
-from bigmerge.device import pick_device, share_cores
-from bigmerge.dist.comm import Comm
-from bigmerge.dist.executor import DEFAULT_CACHE_BYTES, execute
-from bigmerge.dist.reader import BlockReader
+from bigmerge.engine.comm import Comm
+from bigmerge.engine.device import pick_device, share_cores
+from bigmerge.engine.executor import DEFAULT_CACHE_BYTES, execute
+from bigmerge.engine.progress import Progress
+from bigmerge.engine.reader import BlockReader
 from bigmerge.errors import BigmergeError, ConfigError, SourceError
-from bigmerge.plan import DEFAULT_BLOCK_BYTES, Plan, build_plan
-from bigmerge.progress import Progress
-from bigmerge.storage.direct import DirectStore
-from bigmerge.storage.export import (
+from bigmerge.output.direct import DirectStore
+from bigmerge.output.export import (
     DEFAULT_SHARD_BYTES,
     check_tokenizer_source,
     clear_finished_markers,
     export,
 )
-from bigmerge.storage.fs import Location, location, retries_done
-from bigmerge.storage.layout import Layout
-from bigmerge.storage.outdir import (
+from bigmerge.output.layout import Layout
+from bigmerge.output.outdir import (
     BIN_CACHE,
     META_NAMES,
     OWN_DIRS,
@@ -45,8 +41,12 @@ from bigmerge.storage.outdir import (
     pin_sources,
     relation,
 )
-from bigmerge.storage.zarr_store import PLAN_FILE, BlockStore
-from bigmerge.vocab import TOKENIZER_FILES
+from bigmerge.output.zarr_store import PLAN_FILE, BlockStore
+from bigmerge.planning.catalog import ModelCatalog, catalog_models
+from bigmerge.planning.config import MergeConfig, load_config
+from bigmerge.planning.plan import DEFAULT_BLOCK_BYTES, Plan, build_plan
+from bigmerge.planning.vocab import TOKENIZER_FILES
+from bigmerge.storage.fs import Location, location, retries_done
 
 
 @dataclass

@@ -25,9 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bigmerge.config import read_jsonl
 from bigmerge.errors import ConfigError, SourceError
 from bigmerge.ops.data_informed import FISHER_FILE, GRAM_FILE, model_dir_name
+from bigmerge.planning.config import read_jsonl
 
 KINDS = {"fisher": FISHER_FILE, "regmean": GRAM_FILE}
 
@@ -58,7 +58,7 @@ def read_texts(path: str, limit: int) -> list[str]:
 def resolve_models(args: list[str]) -> list[str]:
     """Model paths from the command line: one YAML config (its models, base included) or paths."""
     if len(args) == 1 and args[0].endswith((".yaml", ".yml")) and Path(args[0]).is_file():
-        from bigmerge.config import load_config
+        from bigmerge.planning.config import load_config
 
         return load_config(args[0]).model_refs()
     return list(args)
@@ -115,7 +115,7 @@ def _run_model(path: str, kind: str, texts: list[str], opts: StatsOptions) -> tu
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from bigmerge.catalog import catalog_model
+    from bigmerge.planning.catalog import catalog_model
 
     shapes = {n: tuple(info.shape) for n, info in catalog_model(path).tensors.items()}
     device = torch.device(

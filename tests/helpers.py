@@ -80,6 +80,20 @@ def bigmerge(
     return proc
 
 
+def merge_tensors(cfg_text: str, out: Path, **opts: Any) -> dict[str, torch.Tensor]:
+    """Merge a config given as text, in this process on one rank, into out; the output's tensors.
+
+    The config is written beside out (OUT.yaml); opts are MergeOptions fields, quiet by default."""
+    from bigmerge.engine.comm import SerialComm
+    from bigmerge.merge import MergeOptions, run_merge
+
+    cfg = out.parent / f"{out.name}.yaml"
+    cfg.write_text(cfg_text)
+    opts.setdefault("quiet", True)
+    run_merge(str(cfg), str(out), SerialComm(), MergeOptions(**opts))
+    return load_output(out)
+
+
 def load_output(path: Path) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for f in sorted(glob.glob(str(path / "*.safetensors"))):

@@ -247,6 +247,7 @@ OP_CHECKED = {
 WHERE = {"linear": ("base", "ft2"), "slerp": ("base", "ft2"), "task_arithmetic": ("ft1", "base")}
 
 
+@pytest.mark.slow  # the heaviest property tests: CI runs them, --fast does not
 @pytest.mark.parametrize("method", sorted(OP_CHECKED))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("where", [0, 1])
@@ -265,7 +266,7 @@ def test_nonfinite_caught_by_the_operators_own_check(
     NaN), in a tensor of one block or of many, and nothing is written."""
     from safetensors.torch import load_file, save_file
 
-    import bigmerge.dist.reader as reader_mod
+    import bigmerge.engine.reader as reader_mod
 
     scans: list[int] = []
     real = reader_mod.first_nonfinite
@@ -371,6 +372,7 @@ def test_duplicate_tensor_name_in_header(tmp_path: Path, capsys: pytest.CaptureF
     assert_clean_failure(code, err, tmp_path / "out", str(p), "'model.norm.weight'", "more than once")
 
 
+@pytest.mark.slow  # the heaviest property tests: CI runs them, --fast does not
 @pytest.mark.parametrize("writer", ["direct", "zarr"])
 def test_disk_full_keeps_the_journal_and_a_rerun_resumes(tmp_path: Path, writer: str) -> None:
     f = synthetic_family(tmp_path / "m")
@@ -544,7 +546,7 @@ def test_index_naming_a_tensor_no_shard_has(tmp_path: Path, capsys: pytest.Captu
 def test_nonfinite_scan_finds_the_first_bad_value_at_any_position(dtype: torch.dtype) -> None:
     """The reader's bit scan works in pieces of 4096: bad values at piece edges, several bad
     values, and the largest finite value (all exponent bits but one set) must come out right."""
-    from bigmerge.dist.finite import first_nonfinite
+    from bigmerge.engine.finite import first_nonfinite
 
     biggest = torch.finfo(dtype).max
     for n in (1, 4095, 4096, 4097, 10000):

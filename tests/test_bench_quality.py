@@ -10,8 +10,10 @@ import pytest
 import yaml
 from zoo_fixture import small_zoo_dir
 
-from bigmerge.config import load_config
 from bigmerge.ops import REGISTRY
+from bigmerge.planning.config import load_config
+
+pytestmark = pytest.mark.slow  # every operator merged and scored on the zoo
 
 
 @pytest.fixture(scope="module")

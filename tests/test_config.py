@@ -10,8 +10,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import TypeAdapter
 
-from bigmerge.config import evaluate_setting, load_config, parse_config
 from bigmerge.errors import ConfigError
+from bigmerge.planning.config import evaluate_setting, load_config, parse_config
 
 FLOAT = TypeAdapter(float).validate_python
 

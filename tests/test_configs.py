@@ -9,7 +9,7 @@ from helpers import REPO, load_output
 from toy_models import make_family
 
 from bigmerge.cli import main
-from bigmerge.config import load_config
+from bigmerge.planning.config import load_config
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 LOCAL = [p for p in CONFIGS if "zoo/tiny" in p.read_text()]

@@ -20,6 +20,8 @@ import yaml
 from helpers import assert_bit_identical, load_output
 from safetensors.torch import load_file
 
+pytestmark = pytest.mark.slow  # DeepSpeed ZeRO-3 training of tiny models, several processes
+
 MPIRUN = shutil.which("mpirun", path=str(Path(sys.executable).parent)) or shutil.which("mpirun")
 TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent))
 EXAMPLES = 8
@@ -163,6 +165,7 @@ def mpi_env() -> dict[str, str]:
     return env
 
 
+@pytest.mark.mpi
 def test_merge_same_bytes_on_1_and_2_ranks(trained, tmp_path: Path) -> None:
     _, result = trained
     one = merge(result.merge_yaml, tmp_path / "o1", "--block-size", "700")

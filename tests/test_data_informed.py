@@ -13,14 +13,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_bit_identical, load_output, write_checkpoint
+from helpers import assert_bit_identical, load_output, merge_tensors, write_checkpoint
 from safetensors.torch import save_file
 
 from bigmerge.cli import main as cli_main
-from bigmerge.dist.comm import SerialComm
 from bigmerge.errors import SourceError
-from bigmerge.merge import MergeOptions, run_merge
-from bigmerge.plan import Plan
+from bigmerge.merge import MergeOptions
+from bigmerge.planning.plan import Plan
+
+pytestmark = pytest.mark.slow  # fine-tunes two tiny Llamas and computes their statistics
 
 # -- the toy task ------------------------------------------------------------------------------
 
@@ -135,14 +136,6 @@ def toy(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     return {"root": root, "models": models, "data": data, "tok": tok, "stats": stats}
 
 
-def _merge(cfg_text: str, out: Path, **opts) -> dict[str, torch.Tensor]:
-    cfg = out.with_suffix(".yaml")
-    cfg.write_text(cfg_text)
-    opts.setdefault("quiet", True)
-    run_merge(str(cfg), str(out), SerialComm(), MergeOptions(**opts))
-    return load_output(out)
-
-
 def toy_config(toy: dict[str, object], method: str) -> str:
     m = toy["models"]
     weight = "    parameters: {weight: 1.0}\n" if method != "regmean" else ""
@@ -154,7 +147,7 @@ def toy_config(toy: dict[str, object], method: str) -> str:
 def test_merged_heldout_loss_beats_the_average(toy: dict[str, object], tmp_path: Path) -> None:
     losses = {}
     for method in ("linear", "fisher", "regmean"):
-        _merge(toy_config(toy, method), tmp_path / method)
+        merge_tensors(toy_config(toy, method), tmp_path / method)
         losses[method] = _mean_loss(toy, tmp_path / method)
     for name, path in toy["models"].items():
         losses[name] = _mean_loss(toy, path)
@@ -254,7 +247,7 @@ def _load(path: Path) -> dict[str, torch.Tensor]:
 def test_regmean_of_one_model_is_that_model(tmp_path: Path) -> None:
     fam = _family(tmp_path / "models", n=1)
     stats = _stats(tmp_path / "stats", fam)
-    out = _merge(_config("regmean", fam, stats, extra=", reduce_non_diagonal_ratio: 1.0"), tmp_path / "out")
+    out = merge_tensors(_config("regmean", fam, stats, extra=", reduce_non_diagonal_ratio: 1.0"), tmp_path / "out")
     src = _load(fam["m1"])
     for k, v in src.items():
         torch.testing.assert_close(out[k], v, rtol=1e-5, atol=1e-6)
@@ -263,7 +256,7 @@ def test_regmean_of_one_model_is_that_model(tmp_path: Path) -> None:
 def test_regmean_with_equal_grams_is_the_average(tmp_path: Path) -> None:
     fam = _family(tmp_path / "models")
     stats = _stats(tmp_path / "stats", fam, equal=True)
-    out = _merge(_config("regmean", fam, stats), tmp_path / "out")
+    out = merge_tensors(_config("regmean", fam, stats), tmp_path / "out")
     a, b = _load(fam["m1"]), _load(fam["m2"])
     for k in a:
         torch.testing.assert_close(out[k], (a[k] + b[k]) / 2, rtol=1e-5, atol=1e-6)
@@ -275,7 +268,7 @@ def test_regmean_is_the_closed_form(tmp_path: Path) -> None:
     fam = _family(tmp_path / "models")
     stats = _stats(tmp_path / "stats", fam)
     alpha = 0.7
-    out = _merge(
+    out = merge_tensors(
         _config("regmean", fam, stats, extra=f", reduce_non_diagonal_ratio: {alpha}, ridge: 0"), tmp_path / "out"
     )
     ws = [_load(p) for p in fam.values()]
@@ -295,7 +288,7 @@ def test_regmean_is_the_closed_form(tmp_path: Path) -> None:
 def test_fisher_with_equal_fishers_is_the_weighted_average(tmp_path: Path) -> None:
     fam = _family(tmp_path / "models")
     stats = _stats(tmp_path / "stats", fam, equal=True)
-    out = _merge(_config("fisher", fam, stats, weights=(0.3, 0.9)), tmp_path / "out")
+    out = merge_tensors(_config("fisher", fam, stats, weights=(0.3, 0.9)), tmp_path / "out")
     a, b = _load(fam["m1"]), _load(fam["m2"])
     for k in a:
         torch.testing.assert_close(out[k], (0.3 * a[k] + 0.9 * b[k]) / 1.2, rtol=1e-5, atol=1e-6)
@@ -306,7 +299,7 @@ def test_fisher_is_the_fisher_weighted_average(tmp_path: Path) -> None:
 
     fam = _family(tmp_path / "models")
     stats = _stats(tmp_path / "stats", fam)
-    out = _merge(_config("fisher", fam, stats, weights=(1.0, 2.0), extra=", epsilon: 0"), tmp_path / "out")
+    out = merge_tensors(_config("fisher", fam, stats, weights=(1.0, 2.0), extra=", epsilon: 0"), tmp_path / "out")
     (a, b), (fa, fb) = [_load(p) for p in fam.values()], [load_file(str(stats / n / "fisher.safetensors")) for n in fam]
     for k in a:
         num = fa[k].double() * a[k].double() + 2 * fb[k].double() * b[k].double()
@@ -320,7 +313,7 @@ def test_block_size_does_not_change_a_bit(tmp_path: Path, method: str) -> None:
     fam = _family(tmp_path / "models", n=3)
     stats = _stats(tmp_path / "stats", fam)
     cfg = _config(method, fam, stats)
-    outs = [_merge(cfg, tmp_path / f"out{bb}", block_bytes=bb) for bb in (96, 1000, 32 << 20)]
+    outs = [merge_tensors(cfg, tmp_path / f"out{bb}", block_bytes=bb) for bb in (96, 1000, 32 << 20)]
     assert_bit_identical(outs[0], outs[1])
     assert_bit_identical(outs[0], outs[2])
 
@@ -328,7 +321,7 @@ def test_block_size_does_not_change_a_bit(tmp_path: Path, method: str) -> None:
 def _plan_error(cfg_text: str, tmp_path: Path) -> str:
     out = tmp_path / "out"
     with pytest.raises(SourceError) as exc:
-        _merge(cfg_text, out)
+        merge_tensors(cfg_text, out)
     assert not out.exists()  # refused at plan time: nothing written
     return str(exc.value)
 
@@ -365,8 +358,8 @@ def test_missing_or_misshapen_statistics_tensor_is_refused(tmp_path: Path) -> No
 
 
 def test_statistics_are_in_the_plan_and_its_fingerprint(tmp_path: Path) -> None:
-    from bigmerge.config import load_config
     from bigmerge.merge import plan_merge
+    from bigmerge.planning.config import load_config
 
     fam = _family(tmp_path / "models")
     stats = _stats(tmp_path / "stats", fam)
@@ -381,6 +374,7 @@ def test_statistics_are_in_the_plan_and_its_fingerprint(tmp_path: Path) -> None:
     assert plan.peak_memory_estimate() > 5 * 2 * ROWS * ROWS * 4
 
 
+@pytest.mark.mpi
 @pytest.mark.parametrize("method", ["fisher", "regmean"])
 def test_same_bytes_on_1_and_2_ranks(tmp_path: Path, method: str) -> None:
     from test_mpi import mpirun
@@ -388,7 +382,7 @@ def test_same_bytes_on_1_and_2_ranks(tmp_path: Path, method: str) -> None:
     fam = _family(tmp_path / "models")
     stats = _stats(tmp_path / "stats", fam)
     cfg = _config(method, fam, stats) + "out_dtype: bfloat16\n"
-    one = _merge(cfg, tmp_path / "out1", block_bytes=500)  # one rank, in this process (one thread)
+    one = merge_tensors(cfg, tmp_path / "out1", block_bytes=500)  # one rank, in this process (one thread)
     proc = mpirun(2, "merge", str(tmp_path / "out1.yaml"), str(tmp_path / "out2"), "--block-size", "500", "--quiet")
     assert proc.returncode == 0, proc.stderr
     assert_bit_identical(one, load_output(tmp_path / "out2"))

@@ -12,10 +12,10 @@ import pytest
 import torch
 from helpers import assert_bit_identical, load_output, write_checkpoint
 
-from bigmerge.dist.comm import SerialComm
+from bigmerge.engine.comm import SerialComm
 from bigmerge.merge import MergeOptions, run_merge
 from bigmerge.ops.base import Scratch
-from bigmerge.storage.export import verify
+from bigmerge.output.export import verify
 from bigmerge.storage.fs import location
 from bigmerge.storage.safetensors import PAGE
 
@@ -106,9 +106,9 @@ def test_a_merge_stopped_midway_resumes_its_direct_io_blocks(tmp_path: Path, mon
     """Stopped after 4 blocks (the first ones O_DIRECT blocks of the large tensors), the rerun
     re-checks what the journal says against the bytes on disk, resumes them, merges the rest
     and ends byte-identical to an uninterrupted merge."""
-    from bigmerge.dist.faults import FAULT_ENV
-    from bigmerge.storage.direct import PARTIAL_DIR
-    from bigmerge.storage.export import MANIFEST_NAME
+    from bigmerge.engine.faults import FAULT_ENV
+    from bigmerge.output.direct import PARTIAL_DIR
+    from bigmerge.output.export import MANIFEST_NAME
 
     f = family(tmp_path / "m")
     merge(f, tmp_path, "whole")
@@ -135,8 +135,8 @@ def test_a_merge_stopped_midway_resumes_its_direct_io_blocks(tmp_path: Path, mon
 
 def _plan_tensors(f: dict[str, Path], tmp: Path) -> list[int]:
     """Output bytes of each tensor, in plan order."""
-    from bigmerge.config import load_config
     from bigmerge.merge import plan_merge
+    from bigmerge.planning.config import load_config
 
     plan, _ = plan_merge(load_config(str(tmp / "c.yaml")), 1, MergeOptions(block_bytes=1 << 20))
     return [t.out_bytes() for t in plan.tensors]

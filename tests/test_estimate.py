@@ -6,9 +6,9 @@ from pathlib import Path
 
 from helpers import bigmerge, synthetic_family
 
-from bigmerge.config import load_config
-from bigmerge.estimate import Cluster, estimate_model, estimate_plan, parse_count
 from bigmerge.merge import MergeOptions, plan_merge
+from bigmerge.planning.config import load_config
+from bigmerge.planning.estimate import Cluster, estimate_model, estimate_plan, parse_count
 
 
 def test_more_nodes_less_time_same_memory() -> None:

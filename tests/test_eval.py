@@ -11,10 +11,12 @@ from make_zoo import greedy_accuracy, load_checkpoint
 from zoo_fixture import small_zoo_dir
 
 from bigmerge.cli import main as cli_main
-from bigmerge.dist.comm import SerialComm
+from bigmerge.engine.comm import SerialComm
 from bigmerge.errors import ConfigError, SourceError
 from bigmerge.eval import Evaluator, Table, evaluate, resolve_tasks, zoo_tasks
 from bigmerge.merge import MergeOptions, run_merge
+
+pytestmark = pytest.mark.slow  # lm-eval on the zoo's models
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from bigmerge.ops import kernels
 
@@ -19,7 +20,7 @@ def test_uniform_draws_are_the_numpy_draws(monkeypatch: pytest.MonkeyPatch, key:
         parts = np.empty(n, np.float32)
         kernels._uniform_kernel(np.uint64(key), np.uint64(start), parts, nparts)
         assert np.array_equal(parts.view(np.uint32), fast.view(np.uint32))
-    monkeypatch.setattr(kernels, "AVAILABLE", False)
+    monkeypatch.setenv("BIGMERGE_NO_NUMBA", "1")
     slow = kernels.uniform(key, start, np.empty(n, np.float32))
     assert np.array_equal(fast.view(np.uint32), slow.view(np.uint32))
     assert 0.0 <= fast.min() and fast.max() < 1.0
@@ -44,3 +45,19 @@ def test_l1_sums_of_kept_magnitudes_chunk_by_chunk(n: int) -> None:
             if k:
                 after += a
         assert out[c, 1] == after and (out[c, 0] == before or (np.isnan(before) and np.isnan(out[c, 0])))
+
+
+def test_the_nan_scan_honours_the_one_torch_switch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """BIGMERGE_NO_NUMBA, read at call time, sends the reader's NaN/Inf scan to torch too."""
+    from bigmerge.engine import finite
+
+    x = torch.zeros(10_000)
+    x[4321] = float("nan")
+    assert finite.first_nonfinite(x) == 4321
+
+    def no_numba(*args: object) -> int:
+        raise AssertionError("the numba scan ran")
+
+    monkeypatch.setattr(finite, "_first_nonfinite", no_numba)
+    monkeypatch.setenv("BIGMERGE_NO_NUMBA", "1")
+    assert finite.first_nonfinite(x) == 4321

@@ -18,8 +18,10 @@ import pytest
 from helpers import assert_bit_identical, bigmerge, load_output, synthetic_family
 from test_mpi import mpirun
 
-from bigmerge.dist.comm import SerialComm
+from bigmerge.engine.comm import SerialComm
 from bigmerge.merge import MergeOptions, run_merge
+
+pytestmark = [pytest.mark.mpi, pytest.mark.slow]  # a dozen mpirun launches, SIGKILLed
 
 BLOCK = "256"
 SCENARIOS = 4

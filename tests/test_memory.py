@@ -9,6 +9,8 @@ import pytest
 import torch
 from helpers import bigmerge, synthetic_family, write_checkpoint
 
+pytestmark = pytest.mark.slow  # peak memory of merges of large tensors
+
 
 def _big_family(root: Path, mb_per_model: int) -> dict[str, Path]:
     g = torch.Generator().manual_seed(1)
@@ -56,10 +58,10 @@ def test_the_reader_reuses_its_buffers(tmp_path: Path, monkeypatch: pytest.Monke
     """Hundreds of blocks, plain and coalesced, read and released: the reader allocates no more
     buffers than the reads in flight hold (a pool that never got its buffers back allocated one
     per source per block, and peak memory then grew with the model)."""
-    from bigmerge.config import load_config
-    from bigmerge.dist import reader as reader_module
-    from bigmerge.dist.reader import BlockReader
+    from bigmerge.engine import reader as reader_module
+    from bigmerge.engine.reader import BlockReader
     from bigmerge.merge import MergeOptions, plan_merge
+    from bigmerge.planning.config import load_config
 
     # the fixture's blocks are small: every one read alone, or a few to a coalesced read
     monkeypatch.setattr(reader_module, "COALESCE_MAX_ITEM", 0 if reads == "single" else 1 << 20)

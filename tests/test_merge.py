@@ -7,23 +7,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_bit_identical, load_output, synthetic_family, write_checkpoint
+from helpers import assert_bit_identical, load_output, merge_tensors, synthetic_family, write_checkpoint
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bigmerge.dist.comm import SerialComm
+from bigmerge.engine.comm import SerialComm
 from bigmerge.errors import OutputExistsError
 from bigmerge.merge import MergeOptions, run_merge
-from bigmerge.storage.export import MANIFEST_NAME, verify
+from bigmerge.output.export import MANIFEST_NAME, verify
 from bigmerge.storage.fs import location
 
 
 def merge(cfg_text: str, tmp: Path, out_name: str = "out", **opts) -> dict[str, torch.Tensor]:
-    cfg = tmp / f"{out_name}.yaml"
-    cfg.write_text(cfg_text)
-    opts.setdefault("quiet", True)
-    run_merge(str(cfg), str(tmp / out_name), SerialComm(), MergeOptions(**opts))
-    return load_output(tmp / out_name)
+    return merge_tensors(cfg_text, tmp / out_name, **opts)
 
 
 def linear_cfg(f: dict[str, Path], w1: float, w2: float, extra: str = "") -> str:
@@ -95,6 +91,7 @@ def test_manifest_checksums_are_each_tensors_crc32c_and_verify_catches_a_flipped
         verify(location(str(out)))
 
 
+@pytest.mark.slow  # the heaviest property tests: CI runs them, --fast does not
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     block=st.sampled_from([64, 96, 200, 512, 1000, 4096]),
@@ -129,6 +126,7 @@ def test_ties_density_one_without_conflicts_is_task_arithmetic(tmp_path: Path) -
     assert_bit_identical(ties, ta)
 
 
+@pytest.mark.slow  # the heaviest property tests: CI runs them, --fast does not
 def test_ties_keeps_density_fraction_of_each_delta(tmp_path: Path) -> None:
     f = synthetic_family(tmp_path / "m", n=1, rows=200)
     out = merge(
@@ -172,9 +170,9 @@ def test_direct_writer_resumes_from_its_journal_and_rechecks_what_it_resumes(
     """direct writer, stopped after 7 blocks: the rerun takes the journaled blocks whose bytes
     still match their CRC-32C, merges the rest (a torn journal line and a block with a flipped
     bit included) and ends bit-identical, with nothing half-written in sight before that."""
-    from bigmerge.dist.faults import FAULT_ENV
-    from bigmerge.storage.direct import PARTIAL_DIR
-    from bigmerge.storage.layout import Layout
+    from bigmerge.engine.faults import FAULT_ENV
+    from bigmerge.output.direct import PARTIAL_DIR
+    from bigmerge.output.layout import Layout
 
     text = ties_cfg(family)
     ref = merge(text, tmp_path, "ref", block_bytes=256)
@@ -193,8 +191,8 @@ def test_direct_writer_resumes_from_its_journal_and_rechecks_what_it_resumes(
     # the last line torn (as a crash mid-append leaves it), and one journaled block corrupted
     journal.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:3])
     ti, b, _ = map(int, lines[0].split())
-    from bigmerge.config import load_config
     from bigmerge.merge import plan_merge
+    from bigmerge.planning.config import load_config
 
     plan, _ = plan_merge(load_config(str(cfg)), 1, opts)
     layout = Layout.of(plan, opts.shard_bytes)
@@ -285,7 +283,7 @@ def test_fused_kernels_match_the_torch_code(tmp_path: Path, method: str, monkeyp
     """The numba kernels and the torch statement of the arithmetic give the same bits."""
     from bigmerge.ops import kernels
 
-    assert kernels.AVAILABLE
+    assert kernels.use_numba()
     f = synthetic_family(tmp_path / "m", n=3, dtype=torch.bfloat16, rows=64)
     extra = {
         "ties_rescale": "parameters: {rescale: true}",
@@ -303,7 +301,7 @@ models:
 {extra}
 """
     fused = merge(text, tmp_path, "fused", block_bytes=700)
-    monkeypatch.setattr(kernels, "AVAILABLE", False)
+    monkeypatch.setenv("BIGMERGE_NO_NUMBA", "1")
     plain = merge(text, tmp_path, "plain", block_bytes=700)
     assert_bit_identical(fused, plain)
 
@@ -323,7 +321,7 @@ def test_fused_linear_matches_the_torch_code(
 ) -> None:
     from bigmerge.ops import kernels
 
-    assert kernels.AVAILABLE
+    assert kernels.use_numba()
     f = synthetic_family(tmp_path / "m", n=4, dtype=dtype, rows=64)
     text = "merge_method: linear\nmodels:\n" + "".join(
         f"  - model: {f[k]}\n    parameters: {{weight: {w}}}\n"
@@ -331,7 +329,7 @@ def test_fused_linear_matches_the_torch_code(
     )
     text += extra + "\n"
     fused = merge(text, tmp_path, "fused", block_bytes=700)
-    monkeypatch.setattr(kernels, "AVAILABLE", False)
+    monkeypatch.setenv("BIGMERGE_NO_NUMBA", "1")
     plain = merge(text, tmp_path, "plain", block_bytes=700)
     assert_bit_identical(fused, plain)
 
@@ -348,7 +346,7 @@ def test_store_shards_are_sized_to_their_tensor(family: dict[str, Path], tmp_pat
 
 
 def test_device_auto_and_local_rank(family: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from bigmerge.device import local_rank, pick_device
+    from bigmerge.engine.device import local_rank, pick_device
 
     monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_RANK", "3")
     assert local_rank() == 3
@@ -389,7 +387,7 @@ def test_auto_writer_resumes_an_interrupted_zarr_merge(
 ) -> None:
     """A merge stopped under the zarr writer is resumed by the default writer, not restarted
     beside its store (which would be left behind in OUT)."""
-    from bigmerge.dist.faults import FAULT_ENV
+    from bigmerge.engine.faults import FAULT_ENV
 
     text = ties_cfg(family)
     ref = merge(text, tmp_path, "ref", block_bytes=256)

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from helpers import assert_bit_identical, load_output, synthetic_family
 
+pytestmark = pytest.mark.mpi  # real mpirun runs
+
 MPIRUN = shutil.which("mpirun", path=str(Path(sys.executable).parent)) or shutil.which("mpirun")
 
 
@@ -118,7 +120,7 @@ TESTED_ELSEWHERE = {"fisher": "test_data_informed.py", "regmean": "test_data_inf
 DRIVER = """
 import sys
 from pathlib import Path
-from bigmerge.dist.comm import get_comm
+from bigmerge.engine.comm import get_comm
 from bigmerge.merge import MergeOptions, run_merge
 comm = get_comm()
 for cfg in sorted(Path(sys.argv[1]).glob("*.yaml")):

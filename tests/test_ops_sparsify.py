@@ -19,9 +19,9 @@ import torch
 from helpers import assert_bit_identical, load_output, synthetic_family
 
 from bigmerge.cli import main as cli_main
-from bigmerge.dist.comm import SerialComm, reduce_stats
+from bigmerge.engine.comm import SerialComm, reduce_one_block, reduce_stats
 from bigmerge.merge import MergeOptions, run_merge
-from bigmerge.ops import get_op, kernels
+from bigmerge.ops import get_op
 from bigmerge.ops.base import Block, Scratch, TensorTask
 
 RANDOM = ["dare_linear", "dare_ties", "della", "della_linear"]
@@ -57,7 +57,8 @@ def run_op(
 
     def block(b: int) -> Block:
         r0, r1 = b * block_rows, min(rows, (b + 1) * block_rows)
-        return Block(b, r0, r1, [x[r0:r1] if x.dim() else x for x in inputs], scratch)
+        rows_b = [x[r0:r1] if x.dim() else x for x in inputs]
+        return Block(b, r0, r1, rows_b, scratch, reduce=lambda s: reduce_one_block(b, s))
 
     prev = None
     for rnd in range(op.rounds(task)):
@@ -75,6 +76,7 @@ def family(n: int, shape: tuple[int, ...] = (64, 96), seed: int = 0) -> list[tor
 # -- identities ------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # the heaviest property tests: CI runs them, --fast does not
 @pytest.mark.parametrize(
     "method, counterpart",
     [
@@ -155,6 +157,7 @@ def tied_family(n: int, shape: tuple[int, ...], levels: int, dtype: torch.dtype,
     return [base.to(dtype)] + [(base + d).to(dtype) for d in deltas]
 
 
+@pytest.mark.slow  # the heaviest property tests: CI runs them, --fast does not
 @pytest.mark.parametrize("method", ["ties", "breadcrumbs", "breadcrumbs_ties"])
 @pytest.mark.parametrize("sources", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("levels", [3, 40])
@@ -175,7 +178,7 @@ def test_ties_at_the_kth_value_split_by_index_across_chunks_and_blocks(
         out = run_op(method, x, block_rows=rows, **params)
         ref = out if ref is None else ref
         assert torch.equal(out, ref), rows
-    monkeypatch.setattr(kernels, "AVAILABLE", False)
+    monkeypatch.setenv("BIGMERGE_NO_NUMBA", "1")
     assert torch.equal(run_op(method, x, **params), ref)
     assert torch.equal(run_op(method, x, block_rows=150, **params), ref)
     # the premise: the k-th largest magnitude is tied on both sides of k
@@ -208,7 +211,7 @@ def test_fused_kernels_match_the_torch_code(
     params = {"weight": [0.6, 0.5, 0.3], "density": [0.4, 0.7, 1.0]}  # 0.7: float32(0.7) < 0.7
     shared = {"rescale": rescale}
     fused = run_op(method, x, block_rows=block_rows, seed=2, shared=shared, **params)
-    monkeypatch.setattr(kernels, "AVAILABLE", False)
+    monkeypatch.setenv("BIGMERGE_NO_NUMBA", "1")
     plain = run_op(method, x, block_rows=block_rows, seed=2, shared=shared, **params)
     assert torch.equal(fused, plain)
 
@@ -233,7 +236,7 @@ def test_fused_kernels_do_bfloat16_arithmetic_as_torch(
     x = [t.to(sources) for t in family(3, (40, 36), seed=7)]
     params = {"weight": [0.6, 0.5, 0.3], "density": [0.4, 0.6, 0.3]}
     fused = run_op(method, x, block_rows=9, seed=2, shared=shared, compute=torch.bfloat16, **params)
-    monkeypatch.setattr(kernels, "AVAILABLE", False)
+    monkeypatch.setenv("BIGMERGE_NO_NUMBA", "1")
     plain = run_op(method, x, block_rows=9, seed=2, shared=shared, compute=torch.bfloat16, **params)
     assert torch.equal(fused.float(), plain.float())
 

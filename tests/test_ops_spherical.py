@@ -11,11 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_bit_identical, load_output, synthetic_family
+from helpers import assert_bit_identical, load_output, merge_tensors, synthetic_family
 
-from bigmerge.dist.comm import SerialComm
 from bigmerge.errors import ConfigError
-from bigmerge.merge import MergeOptions, run_merge
 
 
 @pytest.fixture(scope="module")
@@ -27,10 +25,7 @@ def fam(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def merge(text: str, tmp: Path, name: str = "out", block_bytes: int = 4096) -> dict[str, torch.Tensor]:
-    cfg = tmp / f"{name}.yaml"
-    cfg.write_text(text)
-    run_merge(str(cfg), str(tmp / name), SerialComm(), MergeOptions(quiet=True, block_bytes=block_bytes))
-    return load_output(tmp / name)
+    return merge_tensors(text, tmp / name, block_bytes=block_bytes)
 
 
 def models(*entries: tuple[Path, str]) -> str:
@@ -174,16 +169,16 @@ def test_bad_model_counts_are_config_errors(fam: dict[str, Path], tmp_path: Path
 
 
 def test_sums_are_the_same_on_one_thread_or_many(monkeypatch: pytest.MonkeyPatch) -> None:
-    from bigmerge.ops import spherical
+    from bigmerge.ops import sums
 
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(3, 3 * spherical._SEG + 17, generator=g)
+    x = torch.randn(3, 3 * sums.SEG + 17, generator=g)
     coef = torch.rand(3, generator=g).double().numpy()
     runs = []
     for threshold in (1 << 62, 0):  # one thread, then the parallel kernels
-        monkeypatch.setattr(spherical, "_PARALLEL_MIN", threshold)
-        lin = spherical.lincomb(x, coef, torch.empty(x.shape[1]))
-        runs.append((spherical.seg_gram(x, 1000), spherical.col_gram(x[:, : 51 * 3855], 51), lin))
+        monkeypatch.setattr(sums, "PARALLEL_MIN", threshold)
+        lin = sums.lincomb(x, coef, torch.empty(x.shape[1]))
+        runs.append((sums.seg_gram(x, 1000), sums.col_gram(x[:, : 51 * 3855], 51), lin))
     assert (runs[0][0] == runs[1][0]).all() and (runs[0][1] == runs[1][1]).all()
     assert torch.equal(runs[0][2], runs[1][2])
 
@@ -196,13 +191,12 @@ FUSED_CASES = [(torch.float32, ""), (torch.bfloat16, ""), (torch.bfloat16, "dtyp
 def test_fused_slerp_is_the_torch_code(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, extra: str
 ) -> None:
-    from bigmerge.ops import spherical
 
     f = synthetic_family(tmp_path / "fam", n=1, dtype=dtype, rows=40)
     text = f"merge_method: slerp\nbase_model: {f['base']}\n" + models((f["base"], ""), (f["ft1"], ""))
     text += "parameters: {t: [0.3, 0.8]}\n" + extra
     outs = [merge(text, tmp_path, "fused", 200), merge(text, tmp_path, "fused1", 1 << 20)]
-    monkeypatch.setattr(spherical, "fused_pair", lambda *args: None)
+    monkeypatch.setenv("BIGMERGE_NO_NUMBA", "1")
     assert_bit_identical(merge(text, tmp_path, "torch", 200), outs[0])
     assert_bit_identical(merge(text, tmp_path, "torch1", 1 << 20), outs[1])
 
@@ -211,7 +205,6 @@ def test_fused_slerp_is_the_torch_code(
 def test_fused_model_stock_is_the_torch_code(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, extra: str
 ) -> None:
-    from bigmerge.ops import geometric
 
     f = synthetic_family(tmp_path / "fam", n=3, dtype=dtype, rows=40)
     head = f"merge_method: model_stock\nbase_model: {f['base']}\n{extra}"
@@ -220,6 +213,6 @@ def test_fused_model_stock_is_the_torch_code(
         "rows": head + models((f["ft1"], ""), (f["ft2"], "")) + "parameters: {filter_wise: true}\n",
     }
     fused = {(k, b): merge(v, tmp_path, f"f{k}{b}", b) for k, v in texts.items() for b in (200, 1 << 20)}
-    monkeypatch.setattr(geometric, "fused_sources", lambda *args: None)
+    monkeypatch.setenv("BIGMERGE_NO_NUMBA", "1")
     for (k, b), out in fused.items():
         assert_bit_identical(merge(texts[k], tmp_path, f"t{k}{b}", b), out)

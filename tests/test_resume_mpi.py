@@ -16,11 +16,13 @@ import pytest
 from helpers import REPO, assert_bit_identical, load_output, synthetic_family
 from test_mpi import mpirun
 
-from bigmerge.dist.comm import SerialComm
+from bigmerge.engine.comm import SerialComm
 from bigmerge.merge import STORE_DIR, MergeOptions, run_merge
-from bigmerge.storage.direct import PARTIAL_DIR
-from bigmerge.storage.export import MANIFEST_NAME
-from bigmerge.storage.zarr_store import SHARD_KEY
+from bigmerge.output.direct import PARTIAL_DIR
+from bigmerge.output.export import MANIFEST_NAME
+from bigmerge.output.zarr_store import SHARD_KEY
+
+pytestmark = pytest.mark.mpi  # real mpirun runs, killed and resumed
 
 WRITERS = ["direct", "zarr"]  # the resume path of each writer
 

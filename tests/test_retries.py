@@ -19,7 +19,7 @@ from fsspec.implementations.memory import MemoryFileSystem
 from helpers import assert_bit_identical, load_output, synthetic_family
 
 from bigmerge.cli import main
-from bigmerge.dist.comm import SerialComm
+from bigmerge.engine.comm import SerialComm
 from bigmerge.errors import StorageError
 from bigmerge.merge import MergeOptions, run_merge
 from bigmerge.storage.fs import Location, classify, retries_done
@@ -258,6 +258,7 @@ def via_location(environ: Environ) -> bool:
     return (method == "GET" and "HTTP_RANGE" in environ) or method == "HEAD" or (method == "PUT" and "/c/" in path)
 
 
+@pytest.mark.s3
 def test_merge_through_flaky_s3_is_bit_identical(
     flaky_s3: tuple[FaultyS3, dict[str, Path], dict[str, str]], tmp_path: Path, fast_retries: None
 ) -> None:
@@ -286,6 +287,7 @@ def cli_error(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, list
     return code, [ln for ln in err.splitlines() if ln.startswith("bigmerge:")], err
 
 
+@pytest.mark.s3
 def test_errors_beyond_the_retry_budget_are_one_line_exit_2(
     flaky_s3: tuple[FaultyS3, dict[str, Path], dict[str, str]],
     tmp_path: Path,
@@ -311,6 +313,7 @@ def test_errors_beyond_the_retry_budget_are_one_line_exit_2(
     assert not exists(srv, "retry-out/failed/bigmerge-manifest.json")
 
 
+@pytest.mark.s3
 def test_access_denied_is_one_clear_line_and_not_retried(
     flaky_s3: tuple[FaultyS3, dict[str, Path], dict[str, str]],
     tmp_path: Path,
@@ -329,6 +332,7 @@ def test_access_denied_is_one_clear_line_and_not_retried(
     assert sum(1 for key in srv.log if "/zoo/ft1" in key[1]) == 1  # refused once, asked once
 
 
+@pytest.mark.s3
 def test_missing_output_bucket_names_the_bucket(
     flaky_s3: tuple[FaultyS3, dict[str, Path], dict[str, str]], tmp_path: Path
 ) -> None:

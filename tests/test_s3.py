@@ -13,6 +13,8 @@ import torch
 from helpers import assert_bit_identical, bigmerge, load_output, synthetic_family
 from test_mpi import mpirun
 
+pytestmark = pytest.mark.s3  # a real S3 server (moto) in the test process
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -65,6 +67,7 @@ def s3_family(
 TIES = "merge_method: ties\nbase_model: {base}\nmodels:\n  - model: {ft1}\n    parameters: {{weight: 0.7, density: 0.4}}\n  - model: {ft2}\n    parameters: {{weight: 0.4, density: 0.6}}\ndtype: float32\nout_dtype: bfloat16\n"
 
 
+@pytest.mark.mpi
 def test_s3_to_s3_under_mpirun_matches_local(
     s3_env: dict[str, str], s3_family: tuple[dict[str, Path], dict[str, str]], tmp_path: Path
 ) -> None:
@@ -115,12 +118,12 @@ def test_export_to_s3_is_assembled_by_the_server(
     import moto.s3.models
     import s3fs
 
-    from bigmerge.dist.comm import SerialComm
+    from bigmerge.engine.comm import SerialComm
     from bigmerge.merge import MergeOptions, run_merge
-    from bigmerge.storage import export, layout
+    from bigmerge.output import layout, zarr_store
 
     monkeypatch.setattr(moto.s3.models, "S3_UPLOAD_PART_MIN_SIZE", 64)
-    monkeypatch.setattr(export, "S3_MIN_PART", 64)
+    monkeypatch.setattr(zarr_store, "S3_MIN_PART", 64)
     monkeypatch.setattr(layout, "S3_MIN_PART", 64)
     local, remote = s3_family
     c_local = tmp_path / "local.yaml"
@@ -129,13 +132,13 @@ def test_export_to_s3_is_assembled_by_the_server(
     c_s3.write_text(TIES.format(**remote))
     opts = MergeOptions(block_bytes=300, quiet=True)
     run_merge(str(c_local), str(tmp_path / "ref"), SerialComm(), opts)
-    before = dict(export.COPY_STATS)
+    before = dict(zarr_store.COPY_STATS)
     run_merge(str(c_s3), "s3://out-bkt/copied", SerialComm(), opts)
-    copied = export.COPY_STATS["blocks"] - before["blocks"]
-    copied_bytes = export.COPY_STATS["bytes"]
+    copied = zarr_store.COPY_STATS["blocks"] - before["blocks"]
+    copied_bytes = zarr_store.COPY_STATS["bytes"]
     monkeypatch.setenv("BIGMERGE_NO_SERVER_COPY", "1")
     run_merge(str(c_s3), "s3://out-bkt/streamed", SerialComm(), opts)
-    assert export.COPY_STATS["blocks"] - before["blocks"] == copied
+    assert zarr_store.COPY_STATS["blocks"] - before["blocks"] == copied
     out_bytes = sum(v.numel() * v.element_size() for v in load_output(tmp_path / "ref").values())
     assert copied > 10 and copied_bytes - before["bytes"] > out_bytes / 2, (copied, out_bytes)
     fs = s3fs.S3FileSystem(endpoint_url=s3_env["AWS_ENDPOINT_URL"], skip_instance_cache=True)

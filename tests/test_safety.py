@@ -22,7 +22,9 @@ import pytest
 import torch
 from helpers import assert_bit_identical, bigmerge, load_output, synthetic_family
 
-from bigmerge.storage.outdir import LOCK_NAME, RECORD_NAME, process_start_time
+from bigmerge.output.outdir import LOCK_NAME, RECORD_NAME, process_start_time
+
+pytestmark = pytest.mark.slow  # ~40 bigmerge processes end to end: CI runs them, --fast does not
 
 LINEAR = "merge_method: linear\nmodels:\n  - model: {ft1}\n    parameters: {{weight: 0.7}}\n  - model: {ft2}\n    parameters: {{weight: 0.4}}\n"
 DONE = re.compile(r"bigmerge: done: .* \((\d+) blocks computed, (\d+) resumed")

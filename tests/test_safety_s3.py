@@ -15,6 +15,8 @@ from helpers import assert_bit_identical, bigmerge, load_output, synthetic_famil
 from test_s3 import s3_env  # noqa: F401 - the module's S3 server fixture
 from test_safety import one_line
 
+pytestmark = pytest.mark.s3  # a real S3 server (moto) in the test process
+
 LINEAR = "merge_method: linear\nmodels:\n  - model: {ft1}\n    parameters: {{weight: 0.7}}\n  - model: {ft2}\n    parameters: {{weight: 0.4}}\n"
 DONE = re.compile(r"bigmerge: done: .* \((\d+) blocks computed, (\d+) resumed")
 BUCKET = "safety-bkt"

@@ -23,16 +23,18 @@ import yaml
 from safetensors.torch import load_file
 
 from bigmerge.cli import main
-from bigmerge.config import parse_config
-from bigmerge.dist.comm import SerialComm
+from bigmerge.engine.comm import SerialComm
 from bigmerge.errors import ConfigError
 from bigmerge.merge import MergeOptions, run_merge
+from bigmerge.planning.config import parse_config
 from bigmerge.search.config import parse_search_config
 from bigmerge.search.fitness import heldout_count
 from bigmerge.search.inmemory import InMemoryMerger, build_model
 from bigmerge.search.journal import Journal
 from bigmerge.search.run import Backend, Search
 from bigmerge.search.space import LayerGroupsSpace, WeightsSpace
+
+pytestmark = pytest.mark.slow  # CMA-ES searches scored with lm-eval
 
 
 @pytest.fixture(scope="module")

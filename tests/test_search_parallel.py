@@ -25,6 +25,8 @@ from bigmerge.search.config import load_search_config
 from bigmerge.search.fitness import CandidateScorer, Job
 from bigmerge.search.space import linear_config
 
+pytestmark = pytest.mark.slow  # searches under several processes
+
 
 @pytest.fixture(scope="module")
 def small_zoo(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -93,6 +95,7 @@ def test_worker_processes_score_as_one_process(small_zoo: Path, serial: Path, tm
     assert len(pids) == 2 and os.getpid() not in pids  # two spawned workers did the scoring
 
 
+@pytest.mark.mpi
 def test_mpi_ranks_score_as_one_process_and_resume_a_serial_journal(
     small_zoo: Path, serial: Path, tmp_path: Path
 ) -> None:
@@ -124,6 +127,7 @@ def test_disk_mode_scores_as_memory_mode(small_zoo: Path, serial: Path, tmp_path
     assert d.name == f"p{os.getpid()}" and (d / "candidate.yaml").is_file() and not (d / "model").exists()
 
 
+@pytest.mark.mpi
 def test_mpi_disk_mode_merges_with_every_rank_and_scores_as_memory_mode(
     small_zoo: Path, serial: Path, tmp_path: Path
 ) -> None:

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bigmerge.ops import select
+from bigmerge.ops.task_vector import select
 
 
 def _threshold(x: torch.Tensor, k: int, splits: int) -> float:

@@ -16,7 +16,7 @@ from helpers import assert_bit_identical, bigmerge, load_output
 from test_mpi import mpirun
 from toy_models import make_family
 
-from bigmerge.dist.comm import SerialComm
+from bigmerge.engine.comm import SerialComm
 from bigmerge.merge import MergeOptions, run_merge
 
 EXTRA = {"ft1": ["<|a|>", "<|b|>"], "ft2": ["<|a|>"]}
@@ -131,6 +131,7 @@ models:
 """
 
 
+@pytest.mark.slow  # the heaviest property tests: CI runs them, --fast does not
 def test_union_tokenizer_and_embedding_rows(vocab_fam: dict[str, Path], tmp_path: Path) -> None:
     import transformers
 
@@ -154,6 +155,7 @@ def test_union_tokenizer_and_embedding_rows(vocab_fam: dict[str, Path], tmp_path
     assert model(ids).logits.shape[-1] == 262
 
 
+@pytest.mark.mpi
 def test_union_and_slices_same_bytes_on_1_and_2_ranks(vocab_fam: dict[str, Path], tmp_path: Path) -> None:
     texts = {  # slices and a union vocabulary in one config: two launches per world size cost seconds
         "slices": "merge_method: linear\ntokenizer_source: union\nslices:\n  - sources:\n"

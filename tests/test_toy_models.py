@@ -26,6 +26,8 @@ from toy_models import (
 
 from bigmerge.ops import REGISTRY
 
+pytestmark = pytest.mark.slow  # builds every fixture family
+
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = REPO / "tests" / "golden"
 
@@ -229,3 +231,16 @@ def test_golden_configs_render_and_match_manifest(tmp_path: Path) -> None:
         assert sha256_file(golden) == entry["output"]["sha256"], name
         with safe_open(str(golden), "pt") as fh:
             assert len(list(fh.keys())) == entry["output"]["n_tensors"], name
+
+
+def test_golden_cases_file_is_what_the_manifest_was_made_from() -> None:
+    """tools/make_golden.py reads its cases from tests/golden/cases.yaml and configs/: they are
+    the families and configs the committed goldens came from."""
+    from make_golden import load_cases, sha256_bytes
+
+    manifest = golden_manifest()
+    families, cases = load_cases()
+    assert families == {name: fam["args"] for name, fam in manifest["families"].items()}
+    assert {c.name: c.family for c in cases} == {name: e["family"] for name, e in manifest["configs"].items()}
+    for c in cases:
+        assert sha256_bytes(c.yaml.encode()) == manifest["configs"][c.name]["config_sha256"], c.name

@@ -17,12 +17,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import load_output
+from helpers import load_output, merge_tensors
 from safetensors.torch import load_file
 from toy_models import family_files, make_family, sha256_file
 
-from bigmerge.dist.comm import SerialComm
-from bigmerge.merge import MergeOptions, run_merge
+pytestmark = pytest.mark.slow  # every golden config merged and compared with mergekit's output
 
 GOLDEN = Path(__file__).parent / "golden"
 MANIFEST = json.loads((GOLDEN / "MANIFEST.json").read_text())
@@ -173,10 +172,7 @@ def test_same_tensors_as_mergekit(name: str, families: dict[str, dict[str, Path]
     assert not stale, f"fixtures changed since the golden files were made ({stale[:3]}): rerun tools/make_golden.py"
 
     text = (GOLDEN / cfg["config"]).read_text().format(**{k: str(v) for k, v in fam.items()})
-    config = tmp_path / "c.yaml"
-    config.write_text(text)
-    run_merge(str(config), str(tmp_path / "out"), SerialComm(), MergeOptions(quiet=True, block_bytes=4096))
-    ours = load_output(tmp_path / "out")
+    ours = merge_tensors(text, tmp_path / "out", block_bytes=4096)
     theirs = load_file(str(GOLDEN / f"{name}.safetensors"))
     assert sorted(ours) == sorted(theirs)
     resolved = json.loads((GOLDEN / "resolved" / f"{name}.json").read_text())
@@ -260,9 +256,7 @@ def test_random_ops_agree_in_distribution(name: str, families: dict[str, dict[st
     cfg = MANIFEST["configs"][name]
     fam = families[cfg["family"]]
     text = (GOLDEN / cfg["config"]).read_text().format(**{k: str(v) for k, v in fam.items()})
-    (tmp_path / "c.yaml").write_text(text)
-    run_merge(str(tmp_path / "c.yaml"), str(tmp_path / "out"), SerialComm(), MergeOptions(quiet=True, block_bytes=4096))
-    ours = load_output(tmp_path / "out")
+    ours = merge_tensors(text, tmp_path / "out", block_bytes=4096)
     theirs = load_file(str(GOLDEN / f"{name}.safetensors"))
     resolved = json.loads((GOLDEN / "resolved" / f"{name}.json").read_text())
     totals = {"ours": [0, 0, 0.0], "theirs": [0, 0, 0.0]}  # kept, n, expected kept

@@ -13,6 +13,8 @@ from zoo_fixture import small_zoo_dir
 
 from bigmerge.eval import zoo_tasks
 
+pytestmark = pytest.mark.slow  # builds and trains the model zoo
+
 
 @pytest.fixture(scope="module")
 def small_zoo(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -140,7 +140,7 @@ def dam_config(
 def search_rows(scenario: str, config: Path, zoo: Path, out: Path) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
     """Run (or resume) ``bigmerge search`` of ``config`` on ``zoo``: ({row name: merge config} of its
     SEARCH_ROWS, a digest of its summary for the benchmark's metadata)."""
-    from bigmerge.dist.comm import SerialComm
+    from bigmerge.engine.comm import SerialComm
     from bigmerge.search.journal import Journal
     from bigmerge.search.run import JOURNAL_FILE, SearchOptions, run_search
 
@@ -170,7 +170,7 @@ def search_rows(scenario: str, config: Path, zoo: Path, out: Path) -> tuple[dict
 
 
 def run(args: argparse.Namespace) -> int:
-    from bigmerge.dist.comm import SerialComm
+    from bigmerge.engine.comm import SerialComm
     from bigmerge.merge import MergeOptions, run_merge
     from bigmerge.ops import REGISTRY
 

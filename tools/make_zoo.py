@@ -170,7 +170,9 @@ def _domain() -> tuple[list[Run], dict[str, dict[str, Any]]]:
     full, _ = _full()
     keep = ("base", "instruct", "instruct_fin")
     runs = [r for r in full if r.name in keep]
-    return runs, {"domain": {"models": ["instruct", "instruct_fin"], "about": "instruct and its continuation on filings"}}
+    return runs, {
+        "domain": {"models": ["instruct", "instruct_fin"], "about": "instruct and its continuation on filings"}
+    }
 
 
 PRESETS = {"full": _full, "small": _small, "micro": _micro, "domain": _domain}

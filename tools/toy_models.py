@@ -193,7 +193,9 @@ def _generator(seed: int, stream: str, tensor: str, device: str = "cpu") -> torc
     return torch.Generator(device=device).manual_seed(int.from_bytes(digest, "little"))
 
 
-def _randn(spec: TensorSpec, seed: int, stream: str, device: str = "cpu", rows: tuple[int, int] | None = None) -> torch.Tensor:
+def _randn(
+    spec: TensorSpec, seed: int, stream: str, device: str = "cpu", rows: tuple[int, int] | None = None
+) -> torch.Tensor:
     if rows is None:
         shape, key = spec.shape, spec.name
     else:

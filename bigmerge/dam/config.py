@@ -13,8 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from bigmerge.config import read_yaml
 from bigmerge.errors import ConfigError
+from bigmerge.planning.config import read_yaml
 
 Activation = Literal["identity", "tanh", "sigmoid", "relu"]
 

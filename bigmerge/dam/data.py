@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from bigmerge.config import read_jsonl
 from bigmerge.errors import ConfigError
+from bigmerge.planning.config import read_jsonl
 
 
 def read_texts(path: str, limit: int | None = None) -> list[Any]:

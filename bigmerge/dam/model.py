@@ -271,7 +271,7 @@ class Sources:
 
 
 def open_sources(refs: list[str]) -> Sources:
-    from bigmerge.catalog import catalog_model
+    from bigmerge.planning.catalog import catalog_model
 
     configs, tensors, files = [], [], []
     for ref in refs:

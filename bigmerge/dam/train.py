@@ -602,7 +602,7 @@ def run_dam(config_path: str, opts: DamOptions) -> int:
         return dry_run(cfg, opts.world_size)
     train(cfg, opts)
     if opts.merge_out:
-        from bigmerge.dist.comm import SerialComm, get_comm, launched_by_mpi
+        from bigmerge.engine.comm import SerialComm, get_comm, launched_by_mpi
         from bigmerge.merge import MergeOptions, run_merge
 
         # under mpirun the same processes merge together; under torchrun / deepspeed rank 0 alone

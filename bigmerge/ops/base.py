@@ -113,6 +113,10 @@ class Block:
     # scan the inputs for NaN/Inf and raise the reader's error naming the first one (when
     # NaN/Inf are not allowed): what an operator calls when its kernel saw a non-finite value
     scan: Callable[[], None] | None = None
+    # the exact reduction of this block's statistics when it is its tensor's only block (the
+    # engine's reduce_stats over one block), given by the executor: operators reduce with the
+    # function they are given and never import the engine
+    reduce: Callable[[Stats], Stats] | None = None
 
     def checked(self, bad: int) -> None:
         """Record an operator's kernel's count of non-finite values it met. None: the block is
@@ -121,6 +125,12 @@ class Block:
         if bad and self.scan is not None:
             self.scan()
         self.finite = True
+
+    def reduce_alone(self, stats: Stats) -> Stats:
+        """This block's statistics reduced as its whole tensor's (a one-block tensor)."""
+        if self.reduce is None:
+            raise RuntimeError("Block.reduce is not set: the executor gives it to every block")
+        return self.reduce(stats)
 
     def output(self, name: str, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tensor:
         """Where an operator puts its result: the writer's buffer (dest) when it has this shape
@@ -217,3 +227,23 @@ def as_compute(
     if scratch is None:
         return x.to(compute)
     return scratch.get(name, x.shape, compute).copy_(x)
+
+
+class StatsOp(MergeOp):
+    """An operator with whole-tensor statistics; a one-block tensor computes them in apply,
+    with the same stats/finish code (a reduction over one block is that block)."""
+
+    def stat_rounds(self, task: TensorTask) -> int:
+        return 0
+
+    def rounds(self, task: TensorTask) -> int:
+        return self.stat_rounds(task) if task.n_blocks > 1 else 0
+
+    def stats_or_local(self, task: TensorTask, block: Block, stats: Any) -> Any:
+        if stats is not None or task.n_blocks > 1:
+            return stats
+        prev: Any = None
+        for rnd in range(self.stat_rounds(task)):
+            reduced = block.reduce_alone(self.stats(rnd, task, block, prev))
+            prev = self.finish(rnd, task, reduced, prev)
+        return prev

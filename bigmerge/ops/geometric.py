@@ -13,21 +13,20 @@ import numpy as np
 import torch
 
 from bigmerge.errors import ConfigError
-from bigmerge.ops.base import Block, MergeOp, Param, Stats, TensorTask, as_compute, require_base
-from bigmerge.ops.kernels import AVAILABLE, njit, prange
-from bigmerge.ops.spherical import (
-    _PARALLEL_MIN,
-    _SEG,
-    _SUB,
+from bigmerge.ops.base import Block, MergeOp, Param, Stats, StatsOp, TensorTask, as_compute, require_base
+from bigmerge.ops.kernels import njit, prange, use_numba
+from bigmerge.ops.sums import (
     LANES,
-    StatsOp,
-    _chunk,
-    _gram_finish,
-    _gram_lanes,
+    PARALLEL_MIN,
+    SEG,
+    SUB,
+    gram_finish,
+    gram_lanes,
     seg_gram,
     stack_rows,
     whole_gram,
     wide,
+    widened_chunk,
 )
 
 # -- fused kernels: offsets, sums and the interpolation read straight from the sources ---------
@@ -49,22 +48,22 @@ def _stock_gram_part(
     """The Gram matrix of the offsets (fine-tune - base, rounded to the compute dtype) on [j0, j1),
     piece by piece with the lanes of _gram_part: the same sums as the torch code's."""
     k = len(sf) - 1
-    buf = np.empty(_SUB, dtype=np.uint32)
-    x0 = np.empty(_SUB, dtype=np.float32)
-    rows = np.empty((k, _SUB), dtype=np.float32)
+    buf = np.empty(SUB, dtype=np.uint32)
+    x0 = np.empty(SUB, dtype=np.float32)
+    rows = np.empty((k, SUB), dtype=np.float32)
     lanes = np.zeros((k, k, LANES))
-    for c0 in range(j0, j1, _SUB):
-        c1 = min(j1, c0 + _SUB)
+    for c0 in range(j0, j1, SUB):
+        c1 = min(j1, c0 + SUB)
         n = c1 - c0
-        x0[:n] = _chunk(sf[0], sb[0], bf16, c0, c1, buf)
+        x0[:n] = widened_chunk(sf[0], sb[0], bf16, c0, c1, buf)
         for i in range(k):
-            xi = _chunk(sf[i + 1], sb[i + 1], bf16, c0, c1, buf)
+            xi = widened_chunk(sf[i + 1], sb[i + 1], bf16, c0, c1, buf)
             for j in range(n):
                 rows[i, j] = xi[j] - x0[j]
             if rnd:
                 _round_bf16(rows[i, :n])
-        _gram_lanes(rows, n, lanes)
-    _gram_finish(lanes, out)
+        gram_lanes(rows, n, lanes)
+    gram_finish(lanes, out)
 
 
 @njit(cache=True)
@@ -104,9 +103,9 @@ def _stock_apply_piece(
     k = len(sf) - 1
     acc = acc[:n]
     rest = rest[:n]
-    acc[:] = _chunk(sf[1], sb[1], bf16, j0, j1, buf)
+    acc[:] = widened_chunk(sf[1], sb[1], bf16, j0, j1, buf)
     for i in range(2, k + 1):
-        xi = _chunk(sf[i], sb[i], bf16, j0, j1, buf)
+        xi = widened_chunk(sf[i], sb[i], bf16, j0, j1, buf)
         for j in range(n):
             acc[j] = acc[j] + xi[j]
         if rnd:
@@ -116,7 +115,7 @@ def _stock_apply_piece(
         acc[j] = acc[j] / kk
     if rnd:
         _round_bf16(acc)
-    x0 = _chunk(sf[0], sb[0], bf16, j0, j1, buf)
+    x0 = widened_chunk(sf[0], sb[0], bf16, j0, j1, buf)
     j = j0
     while j < j1:  # row by row: t is per row with filter_wise, else one value (cols = the block)
         r = j // cols
@@ -150,11 +149,11 @@ def _stock_apply_part(
     j1: int,
     out: np.ndarray,
 ) -> None:  # pragma: no cover - compiled
-    buf = np.empty(_SUB, dtype=np.uint32)
-    acc = np.empty(_SUB, dtype=np.float32)
-    rest = np.empty(_SUB, dtype=np.float32)
-    for c0 in range(j0, j1, _SUB):
-        _stock_apply_piece(sf, sb, bf16, rnd, t, omt, cols, c0, min(j1, c0 + _SUB), out, buf, acc, rest)
+    buf = np.empty(SUB, dtype=np.uint32)
+    acc = np.empty(SUB, dtype=np.float32)
+    rest = np.empty(SUB, dtype=np.float32)
+    for c0 in range(j0, j1, SUB):
+        _stock_apply_piece(sf, sb, bf16, rnd, t, omt, cols, c0, min(j1, c0 + SUB), out, buf, acc, rest)
 
 
 @njit(cache=True)
@@ -162,8 +161,8 @@ def _stock_apply_serial(
     sf: Any, sb: Any, bf16: bool, rnd: bool, t: np.ndarray, omt: np.ndarray, cols: int, out: np.ndarray
 ) -> None:  # pragma: no cover - compiled
     m = out.shape[0]
-    for s in range((m + _SEG - 1) // _SEG):
-        _stock_apply_part(sf, sb, bf16, rnd, t, omt, cols, s * _SEG, min(m, (s + 1) * _SEG), out)
+    for s in range((m + SEG - 1) // SEG):
+        _stock_apply_part(sf, sb, bf16, rnd, t, omt, cols, s * SEG, min(m, (s + 1) * SEG), out)
 
 
 @njit(cache=True, parallel=True)
@@ -171,8 +170,8 @@ def _stock_apply_parallel(
     sf: Any, sb: Any, bf16: bool, rnd: bool, t: np.ndarray, omt: np.ndarray, cols: int, out: np.ndarray
 ) -> None:  # pragma: no cover - compiled
     m = out.shape[0]
-    for s in prange((m + _SEG - 1) // _SEG):
-        _stock_apply_part(sf, sb, bf16, rnd, t, omt, cols, s * _SEG, min(m, (s + 1) * _SEG), out)
+    for s in prange((m + SEG - 1) // SEG):
+        _stock_apply_part(sf, sb, bf16, rnd, t, omt, cols, s * SEG, min(m, (s + 1) * SEG), out)
 
 
 def fused_sources(task: TensorTask, block: Block, order: list[int]) -> tuple[Any, Any, bool, bool] | None:
@@ -182,7 +181,7 @@ def fused_sources(task: TensorTask, block: Block, order: list[int]) -> tuple[Any
     dt = task.compute_dtype
     xs = [block.inputs[i] for i in order]
     src = xs[0].dtype
-    if not AVAILABLE or block.scratch.device.type != "cpu" or src not in (torch.float32, torch.bfloat16):
+    if not use_numba() or block.scratch.device.type != "cpu" or src not in (torch.float32, torch.bfloat16):
         return None
     if any(x.dtype != src or not x.is_contiguous() for x in xs) or dt not in (src, torch.float32):
         return None
@@ -237,9 +236,9 @@ class ModelStockOp(StatsOp):
         fused = fused_sources(task, block, [require_base(self, task), *task.non_base])
         if fused is not None:
             m = block.inputs[0].numel()
-            seg = task.shape[-1] if self.per_row(task) else _SEG
+            seg = task.shape[-1] if self.per_row(task) else SEG
             parts = np.zeros(((m + seg - 1) // seg, len(task.non_base), len(task.non_base)))
-            (_stock_gram_parallel if m * len(task.per_model) >= _PARALLEL_MIN else _stock_gram_serial)(
+            (_stock_gram_parallel if m * len(task.per_model) >= PARALLEL_MIN else _stock_gram_serial)(
                 *fused, m, seg, parts
             )
             if self.per_row(task):
@@ -310,7 +309,7 @@ class ModelStockOp(StatsOp):
             tt = t.reshape(-1)
             t32 = tt.to(torch.float32).numpy()
             omt32 = (1 - tt).to(torch.float32).numpy()
-            kernel = _stock_apply_parallel if m * len(task.per_model) >= _PARALLEL_MIN else _stock_apply_serial
+            kernel = _stock_apply_parallel if m * len(task.per_model) >= PARALLEL_MIN else _stock_apply_serial
             kernel(*fused, t32, omt32, cols, out32.numpy())
             return out32.view(shape) if dt == torch.float32 else sc.get("ms_res", shape, dt).copy_(out32.view(shape))
         # t * (sum(ws) / count) + (1 - t) * base, the fine-tunes added left to right

@@ -1,6 +1,6 @@
 """Fused CPU kernels for the task-vector family (numba), one pass over a block.
 
-The torch code in task_arithmetic.py states the arithmetic; these kernels do exactly the
+The torch code in task_vector/ states the arithmetic; these kernels do exactly the
 same float32 operations in the same order, element by element (numba does not contract
 a*b+c into FMA unless fastmath is on), in one pass instead of a dozen: the same bits,
 several times faster. A test pins kernels and torch code to identical output. Without
@@ -16,23 +16,30 @@ from typing import Any
 import numpy as np
 
 try:  # numba is a dependency, but keep the torch path usable without it
-    if os.environ.get("BIGMERGE_NO_NUMBA") == "1":
-        raise ImportError("disabled by BIGMERGE_NO_NUMBA")
     from numba import njit, prange
 
-    AVAILABLE = True
-except ImportError:  # pragma: no cover - exercised by BIGMERGE_NO_NUMBA=1 in tests
-    AVAILABLE = False
+    HAVE_NUMBA = True
+except ImportError:  # pragma: no cover - numba is a dependency; use_numba() is the switch tests use
+    HAVE_NUMBA = False
 
-    def njit(*args: Any, **kwargs: Any) -> Any:
+    def njit(*args: Any, **kwargs: Any) -> Any:  # type: ignore[no-redef]  # stand-in for numba's
         return lambda f: f
 
-    prange = range
+    prange = range  # type: ignore[misc]  # numba's prange is a type
+
+NO_NUMBA_ENV = "BIGMERGE_NO_NUMBA"
+
+
+def use_numba() -> bool:
+    """The one switch between the numba kernels and the torch code they are pinned to, read at
+    every call: numba is installed and BIGMERGE_NO_NUMBA is not "1". Every operator, the sums and
+    the reader's NaN/Inf scan ask it; tests force the torch path by setting the variable."""
+    return HAVE_NUMBA and os.environ.get(NO_NUMBA_ENV) != "1"
 
 
 def threads() -> int:
     """Parts to split a block into: a few per numba thread, for balance."""
-    if not AVAILABLE:
+    if not use_numba():
         return 1
     from numba import get_num_threads
 
@@ -74,7 +81,7 @@ def _f32(v: Any) -> np.float32:  # pragma: no cover - replaced by the overload b
     return np.float32(v)
 
 
-if AVAILABLE:
+if HAVE_NUMBA:
     from numba.core import types as _types
     from numba.extending import overload
 
@@ -342,7 +349,7 @@ def _merge_part(
                     if has_scale:
                         v = _round(np.float32(v * s), bf16)
                     dr[q] = _round(np.float32(v * w), bf16)
-        # rows summed in float32, rounded once (task_arithmetic._sum_rows)
+        # rows summed in float32, rounded once (task_vector.common.sum_rows_in_order)
         for q in range(L):
             mixed[q] = d[0, q]
         for r in range(1, n):
@@ -679,7 +686,7 @@ def _uniform_kernel(key: np.uint64, start: np.uint64, out: np.ndarray, nparts: i
 def uniform(key: int, start: int, out: np.ndarray) -> np.ndarray:
     """U[0, 1) float32 draws number start, start + 1, ... of the stream `key` (24-bit, exact),
     into out: the numba kernel, or the same integer arithmetic in numpy."""
-    if AVAILABLE:
+    if use_numba():
         _uniform_kernel(np.uint64(key), np.uint64(start), out, max(1, min(4 * threads(), out.shape[0] // _CHUNK)))
         return out
     z = np.arange(start + 1, start + 1 + out.shape[0], dtype=np.uint64) * _GOLDEN + np.uint64(key)

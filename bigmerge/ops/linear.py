@@ -15,7 +15,7 @@ from bigmerge.ops.kernels import njit, prange, threads
 _CHUNK = 4096
 
 
-if kernels.AVAILABLE:
+if kernels.HAVE_NUMBA:
     from llvmlite import ir
     from numba.core import types
     from numba.extending import intrinsic
@@ -159,7 +159,7 @@ def _fusable(task: TensorTask, block: Block) -> bool:
 
 
 def _fusable_dtypes(task: TensorTask, dtypes: set[torch.dtype]) -> bool:
-    if not kernels.AVAILABLE or len(dtypes) != 1 or next(iter(dtypes)) not in (torch.bfloat16, torch.float32):
+    if not kernels.use_numba() or len(dtypes) != 1 or next(iter(dtypes)) not in (torch.bfloat16, torch.float32):
         return False
     if task.compute_dtype == torch.float32:
         return task.out_dtype in (torch.float32, torch.bfloat16)

@@ -25,156 +25,24 @@ from typing import Any
 import numpy as np
 import torch
 
-from bigmerge.dist.comm import SerialComm, reduce_stats
 from bigmerge.errors import ConfigError
-from bigmerge.ops.base import Block, MergeOp, Param, Scratch, Stats, TensorTask, as_compute, require_base
-from bigmerge.ops.kernels import AVAILABLE, bf16_bits, njit, prange
-
-_SEG = 1 << 16  # elements per partial sum: fixed, so sums never depend on thread counts
-_PARALLEL_MIN = 1 << 20  # elements of a block below which the kernels run on one thread
-_SUB = 4096  # elements widened at a time by the fused kernels: small buffers, no page faults
-LANES = 16  # partial sums per exact float64 sum (fixed, and a multiple of the vector width)
-
-
-# -- exact-ish float64 sums (numba; torch when numba is missing) ----------------------------
-
-
-@njit(cache=True)
-def _lane_total(acc: np.ndarray) -> float:  # pragma: no cover - compiled
-    """The LANES partial sums of acc added in one fixed pairwise tree."""
-    s0 = (acc[0] + acc[1]) + (acc[2] + acc[3])
-    s1 = (acc[4] + acc[5]) + (acc[6] + acc[7])
-    s2 = (acc[8] + acc[9]) + (acc[10] + acc[11])
-    s3 = (acc[12] + acc[13]) + (acc[14] + acc[15])
-    return (s0 + s1) + (s2 + s3)
-
-
-@njit(cache=True)
-def _dot_lanes(p: np.ndarray, q: np.ndarray, acc: np.ndarray) -> None:  # pragma: no cover - compiled
-    """acc[l] += p[j] * q[j] in float64 for every j = l (mod LANES): LANES independent sums in a
-    fixed order, which LLVM runs as vector lanes (the same bits on any CPU and thread count)."""
-    n = p.shape[0]
-    nw = n - n % LANES
-    for j in range(0, nw, LANES):
-        pp = p[j : j + LANES]
-        qq = q[j : j + LANES]
-        for v in range(LANES):
-            acc[v] += np.float64(pp[v]) * np.float64(qq[v])
-    for j in range(nw, n):
-        acc[j - nw] += np.float64(p[j]) * np.float64(q[j])
-
-
-@njit(cache=True)
-def _gram_part(x: np.ndarray, j0: int, j1: int, out: np.ndarray) -> None:  # pragma: no cover - compiled
-    """out[k, k] = sums of x[a, j] * x[b, j] for j in [j0, j1), in float64 (products of float32
-    values are exact), LANES fixed lanes per sum: the same bits on any thread count."""
-    k = x.shape[0]
-    acc = np.empty(LANES)
-    for a in range(k):
-        for b in range(a, k):
-            acc[:] = 0.0
-            _dot_lanes(x[a][j0:j1], x[b][j0:j1], acc)
-            tot = _lane_total(acc)
-            out[a, b] = tot
-            out[b, a] = tot
-
-
-@njit(cache=True)
-def _gram_lanes(x: np.ndarray, n: int, lanes: np.ndarray) -> None:  # pragma: no cover - compiled
-    """Add x[a, :n] * x[b, :n] into the lanes of lanes[a, b], as _gram_part does: a run of calls
-    on consecutive pieces (each a multiple of LANES long but the last) gives _gram_part's sums."""
-    k = x.shape[0]
-    for a in range(k):
-        for b in range(a, k):
-            _dot_lanes(x[a][:n], x[b][:n], lanes[a, b])
-
-
-@njit(cache=True)
-def _gram_finish(lanes: np.ndarray, out: np.ndarray) -> None:  # pragma: no cover - compiled
-    k = lanes.shape[0]
-    for a in range(k):
-        for b in range(a, k):
-            tot = _lane_total(lanes[a, b])
-            out[a, b] = tot
-            out[b, a] = tot
-
-
-@njit(cache=True)
-def _seg_gram_serial(x: np.ndarray, seg: int, out: np.ndarray) -> None:  # pragma: no cover - compiled
-    m = x.shape[1]
-    for s in range(out.shape[0]):
-        _gram_part(x, s * seg, min(m, (s + 1) * seg), out[s])
-
-
-@njit(cache=True, parallel=True)
-def _seg_gram_parallel(x: np.ndarray, seg: int, out: np.ndarray) -> None:  # pragma: no cover - compiled
-    m = x.shape[1]
-    for s in prange(out.shape[0]):
-        _gram_part(x, s * seg, min(m, (s + 1) * seg), out[s])
-
-
-@njit(cache=True)
-def _col_gram_part(x: np.ndarray, cols: int, c0: int, c1: int, out: np.ndarray) -> None:  # pragma: no cover
-    """out[c, k, k] for columns c in [c0, c1): sums over rows of x[a, r, c] * x[b, r, c]."""
-    k, m = x.shape
-    for r in range(m // cols):
-        o = r * cols
-        for c in range(c0, c1):
-            for a in range(k):
-                va = np.float64(x[a, o + c])
-                for b in range(a, k):
-                    out[c, a, b] += va * np.float64(x[b, o + c])
-    for c in range(c0, c1):
-        for a in range(k):
-            for b in range(a):
-                out[c, a, b] = out[c, b, a]
-
-
-@njit(cache=True)
-def _col_gram_serial(x: np.ndarray, cols: int, out: np.ndarray) -> None:  # pragma: no cover - compiled
-    _col_gram_part(x, cols, 0, cols, out)
-
-
-@njit(cache=True, parallel=True)
-def _col_gram_parallel(x: np.ndarray, cols: int, out: np.ndarray) -> None:  # pragma: no cover - compiled
-    step = 256
-    for p in prange((cols + step - 1) // step):
-        _col_gram_part(x, cols, p * step, min(cols, (p + 1) * step), out)
-
-
-@njit(cache=True)
-def _lincomb_part(x: np.ndarray, coef: np.ndarray, j0: int, j1: int, out: np.ndarray) -> None:  # pragma: no cover
-    """out[j] = sum_i coef[i] * x[i, j] for j in [j0, j1), accumulated in float64, rounded once."""
-    for j in range(j0, j1):
-        acc = 0.0
-        for i in range(x.shape[0]):
-            acc += coef[i] * np.float64(x[i, j])
-        out[j] = acc
-
-
-@njit(cache=True)
-def _lincomb_serial(x: np.ndarray, coef: np.ndarray, out: np.ndarray) -> None:  # pragma: no cover - compiled
-    _lincomb_part(x, coef, 0, x.shape[1], out)
-
-
-@njit(cache=True, parallel=True)
-def _lincomb_parallel(x: np.ndarray, coef: np.ndarray, out: np.ndarray) -> None:  # pragma: no cover - compiled
-    m = x.shape[1]
-    for s in prange((m + _SEG - 1) // _SEG):
-        _lincomb_part(x, coef, s * _SEG, min(m, (s + 1) * _SEG), out)
-
-
-@njit(cache=True)
-def _chunk(
-    xf: np.ndarray, xb: np.ndarray, bf16: bool, j0: int, j1: int, buf: np.ndarray
-) -> np.ndarray:  # pragma: no cover
-    """x[j0:j1] as float32: the float32 source itself, or bfloat16 bits widened (exact) into buf."""
-    if not bf16:
-        return xf[j0:j1]
-    src = xb[j0:j1]
-    for j in range(j1 - j0):
-        buf[j] = np.uint32(np.uint16(src[j])) << np.uint32(16)
-    return buf[: j1 - j0].view(np.float32)
+from bigmerge.ops.base import Block, Param, Scratch, Stats, StatsOp, TensorTask, as_compute, require_base
+from bigmerge.ops.kernels import bf16_bits, njit, prange, use_numba
+from bigmerge.ops.sums import (
+    LANES,
+    PARALLEL_MIN,
+    SEG,
+    SUB,
+    col_gram,
+    lane_total,
+    lincomb,
+    seg_gram,
+    stack_rows,
+    sum_rows,
+    whole_gram,
+    wide,
+    widened_chunk,
+)
 
 
 @njit(cache=True)
@@ -183,16 +51,16 @@ def _pair_gram_part(
 ) -> None:  # pragma: no cover - compiled
     """_gram_part of the rows (x, y) in one pass, read straight from the sources: each of the
     three sums takes the same lanes in the same order, so the bits are the same."""
-    bx = np.empty(_SUB, dtype=np.uint32)
-    by = np.empty(_SUB, dtype=np.uint32)
+    bx = np.empty(SUB, dtype=np.uint32)
+    by = np.empty(SUB, dtype=np.uint32)
     xx = np.zeros(LANES)
     xy = np.zeros(LANES)
     yy = np.zeros(LANES)
-    for c0 in range(j0, j1, _SUB):
-        c1 = min(j1, c0 + _SUB)
+    for c0 in range(j0, j1, SUB):
+        c1 = min(j1, c0 + SUB)
         n = c1 - c0
-        x = _chunk(xf, xb, bf16, c0, c1, bx)
-        y = _chunk(yf, yb, bf16, c0, c1, by)
+        x = widened_chunk(xf, xb, bf16, c0, c1, bx)
+        y = widened_chunk(yf, yb, bf16, c0, c1, by)
         nw = n - n % LANES  # n is a multiple of LANES but in the last piece
         for j in range(0, nw, LANES):
             px = x[j : j + LANES]
@@ -209,9 +77,9 @@ def _pair_gram_part(
             xx[j - nw] += a * a
             xy[j - nw] += a * b
             yy[j - nw] += b * b
-    out[0, 0] = _lane_total(xx)
-    out[0, 1] = out[1, 0] = _lane_total(xy)
-    out[1, 1] = _lane_total(yy)
+    out[0, 0] = lane_total(xx)
+    out[0, 1] = out[1, 0] = lane_total(xy)
+    out[1, 1] = lane_total(yy)
 
 
 @njit(cache=True)
@@ -219,7 +87,7 @@ def _pair_gram_serial(
     xf: np.ndarray, yf: np.ndarray, xb: np.ndarray, yb: np.ndarray, bf16: bool, m: int, out: np.ndarray
 ) -> None:  # pragma: no cover - compiled
     for s in range(out.shape[0]):
-        _pair_gram_part(xf, yf, xb, yb, bf16, s * _SEG, min(m, (s + 1) * _SEG), out[s])
+        _pair_gram_part(xf, yf, xb, yb, bf16, s * SEG, min(m, (s + 1) * SEG), out[s])
 
 
 @njit(cache=True, parallel=True)
@@ -227,7 +95,7 @@ def _pair_gram_parallel(
     xf: np.ndarray, yf: np.ndarray, xb: np.ndarray, yb: np.ndarray, bf16: bool, m: int, out: np.ndarray
 ) -> None:  # pragma: no cover - compiled
     for s in prange(out.shape[0]):
-        _pair_gram_part(xf, yf, xb, yb, bf16, s * _SEG, min(m, (s + 1) * _SEG), out[s])
+        _pair_gram_part(xf, yf, xb, yb, bf16, s * SEG, min(m, (s + 1) * SEG), out[s])
 
 
 @njit(cache=True)
@@ -247,15 +115,15 @@ def _pair_lerp_part(
     """out[j0:j1] = ca * x + cb * y in float32, each product rounded, as torch computes it;
     out: float32 bits (uint32), or bfloat16 bits (uint16) rounded to nearest even as torch's
     float32 -> bfloat16 copy rounds (one pass instead of a float32 result and a cast)."""
-    bx = np.empty(_SUB, dtype=np.uint32)
-    by = np.empty(_SUB, dtype=np.uint32)
-    acc = np.empty(_SUB, dtype=np.float32)
+    bx = np.empty(SUB, dtype=np.uint32)
+    by = np.empty(SUB, dtype=np.uint32)
+    acc = np.empty(SUB, dtype=np.float32)
     bits = acc.view(np.uint32)
-    for c0 in range(j0, j1, _SUB):
-        c1 = min(j1, c0 + _SUB)
+    for c0 in range(j0, j1, SUB):
+        c1 = min(j1, c0 + SUB)
         n = c1 - c0
-        x = _chunk(xf, xb, bf16, c0, c1, bx)
-        y = _chunk(yf, yb, bf16, c0, c1, by)
+        x = widened_chunk(xf, xb, bf16, c0, c1, bx)
+        y = widened_chunk(yf, yb, bf16, c0, c1, by)
         for j in range(n):
             acc[j] = np.float32(ca * x[j]) + np.float32(cb * y[j])
         o = out[c0:c1]  # 0-based slices: LLVM vectorizes the loops (out[c0 + j] it did not)
@@ -280,8 +148,8 @@ def _pair_lerp_serial(
     bf16_out: bool,
 ) -> None:  # pragma: no cover - compiled
     m = out.shape[0]
-    for s in range((m + _SEG - 1) // _SEG):
-        _pair_lerp_part(xf, yf, xb, yb, bf16, ca, cb, s * _SEG, min(m, (s + 1) * _SEG), out, bf16_out)
+    for s in range((m + SEG - 1) // SEG):
+        _pair_lerp_part(xf, yf, xb, yb, bf16, ca, cb, s * SEG, min(m, (s + 1) * SEG), out, bf16_out)
 
 
 @njit(cache=True, parallel=True)
@@ -297,8 +165,8 @@ def _pair_lerp_parallel(
     bf16_out: bool,
 ) -> None:  # pragma: no cover - compiled
     m = out.shape[0]
-    for s in prange((m + _SEG - 1) // _SEG):
-        _pair_lerp_part(xf, yf, xb, yb, bf16, ca, cb, s * _SEG, min(m, (s + 1) * _SEG), out, bf16_out)
+    for s in prange((m + SEG - 1) // SEG):
+        _pair_lerp_part(xf, yf, xb, yb, bf16, ca, cb, s * SEG, min(m, (s + 1) * SEG), out, bf16_out)
 
 
 def fused_pair(task: TensorTask, block: Block, i: int, j: int) -> tuple[np.ndarray, ...] | None:
@@ -307,7 +175,7 @@ def fused_pair(task: TensorTask, block: Block, i: int, j: int) -> tuple[np.ndarr
     rounds (float32 sources, bf16 compute). The kernels compute in float32 either way."""
     dt = task.compute_dtype
     x, y = block.inputs[i], block.inputs[j]
-    if not AVAILABLE or block.scratch.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
+    if not use_numba() or block.scratch.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
         return None
     if y.dtype != x.dtype or dt not in (x.dtype, torch.float32) or not (x.is_contiguous() and y.is_contiguous()):
         return None
@@ -317,109 +185,8 @@ def fused_pair(task: TensorTask, block: Block, i: int, j: int) -> tuple[np.ndarr
     return x.reshape(-1).numpy(), y.reshape(-1).numpy(), empty_b, empty_b, False
 
 
-def _parallel(x: torch.Tensor) -> bool:
-    """Threads only pay off on large blocks: starting them costs more than a small block's sums."""
-    return x.numel() >= _PARALLEL_MIN
-
-
-def seg_gram(x: torch.Tensor, seg: int) -> np.ndarray:
-    """Gram matrices of the rows of x [k, m] over segments of `seg` elements: [n_seg, k, k]."""
-    k, m = x.shape
-    if m == 0:
-        return np.zeros((0, k, k))
-    nseg = (m + seg - 1) // seg
-    if AVAILABLE and x.device.type == "cpu":
-        out = np.zeros((nseg, k, k))
-        (_seg_gram_parallel if _parallel(x) else _seg_gram_serial)(x.numpy(), seg, out)
-        return out
-    pad = torch.zeros((k, nseg * seg), dtype=torch.float64, device=x.device)
-    pad[:, :m] = x
-    v = pad.view(k, nseg, seg)
-    return torch.einsum("asj,bsj->sab", v, v).cpu().numpy()
-
-
-def whole_gram(x: torch.Tensor) -> np.ndarray:
-    """Gram matrix [k, k] of the rows of x over all of the block, segments summed in order."""
-    parts = seg_gram(x, _SEG)
-    acc = np.zeros((x.shape[0], x.shape[0]))
-    for p in parts:
-        acc = acc + p
-    return acc
-
-
-def col_gram(x: torch.Tensor, cols: int) -> np.ndarray:
-    """Per column: the Gram matrix over rows of x [k, rows * cols] -> [cols, k, k]."""
-    k = x.shape[0]
-    if AVAILABLE and x.device.type == "cpu":
-        out = np.zeros((cols, k, k))
-        (_col_gram_parallel if _parallel(x) else _col_gram_serial)(x.numpy(), cols, out)
-        return out
-    v = x.to(torch.float64).view(k, -1, cols)
-    return torch.einsum("arc,brc->cab", v, v).cpu().numpy()
-
-
-def lincomb(x: torch.Tensor, coef: np.ndarray, out: torch.Tensor) -> torch.Tensor:
-    """out = sum_i coef[i] * x[i], in float64, rounded once to out's dtype (float32/64)."""
-    if AVAILABLE and x.device.type == "cpu" and out.dtype == x.dtype:
-        (_lincomb_parallel if _parallel(x) else _lincomb_serial)(x.numpy(), coef.astype(np.float64), out.numpy())
-        return out
-    acc = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
-    for i in range(x.shape[0]):
-        acc.add_(x[i].to(torch.float64), alpha=float(coef[i]))
-    return out.copy_(acc)
-
-
-def wide(task: TensorTask) -> torch.dtype:
-    """The dtype exact sums start from: float64 for float64, else float32 (exact widening)."""
-    return torch.float64 if task.compute_dtype == torch.float64 else torch.float32
-
-
-def stack_rows(rows: list[torch.Tensor], sc: Scratch, dtype: torch.dtype, name: str = "stack") -> torch.Tensor:
-    """Tensors of one block, flattened into one [k, m] buffer of `dtype` (exact widening)."""
-    m = rows[0].numel()
-    out = sc.get(name, (len(rows), m), dtype)
-    for i, r in enumerate(rows):
-        out[i].copy_(r.reshape(-1))
-    return out
-
-
-def sum_rows(parts: list[torch.Tensor], out: torch.Tensor, sc: Scratch) -> torch.Tensor:
-    """torch's sum over dim 0 of stacked rows, left to right (its order up to 4 rows), with
-    16-bit floats accumulated in float32 and rounded once, as torch does; for 5+ rows a fixed
-    order, so the result never depends on the block size."""
-    if out.dtype in (torch.bfloat16, torch.float16):
-        acc = sc.get("sum_rows_acc", out.shape, torch.float32).copy_(parts[0])
-        for p in parts[1:]:
-            acc.add_(p)
-        return out.copy_(acc)
-    out.copy_(parts[0])
-    for p in parts[1:]:
-        out.add_(p)
-    return out
-
-
 def _scalar(v: float, dtype: torch.dtype) -> torch.Tensor:
     return torch.tensor(v, dtype=dtype)
-
-
-class StatsOp(MergeOp):
-    """An operator with whole-tensor statistics; a one-block tensor computes them in apply,
-    with the same stats/finish code (a reduction over one block is that block)."""
-
-    def stat_rounds(self, task: TensorTask) -> int:
-        return 0
-
-    def rounds(self, task: TensorTask) -> int:
-        return self.stat_rounds(task) if task.n_blocks > 1 else 0
-
-    def stats_or_local(self, task: TensorTask, block: Block, stats: Any) -> Any:
-        if stats is not None or task.n_blocks > 1:
-            return stats
-        prev: Any = None
-        for rnd in range(self.stat_rounds(task)):
-            reduced = reduce_stats(SerialComm(), {block.index: self.stats(rnd, task, block, prev)}, 1)
-            prev = self.finish(rnd, task, reduced, prev)
-        return prev
 
 
 def _flat(block: Block, sc: Scratch, i: int, dtype: torch.dtype, name: str) -> torch.Tensor:
@@ -470,8 +237,8 @@ class SlerpOp(StatsOp):
             acc = whole_gram(self._pair(task, block))
         else:
             m = block.inputs[b].numel()
-            parts = np.zeros(((m + _SEG - 1) // _SEG, 2, 2))
-            (_pair_gram_parallel if 2 * m >= _PARALLEL_MIN else _pair_gram_serial)(*fused, m, parts)
+            parts = np.zeros(((m + SEG - 1) // SEG, 2, 2))
+            (_pair_gram_parallel if 2 * m >= PARALLEL_MIN else _pair_gram_serial)(*fused, m, parts)
             acc = np.zeros((2, 2))
             for p in parts:  # the same order and bits as whole_gram
                 acc = acc + p
@@ -513,7 +280,7 @@ class SlerpOp(StatsOp):
             kind = torch.bfloat16 if bf16_out else torch.float32
             out = block.output("out", shape, kind)
             flat = out.reshape(-1).view(torch.int16 if bf16_out else torch.int32).numpy()
-            lerp = _pair_lerp_parallel if 2 * out.numel() >= _PARALLEL_MIN else _pair_lerp_serial
+            lerp = _pair_lerp_parallel if 2 * out.numel() >= PARALLEL_MIN else _pair_lerp_serial
             lerp(*fused, np.float32(coef_a.item()), np.float32(coef_b.item()), flat, bf16_out)
             return out if dt == f or bf16_out else sc.get("res", shape, dt).copy_(out)
         x, y = (as_compute(block.inputs[i], dt, sc, f"cast{i}").reshape(-1) for i in (b, 1 - b))

@@ -24,8 +24,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from bigmerge.config import MergeConfig, parse_config, read_yaml
 from bigmerge.errors import ConfigError
+from bigmerge.planning.config import MergeConfig, parse_config, read_yaml
 
 OPTIMIZERS = ("cmaes", "greedy")
 

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bigmerge.config import parse_config
 from bigmerge.errors import ConfigError
+from bigmerge.planning.config import parse_config
 from bigmerge.search.config import SearchConfig
 
 SPLITS = ("search", "heldout")
@@ -58,7 +58,7 @@ def macro(scores: dict[str, float], weights: dict[str, float]) -> float:
 
 def model_bytes(cfg: SearchConfig) -> int:
     """Bytes of the merged model: the largest source, read from headers only."""
-    from bigmerge.catalog import catalog_models
+    from bigmerge.planning.catalog import catalog_models
 
     template = cfg.template()
     cats = catalog_models(template.model_refs(), template.storage_options)
@@ -142,7 +142,7 @@ class CandidateScorer:
     def _merge_to_disk(self, job: Job, comm: Any = None) -> tuple[Any, Any]:
         import yaml
 
-        from bigmerge.dist.comm import SerialComm
+        from bigmerge.engine.comm import SerialComm
         from bigmerge.eval import load_model
         from bigmerge.merge import MergeOptions, run_merge
 

@@ -14,13 +14,13 @@ from typing import Any
 
 import torch
 
-from bigmerge.catalog import ModelCatalog, catalog_models
-from bigmerge.config import MergeConfig
-from bigmerge.dist.comm import SerialComm
-from bigmerge.dist.executor import execute
-from bigmerge.dist.reader import BlockReader
+from bigmerge.engine.comm import SerialComm
+from bigmerge.engine.executor import execute
+from bigmerge.engine.reader import BlockReader
 from bigmerge.errors import SourceError
-from bigmerge.plan import DEFAULT_BLOCK_BYTES, Plan, TensorPlan, build_plan
+from bigmerge.planning.catalog import ModelCatalog, catalog_models
+from bigmerge.planning.config import MergeConfig
+from bigmerge.planning.plan import DEFAULT_BLOCK_BYTES, Plan, TensorPlan, build_plan
 from bigmerge.storage.safetensors import DTYPES
 
 
@@ -67,7 +67,7 @@ class InMemoryMerger:
         store = MemoryStore(plan)
         reader = BlockReader(plan, cfg.storage_options, threads=self.io_threads, prefetch=1)
         try:
-            execute(plan, SerialComm(), store, reader, set())  # type: ignore[arg-type] - duck-typed store
+            execute(plan, SerialComm(), store, reader, set())
         finally:
             reader.close()
         return store.tensors, plan

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from bigmerge.dist.comm import Comm
+from bigmerge.engine.comm import Comm
 from bigmerge.errors import ConfigError, OutputExistsError
 from bigmerge.search.config import SearchConfig, load_search_config
 from bigmerge.search.fitness import CandidateScorer, Job, model_bytes
@@ -291,7 +291,7 @@ class Search:
 
 def run_search(config_path: str, out_dir: str, comm: Comm, opts: SearchOptions) -> dict[str, Any]:
     """Run (or resume) a search; returns the summary (rank 0; {} elsewhere)."""
-    from bigmerge.catalog import catalog_models
+    from bigmerge.planning.catalog import catalog_models
 
     cfg = load_search_config(config_path)
     out = Path(out_dir)

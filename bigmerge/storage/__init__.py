@@ -1,1 +1,1 @@
-"""Where bytes come from and go to: fsspec URLs, safetensors headers, the zarr store, export."""
+"""The bottom layer: fsspec URLs and byte ranges, safetensors headers, CRC-32C checksums."""

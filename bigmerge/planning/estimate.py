@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from bigmerge.plan import Plan, block_memory
+from bigmerge.planning.plan import Plan, block_memory
 
 # Source bytes merged per second per core, by operator family (GB/s), from tools/bench.py on
 # the 2-core development machine (medium preset, 4 x 1 GB bf16 sources, dtype float32, a quiet

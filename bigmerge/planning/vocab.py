@@ -24,8 +24,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bigmerge.catalog import ModelCatalog
 from bigmerge.errors import ConfigError, SourceError
+from bigmerge.planning.catalog import ModelCatalog
 from bigmerge.storage.fs import Location, location
 
 TOKENIZER_FILES = (

@@ -9,31 +9,23 @@ manifest: a merge is complete only when the manifest exists.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import re
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-import numpy as np
-
 from bigmerge import __version__
-from bigmerge.catalog import INDEX_NAME, ModelCatalog
-from bigmerge.dist.comm import Comm
-from bigmerge.dist.faults import disk_full_at, fault_point
+from bigmerge.engine.comm import Comm
+from bigmerge.engine.faults import disk_full_at, fault_point
 from bigmerge.errors import SourceError, VerifyError
-from bigmerge.plan import Plan, TensorPlan
-from bigmerge.storage.checksum import combine, crc32c, hex32
-from bigmerge.storage.direct import DirectStore
+from bigmerge.output.outdir import MANIFEST_NAME, OutputDir
+from bigmerge.output.writer import Writer
+from bigmerge.planning.catalog import INDEX_NAME, ModelCatalog
+from bigmerge.planning.plan import Plan, TensorPlan
+from bigmerge.planning.vocab import TOKENIZER_FILES, build_tokenizer, save_tokenizer
+from bigmerge.storage.checksum import crc32c, hex32
 from bigmerge.storage.fs import Location, location
 from bigmerge.storage.jsonio import loads_bounded
-from bigmerge.storage.layout import S3_MIN_PART, Layout
-from bigmerge.storage.outdir import MANIFEST_NAME, OutputDir
 from bigmerge.storage.safetensors import DTYPES, read_header
-from bigmerge.storage.zarr_store import PREFIX, BlockStore
-from bigmerge.vocab import TOKENIZER_FILES, build_tokenizer, save_tokenizer
 
 MANIFEST_VERSION = 3  # 3: CRC-32C of the index, config and tokenizer, and the sources' pins; 2: a CRC-32C per tensor
 SHARD_RE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
@@ -61,153 +53,10 @@ def clear_finished_markers(out: Location) -> None:
             out.join(name).remove()
 
 
-def write_file(
-    store: BlockStore, out: Location, name: str, header: bytes, tensors: list[TensorPlan], prefetch: int = 3
-) -> dict[str, str]:
-    """Stream one output file from the store; reads run ahead on threads.
-
-    Every block is checked against the CRC-32C stored with it, and the tensor's checksum for
-    the manifest is combined from its blocks' checksums: the bytes are not hashed again.
-    """
-    loc = out.join(name)
-    sums: dict[str, str] = {}
-    biggest = max((t.block_rows * t.row_elems * DTYPES[t.out_dtype][1] for t in tensors), default=0)
-    # A small ring of buffers, reused for every block: no page faults per block.
-    ring = [np.empty(biggest + 4, dtype=np.uint8) for _ in range(prefetch + 1)]  # + the block's crc32c
-    blocks = [(t, b) for t in tensors for b in range(t.n_blocks)]
-
-    def write() -> None:
-        # The whole file again on a retry: a streamed upload cannot resume mid-way.
-        sums.clear()
-        loc.fs.makedirs(out.path, exist_ok=True)
-        with (
-            ThreadPoolExecutor(max_workers=prefetch, thread_name_prefix="bigmerge-export") as pool,
-            loc.fs.open(loc.path, "wb") as f,
-        ):
-            f.write(header)
-            pending: deque[Future[tuple[np.ndarray, int]]] = deque()
-            nxt = 0
-            crc = 0
-            for k, (t, b) in enumerate(blocks):
-                # a ring slot is free again once its block is written (the main thread writes in order)
-                while nxt < len(blocks) and nxt - k < min(prefetch, len(ring) - 1):
-                    tt, bb = blocks[nxt]
-                    pending.append(pool.submit(store.read_block, tt, bb, ring[nxt % len(ring)]))
-                    nxt += 1
-                data, block_crc = pending.popleft().result()
-                crc = block_crc if b == 0 else combine(crc, block_crc, data.nbytes)
-                f.write(memoryview(data).cast("B"))
-                if b == t.n_blocks - 1:
-                    sums[t.name] = hex32(crc)
-            for t in tensors:
-                if t.n_blocks == 0:
-                    sums[t.name] = hex32(0)
-
-    loc.call("writing the output file", write)
-    return sums
-
-
-def _copy_possible(store: BlockStore | DirectStore, out: Location) -> bool:
-    """Whether the output files can be assembled from the store's shards by the server itself:
-    both on S3 (UploadPartCopy), through the same kind of file system."""
-    return (
-        isinstance(store, BlockStore)
-        and not out.is_local
-        and hasattr(out.fs, "call_s3")
-        and type(store.loc.fs) is type(out.fs)
-        and os.environ.get("BIGMERGE_NO_SERVER_COPY") != "1"
-    )
-
-
-def write_file_by_copy(
-    store: BlockStore, out: Location, name: str, header: bytes, tensors: list[TensorPlan]
-) -> dict[str, str]:
-    """One output file on S3 made by a multipart upload whose parts the server copies from the
-    store's shards (UploadPartCopy): a block of S3_MIN_PART bytes or more never travels through
-    this rank. The header, small tensors and small edge blocks are read and sent as parts of
-    their own (a part but the last must be S3_MIN_PART or more). Each tensor's checksum is
-    combined from the CRC-32C at the start of each of its shards."""
-    fs = out.fs
-    loc = out.join(name)
-    bucket, key = fs.split_path(loc.path)[:2]
-    sums: dict[str, str] = {}
-    copied = [0, 0]  # blocks, bytes
-
-    def run() -> None:
-        sums.clear()
-        copied[:] = [0, 0]
-        upload = fs.call_s3("create_multipart_upload", Bucket=bucket, Key=key)["UploadId"]
-        parts: list[dict[str, Any]] = []
-        pending = bytearray(header)
-
-        def put() -> None:
-            r = fs.call_s3(
-                "upload_part", Bucket=bucket, Key=key, UploadId=upload, PartNumber=len(parts) + 1, Body=bytes(pending)
-            )
-            parts.append({"PartNumber": len(parts) + 1, "ETag": r["ETag"]})
-            pending.clear()
-
-        try:
-            for t in tensors:
-                crc = 0
-                for b in range(t.n_blocks):
-                    n = t.block_out_bytes(b)
-                    # a large block is copied, unless the part being filled is too small to
-                    # stand alone: then the block is read and joins it
-                    if n >= S3_MIN_PART and not 0 < len(pending) < S3_MIN_PART:
-                        if pending:
-                            put()
-                        shard = store.shard_loc(t, b)
-                        own = int.from_bytes(shard.read_bytes(0, PREFIX), "little")
-                        src_bucket, src_key = fs.split_path(shard.path)[:2]
-                        r = fs.call_s3(
-                            "upload_part_copy",
-                            Bucket=bucket,
-                            Key=key,
-                            UploadId=upload,
-                            PartNumber=len(parts) + 1,
-                            CopySource={"Bucket": src_bucket, "Key": src_key},
-                            CopySourceRange=f"bytes={PREFIX}-{PREFIX + n - 1}",
-                        )
-                        parts.append({"PartNumber": len(parts) + 1, "ETag": r["CopyPartResult"]["ETag"]})
-                        crc = own if b == 0 else combine(crc, own, n)
-                        copied[0] += 1
-                        copied[1] += n
-                        continue
-                    data, own = store.read_block(t, b)
-                    pending += memoryview(data).cast("B")
-                    crc = own if b == 0 else combine(crc, own, n)
-                    if len(pending) >= S3_MIN_PART:
-                        put()
-                sums[t.name] = hex32(crc)
-            if pending or not parts:
-                put()
-            fs.call_s3(
-                "complete_multipart_upload",
-                Bucket=bucket,
-                Key=key,
-                UploadId=upload,
-                MultipartUpload={"Parts": parts},
-            )
-        except BaseException:
-            with contextlib.suppress(Exception):
-                fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload)
-            raise
-
-    loc.call("assembling the output file from the store (server-side copy)", run)
-    fs.invalidate_cache(loc.path)
-    COPY_STATS["blocks"] += copied[0]
-    COPY_STATS["bytes"] += copied[1]
-    return sums
-
-
-COPY_STATS = {"blocks": 0, "bytes": 0}  # blocks (and bytes) the server copied, in this process
-
-
 def export(
     plan: Plan,
     comm: Comm,
-    store: BlockStore | DirectStore,
+    store: Writer,
     out: Location,
     catalogs: list[ModelCatalog] | None,
     *,
@@ -219,35 +68,21 @@ def export(
     pin_mode: str = "stat",
 ) -> dict[str, Any]:
     manifest: dict[str, Any] = {}
-    sources = (pins or {}, pin_mode)
-    layout = store.layout if isinstance(store, DirectStore) else Layout.of(plan, shard_bytes)
-    files, names = layout.files, layout.names
-    if isinstance(store, DirectStore):
-        # the blocks are in place already: the files only move into the output directory
-        store.close()
-        fault_point(comm.rank, "export")
-        comm.barrier()  # every rank's blocks and journal lines are written
-        if comm.rank == 0:
-            hashes = store.tensor_checksums()
-            store.publish()
-            manifest = _finish(
-                plan, out, files, names, hashes, catalogs, tokenizer_source, chat_template, outdir, sources
-            )
-        comm.barrier()
-        return manifest
-    mine: dict[str, str] = {}
-    by_copy = _copy_possible(store, out)
-    for i, tensors in enumerate(files):
-        if i % comm.size == comm.rank:
-            write = write_file_by_copy if by_copy else write_file
-            mine.update(write(store, out, names[i], layout.headers[i], tensors))  # type: ignore[arg-type]
-    fault_point(comm.rank, "export")
-    gathered = comm.allgather(mine)
+    # each writer knows how its blocks become the output files (see Writer.finish_files)
+    layout, hashes = store.finish_files(plan, comm, out, shard_bytes)
     if comm.rank == 0:
-        hashes = {}
-        for g in gathered:
-            hashes.update(g)
-        manifest = _finish(plan, out, files, names, hashes, catalogs, tokenizer_source, chat_template, outdir, sources)
+        manifest = _finish(
+            plan,
+            out,
+            layout.files,
+            layout.names,
+            hashes,
+            catalogs,
+            tokenizer_source,
+            chat_template,
+            outdir,
+            (pins or {}, pin_mode),
+        )
     comm.barrier()
     return manifest
 

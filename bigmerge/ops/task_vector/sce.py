@@ -21,15 +21,8 @@ import numpy as np
 import torch
 
 from bigmerge.ops.base import Block, Param, Stats, TensorTask, as_compute, require_base
-from bigmerge.ops.task_arithmetic import (
-    TaskArithmeticOp,
-    TopK,
-    _as_float,
-    _keep_mask,
-    _mag_bits,
-    _sum_rows,
-    sign_agreement,
-)
+from bigmerge.ops.task_vector.common import TopK, as_float, keep_mask, mag_bits, sign_agreement, sum_rows_in_order
+from bigmerge.ops.task_vector.task_arithmetic import TaskArithmeticOp
 
 VAR = "var"  # the one selection: variance across the task vectors
 
@@ -71,14 +64,14 @@ class SceOp(TaskArithmeticOp):
     def _variance_bits(self, tvs: torch.Tensor, block: Block) -> torch.Tensor:
         # torch.var over the models, per element: the same bits whatever the block's shape
         var = torch.var(tvs, dim=0, unbiased=False)
-        return _mag_bits(var, block.scratch)
+        return mag_bits(var, block.scratch)
 
     def _select(self, task: TensorTask, block: Block, stats: Any, tvs: torch.Tensor) -> None:
         """Zero the elements outside the variance top-k, in every task vector (in place)."""
         if not isinstance(stats, TopK) or VAR not in stats.k:
             return
-        keep = _keep_mask(self._variance_bits(tvs, block), stats, VAR, block.index, block.scratch)
-        tvs.mul_(_as_float(keep, tvs.dtype, block.scratch))
+        keep = keep_mask(self._variance_bits(tvs, block), stats, VAR, block.index, block.scratch)
+        tvs.mul_(as_float(keep, tvs.dtype, block.scratch))
 
     def _values(self, task: TensorTask, block: Block, src: int) -> torch.Tensor:
         return self._variance_bits(self._task_vectors(task, block), block)
@@ -117,9 +110,9 @@ class SceOp(TaskArithmeticOp):
         erased = sc.get("wmask", tvs.shape, dt)
         masked = sc.get("masked", tvs.shape, dt)
         for row in range(n):
-            torch.mul(_as_float(agree[row], dt, sc, "agree_f"), weights[row], out=erased[row])
+            torch.mul(as_float(agree[row], dt, sc, "agree_f"), weights[row], out=erased[row])
             torch.mul(tvs[row], erased[row], out=masked[row])
-        mixed = _sum_rows(masked, sc.get("mixed", tvs.shape[1:], dt), sc)
-        divisor = _sum_rows(erased, sc.get("divisor", tvs.shape[1:], dt), sc).clamp_(min=1e-6)
+        mixed = sum_rows_in_order(masked, sc.get("mixed", tvs.shape[1:], dt), sc)
+        divisor = sum_rows_in_order(erased, sc.get("divisor", tvs.shape[1:], dt), sc).clamp_(min=1e-6)
         base = sc.get("base", src.shape, dt).copy_(src)
         return base.add_(mixed.div_(divisor).view(src.shape))

@@ -1,7 +1,7 @@
 """The direct writer: every block written once, at its final offset in the output files.
 
 For an output on a local or shared POSIX file system the whole layout of the checkpoint is
-known from the plan (`bigmerge.storage.layout`), so there is no need for the intermediate zarr
+known from the plan (`bigmerge.output.layout`), so there is no need for the intermediate zarr
 store and the copy out of it: each rank writes its blocks with `pwrite` into the output's
 safetensors files, kept under ``OUT/.bigmerge-partial/`` until the merge is complete. Export
 then renames them into place and writes the index, config, tokenizer and, last, the manifest.
@@ -28,15 +28,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from bigmerge.dist.faults import disk_full_at, disk_full_point
+from bigmerge.engine.comm import Comm
+from bigmerge.engine.faults import disk_full_at, disk_full_point, fault_point
 from bigmerge.errors import OutputExistsError, StorageError
-from bigmerge.plan import Plan, TensorPlan
+from bigmerge.output.layout import Layout
+from bigmerge.output.outdir import PARTIAL_DIR
+from bigmerge.output.zarr_store import STORE_FORMAT, to_storage
+from bigmerge.planning.plan import Plan, TensorPlan
 from bigmerge.storage.checksum import combine, crc32c, hex32
 from bigmerge.storage.fs import Location
-from bigmerge.storage.layout import Layout
-from bigmerge.storage.outdir import PARTIAL_DIR
 from bigmerge.storage.safetensors import PAGE
-from bigmerge.storage.zarr_store import STORE_FORMAT, to_storage
 
 PLAN_FILE = "bigmerge-plan.json"
 JOURNAL_PREFIX = "journal-"
@@ -44,7 +45,7 @@ LAYOUT_VERSION = 2  # 2: headers padded so that large tensors start on a page
 
 
 class DirectStore:
-    """Same interface as the zarr BlockStore: prepare, write_block, done_blocks, loc."""
+    """Blocks written straight into the output files (a POSIX OUT); implements output.writer.Writer."""
 
     kind = "direct"
 
@@ -260,3 +261,15 @@ class DirectStore:
         for name in self.layout.names:
             src, dst = os.path.join(self.loc.path, name), os.path.join(self.out.path, name)
             self.loc.call(f"renaming {name} into place", lambda src=src, dst=dst: os.replace(src, dst))
+
+    def finish_files(self, plan: Plan, comm: Comm, out: Location, shard_bytes: int) -> tuple[Layout, dict[str, str]]:
+        """The blocks are in place already: the files only move into the output directory.
+        Rank 0 gets every tensor's checksum (from the journal's block CRCs)."""
+        self.close()
+        fault_point(comm.rank, "export")
+        comm.barrier()  # every rank's blocks and journal lines are written
+        hashes: dict[str, str] = {}
+        if comm.rank == 0:
+            hashes = self.tensor_checksums()
+            self.publish()
+        return self.layout, hashes

@@ -6,57 +6,50 @@ select (select.py), never by sorting the tensor.
 
 The sparsifying variants (breadcrumbs, DARE, DELLA, SCE) subclass TaskArithmeticOp: they
 change which elements of each task vector are kept (`_selections` / `_keep`) and the
-statistics rounds; the arithmetic after the mask is this module's.
+statistics rounds; the arithmetic after the mask is this module's, and what the family
+shares (TopK, keep masks, the sources as the kernels read them) is common.py.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
-from bigmerge.dist.comm import SerialComm, reduce_stats
 from bigmerge.errors import ConfigError
-from bigmerge.ops import kernels, select
-from bigmerge.ops.base import Block, MergeOp, Param, Scratch, Stats, TensorTask, as_compute, require_base
-
-# The statistics phases of a selecting operator: high-bits histogram, low-bits histogram (the
-# threshold), ties per block (skipped unless ties straddle the k-th element), then statistics
-# that need the final masks (the L1 norm after masking for `rescale`).
-HI, LO, TIES, AFTER = "hi", "lo", "ties", "after"
-LO_BINS = select.LO_BINS
-
-Sources = tuple[np.ndarray, ...]  # a block's flat sources as the fused kernels read them (see _sources)
-Selection = tuple[int, int, int, int]  # (tA, cA, tB, cB): kernels.task_vector_merge's keep rule
-
-
-@dataclass
-class TopK:
-    """Exact top-k selections (by key) and per-model L1 rescale factors.
-
-    A selection keeps exactly k elements of its source's magnitudes, as mergekit does: all
-    above the threshold and, of those equal to it, the first `k - n_above` in flat index order
-    (`tie_quota[key][block]` per block). A selection with k = 0 keeps nothing.
-    """
-
-    k: dict[str, int] = field(default_factory=dict)
-    hi_bin: dict[str, int] = field(default_factory=dict)
-    rank_in_bin: dict[str, int] = field(default_factory=dict)
-    threshold: dict[str, float] = field(default_factory=dict)
-    tie_quota: dict[str, list[int]] = field(default_factory=dict)
-    l1_before: dict[int, float] = field(default_factory=dict)
-    scale: dict[int, float] = field(default_factory=dict)
-    extra: dict[str, Any] = field(default_factory=dict)
+from bigmerge.ops import kernels
+from bigmerge.ops.base import Block, MergeOp, Param, Stats, TensorTask, as_compute, require_base
+from bigmerge.ops.task_vector import select
+from bigmerge.ops.task_vector.common import (
+    AFTER,
+    HI,
+    LO,
+    LO_BINS,
+    TIES,
+    Selection,
+    Sources,
+    TopK,
+    as_float,
+    flat_sources,
+    fused_masks,
+    keep_mask,
+    l1_scale,
+    mag_bits,
+    sign_agreement,
+    sum_rows_in_order,
+    threshold_bits,
+    use_fused,
+    with_defaults,
+)
 
 
 class TaskArithmeticOp(MergeOp):
     """base + lambda * sum of weighted task vectors (model - base)."""
 
     name = "task_arithmetic"
-    params = (
+    params: ClassVar[tuple[Param, ...]] = (
         Param("weight", float, "non_base", required=True, doc="weight of this model's task vector"),
         Param("normalize", bool, "shared", default=False, doc="divide by the sum of the weights"),
         Param("lambda", float, "shared", default=1.0, doc="scale of the merged task vector"),
@@ -75,7 +68,7 @@ class TaskArithmeticOp(MergeOp):
         """Plain task arithmetic (no selection, no sign election, no statistics): every source
         value enters the fused kernel's sum, so a NaN or Inf shows in its result."""
         return (
-            _fused(task)
+            use_fused(task)
             and not self.sign_consensus
             and not self._sparse_models(task)
             and not self._stat_rounds(task)
@@ -107,7 +100,7 @@ class TaskArithmeticOp(MergeOp):
         """Model i's keep mask on this block (bool, flat), or None to keep every element."""
         if not isinstance(stats, TopK) or str(i) not in stats.k:
             return None
-        return _keep_mask(_mag_bits(delta, block.scratch), stats, str(i), block.index, block.scratch)
+        return keep_mask(mag_bits(delta, block.scratch), stats, str(i), block.index, block.scratch)
 
     def _scale(self, stats: Any, i: int) -> float | None:
         return stats.scale.get(i) if isinstance(stats, TopK) else None
@@ -133,10 +126,10 @@ class TaskArithmeticOp(MergeOp):
         reduction of one block being the block itself, so the result cannot differ."""
         prev: Any = None
         start = 0
-        if self.select_deltas and _fused(task, block) and self._phases(task)[:3] == [HI, LO, TIES]:
+        if self.select_deltas and use_fused(task, block) and self._phases(task)[:3] == [HI, LO, TIES]:
             prev, start = self._local_selections(task, block)
         for rnd in range(start, self._stat_rounds(task)):
-            reduced = reduce_stats(SerialComm(), {block.index: self.stats(rnd, task, block, prev)}, 1)
+            reduced = block.reduce_alone(self.stats(rnd, task, block, prev))
             prev = self.finish(rnd, task, reduced, prev)
         return prev
 
@@ -153,7 +146,7 @@ class TaskArithmeticOp(MergeOp):
         sc = block.scratch
         b = require_base(self, task)
         bf16 = task.compute_dtype == torch.bfloat16
-        xs = _sources(block, sc, task.compute_dtype)
+        xs = flat_sources(block, sc, task.compute_dtype)
         m = xs[0].shape[0]
         sels = self._selections(task)
         srcs = sorted(set(sels.values()))
@@ -163,7 +156,7 @@ class TaskArithmeticOp(MergeOp):
         )
         out: Stats = {f"hi{src}": hists[:, r].sum(axis=0) for r, src in enumerate(srcs)}
         self._first_stats(task, block, out)
-        topk = self.finish(0, task, reduce_stats(SerialComm(), {block.index: out}, 1), None)
+        topk = self.finish(0, task, block.reduce_alone(out), None)
         keys = [key for key in sels if key in topk.hi_bin]
         if not keys:
             return topk, 1
@@ -187,15 +180,15 @@ class TaskArithmeticOp(MergeOp):
         )
         lows = {key: low[k, : totals[k]] for k, key in enumerate(keys)}
         out = {f"lo{key}": np.bincount(lows[key], minlength=LO_BINS).astype(np.int64) for key in keys}
-        topk = self.finish(1, task, reduce_stats(SerialComm(), {block.index: out}, 1), topk)
+        topk = self.finish(1, task, block.reduce_alone(out), topk)
         out, cutoffs = {}, {}
         for k, key in enumerate(keys):
             if key in topk.tie_quota:
-                ties = pos[k, : totals[k]][lows[key] == (_threshold_bits(topk.threshold[key]) & 0xFFFF)]
+                ties = pos[k, : totals[k]][lows[key] == (threshold_bits(topk.threshold[key]) & 0xFFFF)]
                 out[f"pb_ties{key}"] = np.array([float(len(ties))])
                 quota = min(len(ties), topk.tie_quota[key][0])
                 cutoffs[key] = int(ties[quota - 1]) + 1 if quota > 0 else 0
-        topk = self.finish(2, task, reduce_stats(SerialComm(), {block.index: out}, 1), topk)
+        topk = self.finish(2, task, block.reduce_alone(out), topk)
         block.memo["cutoffs"] = cutoffs
         return topk, 3
 
@@ -219,7 +212,7 @@ class TaskArithmeticOp(MergeOp):
     def _values(self, task: TensorTask, block: Block, src: int) -> torch.Tensor:
         """The magnitudes a selection ranks, as int32 bit patterns (flat): |delta| of model src."""
         _, delta = next(self._deltas(task, block, [src]))
-        return _mag_bits(delta, block.scratch)
+        return mag_bits(delta, block.scratch)
 
     def _first_stats(self, task: TensorTask, block: Block, out: Stats) -> None:
         """Statistics of the first round besides the histograms: |delta| summed for rescale."""
@@ -254,14 +247,14 @@ class TaskArithmeticOp(MergeOp):
             if not sels:
                 return out  # no ties straddle the k-th element: nothing to count
         sc = block.scratch
-        if self.select_deltas and _fused(task, block):
-            xs = _sources(block, sc, task.compute_dtype)
+        if self.select_deltas and use_fused(task, block):
+            xs = flat_sources(block, sc, task.compute_dtype)
             if phase == HI:
                 rows, params, keys = sorted(set(sels.values())), [0] * len(set(sels.values())), None
             else:
                 keys = list(sels)
                 rows = [sels[key] for key in keys]
-                params = [prev.hi_bin[key] if phase == LO else _threshold_bits(prev.threshold[key]) for key in keys]
+                params = [prev.hi_bin[key] if phase == LO else threshold_bits(prev.threshold[key]) for key in keys]
             mode = {HI: 0, LO: 1, TIES: 2}[phase]
             hists = kernels.magnitude_hists(
                 xs,
@@ -289,7 +282,7 @@ class TaskArithmeticOp(MergeOp):
                 if phase == LO:
                     out[f"lo{key}"] = select.hist_low(bits, prev.hi_bin[key])
                 else:  # per-block counts, kept per block ("pb_")
-                    ties = int(torch.eq(bits, _threshold_bits(prev.threshold[key])).sum())
+                    ties = int(torch.eq(bits, threshold_bits(prev.threshold[key])).sum())
                     out[f"pb_ties{key}"] = np.array([float(ties)])
         if phase == HI:
             self._first_stats(task, block, out)
@@ -345,17 +338,17 @@ class TaskArithmeticOp(MergeOp):
         block's first tie_quota ties in index order)."""
         if key not in stats.threshold:  # k = 0
             return int(kernels.NOTHING), 0
-        thr = _threshold_bits(stats.threshold[key])
+        thr = threshold_bits(stats.threshold[key])
         if key not in stats.tie_quota:
             return thr, block.inputs[0].numel()  # every tie kept
         cutoffs = block.memo.setdefault("cutoffs", {})
         if key not in cutoffs:  # every selection of this block that splits ties, in one pass
             sels = {k: src for k, src in self._selections(task).items() if k in stats.tie_quota and k not in cutoffs}
             found = kernels.tie_cutoffs(
-                _sources(block, block.scratch, task.compute_dtype),
+                flat_sources(block, block.scratch, task.compute_dtype),
                 require_base(self, task),
                 np.array(list(sels.values()), dtype=np.int64),
-                np.array([_threshold_bits(stats.threshold[k]) for k in sels], dtype=np.int64),
+                np.array([threshold_bits(stats.threshold[k]) for k in sels], dtype=np.int64),
                 np.array([stats.tie_quota[k][block.index] for k in sels], dtype=np.int64),
                 task.compute_dtype == torch.bfloat16,
             )
@@ -380,7 +373,7 @@ class TaskArithmeticOp(MergeOp):
         others = task.non_base
         b = require_base(self, task)
         dt = task.compute_dtype
-        xs = _sources(block, sc, dt)
+        xs = flat_sources(block, sc, dt)
         m = xs[0].shape[0]
         n = len(others)
         sel = np.empty((n, 4), dtype=np.int64)
@@ -449,7 +442,7 @@ class TaskArithmeticOp(MergeOp):
         n = len(others)
         if stats is None and task.n_blocks == 1 and self._stat_rounds(task):
             stats = self._local_stats(task, block)
-        if _fused(task, block):
+        if use_fused(task, block):
             return self._apply_fused(task, block, stats, shape)
         base = sc.get("base", src.shape, dt).copy_(src)  # after the stats rounds: they share the scratch
         deltas = sc.get("deltas", (n, *shape), dt)
@@ -460,7 +453,7 @@ class TaskArithmeticOp(MergeOp):
             if keep is not None:
                 # delta * mask as mergekit computes it, with the mask as floats: torch's
                 # float-times-bool kernel is several times slower than float-times-float.
-                delta.mul_(_as_float(keep, dt, sc).view(shape))
+                delta.mul_(as_float(keep, dt, sc).view(shape))
             s = self._scale(stats, i)
             if s is not None:
                 delta.mul_(torch.tensor(s, dtype=dt))
@@ -475,14 +468,14 @@ class TaskArithmeticOp(MergeOp):
             masked = sc.get("masked", (n, *shape), dt)
             wmask = sc.get("wmask", (n, *shape), dt)
             for row in range(n):
-                agree_f = _as_float(agree[row], dt, sc, "agree_f")
+                agree_f = as_float(agree[row], dt, sc, "agree_f")
                 torch.mul(deltas[row], agree_f, out=masked[row])
                 torch.mul(agree_f, weights[row], out=wmask[row])
-            _sum_rows(masked, mixed, sc)
-            _sum_rows(wmask, divisor, sc)
+            sum_rows_in_order(masked, mixed, sc)
+            sum_rows_in_order(wmask, divisor, sc)
             divisor[divisor == 0] = 1
         else:
-            _sum_rows(deltas, mixed, sc)
+            sum_rows_in_order(deltas, mixed, sc)
             divisor = weights.sum(dim=0, keepdim=True)
             divisor[divisor.abs() < 1e-8] = 1
         if task.shared["normalize"]:
@@ -491,130 +484,6 @@ class TaskArithmeticOp(MergeOp):
         if lam != 1:
             mixed *= lam
         return base.add_(mixed)
-
-
-def sign_agreement(deltas: torch.Tensor, sc: Scratch) -> torch.Tensor:
-    """mergekit's sign election ("sum"): per row, where sign(delta) equals the sign of the sum
-    over rows (zero counting as positive). Bool [n, *shape] in scratch."""
-    shape = deltas.shape[1:]
-    dt = deltas.dtype
-    total = _sum_rows(deltas, sc.get("sign_total", shape, dt), sc)
-    majority = _as_float(torch.ge(total, 0, out=sc.get("ge", shape, torch.bool)), dt, sc, "majority")
-    majority.mul_(2).sub_(1)
-    sign = sc.get("sign", shape, dt)
-    agree = sc.get("agree", deltas.shape, torch.bool)
-    for row in range(deltas.shape[0]):
-        torch.sign(deltas[row], out=sign)
-        torch.eq(sign, majority, out=agree[row])
-    return agree
-
-
-def with_defaults(params: tuple[Param, ...], **defaults: Any) -> tuple[Param, ...]:
-    """`params` with other defaults (mergekit's variants differ only in those)."""
-    return tuple(replace(p, default=defaults[p.name]) if p.name in defaults else p for p in params)
-
-
-def l1_scale(before: float, after: float, dt: torch.dtype) -> float | None:
-    """mergekit's L1 rescale factor before / after in the compute dtype; None where either
-    norm is below its 1e-7 tolerance (the masked delta is then left as it is)."""
-    b = torch.tensor(before, dtype=dt)
-    a = torch.tensor(after, dtype=dt)
-    return (b / a).item() if b >= 1e-7 and a >= 1e-7 else None
-
-
-def _fused(task: TensorTask, block: Block | None = None) -> bool:
-    on_cpu = block is None or block.scratch.device.type == "cpu"
-    exact = task.compute_dtype in (torch.float32, torch.bfloat16)  # the kernels' arithmetic
-    return kernels.AVAILABLE and on_cpu and exact and task.numel > 0
-
-
-def _stack(block: Block, sc: Scratch, dt: torch.dtype = torch.float32) -> np.ndarray:
-    """Every source of the block as one float32 [n_sources, m] array (exact widening casts;
-    sources cast to the compute dtype first when that is bfloat16).
-
-    Made once per block object: a one-block tensor runs its statistics rounds and apply on
-    the same block, which would otherwise cast every source up to four times.
-    """
-    if "stack" in block.memo:
-        return block.memo["stack"]
-    m = block.inputs[0].numel()
-    x = sc.get("stack", (len(block.inputs), m), torch.float32)
-    for i, src in enumerate(block.inputs):
-        x[i].copy_((src if dt == torch.float32 else as_compute(src, dt, sc, "stack_cast")).reshape(-1))
-    block.memo["stack"] = x.numpy()
-    return block.memo["stack"]
-
-
-def _sources(block: Block, sc: Scratch, dt: torch.dtype = torch.float32) -> Sources:
-    """Every source of the block, flat, as the fused kernels read them: the bfloat16 bit
-    patterns themselves (uint16; widening to float32, or to a bfloat16 compute dtype, is
-    exact, so the kernels widen as they read and no copy is made) when every source is
-    bfloat16, else the rows of the float32 stack (_stack). Made once per block object."""
-    if "sources" in block.memo:
-        return block.memo["sources"]
-    xs: Sources = ()
-    if all(x.dtype == torch.bfloat16 and x.is_contiguous() for x in block.inputs):
-        xs = tuple(x.reshape(-1).view(torch.uint16).numpy() for x in block.inputs)
-        if not all(a.flags.aligned and a.flags.writeable for a in xs):  # one array type for the kernels
-            xs = ()
-    if not xs:
-        x = _stack(block, sc, dt)
-        xs = tuple(x[i] for i in range(x.shape[0]))
-    block.memo["sources"] = xs
-    return xs
-
-
-def fused_masks(block: Block, n: int, m: int) -> np.ndarray:
-    """The uint8 keep masks [n non-base models, m] that kernels.task_vector_merge reads where a
-    mask is given, in the block's scratch (the same memory on every call for this block)."""
-    return block.scratch.get("fused_masks", (n, m), torch.uint8).numpy()
-
-
-def _mag_bits(delta: torch.Tensor, sc: Scratch) -> torch.Tensor:
-    return select.magnitude_bits(delta, sc.get("mag", (delta.numel(),), torch.float32))
-
-
-def _keep_mask(bits: torch.Tensor, topk: TopK, key: str, block: int, sc: Scratch, name: str = "keep") -> torch.Tensor:
-    """The top-k mask of one selection on one block: above the threshold, plus this block's ties."""
-    if key not in topk.threshold:  # k = 0
-        return torch.zeros(bits.shape, dtype=torch.bool, out=sc.get(name, bits.shape, torch.bool))
-    thr = _threshold_bits(topk.threshold[key])
-    quota = topk.tie_quota.get(key)
-    if quota is None:
-        return torch.ge(bits, thr, out=sc.get(name, bits.shape, torch.bool))
-    keep = torch.gt(bits, thr, out=sc.get(name, bits.shape, torch.bool))
-    if quota[block]:
-        ties = torch.eq(bits, thr)
-        first = ties & (torch.cumsum(ties, 0, dtype=torch.int64) <= quota[block])
-        keep |= first
-    return keep
-
-
-def _as_float(mask: torch.Tensor, dt: torch.dtype, sc: Scratch, name: str = "mask_f") -> torch.Tensor:
-    return sc.get(name, mask.shape, dt).copy_(mask)
-
-
-def _sum_rows(x: torch.Tensor, out: torch.Tensor, sc: Scratch | None = None) -> torch.Tensor:
-    """x[0] + x[1] + ... left to right, accumulated in float32 for 16-bit dtypes.
-
-    This is torch's sum over dim 0 for up to 4 rows (which also accumulates 16-bit
-    floats in float32 and rounds once); for 5 or more rows torch's order depends on the
-    size of the other dimensions, i.e. on the block size, so a fixed order is used to
-    keep every block size (and every world size) bit-identical.
-    """
-    if x.dtype in (torch.bfloat16, torch.float16):
-        acc = (sc.get("sum_acc", out.shape, torch.float32) if sc is not None else torch.empty(out.shape)).copy_(x[0])
-        for row in range(1, x.shape[0]):
-            acc.add_(x[row])
-        return out.copy_(acc)
-    out.copy_(x[0])
-    for row in range(1, x.shape[0]):
-        out.add_(x[row])
-    return out
-
-
-def _threshold_bits(thr: float) -> int:
-    return int(np.array([thr], dtype=np.float32).view(np.int32)[0])
 
 
 class TiesOp(TaskArithmeticOp):

@@ -151,7 +151,7 @@ def get_comm() -> Comm:
 PER_BLOCK = "pb_"  # float statistics under keys with this prefix come back per block, unsummed
 
 
-def reduce_stats(comm: Comm, partial: dict[str, Any], n_blocks: int) -> dict[str, np.ndarray]:
+def reduce_stats(comm: Comm, partial: dict[int, dict[str, Any]], n_blocks: int) -> dict[str, np.ndarray]:
     """Exact reduction of per-block statistics (see ops/base.py for the rules).
 
     `partial` maps block index -> stats dict from this rank. Integer arrays are summed;
@@ -190,3 +190,9 @@ def _ordered_sum(rows: np.ndarray) -> np.ndarray:
     for r in rows:  # left to right: the same order on every world size
         acc = acc + r
     return acc
+
+
+def reduce_one_block(index: int, stats: dict[str, Any]) -> dict[str, np.ndarray]:
+    """reduce_stats over a tensor's only block, on this rank alone: what the executor gives
+    operators as Block.reduce for the statistics they compute inside apply."""
+    return reduce_stats(SerialComm(), {index: stats}, 1)

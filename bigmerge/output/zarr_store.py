@@ -1,4 +1,5 @@
-"""The zarr v3 store every rank writes into, and the journal of finished blocks.
+"""The zarr v3 store every rank writes into, the journal of finished blocks, and how its
+blocks become the output files (streamed, or copied by the S3 server).
 
 One array per tensor (named by index, never by the tensor's name, so no name can become
 a path), the sharding codec with one shard per block, so no two ranks ever write the same
@@ -17,15 +18,19 @@ import os
 import posixpath
 import re
 import struct
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 import torch
 
-from bigmerge.dist.faults import disk_full_point
+from bigmerge.engine.comm import Comm
+from bigmerge.engine.faults import disk_full_point, fault_point
 from bigmerge.errors import OutputExistsError, StorageError
-from bigmerge.plan import Plan, TensorPlan
-from bigmerge.storage.checksum import crc32c
+from bigmerge.output.layout import S3_MIN_PART, Layout
+from bigmerge.planning.plan import Plan, TensorPlan
+from bigmerge.storage.checksum import combine, crc32c, hex32
 from bigmerge.storage.fs import Location
 from bigmerge.storage.safetensors import DTYPES
 
@@ -198,6 +203,25 @@ class BlockStore:
                 done.add((int(m.group(1)), int(m.group(2))))
         return done
 
+    def finish_files(self, plan: Plan, comm: Comm, out: Location, shard_bytes: int) -> tuple[Layout, dict[str, str]]:
+        """The output files streamed from the store (or, on S3, copied by the server from its
+        shards), spread over the ranks; rank 0 gets every tensor's checksum."""
+        layout = Layout.of(plan, shard_bytes)
+        files, names = layout.files, layout.names
+        mine: dict[str, str] = {}
+        by_copy = _copy_possible(self, out)
+        for i, tensors in enumerate(files):
+            if i % comm.size == comm.rank:
+                write = write_file_by_copy if by_copy else write_file
+                mine.update(write(self, out, names[i], layout.headers[i], tensors))
+        fault_point(comm.rank, "export")
+        gathered = comm.allgather(mine)
+        hashes: dict[str, str] = {}
+        if comm.rank == 0:
+            for g in gathered:
+                hashes.update(g)
+        return layout, hashes
+
 
 def _crc_zeros(n: int, crc: int) -> int:
     """crc extended over n zero bytes (the edge padding)."""
@@ -233,3 +257,145 @@ def _async_fs(loc: Location) -> Any:
 
 def open_store(loc: Location, plan: Plan | None = None) -> BlockStore:
     return BlockStore(loc)
+
+
+def write_file(
+    store: BlockStore, out: Location, name: str, header: bytes, tensors: list[TensorPlan], prefetch: int = 3
+) -> dict[str, str]:
+    """Stream one output file from the store; reads run ahead on threads.
+
+    Every block is checked against the CRC-32C stored with it, and the tensor's checksum for
+    the manifest is combined from its blocks' checksums: the bytes are not hashed again.
+    """
+    loc = out.join(name)
+    sums: dict[str, str] = {}
+    biggest = max((t.block_rows * t.row_elems * DTYPES[t.out_dtype][1] for t in tensors), default=0)
+    # A small ring of buffers, reused for every block: no page faults per block.
+    ring = [np.empty(biggest + 4, dtype=np.uint8) for _ in range(prefetch + 1)]  # + the block's crc32c
+    blocks = [(t, b) for t in tensors for b in range(t.n_blocks)]
+
+    def write() -> None:
+        # The whole file again on a retry: a streamed upload cannot resume mid-way.
+        sums.clear()
+        loc.fs.makedirs(out.path, exist_ok=True)
+        with (
+            ThreadPoolExecutor(max_workers=prefetch, thread_name_prefix="bigmerge-export") as pool,
+            loc.fs.open(loc.path, "wb") as f,
+        ):
+            f.write(header)
+            pending: deque[Future[tuple[np.ndarray, int]]] = deque()
+            nxt = 0
+            crc = 0
+            for k, (t, b) in enumerate(blocks):
+                # a ring slot is free again once its block is written (the main thread writes in order)
+                while nxt < len(blocks) and nxt - k < min(prefetch, len(ring) - 1):
+                    tt, bb = blocks[nxt]
+                    pending.append(pool.submit(store.read_block, tt, bb, ring[nxt % len(ring)]))
+                    nxt += 1
+                data, block_crc = pending.popleft().result()
+                crc = block_crc if b == 0 else combine(crc, block_crc, data.nbytes)
+                f.write(memoryview(data).cast("B"))
+                if b == t.n_blocks - 1:
+                    sums[t.name] = hex32(crc)
+            for t in tensors:
+                if t.n_blocks == 0:
+                    sums[t.name] = hex32(0)
+
+    loc.call("writing the output file", write)
+    return sums
+
+
+def _copy_possible(store: BlockStore, out: Location) -> bool:
+    """Whether the output files can be assembled from the store's shards by the server itself:
+    both on S3 (UploadPartCopy), through the same kind of file system."""
+    return (
+        not out.is_local
+        and hasattr(out.fs, "call_s3")
+        and type(store.loc.fs) is type(out.fs)
+        and os.environ.get("BIGMERGE_NO_SERVER_COPY") != "1"
+    )
+
+
+def write_file_by_copy(
+    store: BlockStore, out: Location, name: str, header: bytes, tensors: list[TensorPlan]
+) -> dict[str, str]:
+    """One output file on S3 made by a multipart upload whose parts the server copies from the
+    store's shards (UploadPartCopy): a block of S3_MIN_PART bytes or more never travels through
+    this rank. The header, small tensors and small edge blocks are read and sent as parts of
+    their own (a part but the last must be S3_MIN_PART or more). Each tensor's checksum is
+    combined from the CRC-32C at the start of each of its shards."""
+    fs = out.fs
+    loc = out.join(name)
+    bucket, key = fs.split_path(loc.path)[:2]
+    sums: dict[str, str] = {}
+    copied = [0, 0]  # blocks, bytes
+
+    def run() -> None:
+        sums.clear()
+        copied[:] = [0, 0]
+        upload = fs.call_s3("create_multipart_upload", Bucket=bucket, Key=key)["UploadId"]
+        parts: list[dict[str, Any]] = []
+        pending = bytearray(header)
+
+        def put() -> None:
+            r = fs.call_s3(
+                "upload_part", Bucket=bucket, Key=key, UploadId=upload, PartNumber=len(parts) + 1, Body=bytes(pending)
+            )
+            parts.append({"PartNumber": len(parts) + 1, "ETag": r["ETag"]})
+            pending.clear()
+
+        try:
+            for t in tensors:
+                crc = 0
+                for b in range(t.n_blocks):
+                    n = t.block_out_bytes(b)
+                    # a large block is copied, unless the part being filled is too small to
+                    # stand alone: then the block is read and joins it
+                    if n >= S3_MIN_PART and not 0 < len(pending) < S3_MIN_PART:
+                        if pending:
+                            put()
+                        shard = store.shard_loc(t, b)
+                        own = int.from_bytes(shard.read_bytes(0, PREFIX), "little")
+                        src_bucket, src_key = fs.split_path(shard.path)[:2]
+                        r = fs.call_s3(
+                            "upload_part_copy",
+                            Bucket=bucket,
+                            Key=key,
+                            UploadId=upload,
+                            PartNumber=len(parts) + 1,
+                            CopySource={"Bucket": src_bucket, "Key": src_key},
+                            CopySourceRange=f"bytes={PREFIX}-{PREFIX + n - 1}",
+                        )
+                        parts.append({"PartNumber": len(parts) + 1, "ETag": r["CopyPartResult"]["ETag"]})
+                        crc = own if b == 0 else combine(crc, own, n)
+                        copied[0] += 1
+                        copied[1] += n
+                        continue
+                    data, own = store.read_block(t, b)
+                    pending += memoryview(data).cast("B")
+                    crc = own if b == 0 else combine(crc, own, n)
+                    if len(pending) >= S3_MIN_PART:
+                        put()
+                sums[t.name] = hex32(crc)
+            if pending or not parts:
+                put()
+            fs.call_s3(
+                "complete_multipart_upload",
+                Bucket=bucket,
+                Key=key,
+                UploadId=upload,
+                MultipartUpload={"Parts": parts},
+            )
+        except BaseException:
+            with contextlib.suppress(Exception):
+                fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload)
+            raise
+
+    loc.call("assembling the output file from the store (server-side copy)", run)
+    fs.invalidate_cache(loc.path)
+    COPY_STATS["blocks"] += copied[0]
+    COPY_STATS["bytes"] += copied[1]
+    return sums
+
+
+COPY_STATS = {"blocks": 0, "bytes": 0}  # blocks (and bytes) the server copied, in this process

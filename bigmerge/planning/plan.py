@@ -19,14 +19,14 @@ from typing import Any, Optional
 import torch
 from pydantic import TypeAdapter, ValidationError
 
-from bigmerge.catalog import ModelCatalog
-from bigmerge.config import DTYPE_NAMES, ConditionalParameter, MergeConfig, evaluate_setting
 from bigmerge.errors import ConfigError, SourceError
 from bigmerge.ops import get_op
 from bigmerge.ops.base import MergeOp, TensorTask
+from bigmerge.planning.catalog import ModelCatalog
+from bigmerge.planning.config import DTYPE_NAMES, ConditionalParameter, MergeConfig, evaluate_setting
+from bigmerge.planning.vocab import build_tokenizer, is_identity, vocab_plan
 from bigmerge.storage.fs import location
 from bigmerge.storage.safetensors import DTYPES, FLOAT_DTYPES, PAGE, TensorInfo, read_header
-from bigmerge.vocab import build_tokenizer, is_identity, vocab_plan
 
 PLAN_VERSION = 1
 DEFAULT_BLOCK_BYTES = 32 * 1024 * 1024
@@ -72,7 +72,7 @@ class TensorPlan:
     base_index: int | None = None
     # mergekit's rule: the config's dtype, else the promoted dtype of this tensor's sources
     compute_dtype: str | None = None
-    # rows permuted onto the output vocabulary (tokenizer_source): see bigmerge.vocab.vocab_plan
+    # rows permuted onto the output vocabulary (tokenizer_source): see bigmerge.planning.vocab.vocab_plan
     vocab: dict[str, Any] | None = None
 
     @property

@@ -13,30 +13,27 @@ from typing import Any
 import numpy as np
 import torch
 
-try:
-    import numba
+from bigmerge.ops.kernels import njit, use_numba
 
-    @numba.njit(nogil=True, cache=True)
-    def _first_nonfinite(bits: np.ndarray, mask: Any) -> int:
-        # Pieces of 4096: a branch-free count that vectorises, then a search only in a piece
-        # that has a bad value. One thread: the reader threads that call it run side by side
-        # (a parallel loop here competed with them and with the merge kernels: 2 GB/s, now 7).
-        n = bits.size
-        step = 4096
-        for lo in range(0, n, step):
-            hi = min(n, lo + step)
-            bad = np.int32(0)
+
+@njit(nogil=True, cache=True)
+def _first_nonfinite(bits: np.ndarray, mask: Any) -> int:
+    # Pieces of 4096: a branch-free count that vectorises, then a search only in a piece
+    # that has a bad value. One thread: the reader threads that call it run side by side
+    # (a parallel loop here competed with them and with the merge kernels: 2 GB/s, now 7).
+    n = bits.size
+    step = 4096
+    for lo in range(0, n, step):
+        hi = min(n, lo + step)
+        bad = np.int32(0)
+        for k in range(lo, hi):
+            bad += np.int32((bits[k] & mask) == mask)
+        if bad:
             for k in range(lo, hi):
-                bad += np.int32((bits[k] & mask) == mask)
-            if bad:
-                for k in range(lo, hi):
-                    if (bits[k] & mask) == mask:
-                        return k
-        return -1
+                if (bits[k] & mask) == mask:
+                    return k
+    return -1
 
-    AVAILABLE = True
-except ImportError:  # pragma: no cover - numba is a dependency; the torch path is the fallback
-    AVAILABLE = False
 
 # exponent masks by item size: float16, bfloat16 share 2 bytes but not the mask
 _MASKS = {
@@ -52,7 +49,7 @@ def first_nonfinite(x: torch.Tensor) -> int:
     if x.numel() == 0 or x.dtype not in _MASKS:
         return -1
     flat = x.reshape(-1)
-    if AVAILABLE and x.device.type == "cpu":
+    if use_numba() and x.device.type == "cpu":
         itype, mask = _MASKS[x.dtype]
         utype = {2: np.uint16, 4: np.uint32, 8: np.uint64}[x.element_size()]
         bits = flat.view(itype).numpy().view(utype)

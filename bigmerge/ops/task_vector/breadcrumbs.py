@@ -20,15 +20,8 @@ import torch
 
 from bigmerge.errors import ConfigError
 from bigmerge.ops.base import Block, Param, Stats, TensorTask
-from bigmerge.ops.task_arithmetic import (
-    Selection,
-    Sources,
-    TaskArithmeticOp,
-    TiesOp,
-    TopK,
-    _keep_mask,
-    _mag_bits,
-)
+from bigmerge.ops.task_vector.common import Selection, Sources, TopK, keep_mask, mag_bits
+from bigmerge.ops.task_vector.task_arithmetic import TaskArithmeticOp, TiesOp
 
 GAMMA = Param(
     "gamma", float, "non_base", default=0.01, doc="fraction of largest-magnitude elements dropped as outliers"
@@ -73,10 +66,10 @@ class BreadcrumbsOp(TaskArithmeticOp):
     def _keep(self, task: TensorTask, block: Block, stats: Any, i: int, delta: torch.Tensor) -> torch.Tensor | None:
         if not isinstance(stats, TopK) or str(i) not in stats.k:
             return None
-        bits = _mag_bits(delta, block.scratch)
-        keep = _keep_mask(bits, stats, str(i), block.index, block.scratch)
+        bits = mag_bits(delta, block.scratch)
+        keep = keep_mask(bits, stats, str(i), block.index, block.scratch)
         if f"{i}{DROP}" in stats.k:
-            keep &= ~_keep_mask(bits, stats, f"{i}{DROP}", block.index, block.scratch, "drop")
+            keep &= ~keep_mask(bits, stats, f"{i}{DROP}", block.index, block.scratch, "drop")
         return keep
 
     def _fused_keep(

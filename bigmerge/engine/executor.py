@@ -8,27 +8,29 @@ own no block of a tensor still join its reductions, in the same tensor order.
 
 from __future__ import annotations
 
+import functools
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 
-from bigmerge.dist.comm import Comm, reduce_stats
-from bigmerge.dist.faults import FAULT_ENV, fail_now, fault_spec  # noqa: F401 - FAULT_ENV re-exported
-from bigmerge.dist.reader import BlockReader
+from bigmerge.engine.comm import Comm, reduce_one_block, reduce_stats
+from bigmerge.engine.faults import FAULT_ENV, fail_now, fault_spec  # noqa: F401 - FAULT_ENV re-exported
+from bigmerge.engine.reader import BlockReader
+from bigmerge.engine.writer import BlockWriter
 from bigmerge.ops import get_op
 from bigmerge.ops.base import Block, Scratch
-from bigmerge.plan import Plan, TensorPlan
+from bigmerge.planning.plan import Plan, TensorPlan
 from bigmerge.storage.safetensors import DTYPES, PAGE
-from bigmerge.storage.zarr_store import BlockStore
 
 DEFAULT_CACHE_BYTES = 512 * 1024 * 1024
 WRITERS = 3  # concurrent block writes: hides object-store latency, bounded memory
 
 
-def _fault(rank: int) -> Optional[tuple[int, str]]:
+def _fault(rank: int) -> tuple[int, str] | None:
     """(blocks, kind) when a fault is injected after this rank has written that many blocks."""
     spec = fault_spec(rank)
     return (int(spec[0]), spec[1]) if spec is not None and spec[0].isdigit() else None
@@ -45,12 +47,12 @@ class ExecStats:
 def execute(
     plan: Plan,
     comm: Comm,
-    store: BlockStore,
+    store: BlockWriter,
     reader: BlockReader,
     done: set[tuple[int, int]],
     *,
     cache_bytes: int = DEFAULT_CACHE_BYTES,
-    on_block: Optional[Callable[[int], None]] = None,
+    on_block: Callable[[int], None] | None = None,
     device: torch.device | None = None,
 ) -> ExecStats:
     op = get_op(plan.merge_method)
@@ -141,10 +143,13 @@ def execute(
             cache: dict[int, list[torch.Tensor]] = {}
             keep = local_bytes <= cache_bytes
 
-            def inputs_of(b: int) -> list[torch.Tensor]:
+            # t and cache bound now, not looked up when called: each closure belongs to this tensor
+            def inputs_of(
+                b: int, t: TensorPlan = t, cache: dict[int, list[torch.Tensor]] = cache
+            ) -> list[torch.Tensor]:
                 return cache[b] if b in cache else reader.read(t, b)
 
-            def done_with(b: int, inputs: list[torch.Tensor]) -> None:
+            def done_with(b: int, inputs: list[torch.Tensor], cache: dict[int, list[torch.Tensor]] = cache) -> None:
                 if b not in cache:
                     reader.release(inputs)
 
@@ -189,4 +194,4 @@ def _block(t: TensorPlan, b: int, inputs: list[torch.Tensor], scratch: Scratch, 
     aux = reader.take_aux(t, b)  # stays on the host: an operator moves what it needs (and may memoise it)
     if scratch.device.type != "cpu":  # a GPU rank: the block's inputs go to its device
         inputs = [x.to(scratch.device, non_blocking=True) for x in inputs]
-    return Block(b, r0, r1, inputs, scratch, aux=aux)
+    return Block(b, r0, r1, inputs, scratch, aux=aux, reduce=functools.partial(reduce_one_block, b))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from bigmerge.plan import Plan, TensorPlan
+from bigmerge.planning.plan import Plan, TensorPlan
 from bigmerge.storage.safetensors import DTYPES, PAGE, build_header
 
 S3_MIN_PART = 5 * 2**20  # S3's smallest multipart part (all but the last)
@@ -39,7 +39,7 @@ def file_name(i: int, n: int) -> str:
 
 def file_header(tensors: list[TensorPlan]) -> bytes:
     """The file's header, padded so that its first large tensor starts on a page: the large
-    tensors' blocks can then be written with direct I/O (bigmerge.storage.direct)."""
+    tensors' blocks can then be written with direct I/O (bigmerge.output.direct)."""
     small = sum(t.out_bytes() for t in tensors if t.out_bytes() < S3_MIN_PART)
     return build_header(
         [(t.name, t.out_dtype, tuple(t.shape), t.out_bytes()) for t in tensors], {"format": "pt"}, align_at=small

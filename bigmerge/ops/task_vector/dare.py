@@ -21,18 +21,17 @@ import torch
 
 from bigmerge.ops import kernels
 from bigmerge.ops.base import Block, Param, Stats, TensorTask, block_generator, require_base
-from bigmerge.ops.task_arithmetic import (
+from bigmerge.ops.task_vector.common import (
     AFTER,
     Sources,
-    TaskArithmeticOp,
-    TiesOp,
     TopK,
-    _fused,
-    _sources,
-    _stack,
+    flat_sources,
     fused_masks,
+    stacked_sources,
+    use_fused,
     with_defaults,
 )
+from bigmerge.ops.task_vector.task_arithmetic import TaskArithmeticOp, TiesOp
 
 
 class RandomDropOp(TaskArithmeticOp):
@@ -64,7 +63,7 @@ class RandomDropOp(TaskArithmeticOp):
         n = row.shape[0]
         start = block.row0 * (n // max(1, block.row1 - block.row0))
         kernels.drop_keep(
-            _sources(block, block.scratch, task.compute_dtype),
+            flat_sources(block, block.scratch, task.compute_dtype),
             require_base(self, task),
             i,
             np.uint64(key),
@@ -124,7 +123,7 @@ class RandomDropOp(TaskArithmeticOp):
         return self._fused_keep_from_torch(task, block, stats, i, xs, mask_row)
 
     def _after_stats(self, task: TensorTask, block: Block, prev: Any, out: Stats) -> None:
-        if _fused(task, block) and self._draws_into(task, prev):  # the mask and both norms
+        if use_fused(task, block) and self._draws_into(task, prev):  # the mask and both norms
             n, m = len(task.non_base), block.inputs[0].numel()
             rows = fused_masks(block, n, m)  # where _apply_fused reads them: a one-block tensor draws once
             for i in self._sparse_models(task):
@@ -134,8 +133,8 @@ class RandomDropOp(TaskArithmeticOp):
                 out[f"l1_{i}"] = np.array([kernels.ordered_sum(l1[:, 0])])
                 out[f"l1k_{i}"] = np.array([kernels.ordered_sum(l1[:, 1])])
             return
-        if _fused(task, block):  # both norms in one pass
-            x = _stack(block, block.scratch, task.compute_dtype)
+        if use_fused(task, block):  # both norms in one pass
+            x = stacked_sources(block, block.scratch, task.compute_dtype)
             b = require_base(self, task)
             for i, delta in self._deltas(task, block, self._sparse_models(task)):
                 keep = self._keep(task, block, prev, i, delta)

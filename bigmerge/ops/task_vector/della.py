@@ -25,8 +25,9 @@ import torch
 from bigmerge.errors import ConfigError
 from bigmerge.ops import kernels
 from bigmerge.ops.base import Block, Param, Stats, TensorTask, require_base
-from bigmerge.ops.dare import RandomDropOp
-from bigmerge.ops.task_arithmetic import TiesOp, TopK, _mag_bits, _sources, with_defaults
+from bigmerge.ops.task_vector.common import TopK, flat_sources, mag_bits, with_defaults
+from bigmerge.ops.task_vector.dare import RandomDropOp
+from bigmerge.ops.task_vector.task_arithmetic import TiesOp
 
 GATHER = "gather"  # the statistics round that gathers a multi-block 1-D tensor's magnitudes
 EPSILON = Param("epsilon", float, "non_base", default=0.15, doc="keep probabilities span density +/- epsilon by rank")
@@ -93,7 +94,7 @@ class DellaOp(RandomDropOp):
         u = self._uniform(task, block, i, n).numpy()
         bits = block.scratch.get("della_bits", (n,), torch.int32).numpy()
         kernels.magnitude_bits(
-            _sources(block, block.scratch, task.compute_dtype),
+            flat_sources(block, block.scratch, task.compute_dtype),
             require_base(self, task),
             i,
             bits,
@@ -113,8 +114,8 @@ class DellaOp(RandomDropOp):
             ranks = torch.from_numpy(stats.extra[f"ranks{i}"][block.row0 : block.row1]).to(u.device)
             return torch.lt(u.double(), _probabilities(ranks, task.numel, d, e), out=keep)
         flen, inner, outer = _fibers(task.shape, n)
-        bits = _mag_bits(delta, block.scratch)
-        if kernels.AVAILABLE and bits.device.type == "cpu":
+        bits = mag_bits(delta, block.scratch)
+        if kernels.use_numba() and bits.device.type == "cpu":
             kernels.rank_keep(
                 bits.numpy(), outer, flen, inner, u.numpy(), d - e, e, d, keep.numpy(), 4 * kernels.threads()
             )

@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 
-from bigmerge.dist.finite import first_nonfinite
+from bigmerge.engine.finite import first_nonfinite
 from bigmerge.errors import SourceError
-from bigmerge.plan import Plan, TensorPlan
+from bigmerge.planning.plan import Plan, TensorPlan
 from bigmerge.storage.fs import Location, location
 from bigmerge.storage.safetensors import DTYPES
 
@@ -217,7 +217,7 @@ class BlockReader:
         return buf.view(dtype).reshape(n, *t.shape[1:])
 
     def _read_vocab(self, t: TensorPlan, b: int, i: int) -> torch.Tensor:
-        """Block b of source i permuted onto the output vocabulary (bigmerge.vocab), in the
+        """Block b of source i permuted onto the output vocabulary (bigmerge.planning.vocab), in the
         tensor's compute dtype: one ranged read per run of consecutive rows, then the rows
         this source lacks, filled as mergekit fills them."""
         assert t.vocab is not None

@@ -45,7 +45,7 @@ OWN_DIRS = (STORE_DIR, BIN_CACHE, PARTIAL_DIR)
 RECORD_FORMAT = "bigmerge-written"
 MANIFEST_NAME = "bigmerge-manifest.json"
 INDEX_NAME = "model.safetensors.index.json"
-# the checkpoint's metadata a merge writes (the tokenizer's names come from bigmerge.vocab)
+# the checkpoint's metadata a merge writes (the tokenizer's names come from bigmerge.planning.vocab)
 META_NAMES = ("config.json", "generation_config.json", "chat_template.jinja", INDEX_NAME, MANIFEST_NAME)
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".msgpack", ".h5", ".index.json")
 
@@ -150,7 +150,7 @@ class OutputDir:
         """An output of a bigmerge that kept no record: what its finished manifest vouches for."""
         if MANIFEST_NAME not in present or not self.finished():
             return set()
-        from bigmerge.vocab import TOKENIZER_FILES
+        from bigmerge.planning.vocab import TOKENIZER_FILES
 
         files = {f for f in self._json(MANIFEST_NAME).get("files", []) if isinstance(f, str)}
         return (files | set(META_NAMES) | set(TOKENIZER_FILES)) & present
@@ -235,7 +235,7 @@ class OutputDir:
         return resume
 
     def _write_record(self) -> None:
-        from bigmerge.dist.faults import disk_full_at
+        from bigmerge.engine.faults import disk_full_at
 
         data = json.dumps(self.record, indent=1, sort_keys=True).encode()
         self.out.join(RECORD_NAME).write_atomic(data, fault=lambda: disk_full_at("record"))

@@ -1,1 +1,0 @@
-"""Distribution: the communicator (the only module that knows MPI), the executor and its journal."""

@@ -1,0 +1,1 @@
+"""The task-vector family: task arithmetic and TIES, and the operators that change which elements of each task vector are kept (breadcrumbs, DARE, DELLA, SCE); common.py is what they share, select.py the exact top-k threshold."""
