@@ -6,7 +6,7 @@
   any other fsspec backend. Equal, inside or containing is refused before anything is written.
 - **A record of what bigmerge wrote.** `OUT/.bigmerge-written.json` lists every name bigmerge
   writes in OUT, written (atomically) before the first of them; with it go the plan's
-  fingerprint and the sources' pins (bigmerge.storage.pins). Names starting with `.bigmerge-`
+  fingerprint and the sources' pins (pin_sources, below). Names starting with `.bigmerge-`
   are bigmerge's by name. `--overwrite` removes only recorded names; a file bigmerge did not
   write is never removed, and one that a merge would replace (a weight file, config.json, the
   index, a tokenizer file) is refused even with `--overwrite`.
