@@ -23,13 +23,25 @@ from bigmerge.cli import main
 from bigmerge.errors import SourceError
 from bigmerge.storage.safetensors import parse_header
 
-SECONDS = 20  # per example, on a shared 2-core machine; a runaway expansion takes far longer
+SECONDS = 30  # per example, on a shared 2-core machine (the kernels are compiled before); a runaway expansion takes far longer
 RSS_GROWTH = 1 << 30  # bytes the process's peak may grow by over all examples
 
 
 @pytest.fixture(scope="module")
 def family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return synthetic_family(tmp_path_factory.mktemp("fuzz") / "m", n=2, rows=8)
+    tmp = tmp_path_factory.mktemp("fuzz")
+    fam = synthetic_family(tmp / "m", n=2, rows=8)
+    # one merge per method first: the kernels' JIT compiles (tens of seconds on a loaded machine,
+    # and their memory) belong to no example
+    for method in ("ties", "task_arithmetic"):
+        doc = base_config(fam, method)
+        if method != "ties":
+            for m in doc["models"]:
+                del m["parameters"]["density"]
+        cfg = tmp / f"{method}.yaml"
+        cfg.write_text(yaml.safe_dump(doc))
+        assert run_cli("merge", str(cfg), str(tmp / f"warm-{method}"), "--quiet")[0] == 0, method
+    return fam
 
 
 def run_cli(*args: str) -> tuple[int, str, float]:
