@@ -94,6 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
         "converted to safetensors under OUT/.bigmerge-bin-cache first (removed after the merge)",
     )
     m.add_argument(
+        "--verify-sources",
+        choices=("stat", "hash"),
+        default="stat",
+        help="how a resume knows the sources did not change: stat (default: size, mtime and inode; ETag and version "
+        "on object storage) or hash (also a CRC-32C of every source byte, read once more at the start of each run)",
+    )
+    m.add_argument(
         "--allow-nonfinite",
         action="store_true",
         help="merge sources that hold NaN or Inf values (by default the first one found is an error)",
@@ -387,6 +394,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         device=args.device,
         allow_nonfinite=args.allow_nonfinite,
         allow_bin=args.allow_bin,
+        verify_sources=args.verify_sources,
     )
     run_merge(args.config, args.out, get_comm(), opts)
     return 0
@@ -514,9 +522,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from bigmerge.output.export import verify
     from bigmerge.storage.fs import location
 
-    n = verify(location(args.out))
+    report: list[str] = []
+    n = verify(location(args.out), report=report)
     if not args.quiet:
-        print(f"bigmerge: verified {n} tensors in {args.out}")
+        print(f"bigmerge: verified {n} tensors in {args.out} against its manifest:")
+        for line in report:
+            print(f"  {line}")
     return 0
 
 
@@ -543,7 +554,8 @@ def main(argv: list[str] | None = None) -> int:
     except BigmergeError as exc:
         collective = bool(getattr(exc, "collective", False))
         if comm is None or comm.rank == 0 or not collective:
-            print(f"bigmerge: error: {exc}", file=sys.stderr, flush=True)
+            one_line = " ".join(str(exc).splitlines())  # the contract: one line, whatever a library said
+            print(f"bigmerge: error: {one_line}", file=sys.stderr, flush=True)
         if comm is not None and comm.size > 1 and not collective:
             comm.abort(exc.exit_code)  # the other ranks may be waiting on this one
         return exc.exit_code

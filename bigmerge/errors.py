@@ -33,3 +33,11 @@ class VerifyError(BigmergeError):
     """`bigmerge verify` found a tensor whose bytes do not match the manifest."""
 
     exit_code = 3
+
+
+class UnsafeOutputError(BigmergeError):
+    """OUT overlaps an input (a source, statistics, coefficients), or holds files bigmerge did not write."""
+
+
+class OutputLockedError(BigmergeError):
+    """Another bigmerge merge is writing into the same OUT."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import posixpath
 import resource
 import sys
 import time
@@ -17,22 +18,35 @@ from bigmerge.engine.device import pick_device, share_cores
 from bigmerge.engine.executor import DEFAULT_CACHE_BYTES, execute
 from bigmerge.engine.progress import Progress
 from bigmerge.engine.reader import BlockReader
-from bigmerge.errors import BigmergeError, ConfigError, OutputExistsError
+from bigmerge.errors import BigmergeError, ConfigError, SourceError
 from bigmerge.output.direct import DirectStore
 from bigmerge.output.export import (
     DEFAULT_SHARD_BYTES,
-    MANIFEST_NAME,
     check_tokenizer_source,
     clear_finished_markers,
     export,
+)
+from bigmerge.output.layout import Layout
+from bigmerge.output.outdir import (
+    BIN_CACHE,
+    META_NAMES,
+    OWN_DIRS,
+    STORE_DIR,
+    OutputDir,
+    OutputLock,
+    changed_source,
+    check_apart,
+    check_distinct_sources,
+    check_store,
+    pin_sources,
+    relation,
 )
 from bigmerge.output.zarr_store import PLAN_FILE, BlockStore
 from bigmerge.planning.catalog import ModelCatalog, catalog_models
 from bigmerge.planning.config import MergeConfig, load_config
 from bigmerge.planning.plan import DEFAULT_BLOCK_BYTES, Plan, build_plan
+from bigmerge.planning.vocab import TOKENIZER_FILES
 from bigmerge.storage.fs import Location, location, retries_done
-
-STORE_DIR = ".bigmerge-store.zarr"
 
 
 @dataclass
@@ -52,6 +66,7 @@ class MergeOptions:
     device: str = "cpu"
     allow_nonfinite: bool = False
     allow_bin: bool = False  # pickle checkpoints, converted under OUT/.bigmerge-bin-cache
+    verify_sources: str = "stat"  # stat: size/mtime/inode or ETag/version; hash: also a CRC-32C of every byte
 
 
 def _collective(comm: Comm, fn: Any) -> Any:
@@ -73,9 +88,6 @@ def _collective(comm: Comm, fn: Any) -> Any:
         exc.collective = True  # type: ignore[attr-defined]
         raise exc
     return result
-
-
-BIN_CACHE = ".bigmerge-bin-cache"
 
 
 def return_freed_memory() -> None:
@@ -123,6 +135,40 @@ def plan_merge(
     return plan, catalogs
 
 
+def config_inputs(cfg: MergeConfig) -> list[tuple[str, str]]:
+    """The inputs a config names: its models and a tokenizer_source path."""
+    inputs = [("source model", ref) for ref in cfg.model_refs()]
+    if cfg.tokenizer_source not in (None, "base", "union"):
+        inputs.append(("tokenizer_source", str(cfg.tokenizer_source)))
+    return inputs
+
+
+def aux_inputs(plan: Plan) -> list[tuple[str, str]]:
+    """The directories of the statistics and coefficients files the plan reads."""
+    files = {a.file for t in plan.tensors for per in t.aux for a in per.values()}
+    return [("statistics/coefficients directory", posixpath.dirname(f.rstrip("/"))) for f in sorted(files)]
+
+
+def source_files(plan: Plan) -> list[str]:
+    """Every file whose bytes the merge reads: the sources' safetensors files and the aux files."""
+    files = {s.file for t in plan.tensors for s in t.sources}
+    files |= {a.file for t in plan.tensors for per in t.aux for a in per.values()}
+    return sorted(files)
+
+
+def check_unchanged(pins: dict[str, dict[str, Any]], storage_options: dict[str, Any] | None) -> None:
+    """After the last read of source bytes: every source file still as pinned (size, mtime,
+    inode / ETag, version; the content CRC is not read again)."""
+    now = pin_sources(list(pins), storage_options, "stat")
+    cheap = {url: {k: v for k, v in pin.items() if k in now.get(url, {})} for url, pin in pins.items()}
+    changed = changed_source(cheap, now)
+    if changed:
+        raise SourceError(
+            f"{changed}: changed while the merge was reading it; nothing was exported (the output would mix "
+            "old and new bytes). Rerun with --overwrite to merge the sources as they are now"
+        )
+
+
 def run_merge(config_path: str, out_url: str, comm: Comm, opts: MergeOptions) -> dict[str, Any]:
     t0 = time.perf_counter()
     retries0 = retries_done()  # the counter is per process; this run's share is the difference
@@ -131,20 +177,60 @@ def run_merge(config_path: str, out_url: str, comm: Comm, opts: MergeOptions) ->
     share_cores()
     return_freed_memory()
     state: dict[str, Any] = {}
+    held: list[OutputLock] = []  # rank 0's lock on OUT, released however the run ends
+    try:
+        return _run(config_path, out_url, comm, opts, t0, retries0, log, device, state, held)
+    finally:
+        for lock in held:
+            lock.release()
 
-    def prepare() -> tuple[str, str]:
+
+def _run(
+    config_path: str,
+    out_url: str,
+    comm: Comm,
+    opts: MergeOptions,
+    t0: float,
+    retries0: int,
+    log: Any,
+    device: torch.device,
+    state: dict[str, Any],
+    held: list[OutputLock],
+) -> dict[str, Any]:
+
+    def prepare() -> tuple[str, str, str]:
         cfg = load_config(config_path)
-        out = location(out_url, cfg.storage_options)
-        if out.join(MANIFEST_NAME).exists() and not opts.overwrite:
-            raise OutputExistsError(f"{out.url}: already holds a finished merge ({MANIFEST_NAME}); use --overwrite")
-        check_tokenizer_source(cfg.tokenizer_source, cfg.storage_options)
+        opts_s = cfg.storage_options
+        out = location(out_url, opts_s)
+        store_loc = location(opts.store, opts_s) if opts.store else out.join(STORE_DIR)
+        own_store = store_loc if opts.store and relation(store_loc, out) not in ("is", "lies inside") else None
+        # nothing is written before OUT and --store are known to be apart from every input
+        check_distinct_sources(cfg.model_refs(), opts_s)
+        check_apart(out, own_store, config_inputs(cfg), opts_s)
+        check_tokenizer_source(cfg.tokenizer_source, opts_s)
         plan, catalogs = plan_merge(cfg, comm.size, opts, out.join(BIN_CACHE) if opts.allow_bin else None)
-        store_loc = location(opts.store, cfg.storage_options) if opts.store else out.join(STORE_DIR)
+        check_apart(out, own_store, aux_inputs(plan), opts_s)
+        if own_store is not None:
+            check_store(own_store, PLAN_FILE)
+        lock = OutputLock(out)
+        lock.acquire()
+        held.append(lock)
+        pins = pin_sources(source_files(plan), opts_s, opts.verify_sources, threads=max(1, opts.io_threads))
+        outdir = OutputDir(out)
+        names = {*Layout.of(plan, opts.shard_bytes).names, *META_NAMES, *TOKENIZER_FILES, *OWN_DIRS}
+        outdir.claim(
+            plan=plan.fingerprint(),
+            config=plan.config_fingerprint,
+            names=names,
+            pins=pins,
+            pin_mode=opts.verify_sources,
+            overwrite=opts.overwrite,
+        )
         kind = writer_kind(opts, out)
         store = DirectStore(out, plan, opts.shard_bytes, opts.direct_io) if kind == "direct" else BlockStore(store_loc)
         store.prepare(plan, opts.overwrite)
         clear_finished_markers(out)
-        state.update(cfg=cfg, catalogs=catalogs, plan=plan, store=store, out=out)
+        state.update(cfg=cfg, catalogs=catalogs, plan=plan, store=store, out=out, outdir=outdir, pins=pins)
         return plan.to_json(), store_loc.url, kind
 
     plan_json, store_url, kind = _collective(comm, prepare)
@@ -199,7 +285,8 @@ def run_merge(config_path: str, out_url: str, comm: Comm, opts: MergeOptions) ->
         progress.close()
     t_exec = time.perf_counter() - t_exec0
     t_merge = time.perf_counter() - t0
-    comm.barrier()
+    # every source byte has been read: a source replaced meanwhile would make a mixed output
+    _collective(comm, lambda: check_unchanged(state["pins"], storage_options))
     log("exporting safetensors")
     export(
         plan,
@@ -210,11 +297,16 @@ def run_merge(config_path: str, out_url: str, comm: Comm, opts: MergeOptions) ->
         shard_bytes=opts.shard_bytes,
         tokenizer_source=cfg.tokenizer_source if cfg else None,
         chat_template=cfg.chat_template if cfg else None,
+        outdir=state.get("outdir"),
+        pins=state.get("pins"),
+        pin_mode=opts.verify_sources,
     )
     if comm.rank == 0 and not opts.keep_store:
         store.loc.remove(recursive=True)
         if opts.allow_bin:
             out.join(BIN_CACHE).remove(recursive=True)
+    for lock in held:
+        lock.release()  # the last write is done (and the release's storage calls count in the summary)
     wall = time.perf_counter() - t0
     peak = [g for g in comm.allgather(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)]
     # the GPU's peak, from torch's allocator (what the operators held there), per rank

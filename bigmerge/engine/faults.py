@@ -5,8 +5,15 @@ a number of blocks written by that rank, or "export" (its output files written, 
 the index and the manifest). KIND is "error" (an exception, as a bug would raise) or
 "kill" (SIGKILL, as the kernel's OOM killer or a lost node would do).
 
+WHEN may also name a moment of the export on rank 0: "config", "index" or "manifest" (just
+before that file is written), and KIND "enospc" raises the error a full disk gives.
+
 BIGMERGE_FAULT_DISK_FULL=N: after N block writes to local disk, every further write of this
 process fails with ENOSPC, as a full disk does.
+
+BIGMERGE_FAULT_DISK_FULL_AT=NAME[,NAME...]: the write named NAME fails with ENOSPC in every
+process: "journal" (the direct writer's journal append), "record" (OUT's record of what bigmerge
+wrote), or a metadata file: "config", "index", "manifest", "tokenizer".
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import threading
 
 FAULT_ENV = "BIGMERGE_FAULT_INJECT"
 DISK_FULL_ENV = "BIGMERGE_FAULT_DISK_FULL"
+DISK_FULL_AT_ENV = "BIGMERGE_FAULT_DISK_FULL_AT"
 _writes = 0
 _writes_lock = threading.Lock()
 
@@ -35,6 +43,8 @@ def fail_now(rank: int, kind: str, where: str) -> None:
     """Fail this rank the way KIND says; never returns."""
     if kind == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
+    if kind == "enospc":
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     raise RuntimeError(f"injected fault on rank {rank} {where}")
 
 
@@ -55,4 +65,10 @@ def disk_full_point() -> None:
         _writes += 1
         full = _writes > int(limit)
     if full:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def disk_full_at(name: str) -> None:
+    """Raise ENOSPC here if BIGMERGE_FAULT_DISK_FULL_AT names this write."""
+    if name in os.environ.get(DISK_FULL_AT_ENV, "").split(","):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))

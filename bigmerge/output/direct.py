@@ -29,16 +29,16 @@ import numpy as np
 import torch
 
 from bigmerge.engine.comm import Comm
-from bigmerge.engine.faults import disk_full_point, fault_point
+from bigmerge.engine.faults import disk_full_at, disk_full_point, fault_point
 from bigmerge.errors import OutputExistsError, StorageError
 from bigmerge.output.layout import Layout
+from bigmerge.output.outdir import PARTIAL_DIR
 from bigmerge.output.zarr_store import STORE_FORMAT, to_storage
 from bigmerge.planning.plan import Plan, TensorPlan
 from bigmerge.storage.checksum import combine, crc32c, hex32
 from bigmerge.storage.fs import Location
 from bigmerge.storage.safetensors import PAGE
 
-PARTIAL_DIR = ".bigmerge-partial"
 PLAN_FILE = "bigmerge-plan.json"
 JOURNAL_PREFIX = "journal-"
 LAYOUT_VERSION = 2  # 2: headers padded so that large tensors start on a page
@@ -86,6 +86,8 @@ class DirectStore:
             except ValueError:
                 old = {}
             same = old.get("fingerprint") == self._fingerprint()
+            if same:
+                self._unpublish()
             if same and self._files_whole():
                 return  # resume
             # the same plan without its files (they had been moved into place when the run
@@ -107,6 +109,16 @@ class DirectStore:
         self.loc.call("creation of the partial output files", create)
         # Written last: a directory without it is not resumable and is rebuilt.
         plan_loc.write_bytes(json.dumps({"fingerprint": self._fingerprint(), "writer": self.kind}).encode())
+
+    def _unpublish(self) -> None:
+        """Files a stopped export had already moved into OUT go back into the partial directory
+        (the record of OUT says they are this merge's; every journaled block is checked against
+        its CRC before it counts): a failure between the move and the manifest reruns only the
+        export, not the merge."""
+        for i, name in enumerate(self.layout.names):
+            src, dst = os.path.join(self.out.path, name), os.path.join(self.loc.path, name)
+            if not os.path.exists(dst) and os.path.isfile(src) and os.path.getsize(src) == self.layout.file_size(i):
+                self.loc.call(f"moving {name} back", lambda src=src, dst=dst: os.replace(src, dst))
 
     def _files_whole(self) -> bool:
         """Every partial file there at its full size (not so once a crash came after publish)."""
@@ -139,11 +151,16 @@ class DirectStore:
             return fd
 
     def _append_journal(self, line: str) -> None:
-        with self._lock:
-            if self._journal is None:
-                name = f"{JOURNAL_PREFIX}{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}.txt"
-                self._journal = open(os.path.join(self.loc.path, name), "a", buffering=1)  # noqa: SIM115
-            self._journal.write(line)
+        def append() -> None:
+            with self._lock:
+                if self._journal is None:
+                    name = f"{JOURNAL_PREFIX}{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}.txt"
+                    self._journal = open(os.path.join(self.loc.path, name), "a", buffering=1)  # noqa: SIM115
+                disk_full_at("journal")
+                self._journal.write(line)  # line-buffered: a full disk shows here
+
+        # a failed append is one error line (the block is merged again by a rerun)
+        self.loc.call("appending to the journal", append)
 
     def write_block(self, t: TensorPlan, b: int, x: torch.Tensor) -> None:
         """Write block b of t at its place in its output file, then journal it."""

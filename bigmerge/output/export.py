@@ -15,17 +15,19 @@ from typing import Any
 
 from bigmerge import __version__
 from bigmerge.engine.comm import Comm
+from bigmerge.engine.faults import disk_full_at, fault_point
 from bigmerge.errors import SourceError, VerifyError
+from bigmerge.output.outdir import MANIFEST_NAME, OutputDir
 from bigmerge.output.writer import Writer
 from bigmerge.planning.catalog import INDEX_NAME, ModelCatalog
 from bigmerge.planning.plan import Plan, TensorPlan
 from bigmerge.planning.vocab import TOKENIZER_FILES, build_tokenizer, save_tokenizer
 from bigmerge.storage.checksum import crc32c, hex32
 from bigmerge.storage.fs import Location, location
-from bigmerge.storage.safetensors import read_header
+from bigmerge.storage.jsonio import loads_bounded
+from bigmerge.storage.safetensors import DTYPES, read_header
 
-MANIFEST_NAME = "bigmerge-manifest.json"
-MANIFEST_VERSION = 2  # 2: a CRC-32C per tensor (1 had a sha256)
+MANIFEST_VERSION = 3  # 3: CRC-32C of the index, config and tokenizer, and the sources' pins; 2: a CRC-32C per tensor
 SHARD_RE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 DEFAULT_SHARD_BYTES = 5 * 1000**3
 DTYPE_CONFIG_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
@@ -61,12 +63,26 @@ def export(
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     tokenizer_source: str | None = None,
     chat_template: str | None = None,
+    outdir: OutputDir | None = None,
+    pins: dict[str, dict[str, Any]] | None = None,
+    pin_mode: str = "stat",
 ) -> dict[str, Any]:
     manifest: dict[str, Any] = {}
     # each writer knows how its blocks become the output files (see Writer.finish_files)
     layout, hashes = store.finish_files(plan, comm, out, shard_bytes)
     if comm.rank == 0:
-        manifest = _finish(plan, out, layout.files, layout.names, hashes, catalogs, tokenizer_source, chat_template)
+        manifest = _finish(
+            plan,
+            out,
+            layout.files,
+            layout.names,
+            hashes,
+            catalogs,
+            tokenizer_source,
+            chat_template,
+            outdir,
+            (pins or {}, pin_mode),
+        )
     comm.barrier()
     return manifest
 
@@ -80,7 +96,28 @@ def _finish(
     catalogs: list[ModelCatalog] | None,
     tokenizer_source: str | None,
     chat_template: str | None,
+    outdir: OutputDir | None,
+    sources: tuple[dict[str, dict[str, Any]], str],
 ) -> dict[str, Any]:
+    """config.json, the tokenizer, the index and, last, the manifest: each written whole under
+    its name (a temporary name renamed; on object storage read back and compared) and recorded
+    as bigmerge's before it is written. The manifest holds every tensor's CRC-32C, the CRC-32C
+    of each of these files and the sources' pins."""
+    meta: dict[str, str] = {}
+
+    def write(name: str, data: bytes, when: str) -> None:
+        fault_point(0, when)  # rank 0 writes the metadata
+
+        def fault() -> None:
+            disk_full_at(when)
+
+        if outdir is not None:
+            outdir.write(name, data, fault)
+        else:
+            out.join(name).write_atomic(data, fault)
+        if name != MANIFEST_NAME:
+            meta[name] = hex32(crc32c(data))
+
     by_ref = {c.ref: c for c in catalogs or []}
     base_ref = plan.models[plan.base_index] if plan.base_index is not None else plan.models[0]
     cfg_src = by_ref.get(plan.config_model or base_ref)
@@ -93,29 +130,30 @@ def _finish(
             keys = [k for k in ("torch_dtype", "dtype") if k in cfg] or ["torch_dtype"]
             for k in keys:
                 cfg[k] = dname
-        out.join("config.json").write_bytes(json.dumps(cfg, indent=2).encode())
+        write("config.json", json.dumps(cfg, indent=2).encode(), "config")
         gen = cfg_src.root.join("generation_config.json")
         if gen.exists():
-            out.join("generation_config.json").write_bytes(gen.read_bytes())
+            write("generation_config.json", gen.read_bytes(), "config")
     tok_ref = base_ref if tokenizer_source in (None, "base") else tokenizer_source
     tok_root = by_ref[tok_ref].root if tok_ref in by_ref else location(tok_ref, out.storage_options)
     if tokenizer_source == "union" and catalogs:
         # the union is built from every source's tokenizer, exactly as the plan built it
         union_base = plan.models[plan.base_index] if plan.base_index is not None else plan.models[0]
         tok, _, _ = build_tokenizer("union", union_base, plan.models, by_ref, out.storage_options)
-        save_tokenizer(tok, out)
+        save_tokenizer(tok, lambda name, data: write(name, data, "tokenizer"))
     elif tok_root is not None:
         for fname in TOKENIZER_FILES:
             src = tok_root.join(fname)
             if src.exists():
-                out.join(fname).write_bytes(src.read_bytes())
+                write(fname, src.read_bytes(), "tokenizer")
     if chat_template:
-        out.join("chat_template.jinja").write_bytes(chat_template.encode())
+        write("chat_template.jinja", chat_template.encode(), "tokenizer")
 
     weight_map = {t.name: names[i] for i, tensors in enumerate(files) for t in tensors}
     total = sum(t.out_bytes() for t in plan.tensors)
     index = {"metadata": {"total_size": total, "merged_by": f"bigmerge {__version__}"}, "weight_map": weight_map}
-    out.join(INDEX_NAME).write_bytes(json.dumps(index, indent=2).encode())
+    write(INDEX_NAME, json.dumps(index, indent=2).encode(), "index")
+    pins, pin_mode = sources
     manifest = {
         "format": "bigmerge-manifest",
         "version": MANIFEST_VERSION,
@@ -124,33 +162,39 @@ def _finish(
         "plan_fingerprint": plan.fingerprint(),
         "config_fingerprint": plan.config_fingerprint,
         "sources": plan.source_headers,
+        "source_files": pins,  # each file read, as pinned when the merge began (verify lists them)
+        "pinned_by": pin_mode,
+        "metadata": meta,  # CRC-32C of config.json, the tokenizer and the index, as written
         "files": names,
         "tensors": {
             t.name: {"file": weight_map[t.name], "dtype": t.out_dtype, "shape": t.shape, "crc32c": hashes[t.name]}
             for t in plan.tensors
         },
     }
-    out.join(MANIFEST_NAME).write_bytes(json.dumps(manifest, indent=1).encode())
+    write(MANIFEST_NAME, json.dumps(manifest, indent=1).encode(), "manifest")
     return manifest
 
 
-def verify(out: Location, chunk: int = 64 * 1024 * 1024) -> int:
-    """Re-read every tensor of a finished merge and check it against the manifest."""
+def verify(out: Location, chunk: int = 64 * 1024 * 1024, report: list[str] | None = None) -> int:
+    """Re-read every tensor of a finished merge and check it, the index and the config against
+    the manifest. `report` receives one line per thing checked (and the sources' pins)."""
     mloc = out.join(MANIFEST_NAME)
     if not mloc.exists():
         raise VerifyError(f"{out.url}: no {MANIFEST_NAME}: not a finished bigmerge output")
     try:
-        manifest = json.loads(mloc.read_bytes())
+        manifest = loads_bounded(mloc.read_bytes(), mloc.url, "manifest")
         expected: dict[str, Any] = manifest["tensors"]
-    except (ValueError, KeyError) as exc:
+    except (SourceError, KeyError, TypeError) as exc:
         raise VerifyError(f"{mloc.url}: unreadable manifest: {exc}") from None
-    if manifest.get("version") != MANIFEST_VERSION:
+    if manifest.get("version") not in (2, MANIFEST_VERSION):
         raise VerifyError(
-            f"{mloc.url}: manifest version {manifest.get('version')!r}; this bigmerge checks version {MANIFEST_VERSION} "
-            "(a CRC-32C per tensor)"
+            f"{mloc.url}: manifest version {manifest.get('version')!r}; this bigmerge checks versions 2 and "
+            f"{MANIFEST_VERSION}"
         )
-    if not out.join(INDEX_NAME).exists():
+    index_loc = out.join(INDEX_NAME)
+    if not index_loc.exists():
         raise VerifyError(f"{out.url}: manifest present but {INDEX_NAME} is missing")
+    lines = report if report is not None else []
     seen = 0
     for fname in manifest.get("files", []):
         floc = out.join(fname)
@@ -174,4 +218,51 @@ def verify(out: Location, chunk: int = 64 * 1024 * 1024) -> int:
             seen += 1
     if seen != len(expected):
         raise VerifyError(f"{out.url}: {len(expected) - seen} tensor(s) of the manifest are in no output file")
+    lines.append(f"{seen} tensors in {len(manifest.get('files', []))} file(s): every byte against its CRC-32C")
+    _verify_index(index_loc, expected, manifest, lines)
+    meta = manifest.get("metadata")
+    if isinstance(meta, dict):
+        for name, want_crc in sorted(meta.items()):
+            floc = out.join(name)
+            if name == INDEX_NAME:
+                continue  # checked above, and its CRC below with the rest
+            if not floc.exists():
+                raise VerifyError(f"{floc.url}: listed in the manifest but missing")
+            if hex32(crc32c(floc.read_bytes())) != want_crc:
+                raise VerifyError(f"{floc.url}: differs from what the merge wrote (CRC-32C in the manifest)")
+        if INDEX_NAME in meta and hex32(crc32c(index_loc.read_bytes())) != meta[INDEX_NAME]:
+            raise VerifyError(f"{index_loc.url}: differs from what the merge wrote (CRC-32C in the manifest)")
+        others = sorted(n for n in meta if n != INDEX_NAME)
+        lines.append(f"{', '.join(others) or 'no other metadata'}: as written (CRC-32C)")
+    else:
+        lines.append("config and tokenizer: not checked (a version-2 manifest has no CRC for them)")
+    pins = manifest.get("source_files")
+    if isinstance(pins, dict):
+        how = "content CRC-32C" if manifest.get("pinned_by") == "hash" else "size, mtime, inode / ETag, version"
+        lines.append(f"sources ({len(pins)} file(s), pinned by {how} when the merge began):")
+        for url, pin in sorted(pins.items()):
+            lines.append(f"  {url} " + " ".join(f"{k}={v}" for k, v in sorted(pin.items())))
     return seen
+
+
+def _verify_index(index_loc: Location, expected: dict[str, Any], manifest: dict[str, Any], lines: list[str]) -> None:
+    """The index maps exactly the manifest's tensors to their files, with the right total size."""
+    try:
+        index = loads_bounded(index_loc.read_bytes(), index_loc.url, "index")
+        weight_map = index["weight_map"]
+        total = index["metadata"]["total_size"]
+    except (SourceError, KeyError, TypeError) as exc:
+        raise VerifyError(f"{index_loc.url}: unreadable index: {exc}") from None
+    want_map = {name: t["file"] for name, t in expected.items()}
+    if weight_map != want_map:
+        diff = sorted(set(weight_map.items()) ^ set(want_map.items()))
+        raise VerifyError(f"{index_loc.url}: weight map differs from the manifest (first: {diff[0][0]!r})")
+    want_total = 0
+    for t in expected.values():
+        n = DTYPES[t["dtype"]][1]
+        for d in t["shape"]:
+            n *= d
+        want_total += n
+    if total != want_total:
+        raise VerifyError(f"{index_loc.url}: total_size {total}, the manifest's tensors make {want_total}")
+    lines.append(f"{INDEX_NAME}: {len(weight_map)} tensors mapped to the manifest's files, total_size {total}")

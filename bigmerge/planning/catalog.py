@@ -15,6 +15,7 @@ from typing import Any
 
 from bigmerge.errors import SourceError, StorageError
 from bigmerge.storage.fs import Location, location
+from bigmerge.storage.jsonio import loads_bounded
 from bigmerge.storage.safetensors import TensorInfo, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -44,11 +45,7 @@ class ModelCatalog:
 
 
 def _load_json(loc: Location) -> Any:
-    raw = loc.read_bytes()
-    try:
-        return json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SourceError(f"{loc.url}: not valid JSON: {exc}") from None
+    return loads_bounded(loc.read_bytes(), loc.url)
 
 
 def _safe_file_name(name: Any, where: str) -> str:

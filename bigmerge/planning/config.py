@@ -149,7 +149,21 @@ def parse_config(data: Any, source: str = "config") -> MergeConfig:
         raise ConfigError(f"{source}: bad value for {where!r}: {err['msg']}") from None
     if bool(cfg.models) == bool(cfg.slices):
         raise ConfigError(f"{source}: exactly one of 'models' or 'slices' must be given")
+    _check_duplicates(cfg, source)
     return cfg
+
+
+def _check_duplicates(cfg: MergeConfig, source: str) -> None:
+    """The same model twice is refused, as mergekit refuses duplicate merge inputs: the entries'
+    parameters would silently collapse into the first one's."""
+    groups = [("models", [m.model for m in cfg.models or []])]
+    groups += [(f"slices[{k}].sources", [s.model for s in sl.sources]) for k, sl in enumerate(cfg.slices or [])]
+    for where, refs in groups:
+        seen: set[str] = set()
+        for ref in refs:
+            if ref in seen:
+                raise ConfigError(f"{source}: model {ref!r} is listed twice in {where} (duplicate merge inputs)")
+            seen.add(ref)
 
 
 def _most_relevant(errors: list[dict[str, Any]]) -> dict[str, Any]:
@@ -168,12 +182,96 @@ def read_yaml(path: str | Path) -> Any:
         text = p.read_text()
     except OSError as exc:
         raise ConfigError(f"{p}: cannot read config: {exc.strerror}") from None
+    return load_yaml_bounded(text, str(p))
+
+
+# A config is a few KB (a 70B slices config with per-layer parameters: ~50 KB). The bounds
+# stop what a hostile file could do: aliases that expand exponentially ("billion laughs": a
+# few hundred bytes that would build billions of nodes), nesting deep enough to overflow
+# Python's stack, or plain size.
+MAX_CONFIG_BYTES = 4 * 2**20
+MAX_YAML_NODES = 200_000  # after every alias is expanded
+MAX_YAML_DEPTH = 32
+
+
+def load_yaml_bounded(text: str, source: str) -> Any:
+    """YAML's data (the safe loader), or one ConfigError line when the text is malformed or
+    would expand beyond the bounds above; aliases are measured before anything is built."""
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{source}: {len(text)} bytes; a config may have at most {MAX_CONFIG_BYTES}")
+    loader: _BoundedLoader | None = None
     try:
-        return yaml.safe_load(text)
+        loader = _BoundedLoader(text)  # the reader refuses unprintable characters here already
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_yaml_size(node, source)
+        return loader.construct_document(node)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{p}: not valid YAML{at}: {getattr(exc, 'problem', exc)}") from None
+        problem = " ".join(str(getattr(exc, "problem", None) or exc).split())  # one line, whatever PyYAML says
+        raise ConfigError(f"{source}: not valid YAML{at}: {problem}") from None
+    except (RecursionError, _TooDeep):
+        raise ConfigError(f"{source}: nests more than {MAX_YAML_DEPTH} levels deep; refused") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
+class _TooDeep(Exception):
+    pass
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """The safe loader, stopped at MAX_YAML_DEPTH levels of nesting while it scans: PyYAML's
+    scanner does work per open level for every token (3 s for 3000 nested '['), and its
+    composer recurses once per level."""
+
+    def fetch_flow_collection_start(self, TokenClass: Any) -> None:  # noqa: N803 - PyYAML's name
+        if self.flow_level >= MAX_YAML_DEPTH:
+            raise _TooDeep
+        super().fetch_flow_collection_start(TokenClass)  # type: ignore[misc]
+
+    def add_indent(self, column: int) -> bool:
+        if len(self.indents) >= MAX_YAML_DEPTH:
+            raise _TooDeep
+        return bool(super().add_indent(column))  # type: ignore[misc]
+
+
+def _check_yaml_size(root: yaml.Node, source: str) -> None:
+    """Nodes and depth of the document with every alias expanded, counted without expanding:
+    each node once, iteratively (a shared node counts as often as it is used)."""
+    size: dict[int, int] = {}
+    depth: dict[int, int] = {}
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    open_: set[int] = set()
+    while stack:
+        node, children_done = stack.pop()
+        key = id(node)
+        if key in size:
+            continue
+        kids: list[yaml.Node] = []
+        if isinstance(node, yaml.SequenceNode):
+            kids = list(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            kids = [n for pair in node.value for n in pair]
+        if children_done:
+            open_.discard(key)
+            size[key] = 1 + sum(size[id(k)] for k in kids)
+            depth[key] = 1 + max((depth[id(k)] for k in kids), default=0)
+            if size[key] > MAX_YAML_NODES:
+                raise ConfigError(
+                    f"{source}: expands to more than {MAX_YAML_NODES} values (aliases repeating aliases?); refused"
+                )
+            if depth[key] > MAX_YAML_DEPTH:
+                raise ConfigError(f"{source}: nests more than {MAX_YAML_DEPTH} levels deep; refused")
+            continue
+        if key in open_:
+            raise ConfigError(f"{source}: an alias refers to a node that contains it (an endless structure)")
+        open_.add(key)
+        stack.append((node, True))
+        stack.extend((k, False) for k in kids if id(k) not in size)
 
 
 def read_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:

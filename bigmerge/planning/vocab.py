@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -203,11 +204,11 @@ def is_identity(perms: list[list[int]], sizes: list[int]) -> bool:
     return all(len(p) == n and all(old == new for new, old in enumerate(p)) for p, n in zip(perms, sizes))
 
 
-def save_tokenizer(tok: Any, out: Location) -> None:
-    """Write the output tokenizer's files into `out` (any fsspec location)."""
+def save_tokenizer(tok: Any, write: Callable[[str, bytes], None]) -> None:
+    """Hand the output tokenizer's files, by name, to `write` (export records and writes them)."""
     with tempfile.TemporaryDirectory(prefix="bigmerge-tok-") as tmp:
         tok.save_pretrained(tmp)
         for f in sorted(Path(tmp).iterdir()):
             if f.is_file():
-                out.join(f.name).write_bytes(f.read_bytes())
+                write(f.name, f.read_bytes())
         shutil.rmtree(tmp, ignore_errors=True)

@@ -12,6 +12,7 @@ retried: it becomes one StorageError line saying what failed and where.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import posixpath
@@ -28,6 +29,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from bigmerge.errors import StorageError
+from bigmerge.storage.checksum import crc32c
 
 T = TypeVar("T")
 
@@ -123,6 +125,11 @@ _SECRET_ENV = (
 _SECRET_OPTION = re.compile(r"secret|token|password|key|credential", re.IGNORECASE)
 _URL_USERINFO = re.compile(r"(\w+://)[^/@\s]+@")
 
+TMP_PREFIX = ".bigmerge-tmp."  # temporary names of atomic writes (bigmerge's own, by name)
+# fs.info() keys that change when a file's content is replaced: local (size, mtime, inode),
+# S3 (ETag, VersionId, LastModified), GCS (generation, md5Hash, crc32c), Azure/HTTP (etag).
+IDENTITY_KEYS = ("size", "mtime", "ino", "ETag", "VersionId", "LastModified", "etag", "generation", "md5Hash", "crc32c")
+
 _retry_lock = threading.Lock()
 _retries_done = 0
 
@@ -177,7 +184,7 @@ def _chain(exc: BaseException) -> list[BaseException]:
     return seen
 
 
-def _service_error(exc: BaseException) -> tuple[str, int] | None:
+def service_error(exc: BaseException) -> tuple[str, int] | None:
     """(error code, HTTP status) of a service response in the chain (botocore's ClientError shape)."""
     for e in _chain(exc):
         response = getattr(e, "response", None)
@@ -193,7 +200,7 @@ def _service_error(exc: BaseException) -> tuple[str, int] | None:
 
 def classify(exc: BaseException) -> str:
     """'missing', 'denied', 'transient', or 'fatal' (any other error: not worth repeating)."""
-    service = _service_error(exc)
+    service = service_error(exc)
     if service is not None:
         code, status = service
         if code in _MISSING_CODES or (status == 404 and not code):
@@ -226,7 +233,7 @@ def _failure(
     url: str, what: str, exc: BaseException, kind: str, attempts: int, secrets: tuple[str, ...]
 ) -> StorageError:
     """The one line a user reads: what failed, where, and what to do about it."""
-    service = _service_error(exc)
+    service = service_error(exc)
     code = service[0] if service else ""
     if kind == "missing":
         if code == "NoSuchBucket" and _bucket(url):
@@ -353,6 +360,72 @@ class Location:
                 self.fs.pipe_file(self.path, bytes(data))
 
         self.call("write", write)
+
+    def write_atomic(self, data: bytes, fault: Callable[[], None] | None = None) -> None:
+        """Write a whole file so that no partial one ever exists under its name.
+
+        Locally: a temporary name beside it (TMP_PREFIX), fsynced, renamed over the name (rename
+        is atomic on POSIX), then the directory fsynced. On object storage one PUT is atomic
+        already; the object is read back and compared (size and CRC-32C), so a damaged upload
+        never stays under the name. `fault` (tests) runs after the bytes are written, where a
+        full disk shows at close or fsync.
+        """
+
+        def write() -> None:
+            if self.is_local:
+                folder, name = posixpath.split(self.path)
+                os.makedirs(folder, exist_ok=True)
+                tmp = posixpath.join(folder, TMP_PREFIX + name)
+                try:
+                    with open(tmp, "wb") as f:
+                        f.write(data)
+                        if fault is not None:
+                            fault()
+                        f.flush()
+                        os.fsync(f.fileno())
+                    os.replace(tmp, self.path)
+                except BaseException:
+                    with contextlib.suppress(OSError):
+                        os.unlink(tmp)
+                    raise
+                fd = os.open(folder, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                return
+            if fault is not None:
+                fault()
+            self.fs.pipe_file(self.path, bytes(data))
+            self.fs.invalidate_cache(self.path)
+            back = bytes(self.fs.cat_file(self.path))
+            if len(back) != len(data) or crc32c(back) != crc32c(data):
+                with contextlib.suppress(Exception):
+                    self.fs.rm(self.path)
+                raise StorageError(f"{self.url}: the object read back differs from what was written; it was removed")
+
+        self.call("write", write)
+
+    def identity(self) -> dict[str, Any]:
+        """What identifies this file's content cheaply: size and modification time (and inode)
+        locally; ETag, version and size on object storage; whatever of those a backend reports."""
+
+        def info() -> dict[str, Any]:
+            self.fs.invalidate_cache(self.path)  # a listing cached earlier must not hide a change
+            return dict(self.fs.info(self.path))
+
+        d = self.call("stat", info)
+        return {
+            k: v if isinstance(v, (int, float, str)) else str(v) for k in IDENTITY_KEYS if (v := d.get(k)) is not None
+        }
+
+    def content_crc32c(self, chunk: int = 64 * 2**20) -> str:
+        """CRC-32C of every byte (hardware CRC: the read, not the checksum, is the cost)."""
+        size = self.size()
+        crc = 0
+        for pos in range(0, size, chunk):
+            crc = crc32c(self.read_bytes(pos, min(size, pos + chunk)), crc)
+        return f"{crc:08x}"
 
     def makedirs(self) -> None:
         self.call("directory creation", lambda: self.fs.makedirs(self.path, exist_ok=True))

@@ -16,6 +16,7 @@ import torch
 
 from bigmerge.errors import SourceError
 from bigmerge.storage.fs import Location
+from bigmerge.storage.jsonio import loads_bounded
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
@@ -81,9 +82,7 @@ def parse_header(raw: bytes, file_size: int, url: str) -> tuple[dict[str, Tensor
     if len(raw) < 8 + n:
         raise ValueError("caller must pass the whole header")
     try:
-        header = json.loads(raw[8 : 8 + n].decode("utf-8"), object_pairs_hook=_unique_keys)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SourceError(f"{url}: safetensors header is not valid JSON ({exc.__class__.__name__}: {exc})") from None
+        header = loads_bounded(raw[8 : 8 + n], url, "safetensors header", object_pairs_hook=_unique_keys)
     except _DuplicateKey as exc:
         raise SourceError(f"{url}: tensor {exc.args[0]!r} is named more than once in the safetensors header") from None
     if not isinstance(header, dict):
