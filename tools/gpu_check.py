@@ -1073,24 +1073,9 @@ def main(argv: list[str] | None = None) -> int:
         limit = timeouts[name]
         if a.budget is not None:
             limit = min(limit, max(5.0, a.budget - (now() - t_start)))
-        (work / "parts" / f"{name}.json").unlink(missing_ok=True)
-        (work / "parts" / f"{name}.log").unlink(missing_ok=True)
         print(f"gpu_check: {name} (at most {limit:.0f} s)", file=sys.stderr, flush=True)
         t0 = now()
-        child = subprocess.Popen(
-            [
-                sys.executable,
-                str(Path(__file__).resolve()),
-                "--run-part",
-                name,
-                "--context",
-                str(work / "context.json"),
-            ],
-            env={**os.environ, **env},
-            start_new_session=True,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
+        child = spawn(name)
         try:
             child_out, _ = child.communicate(timeout=limit)
             timed_out = False
