@@ -8,6 +8,7 @@ import resource
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,6 +20,7 @@ from bigmerge.engine.executor import DEFAULT_CACHE_BYTES, execute
 from bigmerge.engine.progress import Progress
 from bigmerge.engine.reader import BlockReader
 from bigmerge.errors import BigmergeError, ConfigError, SourceError
+from bigmerge.output.card import CARD_NAMES
 from bigmerge.output.direct import DirectStore
 from bigmerge.output.export import (
     DEFAULT_SHARD_BYTES,
@@ -200,6 +202,7 @@ def _run(
 
     def prepare() -> tuple[str, str, str]:
         cfg = load_config(config_path)
+        state["config_text"] = Path(config_path).read_text(encoding="utf-8")  # the recipe, written beside the weights
         opts_s = cfg.storage_options
         out = location(out_url, opts_s)
         store_loc = location(opts.store, opts_s) if opts.store else out.join(STORE_DIR)
@@ -217,7 +220,7 @@ def _run(
         held.append(lock)
         pins = pin_sources(source_files(plan), opts_s, opts.verify_sources, threads=max(1, opts.io_threads))
         outdir = OutputDir(out)
-        names = {*Layout.of(plan, opts.shard_bytes).names, *META_NAMES, *TOKENIZER_FILES, *OWN_DIRS}
+        names = {*Layout.of(plan, opts.shard_bytes).names, *META_NAMES, *TOKENIZER_FILES, *OWN_DIRS, *CARD_NAMES}
         outdir.claim(
             plan=plan.fingerprint(),
             config=plan.config_fingerprint,
@@ -300,6 +303,7 @@ def _run(
         outdir=state.get("outdir"),
         pins=state.get("pins"),
         pin_mode=opts.verify_sources,
+        config_text=state.get("config_text"),
     )
     if comm.rank == 0 and not opts.keep_store:
         store.loc.remove(recursive=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import yaml
@@ -54,3 +56,42 @@ def test_card_front_matter_parses_and_never_shows_a_path(tmp_path: Path) -> None
     body_cfg = text.split("```yaml\n")[-1].split("```")[0]
     assert yaml.safe_load(body_cfg)["models"][0]["model"] == "llama3-sec-cpt"
     assert "etag 9f2c" in text
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "bigmerge", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_every_merge_writes_its_card_and_config_and_loads(tmp_path: Path) -> None:
+    from huggingface_hub import ModelCard
+    from toy_models import make_family
+    from transformers import AutoModelForCausalLM
+
+    fam = make_family(tmp_path / "fam", preset="tiny", n_finetunes=2)
+    cfg = tmp_path / "cfg.yaml"
+    text = (
+        f"# my recipe\nmerge_method: ties\nbase_model: {fam['base']}\nmodels:\n"
+        f"  - model: {fam['ft1']}\n    parameters: {{weight: 0.5, density: 0.5}}\n"
+        f"  - model: {fam['ft2']}\n    parameters: {{weight: 0.5, density: 0.5}}\n"
+    )
+    cfg.write_text(text)
+    out = tmp_path / "out"
+    proc = _cli("merge", str(cfg), str(out), "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "bigmerge_config.yaml").read_text() == text  # byte for byte
+    card = ModelCard.load(out / "README.md")
+    assert {"merge", "bigmerge", "ties"} <= set(card.data.to_dict()["tags"])
+    assert "base_model" not in card.data.to_dict()  # local paths are no hub ids
+    assert str(tmp_path) not in card.content and "ft1" in card.content
+    AutoModelForCausalLM.from_pretrained(str(out))  # the weights load beside the card
+    assert _cli("verify", str(out)).returncode == 0
+
+    # a README.md that is not bigmerge's is never replaced: refused before the merge starts
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "README.md").write_text("my notes\n")
+    proc = _cli("merge", str(cfg), str(other), "--overwrite", "--quiet")
+    assert proc.returncode != 0 and "README.md" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert (other / "README.md").read_text() == "my notes\n" and sorted(p.name for p in other.iterdir()) == [
+        "README.md"
+    ]

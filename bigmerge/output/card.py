@@ -23,6 +23,7 @@ import yaml
 
 CARD_NAME = "README.md"
 CONFIG_NAME = "bigmerge_config.yaml"
+CARD_NAMES = (CARD_NAME, CONFIG_NAME)  # what every merge writes beside the weights
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 

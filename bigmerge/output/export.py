@@ -17,6 +17,7 @@ from bigmerge import __version__
 from bigmerge.engine.comm import Comm
 from bigmerge.engine.faults import disk_full_at, fault_point
 from bigmerge.errors import SourceError, VerifyError
+from bigmerge.output.card import CARD_NAME, CONFIG_NAME, render_card
 from bigmerge.output.outdir import MANIFEST_NAME, OutputDir
 from bigmerge.output.writer import Writer
 from bigmerge.planning.catalog import INDEX_NAME, ModelCatalog
@@ -66,6 +67,7 @@ def export(
     outdir: OutputDir | None = None,
     pins: dict[str, dict[str, Any]] | None = None,
     pin_mode: str = "stat",
+    config_text: str | None = None,
 ) -> dict[str, Any]:
     manifest: dict[str, Any] = {}
     # each writer knows how its blocks become the output files (see Writer.finish_files)
@@ -82,6 +84,7 @@ def export(
             chat_template,
             outdir,
             (pins or {}, pin_mode),
+            config_text,
         )
     comm.barrier()
     return manifest
@@ -98,6 +101,7 @@ def _finish(
     chat_template: str | None,
     outdir: OutputDir | None,
     sources: tuple[dict[str, dict[str, Any]], str],
+    config_text: str | None = None,
 ) -> dict[str, Any]:
     """config.json, the tokenizer, the index and, last, the manifest: each written whole under
     its name (a temporary name renamed; on object storage read back and compared) and recorded
@@ -153,6 +157,13 @@ def _finish(
     total = sum(t.out_bytes() for t in plan.tensors)
     index = {"metadata": {"total_size": total, "merged_by": f"bigmerge {__version__}"}, "weight_map": weight_map}
     write(INDEX_NAME, json.dumps(index, indent=2).encode(), "index")
+    if config_text is not None:  # the recipe: the config as given, and the model card
+        base = plan.models[plan.base_index] if plan.base_index is not None else None
+        card = render_card(
+            method=plan.merge_method, sources=list(plan.models), base=base, config_text=config_text, version=__version__
+        )
+        write(CONFIG_NAME, config_text.encode(), "card")
+        write(CARD_NAME, card.encode(), "card")
     pins, pin_mode = sources
     manifest = {
         "format": "bigmerge-manifest",
