@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--world-size", "-n", type=int, default=None, help="ranks to plan for (default nodes x ranks-per-node)"
     )
-    est = p.add_argument_group("estimate (the model is in the README)")
+    est = p.add_argument_group("estimate (the model: docs/performance.md)")
     est.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
     est.add_argument("--ranks-per-node", type=int, default=None, help="ranks per node (default: -n, or 1)")
     est.add_argument("--cores-per-node", type=int, default=None, help="cores per node (default: this machine's)")

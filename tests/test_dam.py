@@ -1,7 +1,7 @@
 """DAM: the training loss, the merged model's arithmetic, the `dam` operator, ZeRO-3 on 2 processes.
 
 Models are tools/toy_models.py families (untrained random Llamas, byte tokenizer) and the data
-synthetic text; the quality comparison on the trained zoo is in the README, not here.
+synthetic text; the quality comparison on the trained zoo is in docs/quality.md, not here.
 """
 
 from __future__ import annotations
@@ -579,7 +579,7 @@ def test_rerun_of_a_finished_merge_says_so_and_exits_0(
 
 
 def test_dry_run_at_scale_for_the_sec_70b_config(capsys: pytest.CaptureFixture[str]) -> None:
-    """--arch plans for models that are not here: 3 x Llama-3-70B on 8 x 80 GB GPUs (the README's figures)."""
+    """--arch plans for models that are not here: 3 x Llama-3-70B on 8 x 80 GB GPUs (docs/dam.md's figures)."""
     from bigmerge.cli import main
 
     config = Path(__file__).resolve().parents[1] / "configs" / "dam" / "llama-70b-sec.yaml"

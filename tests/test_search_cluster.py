@@ -354,7 +354,7 @@ def test_mpi_env_is_not_passed_to_the_evaluation_command() -> None:
 
 def test_estimate_of_the_recycle_pool_reads_no_source(capsys: pytest.CaptureFixture[str]) -> None:
     """configs/recycle-pool.yaml's sources are on an S3 bucket out of reach: --params stands in for
-    their headers; the README prints this output."""
+    their headers; docs/search.md prints this output."""
     args = ["search", str(REPO / "configs/recycle-pool.yaml"), "--estimate", "--nodes", "8", "--ranks-per-node", "8"]
     args += ["--cores-per-node", "64", "--read-gbps", "10", "--write-gbps", "5", "--params", "100B"]
     capsys.readouterr()

@@ -12,7 +12,7 @@
       limit: 100                # documents per task the search scores (after the held-out ones; default all)
     evaluation: {mode: auto, workers: 1}
 
-See README.md ("Searching merge coefficients") for every key.
+See docs/search.md for every key.
 """
 
 from __future__ import annotations
