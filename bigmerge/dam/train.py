@@ -49,6 +49,7 @@ from bigmerge.dam.model import (
     topk_distillation_loss,
 )
 from bigmerge.errors import ConfigError
+from bigmerge.log import Log
 
 STATE_FILE = "state.safetensors"
 LATEST = "latest"
@@ -581,11 +582,7 @@ def begin(
     pads = [pad_id(r) for r in sources.refs]
     rank, world = init_processes(cfg, device)
 
-    def log(msg: str) -> None:
-        if not quiet and rank == 0:
-            print(f"{prefix}: {msg}", file=sys.stderr, flush=True)
-
-    return device, sources, data, pads, rank, world, log
+    return device, sources, data, pads, rank, world, Log(prefix, rank=rank, quiet=quiet)
 
 
 def buffers_to(module: torch.nn.Module, device: torch.device) -> None:

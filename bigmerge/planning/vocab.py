@@ -17,7 +17,6 @@ the union's extra tokens by a set's iteration order; bigmerge uses the config's 
 
 from __future__ import annotations
 
-import logging
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from bigmerge.errors import ConfigError, SourceError
+from bigmerge.log import warn
 from bigmerge.planning.catalog import ModelCatalog
 from bigmerge.storage.fs import Location, location
 
@@ -39,7 +39,6 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
     "chat_template.json",
 )
-log = logging.getLogger("bigmerge")
 
 
 def _local_dir(root: Location, scratch: Path) -> Path:
@@ -104,7 +103,7 @@ def _build_tokenizer(
             if tokenizer_source == "union":
                 raise
             # Nothing to align embeddings against: the tokenizer files are copied as they are.
-            log.warning("%s; the embeddings are merged as they are, without vocabulary alignment", exc)
+            warn(f"{exc}; the embeddings are merged as they are, without vocabulary alignment")
             return None, [], []
         for i, ref in enumerate(refs):
             if ref in toks:
@@ -112,7 +111,7 @@ def _build_tokenizer(
             try:
                 toks[ref] = _load_tokenizer(catalogs[ref].root, scratch / f"m{i}")
             except SourceError as exc:  # as mergekit: a model without a tokenizer is taken to share the base's
-                log.warning("%s; assuming it is the same as %s's", exc, base_ref)
+                warn(f"{exc}; assuming it is the same as {base_ref}'s")
                 toks[ref] = toks[base_ref]
         sizes = {ref: _vocab_size(catalogs[ref], toks[ref]) for ref in refs}
         base_tok = toks[base_ref]

@@ -16,7 +16,6 @@ this process, in worker processes (``evaluation.workers``) or on every MPI rank.
 from __future__ import annotations
 
 import json
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ import numpy as np
 
 from bigmerge.engine.comm import Comm
 from bigmerge.errors import ConfigError, OutputExistsError
+from bigmerge.log import Log
 from bigmerge.search.config import SearchConfig, load_search_config
 from bigmerge.search.fitness import CandidateScorer, Job, model_bytes
 from bigmerge.search.journal import Journal
@@ -307,7 +307,7 @@ def run_search(config_path: str, out_dir: str, comm: Comm, opts: SearchOptions) 
 
     cfg = load_search_config(config_path)
     out = Path(out_dir)
-    log = _logger(comm, opts.quiet)
+    log = Log(rank=comm.rank, quiet=opts.quiet)
     ev = cfg.evaluation
     mode = opts.mode or ev.mode
     if mode == "memory" and not cfg.fitness.backend.in_memory():
@@ -448,15 +448,3 @@ def _prepare_out(out: Path, cfg: SearchConfig, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
     if not state.exists():
         state.write_text(json.dumps({"fingerprint": fp, "config": cfg.model_dump(mode="json")}, indent=1))
-
-
-def _logger(comm: Comm, quiet: bool) -> Any:
-    # bound now: lm-eval's quiet scoring redirects sys.stderr while it runs, which in disk mode is
-    # in a thread beside the one that logs
-    err = sys.stderr
-
-    def log(msg: str) -> None:
-        if comm.rank == 0 and not quiet:
-            print(f"bigmerge: {msg}", file=err, flush=True)
-
-    return log
