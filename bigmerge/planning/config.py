@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, field_validator
 
 from bigmerge.errors import ConfigError
+from bigmerge.planning.validation import validate
 
 ScalarParameter = Union[bool, int, float, str]
 ScalarOrGradient = Union[ScalarParameter, list[ScalarParameter]]
@@ -113,40 +114,8 @@ class MergeConfig(_Strict):
         return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
 
 
-def _format_loc(loc: tuple[Any, ...]) -> str:
-    parts: list[str] = []
-    for item in loc:
-        if isinstance(item, int):
-            parts.append(f"[{item}]")
-        elif (
-            isinstance(item, str)
-            and not item.startswith(("list[", "dict[", "tuple[", "function-"))
-            and item
-            not in (
-                "str",
-                "int",
-                "float",
-                "bool",
-                "ConditionalParameter",
-            )
-        ):
-            parts.append(("." if parts else "") + item)
-    return "".join(parts) or "(top level)"
-
-
 def parse_config(data: Any, source: str = "config") -> MergeConfig:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
-    try:
-        cfg = MergeConfig.model_validate(data)
-    except ValidationError as exc:
-        err = _most_relevant(exc.errors())
-        where = _format_loc(tuple(err["loc"]))
-        if err["type"] == "extra_forbidden":
-            raise ConfigError(f"{source}: unknown key {where!r}") from None
-        if err["type"] == "missing":
-            raise ConfigError(f"{source}: missing required key {where!r}") from None
-        raise ConfigError(f"{source}: bad value for {where!r}: {err['msg']}") from None
+    cfg = validate(MergeConfig, data, source, branches=("ConditionalParameter",))
     if bool(cfg.models) == bool(cfg.slices):
         raise ConfigError(f"{source}: exactly one of 'models' or 'slices' must be given")
     _check_duplicates(cfg, source)
@@ -164,15 +133,6 @@ def _check_duplicates(cfg: MergeConfig, source: str) -> None:
             if ref in seen:
                 raise ConfigError(f"{source}: model {ref!r} is listed twice in {where} (duplicate merge inputs)")
             seen.add(ref)
-
-
-def _most_relevant(errors: list[dict[str, Any]]) -> dict[str, Any]:
-    # Unions report one error per branch; an unknown key or a missing key says the most.
-    for kind in ("extra_forbidden", "missing", "value_error"):
-        for e in errors:
-            if e["type"] == kind:
-                return e
-    return errors[0]
 
 
 def read_yaml(path: str | Path) -> Any:

@@ -22,11 +22,12 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from bigmerge.errors import ConfigError
 from bigmerge.eval.backends import CommandBackend, HFBackend, VLLMBackend, check_backend
 from bigmerge.planning.config import MergeConfig, parse_config, read_yaml
+from bigmerge.planning.validation import validate
 
 OPTIMIZERS = ("cmaes", "greedy")
 
@@ -140,32 +141,8 @@ class SearchConfig(_Strict):
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _where(loc: tuple[Any, ...]) -> str:
-    return (
-        ".".join(
-            str(p)
-            for p in loc
-            if not str(p).startswith(("function-", "tagged-union"))
-            and p not in ("weights", "layer_groups", "hf", "vllm", "command")
-        )
-        or "(top level)"
-    )
-
-
 def parse_search_config(data: Any, source: str = "search config") -> SearchConfig:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
-    try:
-        cfg = SearchConfig.model_validate(data)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        where = _where(tuple(err["loc"]))
-        if err["type"] == "extra_forbidden":
-            raise ConfigError(f"{source}: unknown key {where!r}") from None
-        if err["type"] == "missing":
-            raise ConfigError(f"{source}: missing required key {where!r}") from None
-        msg = err["msg"].removeprefix("Value error, ")
-        raise ConfigError(f"{source}: bad value for {where!r}: {msg}") from None
+    cfg = validate(SearchConfig, data, source, branches=("weights", "layer_groups", "hf", "vllm", "command"))
     if cfg.merge.get("slices"):
         raise ConfigError(f"{source}: merge.slices: a search runs over 'models', not slices")
     models = cfg.merge.get("models") or []
