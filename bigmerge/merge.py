@@ -46,9 +46,11 @@ from bigmerge.output.outdir import (
 from bigmerge.output.zarr_store import PLAN_FILE, BlockStore
 from bigmerge.planning.catalog import ModelCatalog, catalog_models
 from bigmerge.planning.config import MergeConfig, load_config
+from bigmerge.planning.lora import split_ref, term_files
 from bigmerge.planning.plan import DEFAULT_BLOCK_BYTES, Plan, build_plan
 from bigmerge.planning.vocab import TOKENIZER_FILES
 from bigmerge.storage.fs import Location, location, retries_done
+from bigmerge.storage.safetensors import DTYPES
 
 
 @dataclass
@@ -69,6 +71,18 @@ class MergeOptions:
     allow_nonfinite: bool = False
     allow_bin: bool = False  # pickle checkpoints, converted under OUT/.bigmerge-bin-cache
     verify_sources: str = "stat"  # stat: size/mtime/inode or ETag/version; hash: also a CRC-32C of every byte
+    # mergekit's --out-shard-size: parameters per output file (shard_bytes = that times the output dtype's bytes)
+    shard_params: int | None = None
+    copy_tokenizer: bool = True  # mergekit's --no-copy-tokenizer: False
+    write_card: bool = True  # mergekit's --no-write-model-card: False (the config is still written)
+
+
+def shard_bytes_of(opts: MergeOptions, plan: Plan) -> int:
+    """The largest output file in bytes: --shard-size, or mergekit's parameter count times the
+    widest output dtype."""
+    if opts.shard_params is None:
+        return opts.shard_bytes
+    return opts.shard_params * max((DTYPES[t.out_dtype][1] for t in plan.tensors), default=2)
 
 
 def _collective(comm: Comm, fn: Any) -> Any:
@@ -139,7 +153,12 @@ def plan_merge(
 
 def config_inputs(cfg: MergeConfig) -> list[tuple[str, str]]:
     """The inputs a config names: its models and a tokenizer_source path."""
-    inputs = [("source model", ref) for ref in cfg.model_refs()]
+    inputs: list[tuple[str, str]] = []
+    for ref in cfg.model_refs():
+        base, adapter = split_ref(ref)
+        inputs.append(("source model", base))
+        if adapter is not None:
+            inputs.append(("LoRA adapter", adapter))
     if cfg.tokenizer_source not in (None, "base", "union"):
         inputs.append(("tokenizer_source", str(cfg.tokenizer_source)))
     return inputs
@@ -154,6 +173,7 @@ def aux_inputs(plan: Plan) -> list[tuple[str, str]]:
 def source_files(plan: Plan) -> list[str]:
     """Every file whose bytes the merge reads: the sources' safetensors files and the aux files."""
     files = {s.file for t in plan.tensors for s in t.sources}
+    files |= {f for t in plan.tensors for s in t.sources if s.lora for f in term_files(s.lora)}
     files |= {a.file for t in plan.tensors for per in t.aux for a in per.values()}
     return sorted(files)
 
@@ -220,7 +240,13 @@ def _run(
         held.append(lock)
         pins = pin_sources(source_files(plan), opts_s, opts.verify_sources, threads=max(1, opts.io_threads))
         outdir = OutputDir(out)
-        names = {*Layout.of(plan, opts.shard_bytes).names, *META_NAMES, *TOKENIZER_FILES, *OWN_DIRS, *CARD_NAMES}
+        names = {
+            *Layout.of(plan, shard_bytes_of(opts, plan)).names,
+            *META_NAMES,
+            *TOKENIZER_FILES,
+            *OWN_DIRS,
+            *CARD_NAMES,
+        }
         outdir.claim(
             plan=plan.fingerprint(),
             config=plan.config_fingerprint,
@@ -230,7 +256,11 @@ def _run(
             overwrite=opts.overwrite,
         )
         kind = writer_kind(opts, out)
-        store = DirectStore(out, plan, opts.shard_bytes, opts.direct_io) if kind == "direct" else BlockStore(store_loc)
+        store = (
+            DirectStore(out, plan, shard_bytes_of(opts, plan), opts.direct_io)
+            if kind == "direct"
+            else BlockStore(store_loc)
+        )
         store.prepare(plan, opts.overwrite)
         clear_finished_markers(out)
         state.update(cfg=cfg, catalogs=catalogs, plan=plan, store=store, out=out, outdir=outdir, pins=pins)
@@ -243,7 +273,7 @@ def _run(
     storage_options = comm.bcast(storage_options)
     out: Location = state.get("out") or location(out_url, storage_options)
     store: BlockStore | DirectStore = state.get("store") or (
-        DirectStore(out, plan, opts.shard_bytes, opts.direct_io)
+        DirectStore(out, plan, shard_bytes_of(opts, plan), opts.direct_io)
         if kind == "direct"
         else BlockStore(location(store_url, storage_options))
     )
@@ -297,8 +327,10 @@ def _run(
         store,
         out,
         state.get("catalogs"),
-        shard_bytes=opts.shard_bytes,
+        shard_bytes=shard_bytes_of(opts, plan),
         tokenizer_source=cfg.tokenizer_source if cfg else None,
+        copy_tokenizer=opts.copy_tokenizer,
+        write_card=opts.write_card,
         chat_template=cfg.chat_template if cfg else None,
         outdir=state.get("outdir"),
         pins=state.get("pins"),
