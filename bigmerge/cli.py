@@ -66,14 +66,18 @@ MERGEKIT_IGNORED = {
 }
 
 
+def _mergekit_flag(name: str) -> str:
+    return "-v" if name == "verbosity" else f"--{name.replace('_', '-')}"
+
+
 def _mergekit_args(m: argparse.ArgumentParser) -> None:
     """mergekit-yaml's command-line options, so that its command lines run unchanged."""
     g = m.add_argument_group(
         "mergekit-yaml options",
         "accepted so that mergekit command lines run unchanged (docs/mergekit-cli.md): --cuda, --no-cuda, "
         "--out-shard-size, --copy-tokenizer, --random-seed and --write-model-card map to bigmerge's settings; "
-        "these mean nothing here and print one line saying why: --"
-        + ", --".join(n.replace("_", "-") for n in MERGEKIT_IGNORED)
+        "these mean nothing here and print one line saying why: "
+        + ", ".join(_mergekit_flag(n) for n in MERGEKIT_IGNORED)
         + " (and their --no- forms)",
     )
     flag = argparse.BooleanOptionalAction
@@ -124,7 +128,7 @@ def mergekit_options(args: argparse.Namespace) -> list[str]:
     for name, why in MERGEKIT_IGNORED.items():
         value = getattr(args, name, None)
         if value not in (None, False, 0):
-            notes.append(f"mergekit option --{name.replace('_', '-')} means nothing here ({why}); ignored")
+            notes.append(f"mergekit option {_mergekit_flag(name)} means nothing here ({why}); ignored")
     cuda = True if args.gpu_rich else args.cuda
     if cuda is not None:
         if args.device not in (None, "cuda", "auto") if cuda else args.device not in (None, "cpu"):
