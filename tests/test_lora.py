@@ -82,8 +82,15 @@ def lora_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         use_rslora=True,
     )
     for k in ("ad1", "ad2"):
-        paths[f"fold{k[-1]}"] = root / f"fold{k[-1]}"
-        _folded(base, paths[k], paths[f"fold{k[-1]}"])
+        fold = paths[f"fold{k[-1]}"] = root / f"fold{k[-1]}"
+        _folded(base, paths[k], fold)
+        for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            if (base / f).exists():
+                (fold / f).write_bytes((base / f).read_bytes())  # as the base's (tokenizer_source reads them)
+    # a fine-tune of the same base with tokens of its own: embeddings permuted onto a union vocabulary
+    paths["ft_tok"] = make_family(
+        root / "fam_tok", preset="tiny", dtype="bfloat16", n_finetunes=1, extra_tokens={"ft1": ["<|a|>", "<|b|>"]}
+    )["ft1"]
     return paths
 
 
@@ -95,6 +102,9 @@ CONFIGS = {
     # the adapted model is the base here: base_model names it too
     "slerp": "merge_method: slerp\nbase_model: {m1}\nmodels:\n  - model: {m1}\n  - model: {ft1}\n"
     "parameters: {{t: [0.2, 0.7]}}\n",
+    # embedding LoRA on rows that the union vocabulary moves (the reader's vocabulary path)
+    "union": "merge_method: linear\ntokenizer_source: union\nbase_model: {m1}\nmodels:\n  - model: {m1}\n"
+    "    parameters: {{weight: 0.6}}\n  - model: {ft_tok}\n    parameters: {{weight: 0.4}}\n",
     "slices": "merge_method: passthrough\nslices:\n  - sources:\n      - model: {m1}\n        layer_range: [0, 2]\n"
     "  - sources:\n      - model: {m2}\n        layer_range: [1, 4]\n",
 }
@@ -103,15 +113,19 @@ CONFIGS = {
 def _configs(tmp: Path, method: str, paths: dict[str, Path], base: str = "") -> tuple[Path, Path]:
     """(config with BASE+ADAPTER sources, config with the folded checkpoints)."""
     base = base or str(paths["base"])
-    lora = CONFIGS[method].format(m1=f"{base}+{paths['ad1']}", m2=f"{base}+{paths['ad2']}", base=base, ft1=paths["ft1"])
-    folded = CONFIGS[method].format(m1=paths["fold1"], m2=paths["fold2"], base=paths["base"], ft1=paths["ft1"])
+    lora = CONFIGS[method].format(
+        m1=f"{base}+{paths['ad1']}", m2=f"{base}+{paths['ad2']}", base=base, ft1=paths["ft1"], ft_tok=paths["ft_tok"]
+    )
+    folded = CONFIGS[method].format(
+        m1=paths["fold1"], m2=paths["fold2"], base=paths["base"], ft1=paths["ft1"], ft_tok=paths["ft_tok"]
+    )
     (tmp / "lora.yaml").write_text(lora)
     (tmp / "folded.yaml").write_text(folded)
     return tmp / "lora.yaml", tmp / "folded.yaml"
 
 
 @slow
-@pytest.mark.parametrize("method", ["linear", "ties", "slerp", "slices"])
+@pytest.mark.parametrize("method", ["linear", "ties", "slerp", "slices", "union"])
 def test_adapter_source_equals_peft_merge_and_unload(lora_models: dict[str, Path], tmp_path: Path, method: str) -> None:
     c_lora, c_folded = _configs(tmp_path, method, lora_models)
     bigmerge("merge", str(c_folded), str(tmp_path / "ref"), "--block-size", BLOCK, "--quiet", check=True)
@@ -124,6 +138,8 @@ def test_adapter_source_equals_peft_merge_and_unload(lora_models: dict[str, Path
         assert not torch.equal(
             got["model.layers.0.self_attn.q_proj.weight"], base["model.layers.0.self_attn.q_proj.weight"]
         )
+    if method == "union":
+        assert got["model.embed_tokens.weight"].shape[0] == base["model.embed_tokens.weight"].shape[0] + 2
     if method == "slices":
         assert torch.equal(got["model.layers.0.mlp.gate_proj.weight"], base["model.layers.0.mlp.gate_proj.weight"])
         assert not torch.equal(
@@ -133,7 +149,16 @@ def test_adapter_source_equals_peft_merge_and_unload(lora_models: dict[str, Path
 
 @slow
 def test_adapter_files_are_pinned_and_recorded(lora_models: dict[str, Path], tmp_path: Path) -> None:
-    c_lora, _ = _configs(tmp_path, "linear", lora_models)
+    from bigmerge.merge import MergeOptions, plan_merge
+    from bigmerge.planning.config import load_config
+
+    c_lora, c_folded = _configs(tmp_path, "linear", lora_models)
+    p_lora, _ = plan_merge(load_config(str(c_lora)), 1, MergeOptions())
+    p_fold, _ = plan_merge(load_config(str(c_folded)), 1, MergeOptions())
+    # ad1: q, v, down in 4 layers and the embedding; ad2: k, o, up in 4 layers
+    assert sum(1 for t in p_lora.tensors for s in t.sources if s.lora) == 13 + 12
+    assert p_lora.peak_memory_estimate() > p_fold.peak_memory_estimate()  # the factors and the delta count
+    assert '"lora"' not in p_fold.to_json()  # a plan without adapters is the plan it always was
     bigmerge("merge", str(c_lora), str(tmp_path / "out"), "--quiet", "--verify-sources", "hash", check=True)
     manifest = json.loads((tmp_path / "out" / "bigmerge-manifest.json").read_text())
     pinned = " ".join(manifest["source_files"])
