@@ -166,6 +166,8 @@ def test_adapter_files_are_pinned_and_recorded(lora_models: dict[str, Path], tmp
         assert f"{ad}/adapter_model.safetensors" in pinned
         assert f"{ad}/adapter_config.json" in pinned
     assert any("adapter:adapter_model.safetensors" in h for h in manifest["sources"].values())
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "- base+ad1" in card and str(lora_models["ad1"]) not in card  # each part by its last component
     # an adapter that changes is another merge: the rerun without --overwrite is refused
     cfg = json.loads((lora_models["ad1"] / "adapter_config.json").read_text())
     changed = tmp_path / "ad1b"
