@@ -232,7 +232,9 @@ def _run(
         check_apart(out, own_store, config_inputs(cfg), opts_s)
         check_tokenizer_source(cfg.tokenizer_source, opts_s)
         plan, catalogs = plan_merge(cfg, comm.size, opts, out.join(BIN_CACHE) if opts.allow_bin else None)
-        check_apart(out, own_store, aux_inputs(plan), opts_s)
+        # the catalogs' roots too: a bare PEFT adapter directory's base is known only from its config
+        base_roots = [("source model", c.root.url) for c in catalogs]
+        check_apart(out, own_store, aux_inputs(plan) + base_roots, opts_s)
         if own_store is not None:
             check_store(own_store, PLAN_FILE)
         lock = OutputLock(out)

@@ -323,3 +323,27 @@ def test_bad_adapter_at_the_command_line(tiny_base: Path, tmp_path: Path) -> Non
     assert not (tmp_path / "out" / "bigmerge-manifest.json").exists()
     with pytest.raises(ConfigError, match="BASE\\+ADAPTER"):
         catalog_model(f"{tiny_base}+{ad}+{ad}")
+
+
+def test_out_inside_the_base_of_a_bare_adapter_is_refused(tiny_base: Path, tmp_path: Path) -> None:
+    q = torch.zeros(4, 64)
+    ads = [
+        _adapter(
+            tmp_path / f"ad{k}",
+            {f"{Q}.lora_A.weight": q, f"{Q}.lora_B.weight": q.T.contiguous()},
+            base_model_name_or_path=str(tiny_base),
+        )
+        for k in (1, 2)
+    ]
+    cfg = tmp_path / "c.yaml"
+    # the base is named nowhere in the config, only in the adapters' adapter_config.json
+    cfg.write_text(
+        f"merge_method: linear\nmodels:\n  - model: {ads[0]}\n  - model: {ads[1]}\nparameters: {{weight: 0.5}}\n"
+    )
+    before = sorted(p.name for p in tiny_base.iterdir())
+    proc = bigmerge("merge", str(cfg), str(tiny_base / "merged"))
+    assert proc.returncode != 0
+    assert (
+        proc.stderr.strip().splitlines()[-1].startswith(f"bigmerge: error: OUT {tiny_base / 'merged'} lies inside")
+    ), proc.stderr
+    assert sorted(p.name for p in tiny_base.iterdir()) == before
