@@ -127,7 +127,10 @@ def mergekit_options(args: argparse.Namespace) -> list[str]:
     notes: list[str] = []
     for name, why in MERGEKIT_IGNORED.items():
         value = getattr(args, name, None)
-        if value not in (None, False, 0):
+        if name == "safe_serialization":  # on in mergekit by default: only asking for pickles is news
+            if value is False:
+                notes.append(f"mergekit option --no-safe-serialization means nothing here ({why}); ignored")
+        elif value not in (None, False, 0):
             notes.append(f"mergekit option {_mergekit_flag(name)} means nothing here ({why}); ignored")
     cuda = True if args.gpu_rich else args.cuda
     if cuda is not None:

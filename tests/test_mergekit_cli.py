@@ -83,8 +83,12 @@ def test_options_map_onto_bigmerge_settings() -> None:
     ]
     assert all(n.endswith("; ignored") and "\n" not in n for n in notes)
     assert len(MERGEKIT_IGNORED) == 16
-    _, notes = _parse("--no-allow-crimes", "--no-trust-remote-code")
-    assert notes == []  # turning off what is off anyway says nothing
+    _, notes = _parse("--no-allow-crimes", "--no-trust-remote-code", "--safe-serialization")
+    assert notes == []  # asking for what bigmerge does anyway says nothing
+    _, notes = _parse("--no-safe-serialization")
+    assert notes == [
+        "mergekit option --no-safe-serialization means nothing here (the output is always safetensors); ignored"
+    ]
 
 
 @pytest.mark.parametrize(
