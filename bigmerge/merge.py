@@ -47,9 +47,11 @@ from bigmerge.output.outdir import (
 from bigmerge.output.zarr_store import PLAN_FILE, BlockStore
 from bigmerge.planning.catalog import ModelCatalog, catalog_models
 from bigmerge.planning.config import MergeConfig, load_config
+from bigmerge.planning.lora import split_ref, term_files
 from bigmerge.planning.plan import DEFAULT_BLOCK_BYTES, Plan, build_plan
 from bigmerge.planning.vocab import TOKENIZER_FILES
 from bigmerge.storage.fs import Location, location, retries_done
+from bigmerge.storage.safetensors import DTYPES
 
 
 @dataclass
@@ -70,6 +72,18 @@ class MergeOptions:
     allow_nonfinite: bool = False
     allow_bin: bool = False  # pickle checkpoints, converted under OUT/.bigmerge-bin-cache
     verify_sources: str = "stat"  # stat: size/mtime/inode or ETag/version; hash: also a CRC-32C of every byte
+    # mergekit's --out-shard-size: parameters per output file (shard_bytes = that times the output dtype's bytes)
+    shard_params: int | None = None
+    copy_tokenizer: bool = True  # mergekit's --no-copy-tokenizer: False
+    write_card: bool = True  # mergekit's --no-write-model-card: False (the config is still written)
+
+
+def shard_bytes_of(opts: MergeOptions, plan: Plan) -> int:
+    """The largest output file in bytes: --shard-size, or mergekit's parameter count times the
+    widest output dtype."""
+    if opts.shard_params is None:
+        return opts.shard_bytes
+    return opts.shard_params * max((DTYPES[t.out_dtype][1] for t in plan.tensors), default=2)
 
 
 def _collective(comm: Comm, fn: Any) -> Any:
@@ -140,7 +154,12 @@ def plan_merge(
 
 def config_inputs(cfg: MergeConfig) -> list[tuple[str, str]]:
     """The inputs a config names: its models and a tokenizer_source path."""
-    inputs = [("source model", ref) for ref in cfg.model_refs()]
+    inputs: list[tuple[str, str]] = []
+    for ref in cfg.model_refs():
+        base, adapter = split_ref(ref)
+        inputs.append(("source model", base))
+        if adapter is not None:
+            inputs.append(("LoRA adapter", adapter))
     if cfg.tokenizer_source not in (None, "base", "union"):
         inputs.append(("tokenizer_source", str(cfg.tokenizer_source)))
     return inputs
@@ -155,6 +174,7 @@ def aux_inputs(plan: Plan) -> list[tuple[str, str]]:
 def source_files(plan: Plan) -> list[str]:
     """Every file whose bytes the merge reads: the sources' safetensors files and the aux files."""
     files = {s.file for t in plan.tensors for s in t.sources}
+    files |= {f for t in plan.tensors for s in t.sources if s.lora for f in term_files(s.lora)}
     files |= {a.file for t in plan.tensors for per in t.aux for a in per.values()}
     return sorted(files)
 
@@ -238,8 +258,10 @@ def run_merge(config_path: str, out_url: str, comm: Comm, opts: MergeOptions) ->
             store,
             out,
             prep.catalogs if prep else None,
-            shard_bytes=opts.shard_bytes,
+            shard_bytes=shard_bytes_of(opts, plan),
             tokenizer_source=prep.cfg.tokenizer_source if prep else None,
+            copy_tokenizer=opts.copy_tokenizer,
+            write_card=opts.write_card,
             chat_template=prep.cfg.chat_template if prep else None,
             outdir=prep.outdir if prep else None,
             pins=prep.pins if prep else None,
@@ -298,7 +320,9 @@ def prepare(
     check_apart(out, own_store, config_inputs(cfg), opts_s)
     check_tokenizer_source(cfg.tokenizer_source, opts_s)
     plan, catalogs = plan_merge(cfg, world_size, opts, out.join(BIN_CACHE) if opts.allow_bin else None)
-    check_apart(out, own_store, aux_inputs(plan), opts_s)
+    # the catalogs' roots too: a bare PEFT adapter directory's base is known only from its config
+    base_roots = [("source model", c.root.url) for c in catalogs]
+    check_apart(out, own_store, aux_inputs(plan) + base_roots, opts_s)
     if own_store is not None:
         check_store(own_store, PLAN_FILE)
     lock = OutputLock(out)
@@ -306,7 +330,7 @@ def prepare(
     held.append(lock)
     pins = pin_sources(source_files(plan), opts_s, opts.verify_sources, threads=max(1, opts.io_threads))
     outdir = OutputDir(out)
-    names = {*Layout.of(plan, opts.shard_bytes).names, *META_NAMES, *TOKENIZER_FILES, *OWN_DIRS, *CARD_NAMES}
+    names = {*Layout.of(plan, shard_bytes_of(opts, plan)).names, *META_NAMES, *TOKENIZER_FILES, *OWN_DIRS, *CARD_NAMES}
     outdir.claim(
         plan=plan.fingerprint(),
         config=plan.config_fingerprint,
@@ -316,7 +340,8 @@ def prepare(
         overwrite=opts.overwrite,
     )
     kind = writer_kind(opts, out)
-    store = DirectStore(out, plan, opts.shard_bytes, opts.direct_io) if kind == "direct" else BlockStore(store_loc)
+    shard_bytes = shard_bytes_of(opts, plan)
+    store = DirectStore(out, plan, shard_bytes, opts.direct_io) if kind == "direct" else BlockStore(store_loc)
     store.prepare(plan, opts.overwrite)
     clear_finished_markers(out)
     prep = Prepared(cfg, config_text, catalogs, plan, store, out, outdir, pins)
@@ -326,7 +351,7 @@ def prepare(
 def open_store(shared: Shared, out: Location, plan: Plan, opts: MergeOptions) -> BlockStore | DirectStore:
     """The other ranks' handle on the writer rank 0 prepared."""
     if shared.writer == "direct":
-        return DirectStore(out, plan, opts.shard_bytes, opts.direct_io)
+        return DirectStore(out, plan, shard_bytes_of(opts, plan), opts.direct_io)
     return BlockStore(location(shared.store_url, shared.storage_options))
 
 

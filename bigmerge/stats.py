@@ -28,6 +28,7 @@ from bigmerge.errors import ConfigError, SourceError
 from bigmerge.log import Log
 from bigmerge.ops.data_informed import FISHER_FILE, GRAM_FILE, model_dir_name
 from bigmerge.planning.config import read_jsonl
+from bigmerge.planning.lora import split_ref
 
 KINDS = {"fisher": FISHER_FILE, "regmean": GRAM_FILE}
 
@@ -83,6 +84,11 @@ def compute_statistics(
             "with different --out directories and give each model its own `statistics` parameter"
         )
     for m in models:
+        if split_ref(m)[1] is not None:
+            raise ConfigError(
+                f"{m}: `bigmerge stats` runs a checkpoint, not a BASE+ADAPTER source; statistics of an adapted "
+                "model need the adapter folded first (PEFT's merge_and_unload)"
+            )
         if "://" in m and not m.startswith("file://"):
             raise ConfigError(f"{m}: `bigmerge stats` runs models from a local path; copy it locally first")
         if not Path(m.removeprefix("file://")).is_dir():

@@ -16,7 +16,7 @@ import torch
 
 from bigmerge.engine.finite import first_nonfinite
 from bigmerge.errors import SourceError
-from bigmerge.planning.plan import Plan, TensorPlan
+from bigmerge.planning.plan import Plan, SourceSpan, TensorPlan
 from bigmerge.storage.fs import Location, location
 from bigmerge.storage.safetensors import DTYPES
 
@@ -60,6 +60,9 @@ class BlockReader:
         self._aux_pending: dict[tuple[int, int], Future[list[dict[str, torch.Tensor]]]] = {}
         # whole aux inputs of the latest two tensors; a future, so concurrent prefetches read each once
         self._aux_whole: dict[tuple[str, int], Future[torch.Tensor]] = {}
+        # LoRA factors read whole (A; both for an embedding), kept while a tensor's blocks come
+        self._lora_whole: dict[tuple[str, int], Future[torch.Tensor]] = {}
+        self._lora_keep = 4 * max(1, len(plan.models))
 
     def _buffer(self, n: int) -> torch.Tensor:
         with self._free_lock:
@@ -174,7 +177,7 @@ class BlockReader:
         if end > start:
             self._loc(t.sources[i].file).read_into(start, memoryview(buf.numpy()).cast("B"))
         self._count(end - start)
-        return self._checked(self._view(buf, t, b, i), t, b, i)
+        return self._checked(self._adapted(self._view(buf, t, b, i), t.sources[i], t.block_range(b)[0]), t, b, i)
 
     def trust(self, tensors: set[int]) -> None:
         """Skip the NaN/Inf scan of these tensors' blocks: the operator checks them itself
@@ -214,7 +217,60 @@ class BlockReader:
         if n:
             self._loc(src.file).read_into(src.start + row * row_bytes, memoryview(buf.numpy()).cast("B"))
         self._count(buf.numel())
-        return buf.view(dtype).reshape(n, *t.shape[1:])
+        return self._adapted(buf.view(dtype).reshape(n, *t.shape[1:]), src, row)
+
+    # -- LoRA adapters (bigmerge.planning.lora) ---------------------------------------------
+
+    def _adapted(self, x: torch.Tensor, src: SourceSpan, row: int) -> torch.Tensor:
+        """x (rows [row, row + len(x)) of src's tensor) with the adapter's update added in place,
+        as PEFT's merge_and_unload adds it: a linear layer's `weight += delta` (the sum in the
+        wider dtype, rounded once to the weight's), an embedding's `weight += delta.to(weight.dtype)`
+        (the delta rounded first)."""
+        if src.lora is not None and x.numel():
+            delta = self._lora_delta(src.lora, row, x.shape[0], x.dtype)
+            x.add_(delta.to(x.dtype) if src.lora["embedding"] else delta)
+        return x
+
+    def _lora_delta(self, term: dict[str, Any], row: int, n: int, dtype: torch.dtype) -> torch.Tensor:
+        """Rows [row, row + n) of scale * B @ A, in PEFT's order (the product, then the scale)
+        and dtype (factors of a 16-bit or float32 model in float32, as PEFT loads them)."""
+        ft = torch.float64 if dtype == torch.float64 else torch.float32
+        a = self._lora_factor(term["a"], ft)
+        if term["embedding"]:  # delta = (B @ A).T: its rows are A's columns
+            b = self._lora_factor(term["b"], ft)
+            return (b @ a[:, row : row + n]).T * term["scale"]
+        file, start, _end, st_dtype, (_out, r) = term["b"]
+        raw_dtype, size = DTYPES[st_dtype]
+        buf = torch.empty(n * r * size, dtype=torch.uint8)
+        self._loc(file).read_into(start + row * r * size, memoryview(buf.numpy()).cast("B"))
+        self._count(buf.numel())
+        b_rows = buf.view(raw_dtype).reshape(n, r).to(ft)
+        return (b_rows @ a) * term["scale"]
+
+    def _lora_factor(self, spec: list[Any], ft: torch.dtype) -> torch.Tensor:
+        """A factor read whole once and kept for the next blocks (a future: concurrent reads share it)."""
+        file, start, end, st_dtype, shape = spec
+        k = (file, start)
+        with self._free_lock:
+            whole = self._lora_whole.get(k)
+            mine = whole is None
+            if whole is None:
+                whole = self._lora_whole[k] = Future()
+                while len(self._lora_whole) > self._lora_keep:
+                    del self._lora_whole[next(iter(self._lora_whole))]
+        if mine:
+            try:
+                buf = torch.empty(end - start, dtype=torch.uint8)
+                if end > start:
+                    self._loc(file).read_into(start, memoryview(buf.numpy()).cast("B"))
+                self._count(buf.numel())
+                whole.set_result(buf.view(DTYPES[st_dtype][0]).reshape(shape).to(ft))
+            except BaseException as exc:
+                whole.set_exception(exc)
+                with self._free_lock:
+                    self._lora_whole.pop(k, None)
+                raise
+        return whole.result().to(ft)
 
     def _read_vocab(self, t: TensorPlan, b: int, i: int) -> torch.Tensor:
         """Block b of source i permuted onto the output vocabulary (bigmerge.planning.vocab), in the
@@ -278,7 +334,9 @@ class BlockReader:
         size = 0
         for t, b in items:
             nbytes = max(e - s for s, e in (self._span(t, b, i) for i in range(len(t.sources))))
-            if nbytes > COALESCE_MAX_ITEM or t.vocab is not None:
+            # an adapted block is changed in place after its read: it must own its buffer (slices may
+            # read one range twice), so it is never part of a coalesced read
+            if nbytes > COALESCE_MAX_ITEM or t.vocab is not None or any(s.lora for s in t.sources):
                 if group:
                     yield group
                     group, size = [], 0

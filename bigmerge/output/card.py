@@ -35,7 +35,10 @@ def hub_id(source: str) -> str | None:
 
 
 def public_name(source: str) -> str:
-    """What a card shows for a source: a hub id as is, else the last component of its path or URL."""
+    """What a card shows for a source: a hub id as is, else the last component of its path or URL
+    (of each part of mergekit's BASE+ADAPTER)."""
+    if "+" in source:
+        return "+".join(public_name(part) for part in source.split("+"))
     found = hub_id(source)
     if found:
         return found
@@ -54,7 +57,8 @@ def render_card(
     version: str = "",
 ) -> str:
     """README.md: hub front matter (base_model, library_name, tags) and a body with the recipe."""
-    ids = [h for h in (hub_id(s) for s in ([base] if base else []) + sources) if h]
+    # BASE+ADAPTER: both parts belong to the lineage
+    ids = [h for h in (hub_id(p) for s in ([base] if base else []) + sources for p in s.split("+")) if h]
     front: dict[str, Any] = {}
     if ids:
         front["base_model"] = list(dict.fromkeys(ids))

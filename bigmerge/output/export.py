@@ -68,6 +68,8 @@ def export(
     pins: dict[str, dict[str, Any]] | None = None,
     pin_mode: str = "stat",
     config_text: str | None = None,
+    copy_tokenizer: bool = True,
+    write_card: bool = True,
 ) -> dict[str, Any]:
     manifest: dict[str, Any] = {}
     # each writer knows how its blocks become the output files (see Writer.finish_files)
@@ -85,6 +87,8 @@ def export(
             outdir,
             (pins or {}, pin_mode),
             config_text,
+            copy_tokenizer,
+            write_card,
         )
     comm.barrier()
     return manifest
@@ -102,6 +106,8 @@ def _finish(
     outdir: OutputDir | None,
     sources: tuple[dict[str, dict[str, Any]], str],
     config_text: str | None = None,
+    copy_tokenizer: bool = True,
+    write_card: bool = True,
 ) -> dict[str, Any]:
     """config.json, the tokenizer, the index and, last, the manifest: each written whole under
     its name (a temporary name renamed; on object storage read back and compared) and recorded
@@ -140,7 +146,9 @@ def _finish(
             write("generation_config.json", gen.read_bytes(), "config")
     tok_ref = base_ref if tokenizer_source in (None, "base") else tokenizer_source
     tok_root = by_ref[tok_ref].root if tok_ref in by_ref else location(tok_ref, out.storage_options)
-    if tokenizer_source == "union" and catalogs:
+    if not copy_tokenizer:
+        pass  # mergekit's --no-copy-tokenizer
+    elif tokenizer_source == "union" and catalogs:
         # the union is built from every source's tokenizer, exactly as the plan built it
         union_base = plan.models[plan.base_index] if plan.base_index is not None else plan.models[0]
         tok, _, _ = build_tokenizer("union", union_base, plan.models, by_ref, out.storage_options)
@@ -163,7 +171,8 @@ def _finish(
             method=plan.merge_method, sources=list(plan.models), base=base, config_text=config_text, version=__version__
         )
         write(CONFIG_NAME, config_text.encode(), "card")
-        write(CARD_NAME, card.encode(), "card")
+        if write_card:
+            write(CARD_NAME, card.encode(), "card")
     pins, pin_mode = sources
     manifest = {
         "format": "bigmerge-manifest",

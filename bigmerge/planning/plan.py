@@ -40,6 +40,8 @@ class SourceSpan:
     end: int
     dtype: str
     tensor: str = ""  # the tensor's name in that file (slices rename layers)
+    # a LoRA adapter's term on this tensor (bigmerge.planning.lora): the reader adds scale * B @ A
+    lora: dict[str, Any] | None = None
 
 
 @dataclass
@@ -116,8 +118,16 @@ class Plan:
 
     # -- serialisation -----------------------------------------------------------------
 
+    def _dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        for t in d["tensors"]:
+            for src in t["sources"]:
+                if src["lora"] is None:
+                    del src["lora"]  # plans without adapters keep the fingerprint they always had
+        return d
+
     def to_json(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"))
+        return json.dumps(self._dict(), separators=(",", ":"))
 
     @classmethod
     def from_json(cls, text: str) -> Plan:
@@ -131,7 +141,7 @@ class Plan:
 
     def fingerprint(self) -> str:
         """What the merged bytes depend on; not the world size nor the owners of blocks."""
-        d = asdict(self)
+        d = self._dict()
         d.pop("world_size")
         d.pop("warnings")
         for t in d["tensors"]:
@@ -206,6 +216,8 @@ class Plan:
                 continue
             elems = t.block_rows * t.row_elems
             raw = sum(elems * DTYPES[s.dtype][1] for s in t.sources)
+            # an adapted source: its factors (B's rows, A whole) and the float32 delta of the block
+            raw += sum(lora_block_bytes(s.lora, t.block_rows, elems) for s in t.sources if s.lora)
             csize = DTYPES[t.compute_dtype or self.compute_dtype][1]
             # aux inputs: row-blocked ones travel with the block; whole ones (Gram matrices) are
             # cached by the reader for two tensors and copied to float64 by the operator
@@ -213,6 +225,13 @@ class Plan:
             block = block_memory(op, len(t.sources), elems, raw + aux_rows, csize, prefetch)
             peak = max(peak, block + 5 * aux_whole)
         return peak + cache_bytes
+
+
+def lora_block_bytes(term: dict[str, Any], block_rows: int, elems: int) -> int:
+    """Bytes a LoRA term adds to one block: the factors it reads (in float32) and the delta."""
+    (ar, ac), (br, bc) = term["a"][4], term["b"][4]
+    factors = ar * ac + br * bc if term["embedding"] else ar * ac + block_rows * bc
+    return 4 * (factors + elems)
 
 
 def block_memory(op: MergeOp, n_sources: int, elems: int, raw_bytes: int, compute_size: int, prefetch: int) -> int:
@@ -525,7 +544,7 @@ def build_plan(
                 )
             if info.dtype not in FLOAT_DTYPES:
                 raise SourceError(f"{m.ref}: tensor {in_name!r} has dtype {info.dtype}; merging needs floating point")
-            spans.append(SourceSpan(info.file, info.start, info.end, info.dtype, in_name))
+            spans.append(SourceSpan(info.file, info.start, info.end, info.dtype, in_name, m.lora.get(in_name)))
         assert ref_info is not None
         src_dtype = _promote([s.dtype for s in spans])
         t_compute = compute or src_dtype
