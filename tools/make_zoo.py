@@ -19,7 +19,8 @@ Scenarios (``zoo.json["scenarios"]``; all share the base ``base``):
     recycle       13 training checkpoints of one basin: a trunk (the base trained further on all skills)
                   at 3 stages, 6 short runs from it weighting two skills each (3 also saved halfway)
                   and a run on filings only that forgets the rest
-                  (the small preset for tests has specialists sort and fin, and similar mix1 mix2)
+                  (the small preset for tests has specialists sort and fin, similar mix1 mix2, and
+                  rank-4 adapters lora_sort and lora_fin)
     domain        instruct (add+rev+sort) and instruct_fin (instruct continued on filings only,
                   which forgets part of the general skills)
     lorahub       lora_add, lora_rev, lora_sort, lora_fin: PEFT LoRA adapters (rank 8 on every
@@ -155,10 +156,13 @@ def _small() -> tuple[list[Run], dict[str, dict[str, Any]]]:
         Run("fin", "base", _one("fin"), 200, 3e-3, 4),
         Run("mix1", "base", UNIFORM, 50, 1e-3, 11),
         Run("mix2", "base", UNIFORM, 50, 1e-3, 12),
+        Run("lora_sort", "base", _one("sort"), 60, 3e-3, 33, lora_rank=4),
+        Run("lora_fin", "base", _one("fin"), 60, 3e-3, 34, lora_rank=4),
     ]
     scenarios = {
         "specialists": {"models": ["sort", "fin"], "about": "the base fine-tuned on one skill each"},
         "similar": {"models": ["mix1", "mix2"], "about": "same data (all skills), other seeds"},
+        "lorahub": {"models": ["lora_sort", "lora_fin"], "adapters": True, "about": "LoRA adapters, one skill each"},
     }
     return runs, scenarios
 

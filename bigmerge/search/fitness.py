@@ -109,9 +109,13 @@ class CandidateScorer:
             from transformers import AutoTokenizer
 
             from bigmerge.eval.harness import model_dir
+            from bigmerge.planning.catalog import catalog_model
 
             template = self.cfg.template()
             src = path or template.tokenizer_source or template.base_model or template.model_refs()[0]
+            if src == path or src != template.tokenizer_source:
+                # a model reference: BASE+ADAPTER (or a bare adapter) has its base's tokenizer
+                src = catalog_model(src, template.storage_options).root.url
             self._tokenizer = AutoTokenizer.from_pretrained(str(model_dir(src)))
         return self._tokenizer
 
