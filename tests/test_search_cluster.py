@@ -24,7 +24,7 @@ from test_search_parallel import _journal
 from zoo_fixture import small_zoo_dir
 
 from bigmerge.cli import main
-from bigmerge.errors import ConfigError
+from bigmerge.errors import ConfigError, OutputExistsError
 from bigmerge.search.config import load_search_config
 
 LM_EVAL = Path(sys.executable).parent / "lm_eval"
@@ -385,3 +385,134 @@ def test_pipelined_batch_time_is_simulated_as_the_pipeline_runs() -> None:
     assert batch_seconds(3, 10, 1, in_flight=2, evaluators=1) == 31  # scorings hidden behind merges
     assert batch_seconds(4, 1, 10, in_flight=5, evaluators=4) == 14  # four scorings at once
     assert batch_seconds(4, 1, 10, in_flight=2, evaluators=4) == 23  # in_flight bounds them: two at a time
+
+
+# --- a killed search takes its evaluation command with it; the backend guards the journal ----------
+
+# A real evaluation command, slow on demand: it logs the candidate it scores, and its score is drawn
+# from the merged weights (so that every run agrees on the best); with a SLOW file beside it, it
+# starts a grandchild (sleep) and waits for it, after writing both pids.
+FAKE_EVAL = r"""#!/bin/bash
+here=$(dirname "$0")
+echo "$3" >> "$here/scored"
+if [ -e "$here/SLOW" ]; then
+  sleep 300 &
+  echo "$$ $!" > "$here/pids"
+  wait
+fi
+mkdir -p "$2/m"
+s=$(cat "$1"/*.safetensors | sha256sum | cut -c1-6)
+python3 -c "import json,sys; v=int('$s',16)/2**24; json.dump({'results': {'zoo_sort': {'acc,none': v}, 'zoo_fin': {'acc,none': 1-v}}}, open(sys.argv[1],'w'))" "$2/m/results_1.json"
+"""
+
+
+def _fake_eval(where: Path) -> dict[str, Any]:
+    script = where / "eval.sh"
+    script.write_text(FAKE_EVAL)
+    script.chmod(0o755)
+    return {"type": "command", "command": f"{script} {{model}} {{output}} {{label}}", "retry_delay_s": 0}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")  # a zombie waits for its (gone) parent's reaper: it runs no more
+
+
+@pytest.mark.slow
+def test_sigkill_of_the_search_kills_its_running_evaluation_command(small_zoo: Path, tmp_path: Path) -> None:
+    """Item 1 of the leftovers: the search is SIGKILLed while a real command (a script and its
+    child) scores the second candidate: both are gone at once; the rerun scores only candidates no
+    journal line holds and ends with the best.yaml of a search never killed."""
+    backend = _fake_eval(tmp_path)
+    ref = tmp_path / "ref" / "run"  # its own scratch: nothing kept there is found by the run below
+    assert main(["search", str(_cfg(small_zoo, ref.parent, "disk", backend, in_flight=1)), "--out", str(ref)]) == 0
+    cfg = _cfg(small_zoo, tmp_path / "kill", "disk", backend, in_flight=1)
+    (tmp_path / "scored").unlink()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "kill" / "run"
+    cmd = [sys.executable, "-m", "bigmerge", "search", str(cfg), "--out", str(out), "--quiet"]
+    search = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
+    journal = out / "history.jsonl"
+    deadline = time.monotonic() + 300
+    while not (journal.exists() and journal.read_text().count("\n") >= 1):  # the first candidate is journaled
+        assert search.poll() is None and time.monotonic() < deadline, search.stderr.read() if search.stderr else ""
+        time.sleep(0.05)
+    (tmp_path / "SLOW").touch()  # the next scoring hangs
+    pids = tmp_path / "pids"
+    while not pids.exists() or not pids.read_text().strip():
+        assert search.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    script_pid, sleep_pid = map(int, pids.read_text().split())
+    assert _alive(script_pid) and _alive(sleep_pid)
+    search.kill()  # SIGKILL: no handler of the search runs
+    search.wait()
+    gone = time.monotonic() + 10
+    while (_alive(script_pid) or _alive(sleep_pid)) and time.monotonic() < gone:
+        time.sleep(0.05)
+    assert not _alive(script_pid) and not _alive(sleep_pid)
+    kept = journal.read_text().splitlines()
+    assert len(kept) == 1
+    journaled = {json.loads(ln)["label"] for ln in kept}
+    (tmp_path / "SLOW").unlink()
+    (tmp_path / "scored").unlink()
+    rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert journal.read_text().splitlines()[:1] == kept
+    rescored = set((tmp_path / "scored").read_text().split())
+    assert not rescored & journaled and "cmaes g0.1" in (tmp_path / "scored").read_text()
+    assert (out / "best.yaml").read_text() == (ref / "best.yaml").read_text()
+
+
+def test_a_resume_with_another_backend_is_refused_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The journal's scores came from one backend and its score-changing arguments: another one on
+    the same --out is refused before anything runs; a command's timeout and retries may change."""
+    from bigmerge.search.run import _prepare_out
+
+    def spec(backend: dict[str, Any]) -> Any:
+        path = tmp_path / "s.yaml"
+        data = {
+            "merge": {"merge_method": "linear", "models": [{"model": "a"}, {"model": "b"}]},
+            "fitness": {"tasks": {"zoo_sort": 1}, "backend": backend},
+            "evaluation": {"mode": "disk"},  # no source is read before the journal's backend is checked
+        }
+        path.write_text(yaml.safe_dump(data))
+        return load_search_config(path)
+
+    run = tmp_path / "run"
+    first = {"type": "command", "command": "lm_eval --model hf --model_args pretrained={model} {eval_args}"}
+    _prepare_out(run, spec(first), overwrite=False)
+    (run / "history.jsonl").write_text('{"n": 0, "key": "k"}\n')
+    _prepare_out(run, spec({**first, "timeout_s": 60, "retries": 3, "retry_delay_s": 1}), overwrite=False)
+    for other, shown in [
+        ({**first, "command": first["command"].replace("hf", "vllm")}, "--model vllm"),
+        ({"type": "hf"}, "this config scores with 'hf'"),
+        ({"type": "hf", "model_args": {"max_length": 64}}, "max_length"),
+    ]:
+        with pytest.raises(OutputExistsError, match="its journal was scored by backend 'command'") as err:
+            _prepare_out(run, spec(other), overwrite=False)
+        assert shown in str(err.value) and "\n" not in str(err.value)
+    path = tmp_path / "s.yaml"
+    spec({"type": "hf"})
+    capsys.readouterr()
+    assert main(["search", str(path), "--out", str(run)]) == 2
+    err_text = capsys.readouterr().err.strip()
+    assert err_text.startswith("bigmerge: error: ") and "\n" not in err_text and "backend" in err_text
+    assert (run / "history.jsonl").read_text() == '{"n": 0, "key": "k"}\n'  # the journal is untouched
+    _prepare_out(run, spec({"type": "hf"}), overwrite=True)  # --overwrite starts afresh
+    assert not (run / "history.jsonl").exists()
+
+
+def test_workers_in_disk_mode_are_refused_with_one_line(
+    small_zoo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = _cfg(small_zoo, tmp_path, "disk")
+    capsys.readouterr()
+    assert main(["search", str(cfg), "--out", str(tmp_path / "run"), "--workers", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("bigmerge: error: evaluation.workers 2 with mode disk") and "\n" not in err
+    assert "evaluators" in err and not (tmp_path / "run").exists()
