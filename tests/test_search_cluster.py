@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import yaml
 from test_mpi import mpi_env, mpirun
+from test_s3 import s3_env  # noqa: F401 - a fixture: the moto S3 server
 from test_search_parallel import _journal
 from zoo_fixture import small_zoo_dir
 
@@ -516,3 +517,101 @@ def test_workers_in_disk_mode_are_refused_with_one_line(
     err = capsys.readouterr().err.strip()
     assert err.startswith("bigmerge: error: evaluation.workers 2 with mode disk") and "\n" not in err
     assert "evaluators" in err and not (tmp_path / "run").exists()
+
+
+# --- scratch on object storage --------------------------------------------------------------------
+
+
+def _watch_bucket(prefix: str, most: list[int], seen: set[str], stop: threading.Event) -> None:
+    """The candidates under an S3 prefix, listed from outside every 20 ms."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(endpoint_url=os.environ["AWS_ENDPOINT_URL"], skip_instance_cache=True)
+    while not stop.is_set():
+        try:
+            names = {p.rsplit("/", 1)[-1] for p in fs.ls(prefix, refresh=True)}
+        except FileNotFoundError:
+            names = set()
+        cands = {n for n in names if n.startswith("c-")}
+        seen |= cands
+        most[0] = max(most[0], len(cands))
+        time.sleep(0.02)
+
+
+@pytest.mark.s3
+@pytest.mark.slow
+def test_scratch_on_s3_hf_backend_scores_a_local_copy_as_the_in_memory_search(
+    s3_env: dict[str, str],  # noqa: F811 - the fixture imported from test_s3
+    small_zoo: Path,
+    serial: Path,
+    tmp_path: Path,
+) -> None:
+    """Candidates are merged into s3:// scratch and the hf backend scores a local copy of each: the
+    in-memory search's journal key by key; the bucket, listed from outside while the search runs,
+    never holds more than in_flight + 1 (the kept best) candidates, and at the end only the best."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(endpoint_url=s3_env["AWS_ENDPOINT_URL"], skip_instance_cache=True)
+    fs.mkdir("scratch-bkt")
+    cfg = _cfg(small_zoo, tmp_path, "disk", in_flight=2)
+    data = yaml.safe_load(cfg.read_text())
+    data["evaluation"]["scratch"] = "s3://scratch-bkt/hf"
+    cfg.write_text(yaml.safe_dump(data, sort_keys=False))
+    most, seen, stop = [0], set[str](), threading.Event()
+    watcher = threading.Thread(target=_watch_bucket, args=("scratch-bkt/hf", most, seen, stop))
+    watcher.start()
+    try:
+        assert main(["search", str(cfg), "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    finally:
+        stop.set()
+        watcher.join()
+    _same_search(serial, tmp_path / "run", "hf")
+    assert len(seen) == 3 and 1 <= most[0] <= 2 + 1  # every CMA-ES candidate went through the bucket
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    best = summary["best_checkpoint"]["path"]
+    assert best.startswith("s3://scratch-bkt/hf/c-")
+    assert ["scratch-bkt/hf/" + best.rsplit("/", 1)[-1]] == fs.ls("scratch-bkt/hf", refresh=True)
+    state = tmp_path / "run" / "scratch"  # the pipeline's own files stay local: no copy, no eval output left
+    assert sorted(p.name for p in state.iterdir()) == ["best.json"]
+
+
+@pytest.mark.s3
+@pytest.mark.slow
+def test_scratch_on_s3_the_command_gets_the_url(
+    s3_env: dict[str, str],  # noqa: F811 - the fixture imported from test_s3
+    small_zoo: Path,
+    tmp_path: Path,
+) -> None:
+    """The command backend is given the candidate's URL and reads it from the bucket itself."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(endpoint_url=s3_env["AWS_ENDPOINT_URL"], skip_instance_cache=True)
+    fs.mkdir("scratch-cmd")
+    script = tmp_path / "eval.py"
+    script.write_text(
+        "import fsspec, hashlib, json, os, sys\n"
+        "model, out = sys.argv[1], sys.argv[2]\n"
+        "open(os.path.join(os.path.dirname(__file__), 'models'), 'a').write(model + '\\n')\n"
+        "fs, path = fsspec.core.url_to_fs(model)\n"
+        "h = hashlib.sha256(b''.join(fs.cat_file(p) for p in sorted(fs.glob(path + '/*.safetensors'))))\n"
+        "v = int(h.hexdigest()[:6], 16) / 2**24\n"
+        "os.makedirs(out + '/m')\n"
+        "json.dump({'results': {'zoo_sort': {'acc,none': v}, 'zoo_fin': {'acc,none': 1 - v}}}, open(out + '/m/results_1.json', 'w'))\n"
+    )
+    backend = {"type": "command", "command": f"{sys.executable} {script} {{model}} {{output}}"}
+    cfg = _cfg(small_zoo, tmp_path, "disk", backend, in_flight=2)
+    data = yaml.safe_load(cfg.read_text())
+    data["evaluation"]["scratch"] = "s3://scratch-cmd/cmd"
+    cfg.write_text(yaml.safe_dump(data, sort_keys=False))
+    most, seen, stop = [0], set[str](), threading.Event()
+    watcher = threading.Thread(target=_watch_bucket, args=("scratch-cmd/cmd", most, seen, stop))
+    watcher.start()
+    try:
+        assert main(["search", str(cfg), "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    finally:
+        stop.set()
+        watcher.join()
+    models = (tmp_path / "models").read_text().split()
+    assert len(models) == 4 and all(m.startswith("s3://scratch-cmd/cmd/c-") for m in models)
+    assert len(seen) == 3 and 1 <= most[0] <= 2 + 1
+    assert len(fs.ls("scratch-cmd/cmd", refresh=True)) == 1  # the best, kept
