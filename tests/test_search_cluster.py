@@ -615,3 +615,30 @@ def test_scratch_on_s3_the_command_gets_the_url(
     assert len(models) == 4 and all(m.startswith("s3://scratch-cmd/cmd/c-") for m in models)
     assert len(seen) == 3 and 1 <= most[0] <= 2 + 1
     assert len(fs.ls("scratch-cmd/cmd", refresh=True)) == 1  # the best, kept
+
+
+def test_a_sigkilled_process_takes_its_command_and_the_commands_children(tmp_path: Path) -> None:
+    """The mechanism alone, fast: a process running a command (a shell, its background child) in an
+    evaluator thread is SIGKILLed; the command's whole group is gone at once."""
+    pids = tmp_path / "pids"
+    child = (
+        "import threading, sys; from pathlib import Path\n"
+        "from bigmerge.eval.backends import CommandBackend, run_command\n"
+        "b = CommandBackend(command='x {model} {output}')\n"
+        f"line = 'sleep 300 & echo $$ $! > {pids}; wait'\n"
+        f"t = threading.Thread(target=run_command, args=(b, line, Path({str(tmp_path / 'o')!r}), 'c'))\n"
+        "t.start(); t.join()\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", child], env={**os.environ, "PYTHONPATH": str(REPO)})
+    deadline = time.monotonic() + 60
+    while not pids.exists() or len(pids.read_text().split()) < 2:
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)
+    shell, sleeper = map(int, pids.read_text().split())
+    assert _alive(shell) and _alive(sleeper)
+    proc.kill()
+    proc.wait()
+    gone = time.monotonic() + 10
+    while (_alive(shell) or _alive(sleeper)) and time.monotonic() < gone:
+        time.sleep(0.02)
+    assert not _alive(shell) and not _alive(sleeper)
