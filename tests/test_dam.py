@@ -156,6 +156,17 @@ def test_merge_equals_in_memory_model(trained, tmp_path: Path) -> None:
         ids = torch.tensor([[1, 60, 61, 62, 63, 64, 65]])
         model.set_teacher(None)
         torch.testing.assert_close(merged(input_ids=ids).logits, model.module(input_ids=ids).logits)
+    # the card says how the coefficients were trained and how far the loss fell, and parses on the hub
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(tmp_path / "m" / "README.md")
+    assert "dam" in card.data.to_dict()["tags"]
+    how = card.content.split("## How good it is")[1].split("## Configuration")[0]
+    last = result.history[-1]
+    assert f"final loss {last['loss']:.5f} (KL {last['kl']:.5f})" in how and f"{last['step']} optimizer steps" in how
+    assert f"| first step | 1 | {result.history[0]['kl']:.5f} |" in how
+    assert "T² KL(source || merge) at temperature 2" in how and "lr 0.02" in how and "a.jsonl" in how
+    assert str(Path(cfg.output).parent) not in how
 
 
 def mpi_env() -> dict[str, str]:

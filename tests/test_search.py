@@ -316,6 +316,18 @@ def test_search_writes_results_and_best_config_reproduces_its_heldout_score(
     )
     table = json.loads((tmp_path / "ev" / "eval.json").read_text())
     assert table["rows"][0]["scores"] == rows["cmaes"]["heldout_scores"]
+    # its model card carries the search's scores and how they were obtained, and parses on the hub
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(merged / "README.md")
+    assert {"merge", "bigmerge", "linear"} <= set(card.data.to_dict()["tags"])
+    how = card.content.split("## How good it is")[1].split("## Configuration")[0]
+    held = f"| held-out | the first 12 of each task's documents | {rows['cmaes']['heldout_fitness']:.4f} | "
+    assert held + " | ".join(f"{rows['cmaes']['heldout_scores'][t]:.3f}" for t in ("zoo_sort", "zoo_fin")) in how
+    assert f"| search | up to 8 documents after them | {rows['cmaes']['search_fitness']:.4f} |" in how
+    assert "CMA-ES over weights (simplex), budget" in how and "zoo_sort ×2, zoo_fin ×1" in how
+    assert "lm-eval's `hf` model" in how and str(tmp_path) not in card.content
+    assert "#:" not in card.content.split("## Configuration")[1]  # shown once, not again in the config
 
     # a rerun finds every evaluation in the journal and evaluates nothing
     assert main(["search", str(cfg), "--out", str(out), "--quiet"]) == 0

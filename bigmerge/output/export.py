@@ -17,7 +17,7 @@ from bigmerge import __version__
 from bigmerge.engine.comm import Comm
 from bigmerge.engine.faults import disk_full_at, fault_point
 from bigmerge.errors import SourceError, VerifyError
-from bigmerge.output.card import CARD_NAME, CONFIG_NAME, render_card
+from bigmerge.output.card import CARD_NAME, CONFIG_NAME, render_card, results_from_config
 from bigmerge.output.outdir import MANIFEST_NAME, OutputDir
 from bigmerge.output.writer import Writer
 from bigmerge.planning.catalog import INDEX_NAME, ModelCatalog
@@ -168,7 +168,12 @@ def _finish(
     if config_text is not None:  # the recipe: the config as given, and the model card
         base = plan.models[plan.base_index] if plan.base_index is not None else None
         card = render_card(
-            method=plan.merge_method, sources=list(plan.models), base=base, config_text=config_text, version=__version__
+            method=plan.merge_method,
+            sources=list(plan.models),
+            base=base,
+            config_text=config_text,
+            results=results_from_config(config_text),
+            version=__version__,
         )
         write(CONFIG_NAME, config_text.encode(), "card")
         if write_card:

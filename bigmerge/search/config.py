@@ -133,12 +133,27 @@ class SearchConfig(_Strict):
         return parse_config(self.merge, "merge")
 
     def fingerprint(self) -> str:
-        """What the journal's entries depend on (not the evaluation's parallelism, nor which
-        backend computed the scores: an evaluator moved to another cluster keeps its journal)."""
+        """What the journal's entries depend on: the merge, space, optimiser and fitness, the
+        backend included with the arguments that can change a score (not the evaluation's
+        parallelism or scratch, nor a command's timeout and retries: see ``backend_fingerprint``)."""
         d = self.model_dump(mode="json")
         d.pop("evaluation")
         d["fitness"].pop("backend")
+        d["backend"] = self.backend_fingerprint()
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+    def backend_fingerprint(self) -> dict[str, Any]:
+        """The backend as far as it decides the scores: its type and arguments, less a command's
+        ``timeout_s``, ``retries`` and ``retry_delay_s`` (they decide whether a score comes, not
+        which)."""
+        b = self.fitness.backend.model_dump(mode="json")
+        for k in SCORE_NEUTRAL.get(b["type"], ()):
+            b.pop(k, None)
+        return dict(b)
+
+
+# Backend arguments that cannot change a score: a resume may change them.
+SCORE_NEUTRAL: dict[str, tuple[str, ...]] = {"command": ("timeout_s", "retries", "retry_delay_s")}
 
 
 def parse_search_config(data: Any, source: str = "search config") -> SearchConfig:
