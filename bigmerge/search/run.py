@@ -483,4 +483,3 @@ def _without_backend(old: Any, cfg: SearchConfig) -> bool:
 def _describe(backend: dict[str, Any]) -> str:
     args = ", ".join(f"{k}={v!r}" for k, v in backend.items() if k != "type" and v not in (None, {}, False))
     return f"{backend['type']!r}" + (f" ({args})" if args else "")
-
