@@ -140,8 +140,9 @@ def plan_merge(
 def config_inputs(cfg: MergeConfig) -> list[tuple[str, str]]:
     """The inputs a config names: its models and a tokenizer_source path."""
     inputs = [("source model", ref) for ref in cfg.model_refs()]
-    if cfg.tokenizer_source not in (None, "base", "union"):
-        inputs.append(("tokenizer_source", str(cfg.tokenizer_source)))
+    source = cfg.vocabulary_source()
+    if source not in (None, "base", "union"):
+        inputs.append(("tokenizer_source", str(source)))
     return inputs
 
 
@@ -210,7 +211,7 @@ def _run(
         # nothing is written before OUT and --store are known to be apart from every input
         check_distinct_sources(cfg.model_refs(), opts_s)
         check_apart(out, own_store, config_inputs(cfg), opts_s)
-        check_tokenizer_source(cfg.tokenizer_source, opts_s)
+        check_tokenizer_source(cfg.vocabulary_source(), opts_s)
         plan, catalogs = plan_merge(cfg, comm.size, opts, out.join(BIN_CACHE) if opts.allow_bin else None)
         check_apart(out, own_store, aux_inputs(plan), opts_s)
         if own_store is not None:
@@ -298,7 +299,8 @@ def _run(
         out,
         state.get("catalogs"),
         shard_bytes=opts.shard_bytes,
-        tokenizer_source=cfg.tokenizer_source if cfg else None,
+        tokenizer_source=cfg.vocabulary_source() if cfg else None,
+        add_tokens=tuple(cfg.tokenizer.tokens or ()) if cfg and cfg.tokenizer else (),
         chat_template=cfg.chat_template if cfg else None,
         outdir=state.get("outdir"),
         pins=state.get("pins"),

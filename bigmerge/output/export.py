@@ -65,6 +65,7 @@ def export(
     tokenizer_source: str | None = None,
     chat_template: str | None = None,
     outdir: OutputDir | None = None,
+    add_tokens: tuple[str, ...] = (),
     pins: dict[str, dict[str, Any]] | None = None,
     pin_mode: str = "stat",
     config_text: str | None = None,
@@ -85,6 +86,7 @@ def export(
             outdir,
             (pins or {}, pin_mode),
             config_text,
+            add_tokens,
         )
     comm.barrier()
     return manifest
@@ -102,6 +104,7 @@ def _finish(
     outdir: OutputDir | None,
     sources: tuple[dict[str, dict[str, Any]], str],
     config_text: str | None = None,
+    add_tokens: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """config.json, the tokenizer, the index and, last, the manifest: each written whole under
     its name (a temporary name renamed; on object storage read back and compared) and recorded
@@ -140,10 +143,10 @@ def _finish(
             write("generation_config.json", gen.read_bytes(), "config")
     tok_ref = base_ref if tokenizer_source in (None, "base") else tokenizer_source
     tok_root = by_ref[tok_ref].root if tok_ref in by_ref else location(tok_ref, out.storage_options)
-    if tokenizer_source == "union" and catalogs:
-        # the union is built from every source's tokenizer, exactly as the plan built it
-        union_base = plan.models[plan.base_index] if plan.base_index is not None else plan.models[0]
-        tok, _, _ = build_tokenizer("union", union_base, plan.models, by_ref, out.storage_options)
+    if tokenizer_source is not None and (tokenizer_source == "union" or add_tokens) and catalogs:
+        # the union (or a vocabulary with added tokens) is built exactly as the plan built it
+        tok_base = plan.models[plan.base_index] if plan.base_index is not None else plan.models[0]
+        tok, _, _ = build_tokenizer(tokenizer_source, tok_base, plan.models, by_ref, out.storage_options, add_tokens)
         save_tokenizer(tok, lambda name, data: write(name, data, "tokenizer"))
     elif tok_root is not None:
         for fname in TOKENIZER_FILES:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from bigmerge.errors import ConfigError
 
@@ -54,6 +54,48 @@ class OutputSlice(_Strict):
     parameters: Parameters | None = None
 
 
+class ModelTokenEmbedding(_Strict):
+    """A token's row taken from a model's own vocabulary: by id, or by the token's text there."""
+
+    kind: Literal["model_token"]
+    model: str
+    token_id: int | None = None
+    token: str | None = None
+
+    @model_validator(mode="after")
+    def _one_of(self) -> ModelTokenEmbedding:
+        if (self.token_id is None) == (self.token is None):
+            raise ValueError("give exactly one of token_id or token")
+        return self
+
+
+class ZeroEmbedding(_Strict):
+    kind: Literal["zero"]
+
+
+class TokenEmbedding(_Strict):
+    """How a token's embedding (and LM head) row is made: mergekit's `tokenizer.tokens.<tok>`."""
+
+    source: ModelTokenEmbedding | ZeroEmbedding | str | None = None
+    force: bool = False
+
+
+class TokenizerConfig(_Strict):
+    """mergekit's `tokenizer:` block: the output vocabulary (`union` by default, as mergekit),
+    tokens added to it with the rows they start from, and padding to a multiple."""
+
+    source: str = "union"
+    tokens: dict[str, TokenEmbedding] | None = None
+    pad_to_multiple_of: int | None = None
+
+    @field_validator("pad_to_multiple_of")
+    @classmethod
+    def _positive(cls, v: int | None) -> int | None:
+        if v is not None and v < 1:
+            raise ValueError("must be a positive integer")
+        return v
+
+
 DTYPE_NAMES = {
     "float32": "F32",
     "fp32": "F32",
@@ -78,6 +120,7 @@ class MergeConfig(_Strict):
     dtype: str | None = None
     out_dtype: str | None = None
     tokenizer_source: str | None = None
+    tokenizer: TokenizerConfig | None = None
     chat_template: str | None = None
     name: str | None = None
     # bigmerge's own keys
@@ -90,6 +133,13 @@ class MergeConfig(_Strict):
         if v is not None and v not in DTYPE_NAMES:
             raise ValueError(f"unknown dtype {v!r}; expected one of float32, bfloat16, float16, float64")
         return v
+
+    def vocabulary_source(self) -> str | None:
+        """Where the output vocabulary comes from (`tokenizer_source`, or the `tokenizer:` block's
+        source); None keeps the sources' vocabulary untouched."""
+        if self.tokenizer is not None:
+            return self.tokenizer.source
+        return self.tokenizer_source
 
     def model_refs(self) -> list[str]:
         """Every source in merge order: the listed models, then the base if it is not listed."""
@@ -128,6 +178,9 @@ def _format_loc(loc: tuple[Any, ...]) -> str:
                 "float",
                 "bool",
                 "ConditionalParameter",
+                "ModelTokenEmbedding",
+                "ZeroEmbedding",
+                "TokenEmbedding",
             )
         ):
             parts.append(("." if parts else "") + item)
@@ -149,6 +202,8 @@ def parse_config(data: Any, source: str = "config") -> MergeConfig:
         raise ConfigError(f"{source}: bad value for {where!r}: {err['msg']}") from None
     if bool(cfg.models) == bool(cfg.slices):
         raise ConfigError(f"{source}: exactly one of 'models' or 'slices' must be given")
+    if cfg.tokenizer_source is not None and cfg.tokenizer is not None:
+        raise ConfigError(f"{source}: give either 'tokenizer_source' or 'tokenizer', not both (as mergekit)")
     _check_duplicates(cfg, source)
     return cfg
 
