@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ctypes
+import dataclasses
+import functools
 import posixpath
 import resource
 import sys
@@ -12,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from bigmerge import errors
 from bigmerge.engine.comm import Comm
@@ -42,11 +45,13 @@ from bigmerge.output.outdir import (
     check_store,
     pin_sources,
     relation,
+    remove_output,
 )
 from bigmerge.output.zarr_store import PLAN_FILE, BlockStore
 from bigmerge.planning.catalog import ModelCatalog, catalog_models
-from bigmerge.planning.config import MergeConfig, load_config
+from bigmerge.planning.config import MergeConfig, load_config, parse_config, read_yaml_documents
 from bigmerge.planning.plan import DEFAULT_BLOCK_BYTES, Plan, build_plan
+from bigmerge.planning.stages import Stage, plan_stages, scratch_dir
 from bigmerge.planning.vocab import TOKENIZER_FILES
 from bigmerge.storage.fs import Location, location, retries_done
 
@@ -68,6 +73,7 @@ class MergeOptions:
     device: str = "cpu"
     allow_nonfinite: bool = False
     allow_bin: bool = False  # pickle checkpoints, converted under OUT/.bigmerge-bin-cache
+    intermediate_dir: str | None = None  # multi-document configs: where named merges are kept (else scratch)
     verify_sources: str = "stat"  # stat: size/mtime/inode or ETag/version; hash: also a CRC-32C of every byte
 
 
@@ -173,6 +179,80 @@ def check_unchanged(pins: dict[str, dict[str, Any]], storage_options: dict[str, 
 
 
 def run_merge(config_path: str, out_url: str, comm: Comm, opts: MergeOptions) -> dict[str, Any]:
+    """Merge the config at config_path into out_url; a multi-document config (mergekit-multi)
+    runs its merges in order, each one a whole merge with OUT's rules (bigmerge.planning.stages)."""
+    stages = _collective(comm, lambda: _stages(config_path, out_url, opts))
+    if stages is None:
+        return _run_merge(config_path, None, out_url, comm, opts)
+    log = _logger(comm, opts.quiet)
+    summary: dict[str, Any] = {}
+    for k, stage in enumerate(stages):
+        log(f"{stage.label} ({k + 1} of {len(stages)}) -> {stage.out}")
+        if not stage.final and _collective(comm, functools.partial(_finished_stage, config_path, stage)):
+            log(f"{stage.label}: {stage.out} already holds it (same config, sources unchanged); reused")
+            continue
+        # an intermediate merge keeps its store under its own OUT (one --store cannot serve two merges)
+        stage_opts = opts if stage.final else dataclasses.replace(opts, store=None)
+        summary = _run_merge(config_path, stage, stage.out, comm, stage_opts)
+    if opts.intermediate_dir is None:
+        _collective(comm, lambda: _remove_scratch(stages, out_url, opts))
+    summary["stages"] = [s.name for s in stages]
+    return summary
+
+
+def _stages(config_path: str, out_url: str, opts: MergeOptions) -> list[Stage] | None:
+    """The merges of a multi-document config in order; None for a plain (one-document) config."""
+    docs = read_yaml_documents(config_path)
+    if len(docs) <= 1:
+        return None
+    stages = plan_stages(docs, config_path, out_url, opts.intermediate_dir)
+    # Every merge's OUT apart from every input of every merge, before the first one writes: a
+    # model that only a later merge reads must not receive an earlier merge's output either.
+    outs = {s.out for s in stages}
+    inputs: list[tuple[str, str]] = []
+    for s in stages:
+        cfg = _stage_config(config_path, s)
+        inputs += [(kind, ref) for kind, ref in config_inputs(cfg) if ref not in outs]
+        check_distinct_sources(cfg.model_refs(), cfg.storage_options)
+    final_opts = _stage_config(config_path, stages[-1]).storage_options  # the final merge runs last
+    for s in stages:
+        check_apart(location(s.out, final_opts), None, inputs, final_opts)
+    return stages
+
+
+def _stage_config(config_path: str, stage: Stage) -> MergeConfig:
+    return parse_config(stage.config, f"{config_path} ({stage.label})")
+
+
+def _finished_stage(config_path: str, stage: Stage) -> bool:
+    """An intermediate merge already finished in its OUT from this very config and unchanged
+    sources (mergekit-multi's lazy reuse; a rerun after a failure in a later merge)."""
+    cfg = _stage_config(config_path, stage)
+    outdir = OutputDir(location(stage.out, cfg.storage_options))
+    if not outdir.out.exists() or not outdir.finished():
+        return False
+    rec = outdir.read_record()
+    if rec is None or rec.get("config") != cfg.fingerprint():
+        return False
+    pins = rec.get("sources") or {}
+    return changed_source(pins, pin_sources(list(pins), cfg.storage_options, "stat")) is None
+
+
+def _remove_scratch(stages: list[Stage], out_url: str, opts: MergeOptions) -> None:
+    """The intermediate merges in scratch, once the final one is done: only what bigmerge wrote."""
+    storage_options = None
+    for stage in stages:
+        if stage.final:
+            storage_options = parse_config(stage.config, "config").storage_options
+    for stage in stages:
+        if not stage.final:
+            remove_output(location(stage.out, storage_options))
+    scratch = location(scratch_dir(out_url), storage_options)
+    if scratch.exists() and not scratch.listdir():
+        scratch.remove(recursive=True)
+
+
+def _run_merge(config_path: str, stage: Stage | None, out_url: str, comm: Comm, opts: MergeOptions) -> dict[str, Any]:
     t0 = time.perf_counter()
     retries0 = retries_done()  # the counter is per process; this run's share is the difference
     log = _logger(comm, opts.quiet)
@@ -182,7 +262,7 @@ def run_merge(config_path: str, out_url: str, comm: Comm, opts: MergeOptions) ->
     state: dict[str, Any] = {}
     held: list[OutputLock] = []  # rank 0's lock on OUT, released however the run ends
     try:
-        return _run(config_path, out_url, comm, opts, t0, retries0, log, device, state, held)
+        return _run(config_path, stage, out_url, comm, opts, t0, retries0, log, device, state, held)
     finally:
         for lock in held:
             lock.release()
@@ -190,6 +270,7 @@ def run_merge(config_path: str, out_url: str, comm: Comm, opts: MergeOptions) ->
 
 def _run(
     config_path: str,
+    stage: Stage | None,
     out_url: str,
     comm: Comm,
     opts: MergeOptions,
@@ -202,8 +283,16 @@ def _run(
 ) -> dict[str, Any]:
 
     def prepare() -> tuple[str, str, str]:
-        cfg = load_config(config_path)
-        state["config_text"] = Path(config_path).read_text(encoding="utf-8")  # the recipe, written beside the weights
+        if stage is None:
+            cfg = load_config(config_path)
+            state["config_text"] = Path(config_path).read_text(
+                encoding="utf-8"
+            )  # the recipe, written beside the weights
+        else:
+            cfg = _stage_config(config_path, stage)
+            state["config_text"] = yaml.safe_dump(
+                stage.config, sort_keys=False
+            )  # this merge's recipe, sources resolved
         opts_s = cfg.storage_options
         out = location(out_url, opts_s)
         store_loc = location(opts.store, opts_s) if opts.store else out.join(STORE_DIR)

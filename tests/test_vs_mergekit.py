@@ -54,7 +54,7 @@ def _ulps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (ia - ib).abs()
 
 
-def _tie_positions(name: str, cfg: dict, fam: dict[str, Path], resolved: dict) -> torch.Tensor:
+def _tie_positions(name: str, fam: dict[str, Path], resolved: dict) -> torch.Tensor:
     """Where some source's |delta| equals its top-k threshold in mergekit's compute dtype."""
     info = resolved[name]
     dt = getattr(torch, info["compute_dtype"])
@@ -182,19 +182,21 @@ def _check_padding(tname: str, a: torch.Tensor, b: torch.Tensor, vocab: int, src
     return keep
 
 
-@pytest.mark.parametrize("name", CONFIGS)
-def test_same_tensors_as_mergekit(name: str, families: dict[str, dict[str, Path]], tmp_path: Path) -> None:
-    cfg = MANIFEST["configs"][name]
-    fam = families[cfg["family"]]
-    actual = {rel: sha256_file(p) for rel, p in family_files(fam)}
-    stale = [k for k, v in cfg["fixture_sha256"].items() if actual.get(k) != v]
-    assert not stale, f"fixtures changed since the golden files were made ({stale[:3]}): rerun tools/make_golden.py"
-
-    text = (GOLDEN / cfg["config"]).read_text().format(**{k: str(v) for k, v in fam.items()})
-    ours = merge_tensors(text, tmp_path / "out", block_bytes=4096)
-    theirs = load_file(str(GOLDEN / f"{name}.safetensors"))
+def compare_with_mergekit(
+    rule: str,
+    ours: dict[str, torch.Tensor],
+    theirs: dict[str, torch.Tensor],
+    resolved: dict,
+    fam: dict[str, Path],
+    models: list[str],
+    padded_vocab: int | None = None,
+) -> None:
+    """bigmerge's output against mergekit's, tensor by tensor, within what each kind of method
+    allows (see the module docstring). `rule` picks the allowance: a golden case's name here, a
+    merge_method in the corpus test (the same prefixes: ties, breadcrumbs, sce, slerp, ...);
+    `padded_vocab`: the vocabulary's size before `tokenizer.pad_to_multiple_of` padding."""
+    name = rule
     assert sorted(ours) == sorted(theirs)
-    resolved = json.loads((GOLDEN / "resolved" / f"{name}.json").read_text())
     total = differing_at_ties = 0
     for tname in theirs:
         a, b = ours[tname], theirs[tname]
@@ -204,7 +206,7 @@ def test_same_tensors_as_mergekit(name: str, families: dict[str, dict[str, Path]
         if name.startswith(SELECTING):
             differing_at_ties += _check_selecting(tname, a, b, ulps, fam, resolved[tname])
         elif "ties" in name and resolved[tname].get("topk"):
-            ties = _tie_positions(tname, cfg, fam, resolved)
+            ties = _tie_positions(tname, fam, resolved)
             off = ~ties
             if resolved[tname]["params"].get("rescale"):
                 # The L1 rescale factor: bigmerge sums |delta| exactly (float64, block by block),
@@ -217,9 +219,9 @@ def test_same_tensors_as_mergekit(name: str, families: dict[str, dict[str, Path]
                 )
             differing_at_ties += int((ulps[ties] > 1).sum())
         elif _statistics_ulps(name) is not None:
-            _check_statistics(name, tname, a, b, [fam[m] for m in cfg["models"]])
-        elif name in PADDED_VOCAB and a.dim() == 2 and a.shape[0] > PADDED_VOCAB[name]:
-            kept = _check_padding(tname, a, b, PADDED_VOCAB[name], [fam[m] for m in cfg["models"]])
+            _check_statistics(name, tname, a, b, [fam[m] for m in models])
+        elif padded_vocab is not None and a.dim() == 2 and a.shape[0] > padded_vocab:
+            kept = _check_padding(tname, a, b, padded_vocab, [fam[m] for m in models])
             assert int(ulps[kept].max()) <= 1, f"{tname}: {int(ulps[kept].max())} ulps away from mergekit"
         else:
             assert int(ulps.max()) <= 1, f"{tname}: {int(ulps.max())} ulps away from mergekit"
@@ -227,6 +229,21 @@ def test_same_tensors_as_mergekit(name: str, families: dict[str, dict[str, Path]
     # large on these bf16 toys, whose deltas take few distinct values; it is reported here.
     if differing_at_ties:
         print(f"{name}: {differing_at_ties} of {total} elements differ, all at top-k ties")
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_same_tensors_as_mergekit(name: str, families: dict[str, dict[str, Path]], tmp_path: Path) -> None:
+    cfg = MANIFEST["configs"][name]
+    fam = families[cfg["family"]]
+    actual = {rel: sha256_file(p) for rel, p in family_files(fam)}
+    stale = [k for k, v in cfg["fixture_sha256"].items() if actual.get(k) != v]
+    assert not stale, f"fixtures changed since the golden files were made ({stale[:3]}): rerun tools/make_golden.py"
+
+    text = (GOLDEN / cfg["config"]).read_text().format(**{k: str(v) for k, v in fam.items()})
+    ours = merge_tensors(text, tmp_path / "out", block_bytes=4096)
+    theirs = load_file(str(GOLDEN / f"{name}.safetensors"))
+    resolved = json.loads((GOLDEN / "resolved" / f"{name}.json").read_text())
+    compare_with_mergekit(name, ours, theirs, resolved, fam, cfg["models"], PADDED_VOCAB.get(name))
     # config.json and tokenizer come along, with the output dtype recorded
     out_cfg = json.loads((tmp_path / "out" / "config.json").read_text())
     assert out_cfg.get("dtype", out_cfg.get("torch_dtype")) == str(next(iter(ours.values())).dtype).replace(

@@ -274,6 +274,64 @@ def load_yaml_bounded(text: str, source: str) -> Any:
             loader.dispose()
 
 
+def load_yaml_documents(text: str, source: str) -> list[Any]:
+    """Every document of a YAML stream (`---` between them), with load_yaml_bounded's bounds
+    (the node count over all documents together)."""
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{source}: {len(text)} bytes; a config may have at most {MAX_CONFIG_BYTES}")
+    loader: _BoundedLoader | None = None
+    docs: list[Any] = []
+    nodes = 0
+    try:
+        loader = _BoundedLoader(text)
+        while loader.check_node():
+            node = loader.get_node()
+            if node is None:
+                continue
+            _check_yaml_size(node, source)
+            nodes += sum(1 for _ in _walk(node))
+            if nodes > MAX_YAML_NODES:
+                raise ConfigError(f"{source}: more than {MAX_YAML_NODES} values over its documents; refused")
+            docs.append(loader.construct_document(node))
+        return docs
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
+        raise ConfigError(f"{source}: not valid YAML{at}: {problem}") from None
+    except (RecursionError, _TooDeep):
+        raise ConfigError(f"{source}: nests more than {MAX_YAML_DEPTH} levels deep; refused") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
+def _walk(root: yaml.Node) -> Iterator[yaml.Node]:
+    """Each distinct node of a document once (its size is bounded by _check_yaml_size first)."""
+    seen: set[int] = set()
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        yield node
+        if isinstance(node, yaml.SequenceNode):
+            stack.extend(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            stack.extend(n for pair in node.value for n in pair)
+
+
+def read_yaml_documents(path: str | Path) -> list[Any]:
+    """A YAML file's documents; errors as read_yaml's."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read config: {exc.strerror}") from None
+    return load_yaml_documents(text, str(p))
+
+
 class _TooDeep(Exception):
     pass
 
