@@ -96,6 +96,15 @@ class TokenizerConfig(_Strict):
         return v
 
 
+class OutputModule(_Strict):
+    """One module of mergekit's `modules:` form: its own models or slices, and parameters that
+    rank between the slice's and the global ones."""
+
+    models: list[InputModel] | None = None
+    slices: list[OutputSlice] | None = None
+    parameters: Parameters | None = None
+
+
 DTYPE_NAMES = {
     "float32": "F32",
     "fp32": "F32",
@@ -116,6 +125,7 @@ class MergeConfig(_Strict):
     base_model: str | None = None
     models: list[InputModel] | None = None
     slices: list[OutputSlice] | None = None
+    modules: dict[str, OutputModule] | None = None
     parameters: Parameters | None = None
     dtype: str | None = None
     out_dtype: str | None = None
@@ -200,12 +210,37 @@ def parse_config(data: Any, source: str = "config") -> MergeConfig:
         if err["type"] == "missing":
             raise ConfigError(f"{source}: missing required key {where!r}") from None
         raise ConfigError(f"{source}: bad value for {where!r}: {err['msg']}") from None
-    if bool(cfg.models) == bool(cfg.slices):
-        raise ConfigError(f"{source}: exactly one of 'models' or 'slices' must be given")
+    if sum(bool(x) for x in (cfg.models, cfg.slices, cfg.modules)) != 1:
+        raise ConfigError(f"{source}: exactly one of 'models', 'slices' or 'modules' must be given")
+    if cfg.modules:
+        cfg = _from_modules(cfg, source)
     if cfg.tokenizer_source is not None and cfg.tokenizer is not None:
         raise ConfigError(f"{source}: give either 'tokenizer_source' or 'tokenizer', not both (as mergekit)")
     _check_duplicates(cfg, source)
     return cfg
+
+
+def _from_modules(cfg: MergeConfig, source: str) -> MergeConfig:
+    """mergekit's `modules:` form as the plain form. A one-module model (mergekit names its
+    module `default`: every decoder-only architecture) is the plain form with the module's
+    parameters ranked between the slice's and the global ones. Several modules (multimodal
+    models: a text decoder, a vision tower, a projector under their own tensor-name prefixes)
+    need mergekit's architecture tables, which bigmerge does not carry: refused in one line."""
+    assert cfg.modules
+    names = sorted(cfg.modules)
+    if names != ["default"]:
+        raise ConfigError(
+            f"{source}: modules {', '.join(repr(n) for n in names)}: bigmerge merges one-module models only "
+            "(mergekit's module 'default'); merge a multimodal model's modules with the plain form, "
+            "one config per tensor-name prefix"
+        )
+    module = cfg.modules["default"]
+    if bool(module.models) == bool(module.slices):
+        raise ConfigError(f"{source}: modules.default: exactly one of 'models' or 'slices' must be given")
+    params = {**(cfg.parameters or {}), **(module.parameters or {})} or None
+    return cfg.model_copy(
+        update={"modules": None, "models": module.models, "slices": module.slices, "parameters": params}
+    )
 
 
 def _check_duplicates(cfg: MergeConfig, source: str) -> None:
