@@ -54,16 +54,23 @@ def _ulps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (ia - ib).abs()
 
 
-def _tie_positions(name: str, fam: dict[str, Path], resolved: dict) -> torch.Tensor:
-    """Where some source's |delta| equals its top-k threshold in mergekit's compute dtype."""
+def _tie_positions(name: str, fam: dict[str, Path], resolved: dict, shape: torch.Size) -> torch.Tensor:
+    """Where some source's |delta| equals its top-k threshold in mergekit's compute dtype (of
+    shape `shape`, the output's). Vocabulary tensors whose sources differ in rows (a union or
+    padded vocabulary): the rows all sources share are compared as they are, the others (added
+    tokens, padding: a few rows) count as ties, the tensors mergekit ranked not being at hand."""
     info = resolved[name]
     dt = getattr(torch, info["compute_dtype"])
     srcs = {k: load_output(fam[k])[name] for k in info["inputs"]}
-    base = srcs[info["base"]].to(dt)
-    ties = torch.zeros(base.shape, dtype=torch.bool)
+    rows = min(t.shape[0] for t in srcs.values()) if srcs else 0
+    base = srcs[info["base"]].to(dt)[:rows]
+    ties = torch.zeros(shape, dtype=torch.bool)
+    ties[rows:] = True
     for model, tk in (info.get("topk") or {}).items():
-        delta = (srcs[model].to(dt) - base).abs().float()
-        ties |= delta == tk["threshold"]
+        if tk is None:  # density 1: nothing dropped, no boundary
+            continue
+        delta = (srcs[model].to(dt)[:rows] - base).abs().float()
+        ties[:rows] |= delta == tk["threshold"]
     return ties
 
 
@@ -206,7 +213,7 @@ def compare_with_mergekit(
         if name.startswith(SELECTING):
             differing_at_ties += _check_selecting(tname, a, b, ulps, fam, resolved[tname])
         elif "ties" in name and resolved[tname].get("topk"):
-            ties = _tie_positions(tname, fam, resolved)
+            ties = _tie_positions(tname, fam, resolved, a.shape)
             off = ~ties
             if resolved[tname]["params"].get("rescale"):
                 # The L1 rescale factor: bigmerge sums |delta| exactly (float64, block by block),

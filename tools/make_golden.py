@@ -286,7 +286,15 @@ class MergekitRefused(Exception):
 
 def run_mergekit(mergekit: Path, config: Path, out: Path, *, probe_log: Path | None) -> float:
     python = mergekit.parent / "python"
-    if probe_log is not None:
+    if len([d for d in yaml.safe_load_all(config.read_text()) if d is not None]) > 1:
+        # several documents: mergekit-multi, intermediates beside OUT, the final (unnamed) one in
+        # OUT; no probe (the resolved records are left empty)
+        multi = mergekit.parent / "mergekit-multi"
+        cmd = [str(multi), str(config), "--intermediate-dir", str(out.parent / "inter"), "--out-path", str(out)]
+        cmd += MERGEKIT_ARGS
+        if probe_log is not None:
+            probe_log.write_text("[]")
+    elif probe_log is not None:
         probe = out.parent / "probe.py"
         probe.write_text(PROBE)
         cmd = [str(python), str(probe), str(probe_log), str(config), str(out), *MERGEKIT_ARGS]
@@ -297,6 +305,9 @@ def run_mergekit(mergekit: Path, config: Path, out: Path, *, probe_log: Path | N
     if proc.returncode != 0:
         lines = [ln.strip() for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()]
         raise MergekitRefused(lines[-1] if lines else f"exit status {proc.returncode}")
+    if not out.exists():  # mergekit-multi with every merge named: the last one is the final output
+        last = [d for d in yaml.safe_load_all(config.read_text()) if d is not None][-1]["name"]
+        shutil.move(str(out.parent / "inter" / last), str(out))
     return time.perf_counter() - t0
 
 
@@ -514,7 +525,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         # Drop goldens of configs that no longer exist, so the directory matches the manifest.
         keep = {c.name for c in all_cases}
-        for pattern in ("*.safetensors", "configs/*.yaml", "resolved/*.json"):
+        # (with --cases the templates are the input: never removed)
+        for pattern in (
+            ("*.safetensors", "resolved/*.json") if a.cases else ("*.safetensors", "configs/*.yaml", "resolved/*.json")
+        ):
             for f in golden.glob(pattern):
                 if f.name.split(".")[0] not in keep:
                     f.unlink()
