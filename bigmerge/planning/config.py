@@ -170,7 +170,11 @@ class MergeConfig(_Strict):
         return None
 
     def fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+        # keys added later count only when set, so a config's fingerprint (and the resume of its
+        # interrupted merge) does not change with the version of bigmerge
+        later = {k for k in ("tokenizer", "modules") if getattr(self, k) is None}
+        data = self.model_dump(mode="json", exclude=later)
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
 def _format_loc(loc: tuple[Any, ...]) -> str:
