@@ -51,7 +51,7 @@ from bigmerge.output.zarr_store import PLAN_FILE, BlockStore
 from bigmerge.planning.catalog import ModelCatalog, catalog_models
 from bigmerge.planning.config import MergeConfig, load_config, parse_config, read_yaml_documents
 from bigmerge.planning.plan import DEFAULT_BLOCK_BYTES, Plan, build_plan
-from bigmerge.planning.stages import Stage, plan_stages, scratch_dir
+from bigmerge.planning.stages import Stage, plan_stages, scratch_dir, skipped_stages
 from bigmerge.planning.vocab import TOKENIZER_FILES
 from bigmerge.storage.fs import Location, location, retries_done
 
@@ -181,10 +181,15 @@ def check_unchanged(pins: dict[str, dict[str, Any]], storage_options: dict[str, 
 def run_merge(config_path: str, out_url: str, comm: Comm, opts: MergeOptions) -> dict[str, Any]:
     """Merge the config at config_path into out_url; a multi-document config (mergekit-multi)
     runs its merges in order, each one a whole merge with OUT's rules (bigmerge.planning.stages)."""
-    stages = _collective(comm, lambda: _stages(config_path, out_url, opts))
-    if stages is None:
+    planned = _collective(comm, lambda: _stages(config_path, out_url, opts))
+    if planned is None:
         return _run_merge(config_path, None, out_url, comm, opts)
+    stages, skipped = planned
     log = _logger(comm, opts.quiet)
+    if skipped:
+        log(
+            f"warning: the final merge does not need {', '.join(map(repr, skipped))}: not merged (--intermediate-dir keeps every merge)"
+        )
     summary: dict[str, Any] = {}
     for k, stage in enumerate(stages):
         log(f"{stage.label} ({k + 1} of {len(stages)}) -> {stage.out}")
@@ -200,8 +205,9 @@ def run_merge(config_path: str, out_url: str, comm: Comm, opts: MergeOptions) ->
     return summary
 
 
-def _stages(config_path: str, out_url: str, opts: MergeOptions) -> list[Stage] | None:
-    """The merges of a multi-document config in order; None for a plain (one-document) config."""
+def _stages(config_path: str, out_url: str, opts: MergeOptions) -> tuple[list[Stage], list[str]] | None:
+    """The merges of a multi-document config in order, and those left out; None for a plain
+    (one-document) config."""
     docs = read_yaml_documents(config_path)
     if len(docs) <= 1:
         return None
@@ -217,7 +223,7 @@ def _stages(config_path: str, out_url: str, opts: MergeOptions) -> list[Stage] |
     final_opts = _stage_config(config_path, stages[-1]).storage_options  # the final merge runs last
     for s in stages:
         check_apart(location(s.out, final_opts), None, inputs, final_opts)
-    return stages
+    return stages, skipped_stages(docs, stages)
 
 
 def _stage_config(config_path: str, stage: Stage) -> MergeConfig:

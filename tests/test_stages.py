@@ -208,3 +208,15 @@ def test_stages_on_2_ranks_to_s3_match_local(
     fs.get("out-bkt/multi", str(tmp_path / "got"), recursive=True)
     assert not fs.exists("out-bkt/multi.bigmerge-stages")  # scratch on S3, removed too
     assert_bit_identical(load_output(tmp_path / "ref"), load_output(tmp_path / "got"))
+
+
+def test_unneeded_merges_are_skipped_and_plan_says_what_runs_them(fam: dict[str, Path], tmp_path: Path) -> None:
+    cfg = tmp_path / "multi.yaml"
+    extra = "name: unused\nmerge_method: linear\nmodels:\n  - model: {ft1}\n  - model: {ft2}\n---\n"
+    cfg.write_text(_fmt(extra + MULTI, fam))
+    proc = bigmerge("merge", str(cfg), str(tmp_path / "final"), "--block-size", "4096")
+    assert proc.returncode == 0, proc.stderr
+    assert "does not need 'unused': not merged" in proc.stderr
+    plan = bigmerge("plan", str(cfg))
+    assert plan.returncode == 2 and "several YAML documents" in plan.stderr
+    assert len(plan.stderr.strip().splitlines()) == 1

@@ -305,6 +305,11 @@ def load_yaml_bounded(text: str, source: str) -> Any:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark is not None else ""
         problem = " ".join(str(getattr(exc, "problem", None) or exc).split())  # one line, whatever PyYAML says
+        if "found another document" in problem:
+            raise ConfigError(
+                f"{source}: several YAML documents (a mergekit-multi config{at}): `bigmerge merge` runs them; "
+                "this command reads one merge"
+            ) from None
         raise ConfigError(f"{source}: not valid YAML{at}: {problem}") from None
     except (RecursionError, _TooDeep):
         raise ConfigError(f"{source}: nests more than {MAX_YAML_DEPTH} levels deep; refused") from None
