@@ -190,6 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--keep-store", action="store_true", help="keep the zarr store (or the direct writer's journal) after export"
     )
     m.add_argument(
+        "--intermediate-dir",
+        default=None,
+        help="multi-document configs (mergekit-multi): keep each named merge here as DIR/NAME (default: in "
+        "scratch beside OUT, OUT.bigmerge-stages/, removed once the final merge is done)",
+    )
+    m.add_argument(
         "--overwrite",
         action="store_true",
         help="replace a finished merge, or a partial merge of another config, at OUT",
@@ -520,6 +526,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         allow_nonfinite=args.allow_nonfinite,
         allow_bin=args.allow_bin,
         verify_sources=args.verify_sources,
+        intermediate_dir=args.intermediate_dir,
     )
     run_merge(args.config, args.out, get_comm(), opts)
     return 0

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ctypes
+import dataclasses
+import functools
 import posixpath
 import resource
 import sys
@@ -12,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from bigmerge import errors
 from bigmerge.engine.comm import Comm
@@ -43,12 +46,14 @@ from bigmerge.output.outdir import (
     check_store,
     pin_sources,
     relation,
+    remove_output,
 )
 from bigmerge.output.zarr_store import PLAN_FILE, BlockStore
 from bigmerge.planning.catalog import ModelCatalog, catalog_models
-from bigmerge.planning.config import MergeConfig, load_config
+from bigmerge.planning.config import MergeConfig, load_config, parse_config, read_yaml_documents
 from bigmerge.planning.lora import split_ref, term_files
 from bigmerge.planning.plan import DEFAULT_BLOCK_BYTES, Plan, build_plan
+from bigmerge.planning.stages import Stage, plan_stages, scratch_dir, skipped_stages
 from bigmerge.planning.vocab import TOKENIZER_FILES
 from bigmerge.storage.fs import Location, location, retries_done
 from bigmerge.storage.safetensors import DTYPES
@@ -71,6 +76,7 @@ class MergeOptions:
     device: str = "cpu"
     allow_nonfinite: bool = False
     allow_bin: bool = False  # pickle checkpoints, converted under OUT/.bigmerge-bin-cache
+    intermediate_dir: str | None = None  # multi-document configs: where named merges are kept (else scratch)
     verify_sources: str = "stat"  # stat: size/mtime/inode or ETag/version; hash: also a CRC-32C of every byte
     # mergekit's --out-shard-size: parameters per output file (shard_bytes = that times the output dtype's bytes)
     shard_params: int | None = None
@@ -160,8 +166,9 @@ def config_inputs(cfg: MergeConfig) -> list[tuple[str, str]]:
         inputs.append(("source model", base))
         if adapter is not None:
             inputs.append(("LoRA adapter", adapter))
-    if cfg.tokenizer_source not in (None, "base", "union"):
-        inputs.append(("tokenizer_source", str(cfg.tokenizer_source)))
+    source = cfg.vocabulary_source()
+    if source not in (None, "base", "union"):
+        inputs.append(("tokenizer_source", str(source)))
     return inputs
 
 
@@ -231,7 +238,87 @@ class RankReport:
 
 
 def run_merge(config_path: str, out_url: str, comm: Comm, opts: MergeOptions) -> dict[str, Any]:
-    """Plan on rank 0, broadcast, execute on every rank, check the sources, export; the summary."""
+    """Merge the config at config_path into out_url; a multi-document config (mergekit-multi)
+    runs its merges in order, each one a whole merge with OUT's rules (bigmerge.planning.stages)."""
+    planned = _collective(comm, lambda: _stages(config_path, out_url, opts))
+    if planned is None:
+        return _run_merge(config_path, None, out_url, comm, opts)
+    stages, skipped = planned
+    log = Log(rank=comm.rank, quiet=opts.quiet)
+    if skipped:
+        log.warning(
+            f"the final merge does not need {', '.join(map(repr, skipped))}: not merged (--intermediate-dir keeps every merge)"
+        )
+    summary: dict[str, Any] = {}
+    for k, stage in enumerate(stages):
+        log(f"{stage.label} ({k + 1} of {len(stages)}) -> {stage.out}")
+        if not stage.final and _collective(comm, functools.partial(_finished_stage, config_path, stage)):
+            log(f"{stage.label}: {stage.out} already holds it (same config, sources unchanged); reused")
+            continue
+        # an intermediate merge keeps its store under its own OUT (one --store cannot serve two merges)
+        stage_opts = opts if stage.final else dataclasses.replace(opts, store=None)
+        summary = _run_merge(config_path, stage, stage.out, comm, stage_opts)
+    if opts.intermediate_dir is None:
+        _collective(comm, lambda: _remove_scratch(stages, out_url, opts))
+    summary["stages"] = [s.name for s in stages]
+    return summary
+
+
+def _stages(config_path: str, out_url: str, opts: MergeOptions) -> tuple[list[Stage], list[str]] | None:
+    """The merges of a multi-document config in order, and those left out; None for a plain
+    (one-document) config."""
+    docs = read_yaml_documents(config_path)
+    if len(docs) <= 1:
+        return None
+    stages = plan_stages(docs, config_path, out_url, opts.intermediate_dir)
+    # Every merge's OUT apart from every input of every merge, before the first one writes: a
+    # model that only a later merge reads must not receive an earlier merge's output either.
+    outs = {s.out for s in stages}
+    inputs: list[tuple[str, str]] = []
+    for s in stages:
+        cfg = _stage_config(config_path, s)
+        inputs += [(kind, ref) for kind, ref in config_inputs(cfg) if ref not in outs]
+        check_distinct_sources(cfg.model_refs(), cfg.storage_options)
+    final_opts = _stage_config(config_path, stages[-1]).storage_options  # the final merge runs last
+    for s in stages:
+        check_apart(location(s.out, final_opts), None, inputs, final_opts)
+    return stages, skipped_stages(docs, stages)
+
+
+def _stage_config(config_path: str, stage: Stage) -> MergeConfig:
+    return parse_config(stage.config, f"{config_path} ({stage.label})")
+
+
+def _finished_stage(config_path: str, stage: Stage) -> bool:
+    """An intermediate merge already finished in its OUT from this very config and unchanged
+    sources (mergekit-multi's lazy reuse; a rerun after a failure in a later merge)."""
+    cfg = _stage_config(config_path, stage)
+    outdir = OutputDir(location(stage.out, cfg.storage_options))
+    if not outdir.out.exists() or not outdir.finished():
+        return False
+    rec = outdir.read_record()
+    if rec is None or rec.get("config") != cfg.fingerprint():
+        return False
+    pins = rec.get("sources") or {}
+    return changed_source(pins, pin_sources(list(pins), cfg.storage_options, "stat")) is None
+
+
+def _remove_scratch(stages: list[Stage], out_url: str, opts: MergeOptions) -> None:
+    """The intermediate merges in scratch, once the final one is done: only what bigmerge wrote."""
+    storage_options = None
+    for stage in stages:
+        if stage.final:
+            storage_options = parse_config(stage.config, "config").storage_options
+    for stage in stages:
+        if not stage.final:
+            remove_output(location(stage.out, storage_options))
+    scratch = location(scratch_dir(out_url), storage_options)
+    if scratch.exists() and not scratch.listdir():
+        scratch.remove(recursive=True)
+
+
+def _run_merge(config_path: str, stage: Stage | None, out_url: str, comm: Comm, opts: MergeOptions) -> dict[str, Any]:
+    """One merge: plan on rank 0, broadcast, execute on every rank, check the sources, export; the summary."""
     t0 = time.perf_counter()
     retries0 = retries_done()  # the counter is per process; this run's share is the difference
     log = Log(rank=comm.rank, quiet=opts.quiet)
@@ -240,7 +327,7 @@ def run_merge(config_path: str, out_url: str, comm: Comm, opts: MergeOptions) ->
     return_freed_memory()
     held: list[OutputLock] = []  # rank 0's lock on OUT, released however the run ends
     try:
-        prep, shared = _collective_pair(comm, lambda: prepare(config_path, out_url, comm.size, opts, held))
+        prep, shared = _collective_pair(comm, lambda: prepare(config_path, stage, out_url, comm.size, opts, held))
         plan = prep.plan if prep else Plan.from_json(shared.plan_json)
         out = prep.out if prep else location(out_url, shared.storage_options)
         store = prep.store if prep else open_store(shared, out, plan, opts)
@@ -259,7 +346,8 @@ def run_merge(config_path: str, out_url: str, comm: Comm, opts: MergeOptions) ->
             out,
             prep.catalogs if prep else None,
             shard_bytes=shard_bytes_of(opts, plan),
-            tokenizer_source=prep.cfg.tokenizer_source if prep else None,
+            tokenizer_source=prep.cfg.vocabulary_source() if prep else None,
+            add_tokens=tuple(prep.cfg.tokenizer.tokens or ()) if prep and prep.cfg.tokenizer else (),
             copy_tokenizer=opts.copy_tokenizer,
             write_card=opts.write_card,
             chat_template=prep.cfg.chat_template if prep else None,
@@ -305,20 +393,29 @@ def _collective_pair(comm: Comm, fn: Any) -> tuple[Prepared | None, Shared]:
 
 
 def prepare(
-    config_path: str, out_url: str, world_size: int, opts: MergeOptions, held: list[OutputLock]
+    config_path: str,
+    stage: Stage | None,
+    out_url: str,
+    world_size: int,
+    opts: MergeOptions,
+    held: list[OutputLock],
 ) -> tuple[Prepared, Shared]:
     """Rank 0: read and check the config, keep OUT apart from every input, plan, take the lock
     on OUT, pin the sources, claim OUT's names and open the writer. Nothing is written to OUT
     before every check that can refuse the merge has passed."""
-    cfg = load_config(config_path)
-    config_text = Path(config_path).read_text(encoding="utf-8")
+    if stage is None:
+        cfg = load_config(config_path)
+        config_text = Path(config_path).read_text(encoding="utf-8")
+    else:  # one merge of a multi-document config: its own recipe, sources resolved
+        cfg = _stage_config(config_path, stage)
+        config_text = yaml.safe_dump(stage.config, sort_keys=False)
     opts_s = cfg.storage_options
     out = location(out_url, opts_s)
     store_loc = location(opts.store, opts_s) if opts.store else out.join(STORE_DIR)
     own_store = store_loc if opts.store and relation(store_loc, out) not in ("is", "lies inside") else None
     check_distinct_sources(cfg.model_refs(), opts_s)
     check_apart(out, own_store, config_inputs(cfg), opts_s)
-    check_tokenizer_source(cfg.tokenizer_source, opts_s)
+    check_tokenizer_source(cfg.vocabulary_source(), opts_s)
     plan, catalogs = plan_merge(cfg, world_size, opts, out.join(BIN_CACHE) if opts.allow_bin else None)
     # the catalogs' roots too: a bare PEFT adapter directory's base is known only from its config
     base_roots = [("source model", c.root.url) for c in catalogs]

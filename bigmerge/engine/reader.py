@@ -37,6 +37,7 @@ class BlockReader:
         self.plan = plan
         self.allow_nonfinite = allow_nonfinite
         self._trusted: set[int] = set()  # tensors whose operator checks NaN/Inf itself (trust)
+        self._pad_rows: dict[tuple[int, int], torch.Tensor] = {}  # (tensor, source) -> its padding row
         self.storage_options = storage_options or {}
         self.prefetch = max(0, prefetch)
         self._pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="bigmerge-read")
@@ -275,21 +276,32 @@ class BlockReader:
     def _read_vocab(self, t: TensorPlan, b: int, i: int) -> torch.Tensor:
         """Block b of source i permuted onto the output vocabulary (bigmerge.planning.vocab), in the
         tensor's compute dtype: one ranged read per run of consecutive rows, then the rows
-        this source lacks, filled as mergekit fills them."""
+        this source lacks, filled as mergekit fills them, then any padding rows."""
         assert t.vocab is not None
         r0, r1 = t.block_range(b)
+        n_vocab = int(t.vocab.get("vocab", t.vocab["rows"]))
+        out = self._permuted_rows(t, i, r0, min(r1, n_vocab))
+        if r1 > n_vocab:
+            pad = self._pad_row(t, i, n_vocab).expand(r1 - max(r0, n_vocab), *t.shape[1:])
+            out = torch.cat([out, pad]) if r0 < n_vocab else pad.clone()
+        return out
+
+    def _permuted_rows(self, t: TensorPlan, i: int, r0: int, r1: int) -> torch.Tensor:
+        assert t.vocab is not None
         dt = DTYPES[t.compute_dtype or self.plan.compute_dtype][0]
-        out = torch.zeros((r1 - r0, *t.shape[1:]), dtype=dt)
-        present = torch.zeros(r1 - r0, dtype=torch.bool)
+        out = torch.zeros((max(0, r1 - r0), *t.shape[1:]), dtype=dt)
+        present = torch.zeros(max(0, r1 - r0), dtype=torch.bool)
         for new, old, n in t.vocab["runs"][i]:
             a, e = max(new, r0), min(new + n, r1)
             if a < e:
                 out[a - r0 : e - r0] = self._source_rows(t, i, old + a - new, e - a)
                 present[a - r0 : e - r0] = True
-        for new, kind, donors in t.vocab["fills"]:
-            if not r0 <= new < r1 or present[new - r0] or kind == "zero":
+        for new, kind, donors, *force in t.vocab["fills"]:
+            if not r0 <= new < r1 or (present[new - r0] and not force):
                 continue
-            if kind == "copy":
+            if kind == "zero":
+                out[new - r0] = 0
+            elif kind == "copy":
                 j, row = donors[0]
                 out[new - r0] = self._source_rows(t, j, row, 1)[0]
             else:  # the mean of the sources that have it, summed in model order as mergekit does
@@ -298,6 +310,25 @@ class BlockReader:
                     acc = acc + self._source_rows(t, j, row, 1)[0].to(dt)
                 out[new - r0] = acc / len(donors)
         return out
+
+    def _pad_row(self, t: TensorPlan, i: int, n_vocab: int) -> torch.Tensor:
+        """The row every padding row of source i gets (`tokenizer.pad_to_multiple_of`): the mean
+        of its permuted rows, as mergekit pads. The one place a block reads beyond its own rows:
+        the vocabulary is read again in chunks of a block's size (summed exactly in float64, so
+        the row is the same on any world size), once per source and process."""
+        key = (t.index, i)
+        with self._free_lock:
+            cached = self._pad_rows.get(key)
+        if cached is not None:
+            return cached
+        acc = torch.zeros(t.shape[1:], dtype=torch.float64)
+        for a in range(0, n_vocab, t.block_rows):
+            acc += self._permuted_rows(t, i, a, min(a + t.block_rows, n_vocab)).double().sum(dim=0)
+        dt = DTYPES[t.compute_dtype or self.plan.compute_dtype][0]
+        row = (acc / n_vocab).to(dt)
+        with self._free_lock:
+            self._pad_rows[key] = row
+        return row
 
     def _read_group(self, group: list[tuple[TensorPlan, int]], i: int) -> list[torch.Tensor]:
         """Source i's bytes for several small blocks, in as few requests as their layout allows.

@@ -65,6 +65,7 @@ def export(
     tokenizer_source: str | None = None,
     chat_template: str | None = None,
     outdir: OutputDir | None = None,
+    add_tokens: tuple[str, ...] = (),
     pins: dict[str, dict[str, Any]] | None = None,
     pin_mode: str = "stat",
     config_text: str | None = None,
@@ -89,6 +90,7 @@ def export(
             config_text,
             copy_tokenizer,
             write_card,
+            add_tokens,
         )
     comm.barrier()
     return manifest
@@ -108,6 +110,7 @@ def _finish(
     config_text: str | None = None,
     copy_tokenizer: bool = True,
     write_card: bool = True,
+    add_tokens: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """config.json, the tokenizer, the index and, last, the manifest: each written whole under
     its name (a temporary name renamed; on object storage read back and compared) and recorded
@@ -148,10 +151,10 @@ def _finish(
     tok_root = by_ref[tok_ref].root if tok_ref in by_ref else location(tok_ref, out.storage_options)
     if not copy_tokenizer:
         pass  # mergekit's --no-copy-tokenizer
-    elif tokenizer_source == "union" and catalogs:
-        # the union is built from every source's tokenizer, exactly as the plan built it
-        union_base = plan.models[plan.base_index] if plan.base_index is not None else plan.models[0]
-        tok, _, _ = build_tokenizer("union", union_base, plan.models, by_ref, out.storage_options)
+    elif tokenizer_source is not None and (tokenizer_source == "union" or add_tokens) and catalogs:
+        # the union (or a vocabulary with added tokens) is built exactly as the plan built it
+        tok_base = plan.models[plan.base_index] if plan.base_index is not None else plan.models[0]
+        tok, _, _ = build_tokenizer(tokenizer_source, tok_base, plan.models, by_ref, out.storage_options, add_tokens)
         save_tokenizer(tok, lambda name, data: write(name, data, "tokenizer"))
     elif tok_root is not None:
         for fname in TOKENIZER_FILES:

@@ -259,6 +259,23 @@ class OutputDir:
         self.out.join(name).write_atomic(data, fault=fault)
 
 
+def remove_output(out: Location) -> None:
+    """A finished merge bigmerge wrote and no longer needs (an intermediate merge of a
+    multi-document config): the names its record lists and bigmerge's own names, the record
+    last; the folder itself only when nothing else is left in it."""
+    if not out.exists():
+        return
+    rec = OutputDir(out).read_record()
+    present = set(out.listdir())
+    ours = (set(rec["names"]) if rec else set()) & present
+    ours |= {n for n in present if n.startswith(OWN_PREFIX)}
+    for n in sorted(ours - {RECORD_NAME}):
+        out.join(n).remove(recursive=n in OWN_DIRS)
+    out.join(RECORD_NAME).remove()
+    if not out.listdir():
+        out.remove(recursive=True)
+
+
 # -- the lock -------------------------------------------------------------------------------
 
 

@@ -24,7 +24,7 @@ from bigmerge.ops import get_op
 from bigmerge.ops.base import MergeOp, TensorTask
 from bigmerge.planning.catalog import ModelCatalog
 from bigmerge.planning.config import DTYPE_NAMES, ConditionalParameter, MergeConfig, evaluate_setting
-from bigmerge.planning.vocab import build_tokenizer, is_identity, vocab_plan
+from bigmerge.planning.vocab import TokenRule, build_tokenizer, is_identity, token_rules, vocab_plan
 from bigmerge.storage.fs import location
 from bigmerge.storage.safetensors import DTYPES, FLOAT_DTYPES, PAGE, TensorInfo, read_header
 
@@ -513,13 +513,24 @@ def build_plan(
     compute = DTYPE_NAMES[cfg.dtype] if cfg.dtype else None
     perms: list[list[int]] | None = None
     vocab_sizes: list[int] = []
-    if cfg.tokenizer_source is not None:
+    rules: list[TokenRule] = []
+    pad_to: int | None = None
+    vocab_source = cfg.vocabulary_source()
+    if vocab_source is not None:
         base_ref = cfg.base_model or refs[0]
-        tok, perms, vocab_sizes = build_tokenizer(cfg.tokenizer_source, base_ref, refs, by_ref, cfg.storage_options)
-        if tok is None or is_identity(perms, vocab_sizes):
+        tokens = cfg.tokenizer.tokens if cfg.tokenizer else None
+        tok, perms, vocab_sizes = build_tokenizer(
+            vocab_source, base_ref, refs, by_ref, cfg.storage_options, tuple(tokens or ())
+        )
+        multiple = cfg.tokenizer.pad_to_multiple_of if cfg.tokenizer else None
+        if tok is not None and multiple and len(perms[0]) % multiple:
+            pad_to = len(perms[0]) + multiple - len(perms[0]) % multiple
+        if tok is not None and tokens:
+            rules = token_rules(tokens, tok, refs, "tokenizer")
+        if tok is None or (is_identity(perms, vocab_sizes) and pad_to is None and not any(r.force for r in rules)):
             perms = None
         else:
-            config_updates["vocab_size"] = len(perms[0])
+            config_updates["vocab_size"] = pad_to or len(perms[0])
     adapters = _validator(op)
 
     aux_files = _AuxFiles(cfg.storage_options)
@@ -530,7 +541,15 @@ def build_plan(
         ref_info = models[first_idx].tensors.get(first_name)
         vocab = None
         if perms is not None and ref_info is not None and _is_vocab_tensor(out, models, vocab_sizes):
-            vocab = vocab_plan([perms[i] for i, _ in out.inputs], out.base)
+            vocab = vocab_plan(
+                [perms[i] for i, _ in out.inputs],
+                out.base,
+                refs=[refs[i] for i, _ in out.inputs],
+                sizes=[vocab_sizes[i] for i, _ in out.inputs],
+                rules=rules,
+                pad_to=pad_to,
+                where=name,
+            )
         spans: list[SourceSpan] = []
         for i, in_name in out.inputs:
             m = models[i]
