@@ -323,6 +323,7 @@ def _run(
             retries_done() - retries0,
             t_exec,
             getattr(store, "direct_bytes", 0),
+            stats.bytes_spilled,
         )
     )
     summary = {
@@ -333,6 +334,8 @@ def _run(
         "bytes_read": sum(b[2] for b in blocks),
         "io_retries": sum(b[3] for b in blocks),
         "direct_io_bytes": sum(b[5] for b in blocks),  # written with O_DIRECT (the direct writer)
+        # source bytes kept on local scratch between statistics passes (engine/spill.py)
+        "bytes_spilled": sum(b[6] for b in blocks),
         "wall_s": round(wall, 3),
         "merge_s": round(t_merge, 3),
         "peak_rss_bytes_per_rank": peak,
@@ -358,6 +361,7 @@ def _run(
         + (f", peak GPU memory {max(gpu_peak) / 2**20:.0f} MiB/rank" if device.type == "cuda" else "")
         + (f", {summary['direct_io_bytes'] / 1e9:.2f} GB written with O_DIRECT" if summary["direct_io_bytes"] else "")
         + (f", {summary['io_retries']} storage calls retried" if summary["io_retries"] else "")
+        + (f", {summary['bytes_spilled'] / 1e9:.2f} GB spilled to local scratch" if summary["bytes_spilled"] else "")
         + ")"
     )
     return summary

@@ -9,23 +9,91 @@ numba, or for other compute dtypes, the torch code runs.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import math
 import os
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 
 try:  # numba is a dependency, but keep the torch path usable without it
-    from numba import njit, prange
+    import numba
+    from numba import prange
 
     HAVE_NUMBA = True
 except ImportError:  # pragma: no cover - numba is a dependency; use_numba() is the switch tests use
     HAVE_NUMBA = False
-
-    def njit(*args: Any, **kwargs: Any) -> Any:  # type: ignore[no-redef]  # stand-in for numba's
-        return lambda f: f
-
     prange = range  # type: ignore[misc]  # numba's prange is a type
+
+COMPILE_LOCK = "bigmerge-compile.lock"
+_held = threading.local()  # this thread's depth of nested compilations under the lock
+
+
+@contextlib.contextmanager
+def compile_lock(directory: str | None) -> Iterator[None]:
+    """Hold the cross-process lock of a numba cache directory (fcntl.flock on a file there;
+    reentrant within a thread, as compiling one kernel compiles the kernels it calls).
+
+    Every process that compiles a cached kernel first takes the lock, and numba looks in the
+    cache again once it holds it: of 64 ranks starting at once on one shared cache, the first
+    compiles and saves each kernel, the others wait and load it; nobody compiles twice and no
+    two processes write one cache entry at a time. No directory, or one that cannot hold the
+    lock file (read-only): no lock (numba then caches nothing there either).
+    """
+    depth = getattr(_held, "depth", 0)
+    fd = -1
+    if depth == 0 and directory:
+        try:
+            os.makedirs(directory, exist_ok=True)
+            fd = os.open(os.path.join(directory, COMPILE_LOCK), os.O_RDWR | os.O_CREAT, 0o666)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            if fd >= 0:
+                os.close(fd)
+            fd = -1
+    _held.depth = depth + 1
+    try:
+        yield
+    finally:
+        _held.depth = depth
+        if fd >= 0:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+
+def cache_dir(dispatcher: Any) -> str | None:
+    """Where numba caches this kernel (NUMBA_CACHE_DIR, the package's __pycache__, or the
+    user-wide cache numba falls back to), or None when it does not cache it."""
+    cache = getattr(dispatcher, "_cache", None)
+    path = getattr(cache, "_cache_path", None)
+    return str(path) if path else None
+
+
+def njit(*args: Any, **kwargs: Any) -> Any:
+    """numba.njit, and for cached kernels a compilation under the cache's compile_lock."""
+    if not HAVE_NUMBA:
+        return (lambda f: f) if not (args and callable(args[0])) else args[0]
+    if args and callable(args[0]):
+        return njit(**kwargs)(args[0])
+
+    def wrap(fn: Any) -> Any:
+        dispatcher = numba.njit(*args, **kwargs)(fn)
+        if kwargs.get("cache"):
+            compile_now = dispatcher.compile
+            directory = cache_dir(dispatcher)
+
+            def compile_locked(sig: Any) -> Any:
+                with compile_lock(directory):
+                    return compile_now(sig)  # loads from the cache if another process saved it meanwhile
+
+            dispatcher.compile = compile_locked
+        return dispatcher
+
+    return wrap
+
 
 NO_NUMBA_ENV = "BIGMERGE_NO_NUMBA"
 
