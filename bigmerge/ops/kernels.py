@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import math
 import os
 import threading
@@ -114,6 +115,30 @@ def threads() -> int:
     return int(get_num_threads())
 
 
+SOURCE_SLOTS = 8  # the kernels' tuple of sources has this many entries (or a multiple): see slots
+
+
+def slots(xs: Any) -> tuple[Any, ...]:
+    """The sources as a tuple of SOURCE_SLOTS entries (the next multiple beyond 8 models), the
+    unused ones repeating the first source (never read: the kernels index the models they are
+    given). numba compiles a kernel for each tuple length, so this one compiled kernel serves
+    every merge of 1 to 8 models: a new number of models compiles nothing."""
+    n = len(xs)
+    size = max(SOURCE_SLOTS, -(-n // SOURCE_SLOTS) * SOURCE_SLOTS)
+    return tuple(xs) + (xs[0],) * (size - n)
+
+
+def sources_in_slots(kernel: Any) -> Any:
+    """A kernel whose first argument is the tuple of sources, called with them in slots."""
+
+    @functools.wraps(kernel.py_func if hasattr(kernel, "py_func") else kernel)
+    def call(xs: Any, *args: Any) -> Any:
+        return kernel(slots(xs), *args)
+
+    call.kernel = kernel  # type: ignore[attr-defined]  # the dispatcher itself (its caches, its signatures)
+    return call
+
+
 HI_BINS = 1 << 15
 LO_BINS = 1 << 16
 _CHUNK = 1 << 16
@@ -200,6 +225,7 @@ def _base_into(base: Any, c0: int, n: int, bb: np.ndarray) -> None:
         bb[q] = _f32(src[q])
 
 
+@sources_in_slots
 @njit(cache=True, parallel=True)
 def magnitude_hists(
     xs: Any, base_row: int, rows: np.ndarray, params: np.ndarray, mode: int, nparts: int, bf16: bool
@@ -245,6 +271,7 @@ def magnitude_hists(
     return local
 
 
+@sources_in_slots
 @njit(cache=True, parallel=True)
 def hi_bin_records(
     xs: Any,
@@ -291,6 +318,7 @@ def hi_bin_records(
                 at[k] = w + c
 
 
+@sources_in_slots
 @njit(cache=True, parallel=True)
 def tie_cutoffs(
     xs: Any, base_row: int, rows: np.ndarray, thr_bits: np.ndarray, quotas: np.ndarray, bf16: bool
@@ -476,6 +504,7 @@ def _merge_part(
                 o[q] = mixed[q]
 
 
+@sources_in_slots
 @njit(cache=True, parallel=True)
 def task_vector_merge(
     xs: Any,
@@ -650,6 +679,7 @@ def l1_kept(x: np.ndarray, base_row: int, row: int, keep: np.ndarray, out: np.nd
         out[c, 1] = after
 
 
+@sources_in_slots
 @njit(cache=True, parallel=True)
 def magnitude_bits(xs: Any, base_row: int, row: int, out: np.ndarray, bf16: bool) -> None:
     """out = the bit patterns of |xs[row] - xs[base]| (what select.magnitude_bits gives of the
@@ -765,6 +795,7 @@ def uniform(key: int, start: int, out: np.ndarray) -> np.ndarray:
     return out
 
 
+@sources_in_slots
 @njit(cache=True, parallel=True)
 def drop_keep(
     xs: Any,
