@@ -73,6 +73,23 @@ def cache_dir(dispatcher: Any) -> str | None:
     return str(path) if path else None
 
 
+_CACHED_KERNELS: list[Any] = []  # every cached kernel's dispatcher (cached() looks at their index files)
+
+
+def uncached_fraction() -> float:
+    """The fraction of the cached kernels imported so far that numba's on-disk cache has no index
+    for: 1.0 on a fresh install (or after a kernel changed), about 0 once tools/warm_kernels.py
+    or earlier merges have filled it. 0 without numba (nothing to compile)."""
+    if not HAVE_NUMBA or not _CACHED_KERNELS:
+        return 0.0
+    missing = 0
+    for dispatcher in _CACHED_KERNELS:
+        cache = getattr(dispatcher, "_cache", None)
+        index = getattr(getattr(cache, "_cache_file", None), "_index_path", None)
+        missing += index is not None and not os.path.exists(index)
+    return missing / len(_CACHED_KERNELS)
+
+
 def njit(*args: Any, **kwargs: Any) -> Any:
     """numba.njit, and for cached kernels a compilation under the cache's compile_lock."""
     if not HAVE_NUMBA:
@@ -91,6 +108,7 @@ def njit(*args: Any, **kwargs: Any) -> Any:
                     return compile_now(sig)  # loads from the cache if another process saved it meanwhile
 
             dispatcher.compile = compile_locked
+            _CACHED_KERNELS.append(dispatcher)
         return dispatcher
 
     return wrap
