@@ -328,8 +328,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     blocks = sum(t.n_blocks for t in plan.tensors)
     per_rank = plan.rank_bytes()
     mean = sum(per_rank) / len(per_rank)
-    peak = plan.peak_memory_estimate()
-    est = estimate_plan(plan, cluster)  # type: ignore[arg-type]
+    peak = plan.peak_memory_estimate(args.prefetch, args.cache_size)
+    est = estimate_plan(plan, cluster, prefetch=args.prefetch, cache_bytes=args.cache_size)  # type: ignore[arg-type]
     for w in plan.warnings:
         print(f"warning: {w}")
     print(f"method        {plan.merge_method}")
