@@ -86,7 +86,7 @@ def execute(
     trusted = set() if reader.allow_nonfinite else {t.index for t, _, _ in work if op.checks_finite(plan.task(t))}
     reader.trust(trusted)
     checked: set[int] = set()  # blocks of the current tensor its operator checked
-    spills = _LazySpill(spill_dir)
+    spills = _LazySpill(spill_dir, reader)
 
     def dest(t: TensorPlan, inputs: list[torch.Tensor]) -> torch.Tensor | None:
         """The ring buffer the next write() converts into, offered to the operator (Block.dest)."""
@@ -164,7 +164,7 @@ def execute(
 
             def done_with(b: int, inputs: list[torch.Tensor], cache: dict[int, list[torch.Tensor]] = cache) -> None:
                 if b not in cache:
-                    reader.release(inputs)  # a no-op on the spill's own buffers
+                    reader.release(inputs)  # read from the sources or the spill: the pool's buffers
 
             prev: Any = None
             for rnd in range(rounds):
@@ -215,14 +215,15 @@ def execute(
 class _LazySpill:
     """The executor's one Spill, made when a tensor first needs it (most merges never do)."""
 
-    def __init__(self, directory: str | None) -> None:
+    def __init__(self, directory: str | None, reader: BlockReader) -> None:
         self.directory = directory
+        self.reader = reader  # the spill reads back into the reader's pooled buffers
         self.spill: Spill | None = None
         self.bytes_written = 0  # by every spill, for ExecStats
 
     def get(self) -> Spill:
         if self.spill is None:
-            self.spill = Spill(self.directory)
+            self.spill = Spill(self.directory, self.reader.buffer, self.reader.release)
         return self.spill
 
     def close(self) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
@@ -32,12 +33,18 @@ class Spill:
     """The raw input bytes of one tensor's blocks, written once and read back per pass.
 
     `put(b, inputs)` appends block b's inputs; `get(b)` returns them (the same dtypes and
-    shapes) in buffers that stay valid until the next-but-one `get` (a block is read ahead
-    while the caller works on the previous one). `expect(order)` names the blocks the next
-    pass will ask for, in order, so the read-ahead knows what comes next.
+    shapes) in buffers from `alloc` (the reader's pool: the caller gives them back with the
+    reader's release, as any block's inputs, so the spill holds no memory of its own; fresh
+    tensors without it). `expect(order)` names the blocks the next pass will ask for, in
+    order: get() reads the next one ahead while the caller works on this one.
     """
 
-    def __init__(self, directory: str | None = None) -> None:
+    def __init__(
+        self,
+        directory: str | None = None,
+        alloc: Callable[[int], torch.Tensor] | None = None,
+        release: Callable[[list[torch.Tensor]], None] | None = None,
+    ) -> None:
         fd, path = tempfile.mkstemp(prefix="bigmerge-spill-", dir=directory or spill_dir())
         os.unlink(path)  # gone with the process, whatever happens
         self._fd: int | None = fd
@@ -46,8 +53,8 @@ class Spill:
         self.bytes_read = 0
         self.failed: OSError | None = None
         self._where: dict[int, list[tuple[int, int, torch.dtype, tuple[int, ...]]]] = {}
-        self._sets: list[list[torch.Tensor]] = [[], []]  # two buffer sets, used in turn
-        self._turn = 0
+        self._alloc = alloc or (lambda n: torch.empty(n, dtype=torch.uint8))
+        self._release = release or (lambda inputs: None)
         self._order: list[int] = []
         self._ahead: tuple[int, Future[list[torch.Tensor]]] | None = None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bigmerge-spill")
@@ -87,12 +94,11 @@ class Spill:
             self._ahead = None
         else:
             if self._ahead is not None:  # asked out of order: drop the read-ahead
-                self._ahead[1].result()
-                self._ahead = None
-            out = self._read(b, self._next_set())
+                self._drop_ahead()
+            out = self._read(b)
         nxt = self._following(b)
         if nxt is not None:
-            self._ahead = (nxt, self._pool.submit(self._read, nxt, self._next_set()))
+            self._ahead = (nxt, self._pool.submit(self._read, nxt))
         return out
 
     def _following(self, b: int) -> int | None:
@@ -102,19 +108,11 @@ class Spill:
             return None
         return self._order[i + 1] if i + 1 < len(self._order) else None
 
-    def _next_set(self) -> list[torch.Tensor]:
-        self._turn ^= 1
-        return self._sets[self._turn]
-
-    def _read(self, b: int, bufs: list[torch.Tensor]) -> list[torch.Tensor]:
+    def _read(self, b: int) -> list[torch.Tensor]:
         assert self._fd is not None
         out = []
-        for i, (off, n, dtype, shape) in enumerate(self._where[b]):
-            if i == len(bufs):
-                bufs.append(torch.empty(0, dtype=torch.uint8))
-            if bufs[i].numel() < n:
-                bufs[i] = torch.empty(n, dtype=torch.uint8)
-            buf = bufs[i][:n]
+        for off, n, dtype, shape in self._where[b]:
+            buf = self._alloc(n)
             view = memoryview(buf.numpy()).cast("B")  # type: ignore[arg-type]
             done = 0
             while done < n:
@@ -127,16 +125,17 @@ class Spill:
         return out
 
     def _drop_ahead(self) -> None:
+        """Wait for a read-ahead nobody will ask for, and give its buffers back."""
         if self._ahead is not None:
+            future = self._ahead[1]
+            self._ahead = None
             try:
-                self._ahead[1].result()
+                self._release(future.result())
             except OSError:
                 pass
-            self._ahead = None
 
     def reset(self) -> None:
-        """Forget every block and give the file's space back (the next tensor starts empty);
-        the read buffers are kept for it."""
+        """Forget every block and give the file's space back (the next tensor starts empty)."""
         self._drop_ahead()
         self._where.clear()
         self._order = []
@@ -152,4 +151,3 @@ class Spill:
             os.close(self._fd)
             self._fd = None
         self._where.clear()
-        self._sets = [[], []]

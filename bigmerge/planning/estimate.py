@@ -44,8 +44,8 @@ COMPUTE_GBPS_PER_CORE = {
     "selection": 0.6,  # ties and every sparsifying operator (exact top-k, sign election)
 }
 # Start-up and the end of a merge (imports, headers and plan, kernels from numba's cache, the
-# model card, manifest and summary): a tiny merge's wall time here, 2 cores, cached kernels.
-STARTUP_S = 4.0
+# model card, manifest and summary): linear's start-up on medium, quiet, was 1.3 s (README).
+STARTUP_S = 2.0
 # numba's compilation of the kernels into an empty cache (4-layer toy TIES merge: 65 s against 5.4 s)
 COMPILE_S = 60.0
 # The spill's local write and read-back (engine/spill.py), GB/s per rank: page-cache copies here.
