@@ -211,8 +211,6 @@ class Plan:
             # cached by the reader for two tensors and copied to float64 by the operator
             aux_rows, aux_whole = _aux_bytes(t)
             block = block_memory(op, len(t.sources), elems, raw + aux_rows, csize, prefetch)
-            if cache_bytes and t.in_bytes() > cache_bytes and op.rounds(self.task(t)):
-                block += 2 * raw  # the spill's two read-back buffers (engine/spill.py)
             peak = max(peak, block + 5 * aux_whole)
         return peak + cache_bytes
 
