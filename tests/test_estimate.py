@@ -79,5 +79,6 @@ def test_spilled_passes_compilation_and_start_up_are_counted(tmp_path: Path) -> 
     assert spilled.bytes_spilled == sum(t.in_bytes() for t in big) > 0
     assert abs(spilled.seconds - kept.seconds - spilled.spill_s) < 1e-9 and spilled.spill_s > 0
     assert abs(cold.seconds - kept.seconds - COMPILE_S) < 1e-9 and cold.compile_s == COMPILE_S
+    assert estimate_plan(plan, c, cache_bytes=1 << 30, uncached=0.3).compile_s == 0  # never-called kernels
     assert kept.seconds > kept.startup_s > 0
     assert "spill to local scratch" in spilled.describe() and "compiling the kernels" in cold.describe()
