@@ -28,8 +28,9 @@ from safetensors.torch import save_file
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "tests" / "golden" / "configs"
 LAYERS = 4
-HIDDEN = 512
-INTERMEDIATE = 1024  # an MLP block of 3-4 sources is over a million elements: the threaded kernels
+HIDDEN = 64
+INTERMEDIATE = 128
+BIG = (1024, 512)  # layer 0's up_proj: 2-4 sources of it are over a million elements (threaded kernels)
 
 
 def _family(root: Path, dtype: torch.dtype, n_finetunes: int) -> dict[str, Path]:
@@ -44,7 +45,7 @@ def _family(root: Path, dtype: torch.dtype, n_finetunes: int) -> dict[str, Path]
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
             shapes[f"{p}self_attn.{name}.weight"] = (HIDDEN, HIDDEN)
         shapes[f"{p}mlp.gate_proj.weight"] = (INTERMEDIATE, HIDDEN)
-        shapes[f"{p}mlp.up_proj.weight"] = (INTERMEDIATE, HIDDEN)
+        shapes[f"{p}mlp.up_proj.weight"] = BIG if i == 0 else (INTERMEDIATE, HIDDEN)
         shapes[f"{p}mlp.down_proj.weight"] = (HIDDEN, INTERMEDIATE)
         shapes[f"{p}input_layernorm.weight"] = (HIDDEN,)
         shapes[f"{p}post_attention_layernorm.weight"] = (HIDDEN,)
@@ -55,8 +56,8 @@ def _family(root: Path, dtype: torch.dtype, n_finetunes: int) -> dict[str, Path]
         "num_hidden_layers": LAYERS,
         "hidden_size": HIDDEN,
         "intermediate_size": INTERMEDIATE,
-        "num_attention_heads": 8,
-        "num_key_value_heads": 8,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
         "vocab_size": 260,
         "tie_word_embeddings": False,
     }
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
                     text = cfg.read_text().format(**{k: str(v) for k, v in fam.items()})
                     path = root / f"{cfg.stem}-{fam_name}-{blocks}.yaml"
                     path.write_text(text)
-                    opts = MergeOptions(quiet=True, block_bytes=(32 << 20) if blocks == "one" else (256 << 10))
+                    opts = MergeOptions(quiet=True, block_bytes=(32 << 20) if blocks == "one" else (64 << 10))
                     opts.cache_bytes = 0 if blocks == "many" else opts.cache_bytes  # the spill's passes too
                     try:
                         run_merge(str(path), str(root / "out" / path.stem), SerialComm(), opts)
