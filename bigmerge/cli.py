@@ -35,6 +35,14 @@ def _merge_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--seed", type=int, default=None, help="seed of random operators (default: the config's seed, else 0)"
     )
+    p.add_argument("--prefetch", type=int, default=2, help="blocks read ahead of the one being merged (default 2)")
+    p.add_argument(
+        "--cache-size",
+        type=parse_size,
+        default="512M",
+        help="per-rank memory for keeping a tensor's blocks between statistic passes (default 512M); a larger "
+        "tensor is spilled to local scratch ($BIGMERGE_SPILL_DIR, else $TMPDIR) and read back from there",
+    )
 
 
 def parse_count(text: str) -> int:
@@ -201,13 +209,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="replace a finished merge, or a partial merge of another config, at OUT",
     )
     m.add_argument("--io-threads", type=int, default=4, help="threads reading source bytes (default 4)")
-    m.add_argument("--prefetch", type=int, default=2, help="blocks read ahead of the one being merged (default 2)")
-    m.add_argument(
-        "--cache-size",
-        type=parse_size,
-        default="512M",
-        help="per-rank memory for keeping a tensor's blocks between statistic passes (default 512M)",
-    )
     m.add_argument("--quiet", action="store_true", help="no progress output; errors still print")
     m.add_argument(
         "--allow-bin",
@@ -452,8 +453,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     blocks = sum(t.n_blocks for t in plan.tensors)
     per_rank = plan.rank_bytes()
     mean = sum(per_rank) / len(per_rank)
-    peak = plan.peak_memory_estimate()
-    est = estimate_plan(plan, cluster)  # type: ignore[arg-type]
+    peak = plan.peak_memory_estimate(args.prefetch, args.cache_size)
+    est = estimate_plan(plan, cluster, prefetch=args.prefetch, cache_bytes=args.cache_size)  # type: ignore[arg-type]
     for w in plan.warnings:
         print(f"warning: {w}")
     print(f"method        {plan.merge_method}")

@@ -233,6 +233,7 @@ class RankReport:
     retries: int  # storage calls retried by this process during the run
     exec_s: float
     direct_bytes: int  # written with O_DIRECT (the direct writer)
+    bytes_spilled: int  # source bytes kept on local scratch between statistics passes (engine/spill.py)
     peak_rss: int
     peak_gpu: int  # the GPU's peak from torch's allocator (what the operators held there)
 
@@ -369,6 +370,7 @@ def _run_merge(config_path: str, stage: Stage | None, out_url: str, comm: Comm, 
             retries=retries_done() - retries0,
             exec_s=t_exec,
             direct_bytes=getattr(store, "direct_bytes", 0),
+            bytes_spilled=stats.bytes_spilled,
             peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             peak_gpu=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0,
         )
@@ -536,6 +538,7 @@ def summarize(
         "bytes_read": sum(r.bytes_read for r in reports),
         "io_retries": sum(r.retries for r in reports),
         "direct_io_bytes": sum(r.direct_bytes for r in reports),
+        "bytes_spilled": sum(r.bytes_spilled for r in reports),
         "wall_s": round(wall, 3),
         "merge_s": round(merge_s, 3),
         "peak_rss_bytes_per_rank": peak,
@@ -562,6 +565,7 @@ def summarize(
         + (f", peak GPU memory {max(gpu_peak) / 2**20:.0f} MiB/rank" if device.type == "cuda" else "")
         + (f", {summary['direct_io_bytes'] / 1e9:.2f} GB written with O_DIRECT" if summary["direct_io_bytes"] else "")
         + (f", {summary['io_retries']} storage calls retried" if summary["io_retries"] else "")
+        + (f", {summary['bytes_spilled'] / 1e9:.2f} GB spilled to local scratch" if summary["bytes_spilled"] else "")
         + ")"
     )
     return summary

@@ -402,3 +402,34 @@ def test_auto_writer_resumes_an_interrupted_zarr_merge(
     assert again["blocks_resumed"] == 6
     assert not (out / ".bigmerge-store.zarr").exists() and not (out / ".bigmerge-partial").exists()
     assert_bit_identical(ref, load_output(out))
+
+
+SPILL_CONFIGS = {
+    "ties_rescale": "merge_method: ties\nbase_model: {base}\nmodels:\n  - model: {ft1}\n    parameters: {{weight: 0.6, density: 0.5}}\n  - model: {ft2}\n    parameters: {{weight: 0.5, density: 0.3}}\nparameters: {{rescale: true}}\n",
+    "della": "merge_method: della\nbase_model: {base}\nmodels:\n  - model: {ft1}\n    parameters: {{weight: 0.6, density: 0.5, epsilon: 0.1}}\n  - model: {ft2}\n    parameters: {{weight: 0.5, density: 0.3, epsilon: 0.2}}\n",
+    "breadcrumbs": "merge_method: breadcrumbs\nbase_model: {base}\nmodels:\n  - model: {ft1}\n    parameters: {{weight: 0.6, density: 0.8, gamma: 0.05}}\n  - model: {ft2}\n    parameters: {{weight: 0.5, density: 0.9, gamma: 0.01}}\n",
+    "sce": "merge_method: sce\nbase_model: {base}\nmodels:\n  - model: {ft1}\n  - model: {ft2}\nparameters: {{select_topk: 0.5}}\n",
+    "slerp": "merge_method: slerp\nbase_model: {base}\nmodels:\n  - model: {base}\n  - model: {ft1}\nparameters: {{t: 0.3}}\n",
+    "model_stock": "merge_method: model_stock\nbase_model: {base}\nmodels:\n  - model: {ft1}\n  - model: {ft2}\n",
+    "karcher": "merge_method: karcher\nmodels:\n  - model: {base}\n  - model: {ft1}\n  - model: {ft2}\n",
+}
+
+
+@pytest.mark.parametrize("method", sorted(SPILL_CONFIGS))
+def test_statistics_read_every_source_byte_once(tmp_path: Path, method: str) -> None:
+    """A tensor whose blocks exceed the cache is spilled to local scratch as the first statistics
+    pass reads it (engine/spill.py): the later passes and apply read it back from there, so the
+    sources are read once (they were read once per pass), and the bytes are those of a merge
+    that keeps every block in memory."""
+    f = synthetic_family(tmp_path / "m", n=2, rows=96)
+    text = SPILL_CONFIGS[method].format(**{k: str(v) for k, v in f.items()})
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(text)
+    source_bytes = sum(p.stat().st_size for v in f.values() for p in v.glob("*.safetensors"))
+    kept = merge(text, tmp_path, "kept", block_bytes=256, cache_bytes=1 << 30)
+    summary = run_merge(
+        str(cfg), str(tmp_path / "spilled"), SerialComm(), MergeOptions(block_bytes=256, cache_bytes=512, quiet=True)
+    )
+    assert_bit_identical(kept, load_output(tmp_path / "spilled"))
+    assert summary["bytes_spilled"] > 0
+    assert summary["bytes_read"] <= source_bytes  # every tensor byte once (headers are not counted)

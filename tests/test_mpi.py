@@ -209,3 +209,55 @@ def test_ties_at_the_kth_value_same_bytes_on_any_ranks_blocks_and_path(tmp_path:
     for name in TIED:
         for run in runs:
             assert_bit_identical(outs["one_block"][name], outs[run][name])
+
+
+SHARED_CACHE_DRIVER = r"""
+import json, os, sys
+from pathlib import Path
+rank = os.environ["OMPI_COMM_WORLD_RANK"]
+for v in [k for k in os.environ if k.startswith(("OMPI_", "PMIX_", "PMI_"))]:
+    del os.environ[v]  # each rank merges alone (a one-rank merge), both on the shared cache
+from bigmerge.engine.comm import SerialComm
+from bigmerge.merge import MergeOptions, run_merge
+import bigmerge.ops.kernels, bigmerge.ops.linear, bigmerge.ops.sums, bigmerge.engine.finite
+
+run_merge(sys.argv[1], str(Path(sys.argv[2]) / f"out{rank}"), SerialComm(), MergeOptions(block_bytes=200, quiet=True))
+seen = {}
+for mod in (bigmerge.ops.kernels, bigmerge.ops.linear, bigmerge.ops.sums, bigmerge.engine.finite):
+    for name, obj in vars(mod).items():
+        if hasattr(obj, "_cache_misses"):
+            for sig in obj._cache_misses:
+                seen[f"{mod.__name__}.{name}{sig}"] = "compiled"
+            for sig in obj._cache_hits:
+                seen.setdefault(f"{mod.__name__}.{name}{sig}", "loaded")
+(Path(sys.argv[2]) / f"kernels{rank}.json").write_text(json.dumps(seen))
+"""
+
+
+@pytest.mark.slow  # compiles kernels into an empty cache
+def test_two_ranks_on_one_empty_numba_cache_compile_once_and_agree(
+    bf16_family: dict[str, Path], tmp_path: Path
+) -> None:
+    """Ranks starting at once on one empty shared numba cache (NUMBA_CACHE_DIR): both finish with
+    the same bytes, and each kernel is compiled by one of them and loaded by the other (the
+    compile lock in ops/kernels.py), not compiled by every rank."""
+    import json
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(CONFIGS["linear"].format(**{k: str(v) for k, v in bf16_family.items()}))
+    cache = tmp_path / "numba-cache"
+    cmd = [MPIRUN, "-n", "2", "--oversubscribe", sys.executable, "-c", SHARED_CACHE_DRIVER, str(cfg), str(tmp_path)]
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, env={**mpi_env(), "NUMBA_CACHE_DIR": str(cache)}, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert_bit_identical(load_output(tmp_path / "out0"), load_output(tmp_path / "out1"))
+    seen = [json.loads((tmp_path / f"kernels{r}.json").read_text()) for r in (0, 1)]
+    compiled = [{k for k, v in s.items() if v == "compiled"} for s in seen]
+    assert compiled[0] | compiled[1], "the empty cache made nobody compile: the test tests nothing"
+    assert not compiled[0] & compiled[1], f"compiled by both ranks: {sorted(compiled[0] & compiled[1])}"
+    # what one rank compiled, the other loaded (a kernel another one calls may not be asked for at all then)
+    assert {k for k, v in seen[1].items() if v == "loaded"} & compiled[0] or compiled[1] & {
+        k for k, v in seen[0].items() if v == "loaded"
+    }
+    assert list(cache.rglob("*.nbi")), "nothing was cached"

@@ -961,6 +961,18 @@ def main(argv: list[str] | None = None) -> int:
             for p in kept.values():
                 remove(p)
             os.sync()
+            floors = [
+                x["floor"]
+                for x in doc["samples"]
+                if x["method"] == method and x["tool"] == "floor" and x.get("floor", {}).get("read_s")
+            ]
+            if supported and "bigmerge" in args.tools and floors:
+                # the plan's estimate again, with this machine's bandwidths as the floor measured them
+                r_gbps = info["input_bytes"] / 1e9 / statistics.median(f["read_s"] for f in floors)
+                w_gbps = info["output_bytes"] / 1e9 / max(1e-9, statistics.median(f["write_s"] for f in floors))
+                measured = ["--read-gbps", f"{r_gbps:.3f}", "--write-gbps", f"{w_gbps:.3f}"]
+                info["plan_bandwidths_gbps"] = {"read": r_gbps, "write": w_gbps}
+                info["plan"] = {n: plan_estimate(bm_cmd, cfg_path, n, [*bm_args, *measured], env) for n in args.ranks}
             save()
 
     doc["finished"] = dt.datetime.now().astimezone().isoformat(timespec="seconds")

@@ -23,4 +23,10 @@ pip_q -e ".[dev]" "${EXTRA_PKGS[@]}"
 "$VENV/bin/python" -c "import torch, bigmerge, mpi4py, zarr, s3fs, moto, transformers" \
   || { echo "setup failed: a package did not install" >&2; exit 1; }
 [[ -x "$VENV/bin/mpirun" ]] || { echo "setup failed: mpirun missing from $VENV/bin" >&2; exit 1; }
+# numba's kernels compiled into their cache now, not by the first merge (tools/warm_kernels.py;
+# a few minutes on 2 cores; BIGMERGE_NO_WARM=1 skips it, and a failure only costs that first merge)
+if [[ "${BIGMERGE_NO_WARM:-0}" != "1" ]]; then
+  echo "compiling bigmerge's numba kernels into their cache (tools/warm_kernels.py)" >&2
+  "$VENV/bin/python" tools/warm_kernels.py --quiet || echo "warning: tools/warm_kernels.py failed; the first merge compiles instead" >&2
+fi
 stamp_of > "$STAMP"

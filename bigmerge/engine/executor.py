@@ -20,6 +20,7 @@ import torch
 from bigmerge.engine.comm import Comm, reduce_one_block, reduce_stats
 from bigmerge.engine.faults import FAULT_ENV, fail_now, fault_spec  # noqa: F401 - FAULT_ENV re-exported
 from bigmerge.engine.reader import BlockReader
+from bigmerge.engine.spill import Spill
 from bigmerge.engine.writer import BlockWriter
 from bigmerge.ops import get_op
 from bigmerge.ops.base import Block, Scratch
@@ -42,6 +43,7 @@ class ExecStats:
     blocks_skipped: int = 0
     bytes_read: int = 0
     bytes_written: int = 0
+    bytes_spilled: int = 0  # input bytes written to local scratch (tensors too large for the cache)
 
 
 def execute(
@@ -54,6 +56,7 @@ def execute(
     cache_bytes: int = DEFAULT_CACHE_BYTES,
     on_block: Callable[[int], None] | None = None,
     device: torch.device | None = None,
+    spill_dir: str | None = None,
 ) -> ExecStats:
     op = get_op(plan.merge_method)
     rank = comm.rank
@@ -83,6 +86,7 @@ def execute(
     trusted = set() if reader.allow_nonfinite else {t.index for t, _, _ in work if op.checks_finite(plan.task(t))}
     reader.trust(trusted)
     checked: set[int] = set()  # blocks of the current tensor its operator checked
+    spills = _LazySpill(spill_dir, reader)
 
     def dest(t: TensorPlan, inputs: list[torch.Tensor]) -> torch.Tensor | None:
         """The ring buffer the next write() converts into, offered to the operator (Block.dest)."""
@@ -142,20 +146,31 @@ def execute(
             local_bytes = len(first) * (t.in_bytes() // max(1, t.n_blocks))
             cache: dict[int, list[torch.Tensor]] = {}
             keep = local_bytes <= cache_bytes
+            # Blocks too many to keep in memory are spilled to local scratch as the first pass
+            # reads them, and read back from there: every source byte is read once (spill.py).
+            spill = None if keep or not first else spills.get()
+            if spill is not None:
+                spill.reset()
 
-            # t and cache bound now, not looked up when called: each closure belongs to this tensor
+            # t, cache and spill bound now, not looked up when called: each closure belongs to this tensor
             def inputs_of(
-                b: int, t: TensorPlan = t, cache: dict[int, list[torch.Tensor]] = cache
+                b: int, t: TensorPlan = t, cache: dict[int, list[torch.Tensor]] = cache, spill: Spill | None = spill
             ) -> list[torch.Tensor]:
-                return cache[b] if b in cache else reader.read(t, b)
+                if b in cache:
+                    return cache[b]
+                if spill is not None and spill.has(b):
+                    return spill.get(b)
+                return reader.read(t, b)
 
             def done_with(b: int, inputs: list[torch.Tensor], cache: dict[int, list[torch.Tensor]] = cache) -> None:
                 if b not in cache:
-                    reader.release(inputs)
+                    reader.release(inputs)  # read from the sources or the spill: the pool's buffers
 
             prev: Any = None
             for rnd in range(rounds):
                 partial: dict[int, dict[str, Any]] = {}
+                if spill is not None and rnd > 0:
+                    spill.expect(first)
                 for b in first:
                     if rnd == 0:
                         _, _, inputs = next(stream)
@@ -168,9 +183,13 @@ def execute(
                     blk = block(t, b, inputs, False)
                     partial[b] = op.stats(rnd, task, blk, prev)
                     note(blk)
+                    if rnd == 0 and spill is not None:
+                        spill.put(b, inputs)  # after stats: the read-ahead of the stream overlaps it
                     done_with(b, inputs)
                 reduced = reduce_stats(comm, partial, t.n_blocks)
                 prev = op.finish(rnd, task, reduced, prev)
+            if spill is not None:
+                spill.expect(todo)
             for b in todo:
                 inputs = inputs_of(b)
                 blk = block(t, b, inputs, True)
@@ -181,12 +200,37 @@ def execute(
             for inputs in cache.values():
                 reader.release(inputs)
             cache.clear()
+            if spill is not None:
+                spill.reset()
         while writes:
             writes.popleft().result()
     finally:
         writer.shutdown(wait=True, cancel_futures=True)
+        spills.close()
     stats.bytes_read = reader.bytes_read
+    stats.bytes_spilled = spills.bytes_written
     return stats
+
+
+class _LazySpill:
+    """The executor's one Spill, made when a tensor first needs it (most merges never do)."""
+
+    def __init__(self, directory: str | None, reader: BlockReader) -> None:
+        self.directory = directory
+        self.reader = reader  # the spill reads back into the reader's pooled buffers
+        self.spill: Spill | None = None
+        self.bytes_written = 0  # by every spill, for ExecStats
+
+    def get(self) -> Spill:
+        if self.spill is None:
+            self.spill = Spill(self.directory, self.reader.buffer, self.reader.release)
+        return self.spill
+
+    def close(self) -> None:
+        if self.spill is not None:
+            self.bytes_written = self.spill.bytes_written
+            self.spill.close()
+            self.spill = None
 
 
 def _block(t: TensorPlan, b: int, inputs: list[torch.Tensor], scratch: Scratch, reader: BlockReader) -> Block:

@@ -75,6 +75,11 @@ class BlockReader:
             self.allocations += 1
         return buf[:n]
 
+    def buffer(self, n: int) -> torch.Tensor:
+        """A uint8 buffer of n bytes from the read pool (what the spill reads back into): give it
+        back with release(), as a block's inputs."""
+        return self._buffer(n)
+
     def _count(self, n: int) -> None:
         # called from the reader threads: `+=` on an attribute is not atomic
         with self._free_lock:

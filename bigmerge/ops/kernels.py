@@ -9,23 +9,110 @@ numba, or for other compute dtypes, the torch code runs.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import functools
 import math
 import os
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 
 try:  # numba is a dependency, but keep the torch path usable without it
-    from numba import njit, prange
+    import numba
+    from numba import prange
 
     HAVE_NUMBA = True
 except ImportError:  # pragma: no cover - numba is a dependency; use_numba() is the switch tests use
     HAVE_NUMBA = False
-
-    def njit(*args: Any, **kwargs: Any) -> Any:  # type: ignore[no-redef]  # stand-in for numba's
-        return lambda f: f
-
     prange = range  # type: ignore[misc]  # numba's prange is a type
+
+COMPILE_LOCK = "bigmerge-compile.lock"
+_held = threading.local()  # this thread's depth of nested compilations under the lock
+
+
+@contextlib.contextmanager
+def compile_lock(directory: str | None) -> Iterator[None]:
+    """Hold the cross-process lock of a numba cache directory (fcntl.flock on a file there;
+    reentrant within a thread, as compiling one kernel compiles the kernels it calls).
+
+    Every process that compiles a cached kernel first takes the lock, and numba looks in the
+    cache again once it holds it: of 64 ranks starting at once on one shared cache, the first
+    compiles and saves each kernel, the others wait and load it; nobody compiles twice and no
+    two processes write one cache entry at a time. No directory, or one that cannot hold the
+    lock file (read-only): no lock (numba then caches nothing there either).
+    """
+    depth = getattr(_held, "depth", 0)
+    fd = -1
+    if depth == 0 and directory:
+        try:
+            os.makedirs(directory, exist_ok=True)
+            fd = os.open(os.path.join(directory, COMPILE_LOCK), os.O_RDWR | os.O_CREAT, 0o666)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            if fd >= 0:
+                os.close(fd)
+            fd = -1
+    _held.depth = depth + 1
+    try:
+        yield
+    finally:
+        _held.depth = depth
+        if fd >= 0:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+
+def cache_dir(dispatcher: Any) -> str | None:
+    """Where numba caches this kernel (NUMBA_CACHE_DIR, the package's __pycache__, or the
+    user-wide cache numba falls back to), or None when it does not cache it."""
+    cache = getattr(dispatcher, "_cache", None)
+    path = getattr(cache, "_cache_path", None)
+    return str(path) if path else None
+
+
+_CACHED_KERNELS: list[Any] = []  # every cached kernel's dispatcher (cached() looks at their index files)
+
+
+def uncached_fraction() -> float:
+    """The fraction of the cached kernels imported so far that numba's on-disk cache has no index
+    for: 1.0 on a fresh install (or after a kernel changed), about 0 once tools/warm_kernels.py
+    or earlier merges have filled it. 0 without numba (nothing to compile)."""
+    if not HAVE_NUMBA or not _CACHED_KERNELS:
+        return 0.0
+    missing = 0
+    for dispatcher in _CACHED_KERNELS:
+        cache = getattr(dispatcher, "_cache", None)
+        index = getattr(getattr(cache, "_cache_file", None), "_index_path", None)
+        missing += index is not None and not os.path.exists(index)
+    return missing / len(_CACHED_KERNELS)
+
+
+def njit(*args: Any, **kwargs: Any) -> Any:
+    """numba.njit, and for cached kernels a compilation under the cache's compile_lock."""
+    if not HAVE_NUMBA:
+        return (lambda f: f) if not (args and callable(args[0])) else args[0]
+    if args and callable(args[0]):
+        return njit(**kwargs)(args[0])
+
+    def wrap(fn: Any) -> Any:
+        dispatcher = numba.njit(*args, **kwargs)(fn)
+        if kwargs.get("cache"):
+            compile_now = dispatcher.compile
+            directory = cache_dir(dispatcher)
+
+            def compile_locked(sig: Any) -> Any:
+                with compile_lock(directory):
+                    return compile_now(sig)  # loads from the cache if another process saved it meanwhile
+
+            dispatcher.compile = compile_locked
+            _CACHED_KERNELS.append(dispatcher)
+        return dispatcher
+
+    return wrap
+
 
 NO_NUMBA_ENV = "BIGMERGE_NO_NUMBA"
 
@@ -44,6 +131,30 @@ def threads() -> int:
     from numba import get_num_threads
 
     return int(get_num_threads())
+
+
+SOURCE_SLOTS = 8  # the kernels' tuple of sources has this many entries (or a multiple): see slots
+
+
+def slots(xs: Any) -> tuple[Any, ...]:
+    """The sources as a tuple of SOURCE_SLOTS entries (the next multiple beyond 8 models), the
+    unused ones repeating the first source (never read: the kernels index the models they are
+    given). numba compiles a kernel for each tuple length, so this one compiled kernel serves
+    every merge of 1 to 8 models: a new number of models compiles nothing."""
+    n = len(xs)
+    size = max(SOURCE_SLOTS, -(-n // SOURCE_SLOTS) * SOURCE_SLOTS)
+    return tuple(xs) + (xs[0],) * (size - n)
+
+
+def sources_in_slots(kernel: Any) -> Any:
+    """A kernel whose first argument is the tuple of sources, called with them in slots."""
+
+    @functools.wraps(kernel.py_func if hasattr(kernel, "py_func") else kernel)
+    def call(xs: Any, *args: Any) -> Any:
+        return kernel(slots(xs), *args)
+
+    call.kernel = kernel  # type: ignore[attr-defined]  # the dispatcher itself (its caches, its signatures)
+    return call
 
 
 HI_BINS = 1 << 15
@@ -132,6 +243,7 @@ def _base_into(base: Any, c0: int, n: int, bb: np.ndarray) -> None:
         bb[q] = _f32(src[q])
 
 
+@sources_in_slots
 @njit(cache=True, parallel=True)
 def magnitude_hists(
     xs: Any, base_row: int, rows: np.ndarray, params: np.ndarray, mode: int, nparts: int, bf16: bool
@@ -177,6 +289,7 @@ def magnitude_hists(
     return local
 
 
+@sources_in_slots
 @njit(cache=True, parallel=True)
 def hi_bin_records(
     xs: Any,
@@ -223,6 +336,7 @@ def hi_bin_records(
                 at[k] = w + c
 
 
+@sources_in_slots
 @njit(cache=True, parallel=True)
 def tie_cutoffs(
     xs: Any, base_row: int, rows: np.ndarray, thr_bits: np.ndarray, quotas: np.ndarray, bf16: bool
@@ -408,6 +522,7 @@ def _merge_part(
                 o[q] = mixed[q]
 
 
+@sources_in_slots
 @njit(cache=True, parallel=True)
 def task_vector_merge(
     xs: Any,
@@ -582,6 +697,7 @@ def l1_kept(x: np.ndarray, base_row: int, row: int, keep: np.ndarray, out: np.nd
         out[c, 1] = after
 
 
+@sources_in_slots
 @njit(cache=True, parallel=True)
 def magnitude_bits(xs: Any, base_row: int, row: int, out: np.ndarray, bf16: bool) -> None:
     """out = the bit patterns of |xs[row] - xs[base]| (what select.magnitude_bits gives of the
@@ -697,6 +813,7 @@ def uniform(key: int, start: int, out: np.ndarray) -> np.ndarray:
     return out
 
 
+@sources_in_slots
 @njit(cache=True, parallel=True)
 def drop_keep(
     xs: Any,

@@ -49,7 +49,7 @@ def _linear_kernel(xs, w, divisor, normalize, bf16_in, bf16_out, out, bad):  # t
     times Inf is NaN), so a NaN or Inf in a source always shows there; so does an overflow.
     """
     m = out.size
-    n = len(xs)
+    n = w.shape[0]  # xs holds kernels.SOURCE_SLOTS entries or more: the first n are the sources
     nparts = bad.size
     step = (m + nparts - 1) // nparts
     for p in prange(nparts):
@@ -140,7 +140,7 @@ class LinearOp(MergeOp):
             x.reshape(-1).view(torch.uint16 if src == torch.bfloat16 else torch.float32).numpy() for x in block.inputs
         ]
         _linear_kernel(
-            tuple(flat),
+            kernels.slots(flat),
             weights.numpy(),
             np.float32(weights.sum().item()),
             bool(task.shared["normalize"]),

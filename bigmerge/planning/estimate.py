@@ -12,6 +12,14 @@ The model (stated in docs/performance.md, checked against measured runs there):
 - Writes: each rank writes its output blocks once with the direct writer (a POSIX output:
   blocks land at their final offsets), twice with the zarr writer (object storage: the
   store, then the exported safetensors), sharing the node's write bandwidth.
+- Statistics passes over a tensor too large for the cache (`--cache-size`): its blocks are
+  spilled to local scratch as the first pass reads them, and every later pass (the rounds, then
+  apply) reads them back from there (engine/spill.py): the sources are read once, and the
+  spill adds one local write and `rounds` local reads of those bytes, at LOCAL_WRITE_GBPS and
+  LOCAL_READ_GBPS (this machine: mostly the page cache).
+- Start-up: STARTUP_S (interpreter, torch, headers, plan, the numba kernels loaded from their
+  cache, the metadata and the manifest at the end), plus COMPILE_S when the kernels are not in
+  numba's cache yet (tools/warm_kernels.py fills it at install time).
 - The slowest rank sets the time; blocks are balanced by bytes, so that is about the mean.
 - Memory per rank: `Plan.peak_memory_estimate` (a few blocks per source in flight, the
   operator's work buffers, the statistics cache), independent of the model's size.
@@ -35,6 +43,14 @@ COMPUTE_GBPS_PER_CORE = {
     "statistics": 0.7,  # slerp, nuslerp, model_stock, multislerp, karcher (norms, dots, cosines)
     "selection": 0.6,  # ties and every sparsifying operator (exact top-k, sign election)
 }
+# Start-up and the end of a merge (imports, headers and plan, kernels from numba's cache, the
+# model card, manifest and summary): linear's start-up on medium, quiet, was 1.3 s (README).
+STARTUP_S = 2.0
+# numba's compilation of the kernels into an empty cache (4-layer toy TIES merge: 65 s against 5.4 s)
+COMPILE_S = 60.0
+# The spill's local write and read-back (engine/spill.py), GB/s per rank: page-cache copies here.
+LOCAL_WRITE_GBPS = 1.5
+LOCAL_READ_GBPS = 3.0
 SELECTION = {"ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "sce"}
 STATISTICS = {"slerp", "nuslerp", "multislerp", "karcher", "model_stock", "regmean"}
 
@@ -62,12 +78,18 @@ class Estimate:
     peak_bytes_per_rank: int
     bytes_read: int
     bytes_written: int
+    spill_s: float = 0.0  # the slowest rank's spill: local write once, read back per later pass
+    bytes_spilled: int = 0  # source bytes written to local scratch, all ranks
+    startup_s: float = STARTUP_S
+    compile_s: float = 0.0  # numba's compilation, when its cache lacks the kernels
 
     def describe(self) -> str:
+        spill = f", spill to local scratch {_duration(self.spill_s)}" if self.spill_s else ""
+        compile_ = f" + compiling the kernels {_duration(self.compile_s)}" if self.compile_s else ""
         return (
-            f"~{_duration(self.seconds)} (slowest rank: read {_duration(self.read_s)} overlapped with compute "
-            f"{_duration(self.compute_s)}, then write {_duration(self.write_s)}); peak memory "
-            f"~{self.peak_bytes_per_rank / 1e9:.2f} GB per rank"
+            f"~{_duration(self.seconds)} (start-up {_duration(self.startup_s)}{compile_}; slowest rank: read "
+            f"{_duration(self.read_s)} overlapped with compute {_duration(self.compute_s)}{spill}, then write "
+            f"{_duration(self.write_s)}); peak memory ~{self.peak_bytes_per_rank / 1e9:.2f} GB per rank"
         )
 
 
@@ -79,21 +101,59 @@ def _duration(s: float) -> str:
     return f"{s / 3600:.1f} h"
 
 
-def estimate_plan(plan: Plan, cluster: Cluster, prefetch: int = 2, cache_bytes: int = 512 << 20) -> Estimate:
-    """The time of `plan` on `cluster`: plan.world_size must be nodes x ranks_per_node."""
+def estimate_plan(
+    plan: Plan, cluster: Cluster, prefetch: int = 2, cache_bytes: int = 512 << 20, uncached: float | None = None
+) -> Estimate:
+    """The time of `plan` on `cluster`: plan.world_size must be nodes x ranks_per_node.
+
+    uncached: the fraction of the kernels numba's cache lacks (None: look, kernels.uncached_fraction).
+    A kernel no merge of this install has called is missing too (a fifth of them after the test
+    suite), so up to half missing counts as a warm cache, all missing as a fresh one (COMPILE_S),
+    linear in between."""
     per_rank = plan.rank_bytes()
     out_per_rank = [0] * plan.world_size
     for t in plan.tensors:
         per_block = t.out_bytes() // max(1, t.n_blocks)
         for r in t.owners:
             out_per_rank[r] += per_block
+    if uncached is None:
+        from bigmerge.ops import kernels
+
+        uncached = kernels.uncached_fraction()
     return _estimate(
         plan.merge_method,
         per_rank,
         out_per_rank,
         cluster,
         plan.peak_memory_estimate(prefetch, cache_bytes),
+        spill_passes(plan, cache_bytes),
+        max(0.0, 2 * uncached - 1) * COMPILE_S,
     )
+
+
+def spill_passes(plan: Plan, cache_bytes: int) -> list[tuple[int, int]]:
+    """Per rank: (bytes spilled to local scratch, bytes read back from it), as the executor does:
+    a tensor with statistics rounds whose local blocks exceed cache_bytes is spilled as its first
+    pass reads it, and read back by each of the `rounds` later passes (rounds - 1, then apply)."""
+    from bigmerge.ops import get_op
+
+    op = get_op(plan.merge_method)
+    out = [(0, 0)] * plan.world_size
+    for t in plan.tensors:
+        if t.n_blocks == 0:
+            continue
+        rounds = op.rounds(plan.task(t))
+        if not rounds:
+            continue
+        per_block = t.in_bytes() // t.n_blocks
+        mine = [0] * plan.world_size
+        for r in t.owners:
+            mine[r] += per_block
+        for r, local in enumerate(mine):
+            if local > cache_bytes:
+                w, rd = out[r]
+                out[r] = (w + local, rd + rounds * local)
+    return out
 
 
 def estimate_model(
@@ -122,26 +182,39 @@ def _block_peak(method: str, n: int, block_bytes: int, itemsize: int, prefetch: 
     return block_memory(get_op(method), n, block_bytes // itemsize, n * block_bytes, 4, prefetch)
 
 
-def _estimate(method: str, read_per_rank: list[int], write_per_rank: list[int], c: Cluster, peak: int) -> Estimate:
+def _estimate(
+    method: str,
+    read_per_rank: list[int],
+    write_per_rank: list[int],
+    c: Cluster,
+    peak: int,
+    spills: list[tuple[int, int]] | None = None,
+    compile_s: float = 0.0,
+) -> Estimate:
     cores_per_rank = max(1.0, c.cores_per_node / c.ranks_per_node)
     gbps = COMPUTE_GBPS_PER_CORE[family(method)] * cores_per_rank
     read_bw = c.read_gbps / c.ranks_per_node
     write_bw = c.write_gbps / c.ranks_per_node
-    worst = (0.0, 0.0, 0.0, 0.0)
-    for rb, wb in zip(read_per_rank, write_per_rank):
+    spills = spills or [(0, 0)] * len(read_per_rank)
+    worst = (0.0, 0.0, 0.0, 0.0, 0.0)
+    for rb, wb, (sw, sr) in zip(read_per_rank, write_per_rank, spills):
         writes = 2 if c.writer == "zarr" else 1
         read_s, compute_s, write_s = rb / 1e9 / read_bw, rb / 1e9 / gbps, writes * wb / 1e9 / write_bw
-        total = max(read_s, compute_s) + write_s
+        spill_s = sw / 1e9 / (LOCAL_WRITE_GBPS / c.ranks_per_node) + sr / 1e9 / (LOCAL_READ_GBPS / c.ranks_per_node)
+        total = max(read_s, compute_s) + spill_s + write_s
         if total > worst[0]:
-            worst = (total, read_s, compute_s, write_s)
+            worst = (total, read_s, compute_s, write_s, spill_s)
     return Estimate(
-        seconds=worst[0],
+        seconds=STARTUP_S + compile_s + worst[0],
         read_s=worst[1],
         compute_s=worst[2],
         write_s=worst[3],
         peak_bytes_per_rank=peak,
         bytes_read=sum(read_per_rank),
         bytes_written=sum(write_per_rank),
+        spill_s=worst[4],
+        bytes_spilled=sum(w for w, _ in spills),
+        compile_s=compile_s,
     )
 
 
