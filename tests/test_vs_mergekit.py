@@ -156,7 +156,19 @@ def _source(path: Path) -> dict[str, torch.Tensor]:
     return load_output(path)
 
 
-def _check_statistics(name: str, tname: str, a: torch.Tensor, b: torch.Tensor, srcs: list[Path]) -> None:
+# With a 16-bit compute dtype mergekit rounds every norm and dot product to it (and rounds
+# element-wise products before summing them where it writes `(a * b).sum()`); bigmerge rounds
+# at the same places, from exact sums of the same rounded values, so the only difference left
+# is where mergekit's float32 accumulation and the exact sum round to different 16-bit values
+# (a sum within a float32 rounding of a 16-bit rounding boundary). None on these fixtures:
+# the outputs are bit-identical, and the test holds them to that.
+SIXTEEN_BIT = ("bfloat16", "float16")
+
+
+def _check_statistics(name: str, tname: str, a: torch.Tensor, b: torch.Tensor, srcs: list[Path], compute: str) -> None:
+    if compute in SIXTEEN_BIT and not name.startswith("slerp"):  # slerp takes its scalars in float32
+        assert torch.equal(a, b), f"{tname}: {int((a != b).sum())} elements differ from mergekit (16-bit compute)"
+        return
     scale = max(float(_source(s)[tname].float().abs().max()) for s in srcs)
     bound = _statistics_ulps(name) * torch.finfo(b.dtype).eps * scale  # type: ignore[operator]
     diff = float((a.double() - b.double()).abs().max())
@@ -198,7 +210,7 @@ def test_same_tensors_as_mergekit(name: str, families: dict[str, dict[str, Path]
                 )
             differing_at_ties += int((ulps[ties] > 1).sum())
         elif _statistics_ulps(name) is not None:
-            _check_statistics(name, tname, a, b, [fam[m] for m in cfg["models"]])
+            _check_statistics(name, tname, a, b, [fam[m] for m in cfg["models"]], resolved[tname]["compute_dtype"])
         else:
             assert int(ulps.max()) <= 1, f"{tname}: {int(ulps.max())} ulps away from mergekit"
     # Differences sit only on exact ties at the threshold (asserted above). Their share is
