@@ -146,6 +146,13 @@ STATISTICS_ULPS = {
 }
 
 
+# Methods whose every operation bigmerge does as mergekit does, in the same dtypes (RAM's
+# integer counts, arcee_fusion's exact quartiles and mergekit's torch code per vector): the
+# same bits. (arcee_fusion's quartiles differ only above 1,000,000 elements, where mergekit
+# samples; none of these fixtures is that large.)
+EXACT = ("arcee_fusion", "ram")
+
+
 def _statistics_ulps(name: str) -> int | None:
     hits = [k for k in STATISTICS_ULPS if name.startswith(k)]
     return STATISTICS_ULPS[max(hits, key=len)] if hits else None
@@ -160,13 +167,18 @@ def _source(path: Path) -> dict[str, torch.Tensor]:
 # element-wise products before summing them where it writes `(a * b).sum()`); bigmerge rounds
 # at the same places, from exact sums of the same rounded values, so the only difference left
 # is where mergekit's float32 accumulation and the exact sum round to different 16-bit values
-# (a sum within a float32 rounding of a 16-bit rounding boundary). None on these fixtures:
-# the outputs are bit-identical, and the test holds them to that.
+# (a sum within a float32 rounding of a 16-bit rounding boundary). On these fixtures that
+# happens once: in nuslerp_cols_bf16_native the norm of column 1 of embed_tokens is
+# 0.837890735 (exact), 1.1e-7 above the midpoint of two bf16 values, and mergekit's float32
+# sum over the 260 rows lands below it (216 elements of that column then differ, within the
+# float32-compute bound above); those cases keep that bound, every other 16-bit case is held
+# to bit equality.
 SIXTEEN_BIT = ("bfloat16", "float16")
+SIXTEEN_BIT_RESIDUAL = ("nuslerp_cols_bf16_native",)
 
 
 def _check_statistics(name: str, tname: str, a: torch.Tensor, b: torch.Tensor, srcs: list[Path], compute: str) -> None:
-    if compute in SIXTEEN_BIT and not name.startswith("slerp"):  # slerp takes its scalars in float32
+    if compute in SIXTEEN_BIT and not name.startswith(("slerp", *SIXTEEN_BIT_RESIDUAL)):  # slerp: float32 scalars
         assert torch.equal(a, b), f"{tname}: {int((a != b).sum())} elements differ from mergekit (16-bit compute)"
         return
     scale = max(float(_source(s)[tname].float().abs().max()) for s in srcs)
@@ -209,6 +221,8 @@ def test_same_tensors_as_mergekit(name: str, families: dict[str, dict[str, Path]
                     f"{tname}: {int(ulps[off].max())} ulps away from mergekit off the ties"
                 )
             differing_at_ties += int((ulps[ties] > 1).sum())
+        elif name.startswith(EXACT):
+            assert torch.equal(a, b), f"{tname}: {int((a != b).sum())} elements differ from mergekit"
         elif _statistics_ulps(name) is not None:
             _check_statistics(name, tname, a, b, [fam[m] for m in cfg["models"]], resolved[tname]["compute_dtype"])
         else:

@@ -293,10 +293,12 @@ class ModelStockOp(StatsOp):
         else:
             # torch's mean over dim 0 is left to right for up to 4 rows; a fixed order beyond,
             # so that rows never depend on how many of them a block holds
-            acc = cos_thetas[0].clone()
+            # (a 16-bit dtype's mean accumulates in float32 and rounds once, after the division)
+            wide16 = dt in (torch.bfloat16, torch.float16)
+            acc = cos_thetas[0].to(torch.float32) if wide16 else cos_thetas[0].clone()
             for c in cos_thetas[1:]:
                 acc = acc + c
-            cos_theta = acc / len(cos_thetas)
+            cos_theta = (acc / len(cos_thetas)).to(dt)
         cos_theta = cos_theta.unsqueeze(-1)
         count = k
         denominator = 1 + (count - 1) * cos_theta

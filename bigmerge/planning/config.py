@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError, field_validator
 
 from bigmerge.errors import ConfigError
 
@@ -67,6 +67,38 @@ DTYPE_NAMES = {
 }
 
 
+# Every parameter that a merge method of mergekit 0.1.5 declares. mergekit resolves only its
+# method's own parameters and never reads the others (and its config model drops unknown
+# top-level keys), so a config written for mergekit may carry these where they do nothing:
+# `lambda` or `weight` under sce, `normalize` under multislerp, `int8_mask` at the top level.
+# bigmerge accepts them with one warning line each; any other unknown name stays an error
+# (a typo must not silently change a merge). See docs/operators.md.
+MERGEKIT_PARAMETERS = frozenset(
+    {
+        "alpha",
+        "density",
+        "eps",
+        "epsilon",
+        "filter_wise",
+        "gamma",
+        "int8_mask",
+        "lambda",
+        "max_iter",
+        "normalize",
+        "normalize_weights",
+        "nuslerp_flatten",
+        "nuslerp_row_wise",
+        "r",
+        "rescale",
+        "scale",
+        "select_topk",
+        "t",
+        "tol",
+        "weight",
+    }
+)
+
+
 class MergeConfig(_Strict):
     """One merge, as written in YAML. Field names are mergekit's where mergekit has them."""
 
@@ -83,6 +115,12 @@ class MergeConfig(_Strict):
     # bigmerge's own keys
     storage_options: dict[str, Any] | None = None
     seed: int | None = None
+    # method parameters written at the top level, which mergekit ignores: warned about, not merged
+    _ignored_top_level: list[str] = PrivateAttr(default_factory=list)
+
+    @property
+    def ignored_top_level(self) -> tuple[str, ...]:
+        return tuple(self._ignored_top_level)
 
     @field_validator("dtype", "out_dtype")
     @classmethod
@@ -137,6 +175,8 @@ def _format_loc(loc: tuple[Any, ...]) -> str:
 def parse_config(data: Any, source: str = "config") -> MergeConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+    ignored = [k for k in data if k in MERGEKIT_PARAMETERS and k not in MergeConfig.model_fields]
+    data = {k: v for k, v in data.items() if k not in ignored}
     try:
         cfg = MergeConfig.model_validate(data)
     except ValidationError as exc:
@@ -150,6 +190,7 @@ def parse_config(data: Any, source: str = "config") -> MergeConfig:
     if bool(cfg.models) == bool(cfg.slices):
         raise ConfigError(f"{source}: exactly one of 'models' or 'slices' must be given")
     _check_duplicates(cfg, source)
+    cfg._ignored_top_level.extend(ignored)
     return cfg
 
 
