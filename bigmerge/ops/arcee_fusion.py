@@ -71,7 +71,7 @@ def _value(key: int, bits: int) -> float:
 
 
 class ArceeFusionOp(StatsOp):
-    """Arcee Fusion: the other model's change where its importance (|change| x KL of the softmaxes) is an outlier."""
+    """Arcee Fusion: the other model's change where its importance (size of change x KL of the softmaxes) is an outlier."""
 
     name = "arcee_fusion"
     params = ()
