@@ -768,6 +768,30 @@ class KarcherOp(StatsOp):
             }
         return block.memo["karcher_units"]
 
+    # The mean at the start of iteration k depends on the scalars of iterations before k only:
+    # kept per block (on the block object, or here across the executor's per-round block
+    # objects, up to KEEP_BYTES per tensor), a round resumes from it instead of replaying
+    # every iteration again (max_iter^2 / 2 passes over the block otherwise).
+    KEEP_BYTES = 1 << 30
+    _kept: tuple[str, dict[int, tuple[int, torch.Tensor]]] | None = None
+
+    def _resume_at(self, task: TensorTask, block: Block) -> tuple[int, torch.Tensor] | None:
+        if "karcher_resume" in block.memo:
+            return block.memo["karcher_resume"]
+        kept = self._kept
+        if kept is None or kept[0] != task.name:
+            return None
+        return kept[1].get(block.index)
+
+    def _keep(self, task: TensorTask, block: Block, k: int, mean: torch.Tensor) -> None:
+        block.memo["karcher_resume"] = (k, mean.clone())
+        kept = self._kept
+        if kept is None or kept[0] != task.name:
+            kept = (task.name, {})
+            self._kept = kept
+        if task.numel * mean.element_size() <= self.KEEP_BYTES:
+            kept[1][block.index] = block.memo["karcher_resume"]
+
     def _replay(self, task: TensorTask, block: Block, st: KarcherRun, stop: tuple[str, int] | None) -> torch.Tensor:
         """mergekit's vectors on this block, up to `stop` (the vector whose statistic is next:
         ("mean", 0) the first weighted mean, ("dots", k) the mean dotted in iteration k,
@@ -775,15 +799,21 @@ class KarcherOp(StatsOp):
         tol = task.shared["tol"]
         units = self._units16(task, block, st)
         first = units[st.valid[0]]
-        mean = torch.zeros_like(first)
-        for i in st.valid:
-            mean += st.alphas[i] * units[i]
-        if stop == ("mean", 0):
-            return mean
-        assert st.mean_norm is not None
-        mean = first.clone() if st.mean_norm.item() < tol else (mean / st.mean_norm).to(mean.dtype)
-        for k in range(task.shared["max_iter"]):
+        resume = self._resume_at(task, block)
+        k0 = 0
+        if resume is not None and stop != ("mean", 0) and (stop is None or stop[1] >= resume[0]):
+            k0, mean = resume[0], resume[1].clone()
+        else:
+            mean = torch.zeros_like(first)
+            for i in st.valid:
+                mean += st.alphas[i] * units[i]
+            if stop == ("mean", 0):
+                return mean
+            assert st.mean_norm is not None
+            mean = first.clone() if st.mean_norm.item() < tol else (mean / st.mean_norm).to(mean.dtype)
+        for k in range(k0, task.shared["max_iter"]):
             if stop == ("dots", k):
+                self._keep(task, block, k, mean)
                 return mean
             if k >= len(st.dots):
                 break
