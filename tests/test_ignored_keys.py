@@ -78,6 +78,13 @@ def _warnings(text: str) -> list[str]:
         ("multislerp", MULTISLERP, MULTISLERP + "parameters:\n  normalize: true\n", ["'normalize'"]),
         # a method parameter at the top level: mergekit's config model drops it
         ("ties_top", TIES, TIES + "int8_mask: true\n", ["top-level key 'int8_mask'"]),
+        # the base model's own weight and density under ties: read for the other models only
+        (
+            "ties_base",
+            TIES,
+            TIES + "  - model: {base}\n    parameters: {{weight: 0.9, density: 0.2}}\n",
+            ["'density' of the base model", "'weight' of the base model"],
+        ),
     ],
 )
 def test_mergekit_ignored_keys_warn_once_and_change_nothing(

@@ -437,8 +437,9 @@ def _check_settings_against_tensors(cfg: MergeConfig, names: list[str], warnings
 
 def _check_parameter_names(op: MergeOp, cfg: MergeConfig) -> list[str]:
     """Refuse a parameter name no merge method knows (a typo); one warning per name that
-    mergekit 0.1.5 knows but ignores here (another method's parameter, or a method parameter
-    at the top level), as mergekit would merge the config without it."""
+    mergekit 0.1.5 knows but ignores here (another method's parameter, a method parameter at
+    the top level, or the base model's own value of a parameter of the other models), as
+    mergekit would merge the config without it."""
     known = {p.name for p in op.params}
     ignored: dict[str, list[str]] = {}
     where_params: list[tuple[str, Any]] = [("parameters", cfg.parameters)]
@@ -463,6 +464,23 @@ def _check_parameter_names(op: MergeOp, cfg: MergeConfig) -> list[str]:
         f"top-level key {key!r} is ignored: a merge method parameter belongs under 'parameters:' "
         "(mergekit 0.1.5 ignores it too)"
         for key in cfg.ignored_top_level
+    ]
+    # a parameter of the other models given to the base model itself: never read
+    non_base = {p.name for p in op.params if p.scope == "non_base"}
+    base_params: dict[str, list[str]] = {}
+    for i, m in enumerate(cfg.models or []):
+        if cfg.base_model and m.model == cfg.base_model:
+            for key in (m.parameters or {}).keys() & non_base:
+                base_params.setdefault(key, []).append(f"models[{i}].parameters")
+    for k, sl in enumerate(cfg.slices or []):
+        for j, src in enumerate(sl.sources):
+            if src.model == (sl.base_model or cfg.base_model):
+                for key in (src.parameters or {}).keys() & non_base:
+                    base_params.setdefault(key, []).append(f"slices[{k}].sources[{j}].parameters")
+    warnings += [
+        f"parameter {key!r} of the base model ({', '.join(places)}) is ignored: merge_method {op.name!r} "
+        "applies it to the other models only (mergekit 0.1.5 ignores it too)"
+        for key, places in sorted(base_params.items())
     ]
     return warnings
 
