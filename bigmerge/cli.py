@@ -37,6 +37,122 @@ def _merge_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def parse_count(text: str) -> int:
+    """mergekit's parameter counts: '5B' = 5e9, '500M', '20K' (powers of 1000), or an integer."""
+    m = re.fullmatch(r"\s*(\d+)\s*([kmb]?)\s*", text, re.IGNORECASE)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a parameter count: {text!r} (examples: 5B, 500M, 1000000)")
+    return int(m.group(1)) * {"": 1, "k": 10**3, "m": 10**6, "b": 10**9}[m.group(2).lower()]
+
+
+# mergekit-yaml's options that mean nothing here: accepted, one line says so (docs/mergekit-cli.md)
+MERGEKIT_IGNORED = {
+    "allow_crimes": "sources of different architectures are still refused (bigmerge merges tensor by tensor)",
+    "unsafe_truncate_embeddings": "embeddings are never truncated; give a tokenizer_source to merge vocabularies",
+    "transformers_cache": "nothing is downloaded; sources are paths or fsspec URLs",
+    "lora_merge_cache": "LoRA adapters are applied block by block as the sources are read; nothing is cached",
+    "lora_merge_dtype": "LoRA adapters are added in each base checkpoint's own dtype, as PEFT's merge_and_unload does",
+    "low_cpu_memory": "memory is bounded by blocks, whatever the model's size",
+    "clone_tensors": "every output tensor is written from its own buffer",
+    "trust_remote_code": "bigmerge never runs a model's code",
+    "lazy_unpickle": "pickle checkpoints load only with --allow-bin, through torch.load(weights_only=True)",
+    "safe_serialization": "the output is always safetensors",
+    "read_to_gpu": "sources are read into host memory; --device cuda computes on the GPU",
+    "multi_gpu": "run one rank per GPU under mpirun with --device cuda",
+    "num_threads": "each rank takes its share of the node's cores",
+    "async_write": "writes always overlap the merge",
+    "write_threads": "writes always overlap the merge",
+    "verbosity": "bigmerge prints its progress unless --quiet",
+}
+
+
+def _mergekit_flag(name: str) -> str:
+    return "-v" if name == "verbosity" else f"--{name.replace('_', '-')}"
+
+
+def _mergekit_args(m: argparse.ArgumentParser) -> None:
+    """mergekit-yaml's command-line options, so that its command lines run unchanged."""
+    g = m.add_argument_group(
+        "mergekit-yaml options",
+        "accepted so that mergekit command lines run unchanged (docs/mergekit-cli.md): --cuda, --no-cuda, "
+        "--out-shard-size, --copy-tokenizer, --random-seed and --write-model-card map to bigmerge's settings; "
+        "these mean nothing here and print one line saying why: "
+        + ", ".join(_mergekit_flag(n) for n in MERGEKIT_IGNORED)
+        + " (and their --no- forms)",
+    )
+    flag = argparse.BooleanOptionalAction
+    g.add_argument(
+        "--cuda",
+        action=flag,
+        default=None,
+        help="--cuda: --device auto (the GPU; without one, the CPU, said in one line: the same tensors); "
+        "--no-cuda: --device cpu",
+    )
+    g.add_argument("--gpu-rich", action="store_true", default=None, help="as --cuda")
+    g.add_argument(
+        "--out-shard-size",
+        type=parse_count,
+        default=None,
+        metavar="COUNT",
+        help="parameters per output file, mergekit's unit (5B: 5e9 parameters); sets --shard-size to COUNT "
+        "times the output dtype's bytes",
+    )
+    g.add_argument("--copy-tokenizer", action=flag, default=None, help="--no-copy-tokenizer: no tokenizer files in OUT")
+    g.add_argument("--random-seed", type=int, default=None, metavar="N", help="as --seed N")
+    g.add_argument("--write-model-card", action=flag, default=None, help="--no-write-model-card: no README.md in OUT")
+    for name in (
+        "allow_crimes",
+        "unsafe_truncate_embeddings",
+        "low_cpu_memory",
+        "clone_tensors",
+        "trust_remote_code",
+        "lazy_unpickle",
+        "safe_serialization",
+        "read_to_gpu",
+        "multi_gpu",
+        "async_write",
+    ):
+        g.add_argument(f"--{name.replace('_', '-')}", action=flag, default=None, help=argparse.SUPPRESS)
+    for name in ("transformers_cache", "lora_merge_cache", "lora_merge_dtype", "write_threads"):
+        g.add_argument(f"--{name.replace('_', '-')}", default=None, help=argparse.SUPPRESS)
+    g.add_argument("--num-threads", "-j", dest="num_threads", default=None, help=argparse.SUPPRESS)
+    g.add_argument("-v", "--verbose", dest="verbosity", action="count", default=None, help=argparse.SUPPRESS)
+
+
+def mergekit_options(args: argparse.Namespace) -> list[str]:
+    """Fold mergekit's options into bigmerge's (args changed in place); one note per option that
+    means nothing here or that changes what it does."""
+    from bigmerge.errors import ConfigError
+
+    notes: list[str] = []
+    for name, why in MERGEKIT_IGNORED.items():
+        value = getattr(args, name, None)
+        if name == "safe_serialization":  # on in mergekit by default: only asking for pickles is news
+            if value is False:
+                notes.append(f"mergekit option --no-safe-serialization means nothing here ({why}); ignored")
+        elif value not in (None, False, 0):
+            notes.append(f"mergekit option {_mergekit_flag(name)} means nothing here ({why}); ignored")
+    cuda = True if args.gpu_rich else args.cuda
+    if cuda is not None:
+        if args.device not in (None, "cuda", "auto") if cuda else args.device not in (None, "cpu"):
+            raise ConfigError(f"--{'cuda' if cuda else 'no-cuda'} and --device {args.device} disagree; give one")
+        args.device = args.device or ("auto" if cuda else "cpu")
+        if cuda and args.device == "auto":
+            import torch
+
+            if not torch.cuda.is_available():
+                # mergekit would fail on its first tensor; a script written for a GPU box still runs here
+                notes.append("--cuda: no CUDA GPU is visible here; computing on the CPU (the same tensors)")
+    args.device = args.device or "cpu"
+    if args.out_shard_size is not None and args.shard_size is not None:
+        raise ConfigError("--shard-size (bytes) and --out-shard-size (parameters) both given; give one")
+    if args.random_seed is not None:
+        if args.seed is not None and args.seed != args.random_seed:
+            raise ConfigError(f"--seed {args.seed} and --random-seed {args.random_seed} disagree; give one")
+        args.seed = args.random_seed
+    return notes
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bigmerge",
@@ -52,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("config", help="merge config (YAML; mergekit's configs are read as is)")
     m.add_argument("out", help="output directory: a local path or an fsspec URL such as s3://bucket/model")
     _merge_args(m)
-    m.add_argument("--shard-size", type=parse_size, default="5G", help="largest output safetensors file (default 5G)")
+    m.add_argument("--shard-size", type=parse_size, default=None, help="largest output safetensors file (default 5G)")
     m.add_argument(
         "--writer",
         choices=("auto", "direct", "zarr"),
@@ -72,6 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     m.add_argument(
         "--keep-store", action="store_true", help="keep the zarr store (or the direct writer's journal) after export"
+    )
+    m.add_argument(
+        "--intermediate-dir",
+        default=None,
+        help="multi-document configs (mergekit-multi): keep each named merge here as DIR/NAME (default: in "
+        "scratch beside OUT, OUT.bigmerge-stages/, removed once the final merge is done)",
     )
     m.add_argument(
         "--overwrite",
@@ -108,9 +230,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument(
         "--device",
         choices=("cpu", "cuda", "auto"),
-        default="cpu",
+        default=None,
         help="where the operators compute: cpu (default), cuda (each rank its node-local GPU; an error without one), auto (the GPU if there is one)",
     )
+
+    _mergekit_args(m)
 
     p = sub.add_parser(
         "plan",
@@ -124,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--world-size", "-n", type=int, default=None, help="ranks to plan for (default nodes x ranks-per-node)"
     )
-    est = p.add_argument_group("estimate (the model is in the README)")
+    est = p.add_argument_group("estimate (the model: docs/performance.md)")
     est.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
     est.add_argument("--ranks-per-node", type=int, default=None, help="ranks per node (default: -n, or 1)")
     est.add_argument("--cores-per-node", type=int, default=None, help="cores per node (default: this machine's)")
@@ -378,9 +502,16 @@ def cmd_merge(args: argparse.Namespace) -> int:
         gc.freeze()  # what the imports made stays out of every later collection
         gc.enable()
 
+    notes = mergekit_options(args)
+    if get_comm().rank == 0:
+        for note in notes:
+            print(f"bigmerge: {note}", file=sys.stderr, flush=True)
     opts = MergeOptions(
         block_bytes=args.block_size,
-        shard_bytes=args.shard_size,
+        shard_bytes=args.shard_size if args.shard_size is not None else parse_size("5G"),
+        shard_params=args.out_shard_size,
+        copy_tokenizer=args.copy_tokenizer is not False,
+        write_card=args.write_model_card is not False,
         cache_bytes=args.cache_size,
         io_threads=args.io_threads,
         prefetch=args.prefetch,
@@ -395,6 +526,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         allow_nonfinite=args.allow_nonfinite,
         allow_bin=args.allow_bin,
         verify_sources=args.verify_sources,
+        intermediate_dir=args.intermediate_dir,
     )
     run_merge(args.config, args.out, get_comm(), opts)
     return 0

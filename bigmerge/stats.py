@@ -18,7 +18,6 @@ runs on a small jsonl data set (one JSON object per line with a `text` field):
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,8 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from bigmerge.errors import ConfigError, SourceError
+from bigmerge.log import Log
 from bigmerge.ops.data_informed import FISHER_FILE, GRAM_FILE, model_dir_name
 from bigmerge.planning.config import read_jsonl
+from bigmerge.planning.lora import split_ref
 
 KINDS = {"fisher": FISHER_FILE, "regmean": GRAM_FILE}
 
@@ -83,12 +84,18 @@ def compute_statistics(
             "with different --out directories and give each model its own `statistics` parameter"
         )
     for m in models:
+        if split_ref(m)[1] is not None:
+            raise ConfigError(
+                f"{m}: `bigmerge stats` runs a checkpoint, not a BASE+ADAPTER source; statistics of an adapted "
+                "model need the adapter folded first (PEFT's merge_and_unload)"
+            )
         if "://" in m and not m.startswith("file://"):
             raise ConfigError(f"{m}: `bigmerge stats` runs models from a local path; copy it locally first")
         if not Path(m.removeprefix("file://")).is_dir():
             raise SourceError(f"{m}: model not found (no such directory)")
     texts = [read_texts(d, opts.max_examples) for d in data]
     written = []
+    log = Log(quiet=opts.quiet)
     for i, (model, name) in enumerate(zip(models, names)):
         path = Path(out) / name / KINDS[kind]
         t0 = time.perf_counter()
@@ -101,13 +108,10 @@ def compute_statistics(
         save_file(tensors, str(tmp), metadata={k: str(v) for k, v in meta.items()})
         tmp.replace(path)  # a file that exists is whole
         written.append(path)
-        if not opts.quiet:
-            print(
-                f"bigmerge: {kind} statistics of {model}: {len(tensors)} tensors, {meta['examples']} examples, "
-                f"{meta['tokens']} tokens, {time.perf_counter() - t0:.1f} s -> {path}",
-                file=sys.stderr,
-                flush=True,
-            )
+        log(
+            f"{kind} statistics of {model}: {len(tensors)} tensors, {meta['examples']} examples, "
+            f"{meta['tokens']} tokens, {time.perf_counter() - t0:.1f} s -> {path}"
+        )
     return written
 
 

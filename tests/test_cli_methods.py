@@ -1,4 +1,4 @@
-"""`bigmerge methods` lists every operator; the README's table is its --markdown output."""
+"""`bigmerge methods` lists every operator; docs/methods.md's table is its --markdown output."""
 
 from __future__ import annotations
 
@@ -10,13 +10,13 @@ from helpers import bigmerge
 from bigmerge.cli import methods_markdown
 from bigmerge.ops import REGISTRY
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[1] / "docs" / "methods.md"
 
 
 def test_readme_table_matches_the_registry() -> None:
     text = README.read_text()
     m = re.search(r"<!-- methods:[^>]*-->\n(.*?)\n<!-- /methods -->", text, re.S)
-    assert m, "README.md lacks the <!-- methods --> table"
+    assert m, "docs/methods.md lacks the <!-- methods --> table"
     assert m.group(1).strip() == methods_markdown().strip(), "regenerate it: bigmerge methods --markdown"
 
 

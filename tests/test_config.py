@@ -57,7 +57,7 @@ def test_reads_mergekit_example(tmp_path: Path) -> None:
         ({"merge_method": "linear", "models": [{"model": "a", "weight": 1}]}, "unknown key 'models[0].weight'"),
         ({"models": [{"model": "a"}]}, "missing required key 'merge_method'"),
         ({"merge_method": "linear", "models": [{"model": "a"}], "dtype": "float8"}, "dtype"),
-        ({"merge_method": "linear"}, "exactly one of 'models' or 'slices'"),
+        ({"merge_method": "linear"}, "exactly one of 'models', 'slices' or 'modules'"),
         ([1, 2], "expected a mapping"),
     ],
 )
@@ -187,3 +187,39 @@ def test_fuzz_config_and_plan_raise_only_our_errors(data: object, fuzz_family: d
         plan_merge(cfg, 2, MergeOptions(block_bytes=256))
     except BigmergeError:
         pass
+
+
+def test_modules_form_of_a_one_module_model_is_the_plain_form() -> None:
+    """mergekit's `modules:` form: the module `default` (every decoder-only model) reads as the
+    plain form, its parameters ranked between the models' and the global ones."""
+    data = {
+        "merge_method": "linear",
+        "parameters": {"normalize": False, "weight": 0.1},
+        "modules": {
+            "default": {
+                "models": [{"model": "a", "parameters": {"weight": 0.7}}, {"model": "b"}],
+                "parameters": {"weight": 0.3},
+            }
+        },
+    }
+    cfg = parse_config(data, "cfg.yaml")
+    assert cfg.modules is None and [m.model for m in cfg.models or []] == ["a", "b"]
+    assert cfg.parameters == {"normalize": False, "weight": 0.3}
+    assert cfg.model_parameters("a") == {"weight": 0.7}
+
+
+@pytest.mark.parametrize(
+    "modules,needle",
+    [
+        (
+            {"text_decoder": {"models": [{"model": "a"}]}, "vision_tower": {"models": [{"model": "a"}]}},
+            "modules 'text_decoder', 'vision_tower': bigmerge merges one-module models only",
+        ),
+        ({"default": {"parameters": {"weight": 1}}}, "modules.default: exactly one of 'models' or 'slices'"),
+        ({"default": {"models": [{"model": "a"}], "colour": 1}}, "unknown key 'modules.default.colour'"),
+    ],
+)
+def test_modules_that_bigmerge_cannot_merge_are_one_line(modules: dict, needle: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config({"merge_method": "linear", "modules": modules}, "cfg.yaml")
+    assert needle in str(err.value) and "\n" not in str(err.value)

@@ -1,7 +1,7 @@
 """DAM: the training loss, the merged model's arithmetic, the `dam` operator, ZeRO-3 on 2 processes.
 
 Models are tools/toy_models.py families (untrained random Llamas, byte tokenizer) and the data
-synthetic text; the quality comparison on the trained zoo is in the README, not here.
+synthetic text; the quality comparison on the trained zoo is in docs/quality.md, not here.
 """
 
 from __future__ import annotations
@@ -156,6 +156,17 @@ def test_merge_equals_in_memory_model(trained, tmp_path: Path) -> None:
         ids = torch.tensor([[1, 60, 61, 62, 63, 64, 65]])
         model.set_teacher(None)
         torch.testing.assert_close(merged(input_ids=ids).logits, model.module(input_ids=ids).logits)
+    # the card says how the coefficients were trained and how far the loss fell, and parses on the hub
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(tmp_path / "m" / "README.md")
+    assert "dam" in card.data.to_dict()["tags"]
+    how = card.content.split("## How good it is")[1].split("## Configuration")[0]
+    last = result.history[-1]
+    assert f"final loss {last['loss']:.5f} (KL {last['kl']:.5f})" in how and f"{last['step']} optimizer steps" in how
+    assert f"| first step | 1 | {result.history[0]['kl']:.5f} |" in how
+    assert "T² KL(source || merge) at temperature 2" in how and "lr 0.02" in how and "a.jsonl" in how
+    assert str(Path(cfg.output).parent) not in how
 
 
 def mpi_env() -> dict[str, str]:
@@ -579,7 +590,7 @@ def test_rerun_of_a_finished_merge_says_so_and_exits_0(
 
 
 def test_dry_run_at_scale_for_the_sec_70b_config(capsys: pytest.CaptureFixture[str]) -> None:
-    """--arch plans for models that are not here: 3 x Llama-3-70B on 8 x 80 GB GPUs (the README's figures)."""
+    """--arch plans for models that are not here: 3 x Llama-3-70B on 8 x 80 GB GPUs (docs/dam.md's figures)."""
     from bigmerge.cli import main
 
     config = Path(__file__).resolve().parents[1] / "configs" / "dam" / "llama-70b-sec.yaml"

@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "bigmerge"
 
 # Bottom to top. A module belongs to the layer of the longest prefix that names it.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("foundation", ("bigmerge", "bigmerge.errors")),  # __version__ and the error types
+    ("foundation", ("bigmerge", "bigmerge.errors", "bigmerge.log")),  # __version__, the error types, the log
     ("storage", ("bigmerge.storage",)),  # URLs and byte ranges, safetensors headers, CRC-32C
     ("operators", ("bigmerge.ops",)),  # pure: tensors in, tensors out; statistics reduced by a given function
     ("planning", ("bigmerge.planning",)),  # config, catalogs, vocab, the plan (resolves the operators' Params)

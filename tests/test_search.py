@@ -316,11 +316,50 @@ def test_search_writes_results_and_best_config_reproduces_its_heldout_score(
     )
     table = json.loads((tmp_path / "ev" / "eval.json").read_text())
     assert table["rows"][0]["scores"] == rows["cmaes"]["heldout_scores"]
+    # its model card carries the search's scores and how they were obtained, and parses on the hub
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(merged / "README.md")
+    assert {"merge", "bigmerge", "linear"} <= set(card.data.to_dict()["tags"])
+    how = card.content.split("## How good it is")[1].split("## Configuration")[0]
+    held = f"| held-out | the first 12 of each task's documents | {rows['cmaes']['heldout_fitness']:.4f} | "
+    assert held + " | ".join(f"{rows['cmaes']['heldout_scores'][t]:.3f}" for t in ("zoo_sort", "zoo_fin")) in how
+    assert f"| search | up to 8 documents after them | {rows['cmaes']['search_fitness']:.4f} |" in how
+    assert "CMA-ES over weights (simplex), budget" in how and "zoo_sort ×2, zoo_fin ×1" in how
+    assert "lm-eval's `hf` model" in how and str(tmp_path) not in card.content
+    assert "#:" not in card.content.split("## Configuration")[1]  # shown once, not again in the config
 
     # a rerun finds every evaluation in the journal and evaluates nothing
     assert main(["search", str(cfg), "--out", str(out), "--quiet"]) == 0
     again = json.loads((out / "summary.json").read_text())
     assert again["evaluations"]["run_now"] == 0 and again["rows"] == summary["rows"]
+
+
+def test_lorahub_search_over_adapters_and_best_config_reproduces_its_heldout_score(
+    small_zoo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """LoraHub: the pool is LoRA adapters on one base (mergekit's BASE+ADAPTER sources); singles
+    are the base with one adapter, and best.yaml merges and scores as the search said."""
+    models = [{"model": f"{small_zoo / 'base'}+{small_zoo / m}"} for m in ("lora_sort", "lora_fin")]
+    cfg = _search_cfg(small_zoo, tmp_path, optimizer={"popsize": 2, "budget": 2})
+    data = yaml.safe_load(cfg.read_text())
+    data["merge"]["models"] = models
+    cfg.write_text(yaml.safe_dump(data, sort_keys=False))
+    out = tmp_path / "run"
+    assert main(["search", str(cfg), "--out", str(out), "--quiet"]) == 0
+    rows = {r["name"]: r for r in json.loads((out / "summary.json").read_text())["rows"]}
+    history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    singles = {e["config"]["models"][0]["model"]: e for e in history if e.get("role") == "single"}
+    assert sorted(singles) == sorted(m["model"] for m in models)
+    # each adapter changes the base: the two singles score differently on the skills
+    assert singles[models[0]["model"]]["scores"] != singles[models[1]["model"]]["scores"]
+    merged = tmp_path / "merged"
+    assert main(["merge", str(out / "best.yaml"), str(merged), "--quiet"]) == 0
+    capsys.readouterr()
+    args = ["eval", str(merged), "--tasks", "zoo_sort,zoo_fin", "--limit", "12", "--out", str(tmp_path / "ev")]
+    assert main([*args, "--quiet"]) == 0
+    table = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    assert table["rows"][0]["scores"] == rows["cmaes"]["heldout_scores"]
 
 
 def test_killed_search_resumes_without_reevaluating(small_zoo: Path, tmp_path: Path) -> None:

@@ -20,11 +20,12 @@ from typing import Any
 import pytest
 import yaml
 from test_mpi import mpi_env, mpirun
+from test_s3 import s3_env  # noqa: F401 - a fixture: the moto S3 server
 from test_search_parallel import _journal
 from zoo_fixture import small_zoo_dir
 
 from bigmerge.cli import main
-from bigmerge.errors import ConfigError
+from bigmerge.errors import ConfigError, OutputExistsError
 from bigmerge.search.config import load_search_config
 
 LM_EVAL = Path(sys.executable).parent / "lm_eval"
@@ -75,8 +76,19 @@ def _same_search(ref: Path, out: Path, backend: str) -> dict[str, dict[str, Any]
         assert (e["mode"], e["backend"]) == ("disk", backend), e["label"]
     rows = lambda p: json.loads((p / "summary.json").read_text())["rows"]  # noqa: E731
     assert rows(out) == rows(ref)
-    assert (out / "best.yaml").read_text() == (ref / "best.yaml").read_text()
+    # the same best.yaml, but for the line of its results that says which backend scored them
+    differs = [i for i, ln in enumerate(_lines(out / "best.yaml")) if ln.startswith("#: Fitness:")]
+    assert len(differs) == 1 and (backend == "command") == (
+        "the `command` backend" in _lines(out / "best.yaml")[differs[0]]
+    )
+    assert [ln for i, ln in enumerate(_lines(out / "best.yaml")) if i not in differs] == [
+        ln for i, ln in enumerate(_lines(ref / "best.yaml")) if i not in differs
+    ]
     return got
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text().splitlines()
 
 
 def _candidates_on_disk(scratch: Path) -> int:
@@ -354,7 +366,7 @@ def test_mpi_env_is_not_passed_to_the_evaluation_command() -> None:
 
 def test_estimate_of_the_recycle_pool_reads_no_source(capsys: pytest.CaptureFixture[str]) -> None:
     """configs/recycle-pool.yaml's sources are on an S3 bucket out of reach: --params stands in for
-    their headers; the README prints this output."""
+    their headers; docs/search.md prints this output."""
     args = ["search", str(REPO / "configs/recycle-pool.yaml"), "--estimate", "--nodes", "8", "--ranks-per-node", "8"]
     args += ["--cores-per-node", "64", "--read-gbps", "10", "--write-gbps", "5", "--params", "100B"]
     capsys.readouterr()
@@ -385,3 +397,259 @@ def test_pipelined_batch_time_is_simulated_as_the_pipeline_runs() -> None:
     assert batch_seconds(3, 10, 1, in_flight=2, evaluators=1) == 31  # scorings hidden behind merges
     assert batch_seconds(4, 1, 10, in_flight=5, evaluators=4) == 14  # four scorings at once
     assert batch_seconds(4, 1, 10, in_flight=2, evaluators=4) == 23  # in_flight bounds them: two at a time
+
+
+# --- a killed search takes its evaluation command with it; the backend guards the journal ----------
+
+# A real evaluation command, slow on demand: it logs the candidate it scores, and its score is drawn
+# from the merged weights (so that every run agrees on the best); with a SLOW file beside it, it
+# starts a grandchild (sleep) and waits for it, after writing both pids.
+FAKE_EVAL = r"""#!/bin/bash
+here=$(dirname "$0")
+echo "$3" >> "$here/scored"
+if [ -e "$here/SLOW" ]; then
+  sleep 300 &
+  echo "$$ $!" > "$here/pids"
+  wait
+fi
+mkdir -p "$2/m"
+s=$(cat "$1"/*.safetensors | sha256sum | cut -c1-6)
+python3 -c "import json,sys; v=int('$s',16)/2**24; json.dump({'results': {'zoo_sort': {'acc,none': v}, 'zoo_fin': {'acc,none': 1-v}}}, open(sys.argv[1],'w'))" "$2/m/results_1.json"
+"""
+
+
+def _fake_eval(where: Path) -> dict[str, Any]:
+    script = where / "eval.sh"
+    script.write_text(FAKE_EVAL)
+    script.chmod(0o755)
+    return {"type": "command", "command": f"{script} {{model}} {{output}} {{label}}", "retry_delay_s": 0}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")  # a zombie waits for its (gone) parent's reaper: it runs no more
+
+
+@pytest.mark.slow
+def test_sigkill_of_the_search_kills_its_running_evaluation_command(small_zoo: Path, tmp_path: Path) -> None:
+    """Item 1 of the leftovers: the search is SIGKILLed while a real command (a script and its
+    child) scores the second candidate: both are gone at once; the rerun scores only candidates no
+    journal line holds and ends with the best.yaml of a search never killed."""
+    backend = _fake_eval(tmp_path)
+    ref = tmp_path / "ref" / "run"  # its own scratch: nothing kept there is found by the run below
+    assert main(["search", str(_cfg(small_zoo, ref.parent, "disk", backend, in_flight=1)), "--out", str(ref)]) == 0
+    cfg = _cfg(small_zoo, tmp_path / "kill", "disk", backend, in_flight=1)
+    (tmp_path / "scored").unlink()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "kill" / "run"
+    cmd = [sys.executable, "-m", "bigmerge", "search", str(cfg), "--out", str(out), "--quiet"]
+    search = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
+    journal = out / "history.jsonl"
+    deadline = time.monotonic() + 300
+    while not (journal.exists() and journal.read_text().count("\n") >= 1):  # the first candidate is journaled
+        assert search.poll() is None and time.monotonic() < deadline, search.stderr.read() if search.stderr else ""
+        time.sleep(0.05)
+    (tmp_path / "SLOW").touch()  # the next scoring hangs
+    pids = tmp_path / "pids"
+    while not pids.exists() or not pids.read_text().strip():
+        assert search.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    script_pid, sleep_pid = map(int, pids.read_text().split())
+    assert _alive(script_pid) and _alive(sleep_pid)
+    search.kill()  # SIGKILL: no handler of the search runs
+    search.wait()
+    gone = time.monotonic() + 10
+    while (_alive(script_pid) or _alive(sleep_pid)) and time.monotonic() < gone:
+        time.sleep(0.05)
+    assert not _alive(script_pid) and not _alive(sleep_pid)
+    kept = journal.read_text().splitlines()
+    assert len(kept) == 1
+    journaled = {json.loads(ln)["label"] for ln in kept}
+    (tmp_path / "SLOW").unlink()
+    (tmp_path / "scored").unlink()
+    rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert journal.read_text().splitlines()[:1] == kept
+    rescored = set((tmp_path / "scored").read_text().split())
+    assert not rescored & journaled and "cmaes g0.1" in (tmp_path / "scored").read_text()
+    assert (out / "best.yaml").read_text() == (ref / "best.yaml").read_text()
+
+
+def test_a_resume_with_another_backend_is_refused_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The journal's scores came from one backend and its score-changing arguments: another one on
+    the same --out is refused before anything runs; a command's timeout and retries may change."""
+    from bigmerge.search.run import _prepare_out
+
+    def spec(backend: dict[str, Any]) -> Any:
+        path = tmp_path / "s.yaml"
+        data = {
+            "merge": {"merge_method": "linear", "models": [{"model": "a"}, {"model": "b"}]},
+            "fitness": {"tasks": {"zoo_sort": 1}, "backend": backend},
+            "evaluation": {"mode": "disk"},  # no source is read before the journal's backend is checked
+        }
+        path.write_text(yaml.safe_dump(data))
+        return load_search_config(path)
+
+    run = tmp_path / "run"
+    first = {"type": "command", "command": "lm_eval --model hf --model_args pretrained={model} {eval_args}"}
+    _prepare_out(run, spec(first), overwrite=False)
+    (run / "history.jsonl").write_text('{"n": 0, "key": "k"}\n')
+    _prepare_out(run, spec({**first, "timeout_s": 60, "retries": 3, "retry_delay_s": 1}), overwrite=False)
+    for other, shown in [
+        ({**first, "command": first["command"].replace("hf", "vllm")}, "--model vllm"),
+        ({"type": "hf"}, "this config scores with 'hf'"),
+        ({"type": "hf", "model_args": {"max_length": 64}}, "max_length"),
+    ]:
+        with pytest.raises(OutputExistsError, match="its journal was scored by backend 'command'") as err:
+            _prepare_out(run, spec(other), overwrite=False)
+        assert shown in str(err.value) and "\n" not in str(err.value)
+    path = tmp_path / "s.yaml"
+    spec({"type": "hf"})
+    capsys.readouterr()
+    assert main(["search", str(path), "--out", str(run)]) == 2
+    err_text = capsys.readouterr().err.strip()
+    assert err_text.startswith("bigmerge: error: ") and "\n" not in err_text and "backend" in err_text
+    assert (run / "history.jsonl").read_text() == '{"n": 0, "key": "k"}\n'  # the journal is untouched
+    _prepare_out(run, spec({"type": "hf"}), overwrite=True)  # --overwrite starts afresh
+    assert not (run / "history.jsonl").exists()
+
+
+def test_workers_in_disk_mode_are_refused_with_one_line(
+    small_zoo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = _cfg(small_zoo, tmp_path, "disk")
+    capsys.readouterr()
+    assert main(["search", str(cfg), "--out", str(tmp_path / "run"), "--workers", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("bigmerge: error: evaluation.workers 2 with mode disk") and "\n" not in err
+    assert "evaluators" in err and not (tmp_path / "run").exists()
+
+
+# --- scratch on object storage --------------------------------------------------------------------
+
+
+def _watch_bucket(prefix: str, most: list[int], seen: set[str], stop: threading.Event) -> None:
+    """The candidates under an S3 prefix, listed from outside every 20 ms."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(endpoint_url=os.environ["AWS_ENDPOINT_URL"], skip_instance_cache=True)
+    while not stop.is_set():
+        try:
+            names = {p.rsplit("/", 1)[-1] for p in fs.ls(prefix, refresh=True)}
+        except FileNotFoundError:
+            names = set()
+        cands = {n for n in names if n.startswith("c-")}
+        seen |= cands
+        most[0] = max(most[0], len(cands))
+        time.sleep(0.02)
+
+
+@pytest.mark.s3
+@pytest.mark.slow
+def test_scratch_on_s3_hf_backend_scores_a_local_copy_as_the_in_memory_search(
+    s3_env: dict[str, str],  # noqa: F811 - the fixture imported from test_s3
+    small_zoo: Path,
+    serial: Path,
+    tmp_path: Path,
+) -> None:
+    """Candidates are merged into s3:// scratch and the hf backend scores a local copy of each: the
+    in-memory search's journal key by key; the bucket, listed from outside while the search runs,
+    never holds more than in_flight + 1 (the kept best) candidates, and at the end only the best."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(endpoint_url=s3_env["AWS_ENDPOINT_URL"], skip_instance_cache=True)
+    fs.mkdir("scratch-bkt")
+    cfg = _cfg(small_zoo, tmp_path, "disk", in_flight=2)
+    data = yaml.safe_load(cfg.read_text())
+    data["evaluation"]["scratch"] = "s3://scratch-bkt/hf"
+    cfg.write_text(yaml.safe_dump(data, sort_keys=False))
+    most, seen, stop = [0], set[str](), threading.Event()
+    watcher = threading.Thread(target=_watch_bucket, args=("scratch-bkt/hf", most, seen, stop))
+    watcher.start()
+    try:
+        assert main(["search", str(cfg), "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    finally:
+        stop.set()
+        watcher.join()
+    _same_search(serial, tmp_path / "run", "hf")
+    assert len(seen) == 3 and 1 <= most[0] <= 2 + 1  # every CMA-ES candidate went through the bucket
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    best = summary["best_checkpoint"]["path"]
+    assert best.startswith("s3://scratch-bkt/hf/c-")
+    assert ["scratch-bkt/hf/" + best.rsplit("/", 1)[-1]] == fs.ls("scratch-bkt/hf", refresh=True)
+    state = tmp_path / "run" / "scratch"  # the pipeline's own files stay local: no copy, no eval output left
+    assert sorted(p.name for p in state.iterdir()) == ["best.json"]
+
+
+@pytest.mark.s3
+@pytest.mark.slow
+def test_scratch_on_s3_the_command_gets_the_url(
+    s3_env: dict[str, str],  # noqa: F811 - the fixture imported from test_s3
+    small_zoo: Path,
+    tmp_path: Path,
+) -> None:
+    """The command backend is given the candidate's URL and reads it from the bucket itself."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(endpoint_url=s3_env["AWS_ENDPOINT_URL"], skip_instance_cache=True)
+    fs.mkdir("scratch-cmd")
+    script = tmp_path / "eval.py"
+    script.write_text(
+        "import fsspec, hashlib, json, os, sys\n"
+        "model, out = sys.argv[1], sys.argv[2]\n"
+        "open(os.path.join(os.path.dirname(__file__), 'models'), 'a').write(model + '\\n')\n"
+        "fs, path = fsspec.core.url_to_fs(model)\n"
+        "h = hashlib.sha256(b''.join(fs.cat_file(p) for p in sorted(fs.glob(path + '/*.safetensors'))))\n"
+        "v = int(h.hexdigest()[:6], 16) / 2**24\n"
+        "os.makedirs(out + '/m')\n"
+        "json.dump({'results': {'zoo_sort': {'acc,none': v}, 'zoo_fin': {'acc,none': 1 - v}}}, open(out + '/m/results_1.json', 'w'))\n"
+    )
+    backend = {"type": "command", "command": f"{sys.executable} {script} {{model}} {{output}}"}
+    cfg = _cfg(small_zoo, tmp_path, "disk", backend, in_flight=2)
+    data = yaml.safe_load(cfg.read_text())
+    data["evaluation"]["scratch"] = "s3://scratch-cmd/cmd"
+    cfg.write_text(yaml.safe_dump(data, sort_keys=False))
+    most, seen, stop = [0], set[str](), threading.Event()
+    watcher = threading.Thread(target=_watch_bucket, args=("scratch-cmd/cmd", most, seen, stop))
+    watcher.start()
+    try:
+        assert main(["search", str(cfg), "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    finally:
+        stop.set()
+        watcher.join()
+    models = (tmp_path / "models").read_text().split()
+    assert len(models) == 4 and all(m.startswith("s3://scratch-cmd/cmd/c-") for m in models)
+    assert len(seen) == 3 and 1 <= most[0] <= 2 + 1
+    assert len(fs.ls("scratch-cmd/cmd", refresh=True)) == 1  # the best, kept
+
+
+def test_a_sigkilled_process_takes_its_command_and_the_commands_children(tmp_path: Path) -> None:
+    """The mechanism alone, fast: a process running a command (a shell, its background child) in an
+    evaluator thread is SIGKILLed; the command's whole group is gone at once."""
+    pids = tmp_path / "pids"
+    child = (
+        "import threading, sys; from pathlib import Path\n"
+        "from bigmerge.eval.backends import CommandBackend, run_command\n"
+        "b = CommandBackend(command='x {model} {output}')\n"
+        f"line = 'sleep 300 & echo $$ $! > {pids}; wait'\n"
+        f"t = threading.Thread(target=run_command, args=(b, line, Path({str(tmp_path / 'o')!r}), 'c'))\n"
+        "t.start(); t.join()\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", child], env={**os.environ, "PYTHONPATH": str(REPO)})
+    deadline = time.monotonic() + 60
+    while not pids.exists() or len(pids.read_text().split()) < 2:
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)
+    shell, sleeper = map(int, pids.read_text().split())
+    assert _alive(shell) and _alive(sleeper)
+    proc.kill()
+    proc.wait()
+    gone = time.monotonic() + 10
+    while (_alive(shell) or _alive(sleeper)) and time.monotonic() < gone:
+        time.sleep(0.02)
+    assert not _alive(shell) and not _alive(sleeper)

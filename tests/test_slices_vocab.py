@@ -1,4 +1,4 @@
-"""Layer surgery (slices, passthrough) and vocabularies that differ (tokenizer_source).
+"""Layer surgery (slices, passthrough) and vocabularies that differ (tokenizer_source, tokenizer:).
 
 The tensors themselves are compared with mergekit in test_vs_mergekit (passthrough_*,
 *_slices_*, union_*, tokenizer_base_*); here: that the outputs are usable models, that the
@@ -155,6 +155,83 @@ def test_union_tokenizer_and_embedding_rows(vocab_fam: dict[str, Path], tmp_path
     assert model(ids).logits.shape[-1] == 262
 
 
+# mergekit's `tokenizer:` block: the union plus an added token, rows chosen per token, padding
+TOKENS = """\
+merge_method: linear
+tokenizer:
+  source: union
+  tokens:
+    <|c|>:
+      source:
+        kind: zero
+    <|b|>:
+      source:
+        kind: model_token
+        model: {ft1}
+        token: </s>
+      force: true
+  pad_to_multiple_of: 16
+models:
+  - model: {base}
+    parameters:
+      weight: 0.25
+  - model: {ft1}
+    parameters:
+      weight: 0.75
+"""
+
+
+def test_tokenizer_block_adds_tokens_and_pads(vocab_fam: dict[str, Path], tmp_path: Path) -> None:
+    import transformers
+
+    out = _merge(tmp_path, TOKENS, vocab_fam, block_bytes=600)
+    tok = transformers.AutoTokenizer.from_pretrained(str(out))
+    assert tok.convert_tokens_to_ids(["<|a|>", "<|b|>", "<|c|>"]) == [260, 261, 262]
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == 272  # 263 padded to a multiple of 16
+    merged = load_output(out)
+    src = {k: load_output(p) for k, p in vocab_fam.items()}
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        m = merged[name]
+        assert m.shape == (272, 64)
+        assert torch.equal(m[262], torch.zeros(64))  # <|c|>: no model has it, a zero row
+        # <|b|> forced for every model to ft1's row of </s> (id 2), so the weighted sum is that row
+        torch.testing.assert_close(m[261], src["ft1"][name][2], rtol=1e-6, atol=1e-7)
+        # padding: each model's mean row over the 263 permuted rows, then merged
+        assert torch.equal(m[263], m[271])
+        assert not torch.equal(m[263], torch.zeros(64))
+
+
+@pytest.mark.parametrize(
+    ("tail", "message"),
+    [
+        ("tokenizer_source: base\ntokenizer:\n  source: base\n", "give either 'tokenizer_source' or 'tokenizer'"),
+        ("tokenizer:\n  pad_to_multiple_of: 0\n", "tokenizer.pad_to_multiple_of"),
+        (
+            "tokenizer:\n  tokens:\n    <|z|>:\n      source:\n        kind: model_token\n        model: {ft1}\n"
+            "        token: <|nope|>\n",
+            "token '<|nope|>' not found in",
+        ),
+        (
+            "tokenizer:\n  tokens:\n    <|z|>:\n      source: {ft2}\n",
+            "takes its row from",
+        ),
+        ("tokenizer:\n  tokens:\n    <|z|>:\n      force: true\n", "no source is given for its row"),
+        ("tokenizer:\n  source: union\n  colour: red\n", "unknown key 'tokenizer.colour'"),
+    ],
+)
+def test_bad_tokenizer_block_fails_before_any_write(
+    vocab_fam: dict[str, Path], tmp_path: Path, tail: str, message: str
+) -> None:
+    cfg = tmp_path / "c.yaml"
+    text = "merge_method: linear\nmodels:\n  - model: {base}\n  - model: {ft1}\nparameters:\n  weight: 0.5\n" + tail
+    cfg.write_text(text.format(**{k: str(v) for k, v in vocab_fam.items()}))
+    proc = bigmerge("merge", str(cfg), str(tmp_path / "out"))
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.mpi
 def test_union_and_slices_same_bytes_on_1_and_2_ranks(vocab_fam: dict[str, Path], tmp_path: Path) -> None:
     texts = {  # slices and a union vocabulary in one config: two launches per world size cost seconds
@@ -163,6 +240,7 @@ def test_union_and_slices_same_bytes_on_1_and_2_ranks(vocab_fam: dict[str, Path]
         "      - model: {ft2}\n        layer_range: [1, 4]\n        parameters: {{weight: [0.1, 0.9]}}\n"
         "  - sources:\n      - model: {base}\n        layer_range: [3, 4]\n        parameters: {{weight: 1.0}}\n"
         "      - model: {ft1}\n        layer_range: [0, 1]\n        parameters: {{weight: 0.5}}\n",
+        "padded": TOKENS,  # added tokens and padding rows (each source's mean row, summed block by block)
     }
     for name, text in texts.items():
         cfg = tmp_path / f"{name}.yaml"
@@ -174,4 +252,4 @@ def test_union_and_slices_same_bytes_on_1_and_2_ranks(vocab_fam: dict[str, Path]
             assert proc.returncode == 0, proc.stderr
             outs.append(load_output(out))
         assert_bit_identical(outs[0], outs[1])
-        assert outs[0]["model.embed_tokens.weight"].shape[0] == 262
+        assert outs[0]["model.embed_tokens.weight"].shape[0] == (272 if name == "padded" else 262)

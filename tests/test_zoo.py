@@ -56,11 +56,23 @@ def test_micro_zoo_builds_bit_identical_twice(tmp_path: Path) -> None:
     make_zoo(tmp_path / "b", preset="micro")
     files_a, files_b = zoo_files(tmp_path / "a"), zoo_files(tmp_path / "b")
     assert "sort/model.safetensors" in files_a and "sort_10/model.safetensors" in files_a
+    # a LoRA adapter run saves PEFT's adapter files only, and they load back into the base with PEFT
+    assert {k for k in files_a if k.startswith("lora_sort/")} == {
+        "lora_sort/adapter_config.json",
+        "lora_sort/adapter_model.safetensors",
+    }
+    assert a["models"]["lora_sort"]["lora_rank"] == 2 and "lora_rank" not in a["models"]["sort"]
     assert files_a == files_b
     # a different seed trains other weights
     make_zoo(tmp_path / "c", preset="micro", seed=1)
     assert zoo_files(tmp_path / "c")["base/model.safetensors"] != files_a["base/model.safetensors"]
     assert a["models"]["sort_10"]["steps"] == 10
+    from peft import PeftModel
+
+    adapted = PeftModel.from_pretrained(load_checkpoint(tmp_path / "a" / "base"), str(tmp_path / "a" / "lora_sort"))
+    # the adapter changed the base's answers (B is no longer zero), and what it scores is what make_zoo recorded
+    assert any("lora_B" in n and p.abs().sum() > 0 for n, p in adapted.named_parameters())
+    assert greedy_accuracy(adapted, zoo_tasks.eval_items("sort")) == a["models"]["lora_sort"]["accuracy"]["sort"]
 
 
 def test_small_zoo_layout(small_zoo: Path) -> None:

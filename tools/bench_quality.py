@@ -26,7 +26,7 @@ A scenario with a search config in ``SEARCHES`` (``recycle``: ``configs/recycle-
 ``zoo/...`` paths are rewritten to ZOO) also gets ``bigmerge search`` (one process, resumed from
 DIR/search-SCENARIO's journal on a rerun): rows "SCENARIO/search: cmaes" and "SCENARIO/search:
 greedy soup" are its CMA-ES best and greedy soup, merged and scored like every other row;
-``--no-search`` leaves them out; ``--search SCENARIO=CONFIG`` adds one (the README's DAM against
+``--no-search`` leaves them out; ``--search SCENARIO=CONFIG`` adds one (docs/dam.md's DAM against
 CMA-ES: ``--search specialists=configs/specialists-zoo-search.yaml --search
 domain=configs/domain-zoo-search.yaml``).
 
@@ -59,7 +59,7 @@ from bigmerge.eval import Evaluator, Table, load_model  # noqa: E402
 
 SCENARIO_ORDER = ("specialists", "similar", "recycle", "domain")  # zoo.json keeps its keys sorted
 USUAL = {"weight": 1.0, "density": 0.5, "normalize": True, "t": 0.5}
-# DAM for the table: one process; lr 1e-2 for 2 epochs is the README's better zoo setting
+# DAM for the table: one process; lr 1e-2 for 2 epochs is docs/dam.md's better zoo setting
 DAM_TRAINING = {"engine": "torch", "lr": 1e-2, "epochs": 2, "batch_size": 8, "log_every": 8, "checkpoint_every": 1000}
 DAM_EXAMPLES = 128
 REPO = Path(__file__).resolve().parents[1]

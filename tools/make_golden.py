@@ -107,15 +107,23 @@ class GoldenCase:
     name: str
     family: str
     yaml: str  # block-style YAML with {base}/{ftN} placeholders and no other braces
+    refuses: bool = False  # mergekit is expected to refuse it: its error is the golden
 
 
 def load_cases(golden: Path = GOLDEN) -> tuple[dict[str, dict[str, Any]], tuple[GoldenCase, ...]]:
     """The fixture families (keyword arguments of make_family) and the cases, from
-    golden/cases.yaml; each case's config template is golden/configs/NAME.yaml."""
+    golden/cases.yaml; each case's config template is golden/configs/NAME.yaml. A case is its
+    family's name, or a mapping with `family` and, where mergekit is expected to refuse the
+    config, `mergekit: refuses` (its error line is recorded instead of tensors)."""
     spec = yaml.safe_load((golden / "cases.yaml").read_text())
     cases = tuple(
-        GoldenCase(name, family, (golden / "configs" / f"{name}.yaml").read_text())
-        for name, family in spec["cases"].items()
+        GoldenCase(
+            name,
+            case if isinstance(case, str) else case["family"],
+            (golden / "configs" / f"{name}.yaml").read_text(),
+            refuses=not isinstance(case, str) and case.get("mergekit") == "refuses",
+        )
+        for name, case in spec["cases"].items()
     )
     return spec["families"], cases
 
@@ -133,6 +141,13 @@ def placeholders(text: str) -> list[str]:
 def render_config(text: str, paths: Mapping[str, str | Path]) -> str:
     """Substitute {base}/{ftN} with model paths (same result as text.format(**paths))."""
     return PLACEHOLDER.sub(lambda m: str(paths[m.group(1)]), text)
+
+
+def render_back(text: str, paths: Mapping[str, str | Path]) -> str:
+    """text with model paths replaced by their {base}/{ftN} placeholders (longest path first)."""
+    for name, p in sorted(paths.items(), key=lambda kv: -len(str(kv[1]))):
+        text = text.replace(str(p), "{" + name + "}")
+    return text
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -265,9 +280,21 @@ def mergekit_versions(python: Path) -> dict[str, str]:
 MERGEKIT_ARGS = ["--copy-tokenizer", "--no-cuda", "--random-seed", "0", "--quiet", "--no-write-model-card"]
 
 
+class MergekitRefused(Exception):
+    """mergekit exited non-zero; the message is its last error line."""
+
+
 def run_mergekit(mergekit: Path, config: Path, out: Path, *, probe_log: Path | None) -> float:
     python = mergekit.parent / "python"
-    if probe_log is not None:
+    if len([d for d in yaml.safe_load_all(config.read_text()) if d is not None]) > 1:
+        # several documents: mergekit-multi, intermediates beside OUT, the final (unnamed) one in
+        # OUT; no probe (the resolved records are left empty)
+        multi = mergekit.parent / "mergekit-multi"
+        cmd = [str(multi), str(config), "--intermediate-dir", str(out.parent / "inter"), "--out-path", str(out)]
+        cmd += MERGEKIT_ARGS
+        if probe_log is not None:
+            probe_log.write_text("[]")
+    elif probe_log is not None:
         probe = out.parent / "probe.py"
         probe.write_text(PROBE)
         cmd = [str(python), str(probe), str(probe_log), str(config), str(out), *MERGEKIT_ARGS]
@@ -276,7 +303,11 @@ def run_mergekit(mergekit: Path, config: Path, out: Path, *, probe_log: Path | N
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=mergekit_env())
     if proc.returncode != 0:
-        raise SystemExit(f"mergekit failed on {config.name} ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+        lines = [ln.strip() for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()]
+        raise MergekitRefused(lines[-1] if lines else f"exit status {proc.returncode}")
+    if not out.exists():  # mergekit-multi with every merge named: the last one is the final output
+        last = [d for d in yaml.safe_load_all(config.read_text()) if d is not None][-1]["name"]
+        shutil.move(str(out.parent / "inter" / last), str(out))
     return time.perf_counter() - t0
 
 
@@ -357,8 +388,18 @@ def main(argv: list[str] | None = None) -> int:
         metavar="NAME",
         help="(re)build only these cases (names or prefixes, e.g. slerp); the manifest keeps the others",
     )
+    ap.add_argument(
+        "--cases",
+        help="a case directory other than tests/golden (cases.yaml + configs/; e.g. tests/corpus); "
+        "its goldens are written there too unless --out is given",
+    )
     a = ap.parse_args(argv)
-    cases = [c for c in CASES if not a.only or any(c.name == o or c.name.startswith(o) for o in a.only)]
+    families_spec, all_cases = FAMILIES, CASES
+    if a.cases:
+        families_spec, all_cases = load_cases(Path(a.cases))
+        if a.out == str(GOLDEN):
+            a.out = a.cases
+    cases = [c for c in all_cases if not a.only or any(c.name == o or c.name.startswith(o) for o in a.only)]
     if a.only and not cases:
         raise SystemExit(f"--only {' '.join(a.only)}: no such case")
 
@@ -377,11 +418,12 @@ def main(argv: list[str] | None = None) -> int:
         "mergekit": versions,
         "mergekit_args": MERGEKIT_ARGS,
         "families": {},
-        "configs": {k: v for k, v in old_configs.items() if k in {c.name for c in CASES}},
+        "configs": {k: v for k, v in old_configs.items() if k in {c.name for c in all_cases}},
     }
+    failed: list[str] = []
     try:
         families: dict[str, dict[str, Path]] = {}
-        for fam, kwargs in FAMILIES.items():
+        for fam, kwargs in families_spec.items():
             families[fam] = make_family(tmp / "fixtures" / fam, **kwargs)
             manifest["families"][fam] = {
                 "args": kwargs,
@@ -400,7 +442,27 @@ def main(argv: list[str] | None = None) -> int:
             cfg = work / "config.yaml"
             cfg.write_text(rendered)
             log = work / "probe.json"
-            seconds = run_mergekit(mergekit, cfg, work / "out", probe_log=log)
+            try:
+                seconds = run_mergekit(mergekit, cfg, work / "out", probe_log=log)
+            except MergekitRefused as exc:
+                if not case.refuses:
+                    failed.append(f"{case.name}: {exc}")  # reported at the end; the other cases go on
+                    print(f"{case.name:34s} FAILED in mergekit: {exc}")
+                    continue
+                (golden / f"{case.name}.safetensors").unlink(missing_ok=True)
+                (golden / "resolved" / f"{case.name}.json").unlink(missing_ok=True)
+                manifest["configs"][case.name] = {
+                    "family": case.family,
+                    "mergekit_version": versions["mergekit"],
+                    "models": used,
+                    "config": f"configs/{case.name}.yaml",
+                    "config_sha256": sha256_bytes(case.yaml.encode()),
+                    "refused": render_back(str(exc), paths)[:300],
+                }
+                print(f"{case.name:34s} family {case.family}  refused by mergekit: {str(exc)[:120]}")
+                continue
+            if case.refuses:
+                raise SystemExit(f"{case.name}: marked `mergekit: refuses`, but mergekit merged it")
             tensors = load_output(work / "out")
             if a.verify_repeat:
                 run_mergekit(mergekit, cfg, work / "out2", probe_log=None)
@@ -410,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
             names = {str(p): name for name, p in paths.items()}
             resolved = summarize_resolved(json.loads(log.read_text()), names)
 
-            if golden.resolve() != GOLDEN.resolve():  # another --out: it gets the templates too
+            if golden.resolve() != GOLDEN.resolve() and not a.cases:  # another --out: it gets the templates too
                 (golden / "configs" / f"{case.name}.yaml").write_text(case.yaml)
             target = golden / f"{case.name}.safetensors"
             # One metadata key only: safetensors writes its metadata map in random (Rust HashMap)
@@ -421,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
             fixture_sha = manifest["families"][case.family]["sha256"]
             entry: dict[str, Any] = {
                 "family": case.family,
-                "family_args": FAMILIES[case.family],
+                "family_args": families_spec[case.family],
                 "mergekit_version": versions["mergekit"],
                 "models": used,
                 "config": f"configs/{case.name}.yaml",
@@ -462,14 +524,20 @@ def main(argv: list[str] | None = None) -> int:
             manifest["configs"] = {**current, **{c.name: manifest["configs"][c.name] for c in cases}}
     else:
         # Drop goldens of configs that no longer exist, so the directory matches the manifest.
-        keep = {c.name for c in CASES}
-        for pattern in ("*.safetensors", "configs/*.yaml", "resolved/*.json"):
+        keep = {c.name for c in all_cases}
+        # (with --cases the templates are the input: never removed)
+        for pattern in (
+            ("*.safetensors", "resolved/*.json") if a.cases else ("*.safetensors", "configs/*.yaml", "resolved/*.json")
+        ):
             for f in golden.glob(pattern):
                 if f.name.split(".")[0] not in keep:
                     f.unlink()
     write_json(golden / "MANIFEST.json", manifest)
     total = sum(f.stat().st_size for f in golden.rglob("*") if f.is_file())
     print(f"wrote {golden} ({total / 1e6:.2f} MB)")
+    if failed:
+        print("mergekit failed on cases not marked `mergekit: refuses`:\n  " + "\n  ".join(failed), file=sys.stderr)
+        return 1
     return 0
 
 

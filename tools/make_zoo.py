@@ -19,9 +19,14 @@ Scenarios (``zoo.json["scenarios"]``; all share the base ``base``):
     recycle       13 training checkpoints of one basin: a trunk (the base trained further on all skills)
                   at 3 stages, 6 short runs from it weighting two skills each (3 also saved halfway)
                   and a run on filings only that forgets the rest
-                  (the small preset for tests has specialists sort and fin, and similar mix1 mix2)
+                  (the small preset for tests has specialists sort and fin, similar mix1 mix2, and
+                  rank-4 adapters lora_sort and lora_fin)
     domain        instruct (add+rev+sort) and instruct_fin (instruct continued on filings only,
                   which forgets part of the general skills)
+    lorahub       lora_add, lora_rev, lora_sort, lora_fin: PEFT LoRA adapters (rank 8 on every
+                  projection) trained on the frozen base, one skill each; ZOO/lora_<skill>/ holds
+                  adapter_config.json and adapter_model.safetensors (merge them as base+ZOO/lora_<skill>)
+                  (the lora preset: the full zoo's base and these four adapters, about a minute and a half)
 
 Training is bit-reproducible: one thread by default (``--threads``), deterministic algorithms,
 every run seeded by its own seed, data streams from seeded ``random.Random`` objects; weights
@@ -31,7 +36,7 @@ directory and compares every file's sha256).
 
 CLI::
 
-    python tools/make_zoo.py ZOO [--preset full|small|micro|domain] [--seed 0] [--threads 1] [--force] [--check]
+    python tools/make_zoo.py ZOO [--preset full|small|micro|domain|lora] [--seed 0] [--threads 1] [--force] [--check]
 """
 
 from __future__ import annotations
@@ -80,6 +85,7 @@ class Run:
     seed: int
     stages: tuple[int, ...] = ()  # also save the model after these steps, as f"{name}_{step}"
     final: bool = True  # save the model at the end under ``name``
+    lora_rank: int = 0  # > 0: train a PEFT LoRA adapter of this rank on the frozen parent, save the adapter
 
     def outputs(self) -> list[str]:
         return [f"{self.name}_{s}" for s in self.stages] + ([self.name] if self.final else [])
@@ -150,17 +156,24 @@ def _small() -> tuple[list[Run], dict[str, dict[str, Any]]]:
         Run("fin", "base", _one("fin"), 200, 3e-3, 4),
         Run("mix1", "base", UNIFORM, 50, 1e-3, 11),
         Run("mix2", "base", UNIFORM, 50, 1e-3, 12),
+        Run("lora_sort", "base", _one("sort"), 60, 3e-3, 33, lora_rank=4),
+        Run("lora_fin", "base", _one("fin"), 60, 3e-3, 34, lora_rank=4),
     ]
     scenarios = {
         "specialists": {"models": ["sort", "fin"], "about": "the base fine-tuned on one skill each"},
         "similar": {"models": ["mix1", "mix2"], "about": "same data (all skills), other seeds"},
+        "lorahub": {"models": ["lora_sort", "lora_fin"], "adapters": True, "about": "LoRA adapters, one skill each"},
     }
     return runs, scenarios
 
 
 def _micro() -> tuple[list[Run], dict[str, dict[str, Any]]]:
     # Seconds: for testing that two builds are bit-identical (every code path of a build).
-    runs = [Run("base", None, UNIFORM, 30, 3e-3, 0), Run("sort", "base", _one("sort"), 20, 3e-3, 3, (10,))]
+    runs = [
+        Run("base", None, UNIFORM, 30, 3e-3, 0),
+        Run("sort", "base", _one("sort"), 20, 3e-3, 3, (10,)),
+        Run("lora_sort", "base", _one("sort"), 10, 3e-3, 5, lora_rank=2),
+    ]
     return runs, {"specialists": {"models": ["sort"], "about": "one fine-tune"}}
 
 
@@ -175,7 +188,29 @@ def _domain() -> tuple[list[Run], dict[str, dict[str, Any]]]:
     }
 
 
-PRESETS = {"full": _full, "small": _small, "micro": _micro, "domain": _domain}
+# LoRA adapters per skill: what each needs on the frozen base (rank 8, alpha 16).
+LORA_STEPS = {"add": 600, "rev": 400, "sort": 400, "fin": 600}
+
+
+def _lora() -> tuple[list[Run], dict[str, dict[str, Any]]]:
+    # LoraHub's setting: one base, one adapter per skill. The base is the full zoo's (same bytes).
+    full, _ = _full()
+    runs = [r for r in full if r.name == "base"]
+    runs += [
+        Run(f"lora_{s}", "base", _one(s), LORA_STEPS[s], 3e-3, 31 + i, lora_rank=8)
+        for i, s in enumerate(zoo_tasks.SKILLS)
+    ]
+    return runs, {
+        "lorahub": {
+            "models": [f"lora_{s}" for s in zoo_tasks.SKILLS],
+            "adapters": True,
+            "about": "LoRA adapters (rank 8) on the frozen base, one skill each; sources base+ZOO/lora_<skill>",
+        }
+    }
+
+
+PRESETS = {"full": _full, "small": _small, "micro": _micro, "domain": _domain, "lora": _lora}
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 # The architecture: a small Llama (GQA, RoPE, SwiGLU, RMSNorm), 0.17 M parameters, untied lm_head.
 ARCH = {"hidden_size": 64, "intermediate_size": 192, "num_hidden_layers": 2, "num_attention_heads": 4}
@@ -286,6 +321,30 @@ def save_checkpoint(model: torch.nn.Module, out: Path) -> None:
         (out / name).write_text(text, encoding="utf-8", newline="\n")
 
 
+def with_adapter(model: torch.nn.Module, rank: int, seed: int) -> torch.nn.Module:
+    """The model frozen under a fresh PEFT LoRA adapter (A drawn from `seed`, B zero, as PEFT inits)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    cfg = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=LORA_TARGETS, lora_dropout=0.0, bias="none")
+    return get_peft_model(model, cfg)
+
+
+def save_adapter(model: torch.nn.Module, out: Path) -> None:
+    """adapter_config.json and adapter_model.safetensors (PEFT's own format), nothing else."""
+    import tempfile as _tf
+
+    with _tf.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)  # type: ignore[operator]
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(Path(tmp) / "adapter_model.safetensors", out / "adapter_model.safetensors")
+        # PEFT writes target_modules from a set: in hash order, which changes from run to run
+        cfg = json.loads((Path(tmp) / "adapter_config.json").read_text())
+        if isinstance(cfg.get("target_modules"), list):
+            cfg["target_modules"] = sorted(cfg["target_modules"])
+        (out / "adapter_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
 def load_checkpoint(path: Path) -> torch.nn.Module:
     model = new_model(0)
     model.load_state_dict(load_file(str(path / "model.safetensors")))
@@ -370,11 +429,11 @@ def make_zoo(
         models: dict[str, dict[str, Any]] = {}
 
         def save(model: torch.nn.Module, name: str, run: Run, steps: int, t0: float) -> None:
-            save_checkpoint(model, out / name)
+            (save_adapter if run.lora_rank else save_checkpoint)(model, out / name)
             acc = {s: round(greedy_accuracy(model, items), 4) for s, items in evals.items()}
             info = asdict(run)
             info.update(name=name, steps=steps, accuracy=acc)
-            for k in ("stages", "final"):
+            for k in ("stages", "final") + (() if run.lora_rank else ("lora_rank",)):
                 info.pop(k)
             models[name] = info
             say(f"{name:<18} {' '.join(f'{s}={a:.2f}' for s, a in acc.items())}  ({time.perf_counter() - t0:.0f} s)")
@@ -382,6 +441,8 @@ def make_zoo(
         for run in runs:
             t0 = time.perf_counter()
             model = new_model(seed * 1000 + run.seed) if run.parent is None else load_checkpoint(out / run.parent)
+            if run.lora_rank:
+                model = with_adapter(model, run.lora_rank, seed * 1000 + run.seed)
             # Each run's data and order depend on (zoo seed, run seed) only, not on other runs.
             r = Run(**{**asdict(run), "seed": seed * 1000 + run.seed, "stages": run.stages})
             train(model, r, on_stage=lambda step, m=model, rr=run, t=t0: save(m, f"{rr.name}_{step}", rr, step, t))

@@ -93,6 +93,8 @@ class Preset:
 # Sizes are for bfloat16 and the untied layout (embeddings are small: the vocabulary is 260).
 PRESETS: dict[str, Preset] = {
     "tiny": Preset(hidden=64, intermediate=128, layers=4, heads=4, kv_heads=2),  # 0.18 M params
+    # the corpus test's stand-ins (tests/corpus): a published config's shape at a tenth of tiny's bytes
+    "micro": Preset(hidden=16, intermediate=32, layers=4, heads=2, kv_heads=1),  # 14 k params, 57 kB in float32
     "small": Preset(hidden=512, intermediate=1408, layers=8, heads=8, kv_heads=4),  # 23.6 M, ~47 MB
     "medium": Preset(
         hidden=2048, intermediate=5632, layers=11, heads=16, kv_heads=4, always_sharded=True

@@ -11,10 +11,10 @@ import copy
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from bigmerge.errors import ConfigError
 from bigmerge.planning.config import read_yaml
+from bigmerge.planning.validation import validate
 
 Activation = Literal["identity", "tanh", "sigmoid", "relu"]
 
@@ -152,30 +152,8 @@ def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return base
 
 
-def _where(loc: tuple[Any, ...]) -> str:
-    parts = []
-    for item in loc:
-        if isinstance(item, int):
-            parts.append(f"[{item}]")
-        else:
-            parts.append(("." if parts else "") + str(item))
-    return "".join(parts) or "(top level)"
-
-
 def parse_dam_config(data: Any, source: str = "config") -> DamConfig:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
-    try:
-        return DamConfig.model_validate(data)
-    except ValidationError as exc:
-        errs = exc.errors()
-        err = next((e for e in errs if e["type"] in ("extra_forbidden", "missing")), errs[0])
-        where = _where(tuple(err["loc"]))
-        if err["type"] == "extra_forbidden":
-            raise ConfigError(f"{source}: unknown key {where!r}") from None
-        if err["type"] == "missing":
-            raise ConfigError(f"{source}: missing required key {where!r}") from None
-        raise ConfigError(f"{source}: bad value for {where!r}: {err['msg'].removeprefix('Value error, ')}") from None
+    return validate(DamConfig, data, source)
 
 
 def load_dam_config(path: str | Path) -> DamConfig:

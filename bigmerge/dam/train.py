@@ -49,6 +49,8 @@ from bigmerge.dam.model import (
     topk_distillation_loss,
 )
 from bigmerge.errors import ConfigError
+from bigmerge.log import Log
+from bigmerge.output.card import results_comment
 
 STATE_FILE = "state.safetensors"
 LATEST = "latest"
@@ -561,9 +563,55 @@ def write_outputs(cfg: DamConfig, sources: Sources, model: DamModel, values: dic
     path = out / "merge.yaml"
     path.write_text(
         "# written by `bigmerge dam`: the merged model is sum_i W_i diag(a_i), a_i in each coefficients file\n"
+        + results_comment(dam_results(cfg, sources, out / "train-log.jsonl"))
         + yaml.safe_dump(merge, sort_keys=False)
     )
     return path
+
+
+def dam_results(cfg: DamConfig, sources: Sources, train_log: Path) -> str:
+    """How the coefficients were obtained and how far the loss fell (train-log.jsonl: every step,
+    across resumes), for the model card of the merge (markdown)."""
+    from bigmerge.output.card import public_name
+
+    steps = []
+    for line in train_log.read_text(encoding="utf-8").splitlines() if train_log.is_file() else []:
+        try:
+            steps.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    lo, t = cfg.loss, cfg.training
+    teacher = {
+        "online": "computed at every step",
+        "topk": f"top-{lo.top_k} logits",
+        "dataset": f"top-{lo.top_k} logits, stored",
+    }
+    regs = ", ".join(
+        f"{k} {getattr(lo, k):g}" for k in ("similarity", "l1", "l2", "entropy", "overlap") if getattr(lo, k)
+    )
+    lines = [
+        "Coefficients trained by `bigmerge dam` (DAM: the merge W = sum_i W_i diag(f(c_i)) distilled from each "
+        "source on its own data): loss T² KL(source || merge) at temperature "
+        f"{lo.temperature:g}, teachers {teacher[lo.teacher]}" + (f", plus {regs}" if regs else "") + "; "
+        f"lr {t.lr:g}, {t.batch_size} example(s) per source per micro step, {t.gradient_accumulation} micro step(s) "
+        f"per step, at most {t.max_steps or 'all'} step(s), {t.epochs:g} epoch(s), seed {t.seed}.",
+        "",
+        "Data: "
+        + ", ".join(f"{public_name(ref)}: {public_name(m.data)}" for ref, m in zip(sources.refs, cfg.models))
+        + ".",
+    ]
+    if steps:
+        first, last = steps[0], steps[-1]
+        lines += [
+            "",
+            "| | step | KL | loss |",
+            "|---|---|---|---|",
+            f"| first step | {first['step']} | {first['kl']:.5f} | {first['loss']:.5f} |",
+            f"| final step | {last['step']} | {last['kl']:.5f} | {last['loss']:.5f} |",
+            "",
+            f"{last['step']} optimizer steps; final loss {last['loss']:.5f} (KL {last['kl']:.5f}).",
+        ]
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------- the loop
@@ -581,11 +629,7 @@ def begin(
     pads = [pad_id(r) for r in sources.refs]
     rank, world = init_processes(cfg, device)
 
-    def log(msg: str) -> None:
-        if not quiet and rank == 0:
-            print(f"{prefix}: {msg}", file=sys.stderr, flush=True)
-
-    return device, sources, data, pads, rank, world, log
+    return device, sources, data, pads, rank, world, Log(prefix, rank=rank, quiet=quiet)
 
 
 def buffers_to(module: torch.nn.Module, device: torch.device) -> None:

@@ -16,7 +16,7 @@ import torch
 
 from bigmerge.engine.finite import first_nonfinite
 from bigmerge.errors import SourceError
-from bigmerge.planning.plan import Plan, TensorPlan
+from bigmerge.planning.plan import Plan, SourceSpan, TensorPlan
 from bigmerge.storage.fs import Location, location
 from bigmerge.storage.safetensors import DTYPES
 
@@ -37,6 +37,7 @@ class BlockReader:
         self.plan = plan
         self.allow_nonfinite = allow_nonfinite
         self._trusted: set[int] = set()  # tensors whose operator checks NaN/Inf itself (trust)
+        self._pad_rows: dict[tuple[int, int], torch.Tensor] = {}  # (tensor, source) -> its padding row
         self.storage_options = storage_options or {}
         self.prefetch = max(0, prefetch)
         self._pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="bigmerge-read")
@@ -60,6 +61,9 @@ class BlockReader:
         self._aux_pending: dict[tuple[int, int], Future[list[dict[str, torch.Tensor]]]] = {}
         # whole aux inputs of the latest two tensors; a future, so concurrent prefetches read each once
         self._aux_whole: dict[tuple[str, int], Future[torch.Tensor]] = {}
+        # LoRA factors read whole (A; both for an embedding), kept while a tensor's blocks come
+        self._lora_whole: dict[tuple[str, int], Future[torch.Tensor]] = {}
+        self._lora_keep = 4 * max(1, len(plan.models))
 
     def _buffer(self, n: int) -> torch.Tensor:
         with self._free_lock:
@@ -174,7 +178,7 @@ class BlockReader:
         if end > start:
             self._loc(t.sources[i].file).read_into(start, memoryview(buf.numpy()).cast("B"))
         self._count(end - start)
-        return self._checked(self._view(buf, t, b, i), t, b, i)
+        return self._checked(self._adapted(self._view(buf, t, b, i), t.sources[i], t.block_range(b)[0]), t, b, i)
 
     def trust(self, tensors: set[int]) -> None:
         """Skip the NaN/Inf scan of these tensors' blocks: the operator checks them itself
@@ -214,26 +218,90 @@ class BlockReader:
         if n:
             self._loc(src.file).read_into(src.start + row * row_bytes, memoryview(buf.numpy()).cast("B"))
         self._count(buf.numel())
-        return buf.view(dtype).reshape(n, *t.shape[1:])
+        return self._adapted(buf.view(dtype).reshape(n, *t.shape[1:]), src, row)
+
+    # -- LoRA adapters (bigmerge.planning.lora) ---------------------------------------------
+
+    def _adapted(self, x: torch.Tensor, src: SourceSpan, row: int) -> torch.Tensor:
+        """x (rows [row, row + len(x)) of src's tensor) with the adapter's update added in place,
+        as PEFT's merge_and_unload adds it: a linear layer's `weight += delta` (the sum in the
+        wider dtype, rounded once to the weight's), an embedding's `weight += delta.to(weight.dtype)`
+        (the delta rounded first)."""
+        if src.lora is not None and x.numel():
+            delta = self._lora_delta(src.lora, row, x.shape[0], x.dtype)
+            x.add_(delta.to(x.dtype) if src.lora["embedding"] else delta)
+        return x
+
+    def _lora_delta(self, term: dict[str, Any], row: int, n: int, dtype: torch.dtype) -> torch.Tensor:
+        """Rows [row, row + n) of scale * B @ A, in PEFT's order (the product, then the scale)
+        and dtype (factors of a 16-bit or float32 model in float32, as PEFT loads them)."""
+        ft = torch.float64 if dtype == torch.float64 else torch.float32
+        a = self._lora_factor(term["a"], ft)
+        if term["embedding"]:  # delta = (B @ A).T: its rows are A's columns
+            b = self._lora_factor(term["b"], ft)
+            return (b @ a[:, row : row + n]).T * term["scale"]
+        file, start, _end, st_dtype, (_out, r) = term["b"]
+        raw_dtype, size = DTYPES[st_dtype]
+        buf = torch.empty(n * r * size, dtype=torch.uint8)
+        self._loc(file).read_into(start + row * r * size, memoryview(buf.numpy()).cast("B"))
+        self._count(buf.numel())
+        b_rows = buf.view(raw_dtype).reshape(n, r).to(ft)
+        return (b_rows @ a) * term["scale"]
+
+    def _lora_factor(self, spec: list[Any], ft: torch.dtype) -> torch.Tensor:
+        """A factor read whole once and kept for the next blocks (a future: concurrent reads share it)."""
+        file, start, end, st_dtype, shape = spec
+        k = (file, start)
+        with self._free_lock:
+            whole = self._lora_whole.get(k)
+            mine = whole is None
+            if whole is None:
+                whole = self._lora_whole[k] = Future()
+                while len(self._lora_whole) > self._lora_keep:
+                    del self._lora_whole[next(iter(self._lora_whole))]
+        if mine:
+            try:
+                buf = torch.empty(end - start, dtype=torch.uint8)
+                if end > start:
+                    self._loc(file).read_into(start, memoryview(buf.numpy()).cast("B"))
+                self._count(buf.numel())
+                whole.set_result(buf.view(DTYPES[st_dtype][0]).reshape(shape).to(ft))
+            except BaseException as exc:
+                whole.set_exception(exc)
+                with self._free_lock:
+                    self._lora_whole.pop(k, None)
+                raise
+        return whole.result().to(ft)
 
     def _read_vocab(self, t: TensorPlan, b: int, i: int) -> torch.Tensor:
         """Block b of source i permuted onto the output vocabulary (bigmerge.planning.vocab), in the
         tensor's compute dtype: one ranged read per run of consecutive rows, then the rows
-        this source lacks, filled as mergekit fills them."""
+        this source lacks, filled as mergekit fills them, then any padding rows."""
         assert t.vocab is not None
         r0, r1 = t.block_range(b)
+        n_vocab = int(t.vocab.get("vocab", t.vocab["rows"]))
+        out = self._permuted_rows(t, i, r0, min(r1, n_vocab))
+        if r1 > n_vocab:
+            pad = self._pad_row(t, i, n_vocab).expand(r1 - max(r0, n_vocab), *t.shape[1:])
+            out = torch.cat([out, pad]) if r0 < n_vocab else pad.clone()
+        return out
+
+    def _permuted_rows(self, t: TensorPlan, i: int, r0: int, r1: int) -> torch.Tensor:
+        assert t.vocab is not None
         dt = DTYPES[t.compute_dtype or self.plan.compute_dtype][0]
-        out = torch.zeros((r1 - r0, *t.shape[1:]), dtype=dt)
-        present = torch.zeros(r1 - r0, dtype=torch.bool)
+        out = torch.zeros((max(0, r1 - r0), *t.shape[1:]), dtype=dt)
+        present = torch.zeros(max(0, r1 - r0), dtype=torch.bool)
         for new, old, n in t.vocab["runs"][i]:
             a, e = max(new, r0), min(new + n, r1)
             if a < e:
                 out[a - r0 : e - r0] = self._source_rows(t, i, old + a - new, e - a)
                 present[a - r0 : e - r0] = True
-        for new, kind, donors in t.vocab["fills"]:
-            if not r0 <= new < r1 or present[new - r0] or kind == "zero":
+        for new, kind, donors, *force in t.vocab["fills"]:
+            if not r0 <= new < r1 or (present[new - r0] and not force):
                 continue
-            if kind == "copy":
+            if kind == "zero":
+                out[new - r0] = 0
+            elif kind == "copy":
                 j, row = donors[0]
                 out[new - r0] = self._source_rows(t, j, row, 1)[0]
             else:  # the mean of the sources that have it, summed in model order as mergekit does
@@ -242,6 +310,25 @@ class BlockReader:
                     acc = acc + self._source_rows(t, j, row, 1)[0].to(dt)
                 out[new - r0] = acc / len(donors)
         return out
+
+    def _pad_row(self, t: TensorPlan, i: int, n_vocab: int) -> torch.Tensor:
+        """The row every padding row of source i gets (`tokenizer.pad_to_multiple_of`): the mean
+        of its permuted rows, as mergekit pads. The one place a block reads beyond its own rows:
+        the vocabulary is read again in chunks of a block's size (summed exactly in float64, so
+        the row is the same on any world size), once per source and process."""
+        key = (t.index, i)
+        with self._free_lock:
+            cached = self._pad_rows.get(key)
+        if cached is not None:
+            return cached
+        acc = torch.zeros(t.shape[1:], dtype=torch.float64)
+        for a in range(0, n_vocab, t.block_rows):
+            acc += self._permuted_rows(t, i, a, min(a + t.block_rows, n_vocab)).double().sum(dim=0)
+        dt = DTYPES[t.compute_dtype or self.plan.compute_dtype][0]
+        row = (acc / n_vocab).to(dt)
+        with self._free_lock:
+            self._pad_rows[key] = row
+        return row
 
     def _read_group(self, group: list[tuple[TensorPlan, int]], i: int) -> list[torch.Tensor]:
         """Source i's bytes for several small blocks, in as few requests as their layout allows.
@@ -278,7 +365,9 @@ class BlockReader:
         size = 0
         for t, b in items:
             nbytes = max(e - s for s, e in (self._span(t, b, i) for i in range(len(t.sources))))
-            if nbytes > COALESCE_MAX_ITEM or t.vocab is not None:
+            # an adapted block is changed in place after its read: it must own its buffer (slices may
+            # read one range twice), so it is never part of a coalesced read
+            if nbytes > COALESCE_MAX_ITEM or t.vocab is not None or any(s.lora for s in t.sources):
                 if group:
                     yield group
                     group, size = [], 0

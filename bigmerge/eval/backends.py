@@ -32,6 +32,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -271,6 +272,15 @@ def score_checkpoint(
         scores, metrics = scores_from_results(results, tasks, label)
         evaluator.metric.update(metrics)
         return scores
+    if is_remote(str(checkpoint)):  # lm-eval and transformers read local directories: a copy, removed after
+        import shutil
+
+        copy = (work or Path(tempfile.mkdtemp(prefix="bigmerge-eval-"))) / "checkpoint"
+        try:
+            local_copy(str(checkpoint), copy)
+            return score_checkpoint(evaluator, backend, copy, label=label, samples=samples, work=work)
+        finally:
+            shutil.rmtree(copy if work else copy.parent, ignore_errors=True)
     if backend.in_memory():
         from bigmerge.eval.harness import load_model
 
@@ -280,6 +290,25 @@ def score_checkpoint(
         backend, str(checkpoint), batch_size=evaluator.batch_size, device=evaluator.device, dtype=evaluator.dtype
     )
     return evaluator.score_lm(lm, samples=samples)  # type: ignore[no-any-return]
+
+
+def is_remote(checkpoint: str) -> bool:
+    return "://" in checkpoint and not checkpoint.startswith("file://")
+
+
+def local_copy(url: str, dest: Path) -> None:
+    """The files of a checkpoint in object storage, copied into ``dest`` (for backends that load a
+    local directory: lm-eval's hf and vllm models). bigmerge's own files (its manifest, the block
+    journal) are left out."""
+    from bigmerge.storage.fs import location
+
+    src = location(url)
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in src.listdir():
+        if name.endswith((".json", ".safetensors", ".model", ".txt", ".jinja", ".tiktoken")):
+            f = src.join(name)
+            target = str(dest / name)
+            src.call("copy", partial(f.fs.get_file, f.path, target))
 
 
 # --- a command per candidate ---------------------------------------------------------------------
@@ -362,11 +391,29 @@ def run_command(
 
 
 def _run_once(line: str, timeout: float | None, log_path: Path | None) -> tuple[int | None, str]:
-    """(exit code or None on timeout, last non-empty output line); output also appended to log_path."""
+    """(exit code or None on timeout, last non-empty output line); output also appended to log_path.
+
+    The command runs under a small supervisor (``_SUPERVISOR``), the leader of its own process group:
+    a timeout, a stop or any error kills that whole group, and when this process dies, even by
+    SIGKILL, the supervisor sees its end of a pipe close and kills the group itself, so an evaluation
+    never outlives the search. The supervisor also asks for a parent-death signal (prctl
+    PR_SET_PDEATHSIG) as a second guard; alone it would not do: it reaches only the direct child.
+    (No preexec_fn: the command starts from an evaluator thread, where it is unsafe.)"""
+    import sys
+
     with tempfile.TemporaryFile() as buf:
-        proc = subprocess.Popen(
-            ["bash", "-c", line], stdout=buf, stderr=subprocess.STDOUT, start_new_session=True, env=_child_env()
-        )
+        lifeline_r, lifeline_w = os.pipe()  # both ends close-on-exec: no other child inherits the write end
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-S", "-c", _SUPERVISOR, line],
+                stdin=lifeline_r,
+                stdout=buf,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env=_child_env(),
+            )
+        finally:
+            os.close(lifeline_r)
         _RUNNING.add(proc)
         try:
             code: int | None = proc.wait(timeout=timeout)
@@ -378,6 +425,8 @@ def _run_once(line: str, timeout: float | None, log_path: Path | None) -> tuple[
             raise
         finally:
             _RUNNING.discard(proc)
+            _kill_group(proc)  # what the command left running in its group (a background job)
+            os.close(lifeline_w)
         buf.seek(0)
         text = buf.read().decode("utf-8", "replace")
     if log_path is not None:
@@ -385,6 +434,28 @@ def _run_once(line: str, timeout: float | None, log_path: Path | None) -> tuple[
             f.write(f"$ {line}\n{text}\n")
     tail = deque((ln.strip() for ln in text.splitlines() if ln.strip()), maxlen=1)
     return code, (tail[0] if tail else "")
+
+
+# Runs the command (bash -c) in its own process group, exits with its status; when its stdin (the
+# search's end of a pipe) closes before the command ends, the search is gone: it kills the group.
+_SUPERVISOR = """
+import ctypes, os, signal, subprocess, sys, threading
+def end(*_):
+    os.killpg(0, signal.SIGKILL)
+signal.signal(signal.SIGTERM, end)
+try:
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG (Linux)
+except (OSError, AttributeError):
+    pass
+child = subprocess.Popen(["bash", "-c", sys.argv[1]], stdin=subprocess.DEVNULL)
+def watch():
+    while os.read(0, 1):
+        pass
+    end()
+threading.Thread(target=watch, daemon=True).start()
+code = child.wait()
+sys.exit(code if code >= 0 else 128 - code)
+"""
 
 
 _RUNNING: set[subprocess.Popen[bytes]] = set()  # evaluation commands running in any thread
@@ -405,7 +476,7 @@ def kill_running() -> None:
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:
     try:
         os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
+    except (ProcessLookupError, PermissionError):
         pass
     proc.wait()
 

@@ -16,7 +16,6 @@ import logging
 import math
 import os
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -26,6 +25,7 @@ from typing import Any
 from bigmerge.errors import ConfigError, SourceError
 from bigmerge.eval import zoo_tasks
 from bigmerge.eval.table import Table
+from bigmerge.log import Log
 
 ZOO_TASKS = tuple(f"zoo_{s}" for s in zoo_tasks.SKILLS)
 # Which metric a task's column shows: the first of these that lm-eval reports for it.
@@ -339,7 +339,7 @@ def _limit(value: float | None) -> int | float | None:
 
 def run_cli(args: Any) -> int:
     """``bigmerge eval``: score, print the table, write JSON / Markdown / PNG under --out."""
-    say = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    say = None if args.quiet else Log()
     backend = cli_backend(args)
     table = evaluate(
         args.models,

@@ -11,6 +11,11 @@ mergekit's cards. What a source becomes there, and in the body, is fixed here:
 
 The config itself is written beside the weights as given (`bigmerge_config.yaml`, byte for
 byte), so the merge can be rerun: it keeps the paths the user wrote.
+
+A config written by `bigmerge search` (best.yaml) or `bigmerge dam` (merge.yaml) carries how good
+its merge is, and how that was measured, in comment lines that begin with ``#:`` (markdown); the
+card shows them under "How good it is". They travel with the file, so `bigmerge merge best.yaml`
+anywhere gives a card with the search's scores.
 """
 
 from __future__ import annotations
@@ -35,11 +40,30 @@ def hub_id(source: str) -> str | None:
 
 
 def public_name(source: str) -> str:
-    """What a card shows for a source: a hub id as is, else the last component of its path or URL."""
+    """What a card shows for a source: a hub id as is, else the last component of its path or URL
+    (of each part of mergekit's BASE+ADAPTER)."""
+    if "+" in source:
+        return "+".join(public_name(part) for part in source.split("+"))
     found = hub_id(source)
     if found:
         return found
     return source.rstrip("/").rsplit("/", 1)[-1] or source
+
+
+RESULTS_PREFIX = "#:"
+
+
+def results_from_config(config_text: str) -> str | None:
+    """The ``#:`` comment lines of a config (its results, in markdown), or None when it has none."""
+    lines = [
+        ln[len(RESULTS_PREFIX) :].removeprefix(" ") for ln in config_text.splitlines() if ln.startswith(RESULTS_PREFIX)
+    ]
+    return "\n".join(lines).strip() or None
+
+
+def results_comment(markdown: str) -> str:
+    """``markdown`` as ``#:`` comment lines, for the head of a config file."""
+    return "".join(f"{RESULTS_PREFIX} {ln}".rstrip() + "\n" for ln in markdown.strip().splitlines())
 
 
 def render_card(
@@ -54,7 +78,8 @@ def render_card(
     version: str = "",
 ) -> str:
     """README.md: hub front matter (base_model, library_name, tags) and a body with the recipe."""
-    ids = [h for h in (hub_id(s) for s in ([base] if base else []) + sources) if h]
+    # BASE+ADAPTER: both parts belong to the lineage
+    ids = [h for h in (hub_id(p) for s in ([base] if base else []) + sources for p in s.split("+")) if h]
     front: dict[str, Any] = {}
     if ids:
         front["base_model"] = list(dict.fromkeys(ids))
@@ -70,12 +95,17 @@ def render_card(
         lines.append(f"- {public_name(s)}{role}{pin}")
     if parameters:
         lines += ["", "## Parameters", "", "```yaml", yaml.safe_dump(parameters, sort_keys=True).rstrip(), "```"]
+
+    def redact(text: str) -> str:
+        for s in sorted(set(([base] if base else []) + sources), key=len, reverse=True):
+            if not hub_id(s):
+                text = text.replace(s, public_name(s))
+        return text
+
     if results:
-        lines += ["", "## How good it is", "", results.rstrip()]
-    redacted = config_text
-    for s in sorted(set(([base] if base else []) + sources), key=len, reverse=True):
-        if not hub_id(s):
-            redacted = redacted.replace(s, public_name(s))
+        lines += ["", "## How good it is", "", redact(results).rstrip()]
+    # the results are shown above: the config's block leaves their comment lines out
+    redacted = redact("".join(ln for ln in config_text.splitlines(True) if not ln.startswith(RESULTS_PREFIX)))
     lines += [
         "",
         "## Configuration",

@@ -17,7 +17,7 @@ from bigmerge import __version__
 from bigmerge.engine.comm import Comm
 from bigmerge.engine.faults import disk_full_at, fault_point
 from bigmerge.errors import SourceError, VerifyError
-from bigmerge.output.card import CARD_NAME, CONFIG_NAME, render_card
+from bigmerge.output.card import CARD_NAME, CONFIG_NAME, render_card, results_from_config
 from bigmerge.output.outdir import MANIFEST_NAME, OutputDir
 from bigmerge.output.writer import Writer
 from bigmerge.planning.catalog import INDEX_NAME, ModelCatalog
@@ -65,9 +65,12 @@ def export(
     tokenizer_source: str | None = None,
     chat_template: str | None = None,
     outdir: OutputDir | None = None,
+    add_tokens: tuple[str, ...] = (),
     pins: dict[str, dict[str, Any]] | None = None,
     pin_mode: str = "stat",
     config_text: str | None = None,
+    copy_tokenizer: bool = True,
+    write_card: bool = True,
 ) -> dict[str, Any]:
     manifest: dict[str, Any] = {}
     # each writer knows how its blocks become the output files (see Writer.finish_files)
@@ -85,6 +88,9 @@ def export(
             outdir,
             (pins or {}, pin_mode),
             config_text,
+            copy_tokenizer,
+            write_card,
+            add_tokens,
         )
     comm.barrier()
     return manifest
@@ -102,6 +108,9 @@ def _finish(
     outdir: OutputDir | None,
     sources: tuple[dict[str, dict[str, Any]], str],
     config_text: str | None = None,
+    copy_tokenizer: bool = True,
+    write_card: bool = True,
+    add_tokens: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """config.json, the tokenizer, the index and, last, the manifest: each written whole under
     its name (a temporary name renamed; on object storage read back and compared) and recorded
@@ -140,10 +149,12 @@ def _finish(
             write("generation_config.json", gen.read_bytes(), "config")
     tok_ref = base_ref if tokenizer_source in (None, "base") else tokenizer_source
     tok_root = by_ref[tok_ref].root if tok_ref in by_ref else location(tok_ref, out.storage_options)
-    if tokenizer_source == "union" and catalogs:
-        # the union is built from every source's tokenizer, exactly as the plan built it
-        union_base = plan.models[plan.base_index] if plan.base_index is not None else plan.models[0]
-        tok, _, _ = build_tokenizer("union", union_base, plan.models, by_ref, out.storage_options)
+    if not copy_tokenizer:
+        pass  # mergekit's --no-copy-tokenizer
+    elif tokenizer_source is not None and (tokenizer_source == "union" or add_tokens) and catalogs:
+        # the union (or a vocabulary with added tokens) is built exactly as the plan built it
+        tok_base = plan.models[plan.base_index] if plan.base_index is not None else plan.models[0]
+        tok, _, _ = build_tokenizer(tokenizer_source, tok_base, plan.models, by_ref, out.storage_options, add_tokens)
         save_tokenizer(tok, lambda name, data: write(name, data, "tokenizer"))
     elif tok_root is not None:
         for fname in TOKENIZER_FILES:
@@ -160,10 +171,16 @@ def _finish(
     if config_text is not None:  # the recipe: the config as given, and the model card
         base = plan.models[plan.base_index] if plan.base_index is not None else None
         card = render_card(
-            method=plan.merge_method, sources=list(plan.models), base=base, config_text=config_text, version=__version__
+            method=plan.merge_method,
+            sources=list(plan.models),
+            base=base,
+            config_text=config_text,
+            results=results_from_config(config_text),
+            version=__version__,
         )
         write(CONFIG_NAME, config_text.encode(), "card")
-        write(CARD_NAME, card.encode(), "card")
+        if write_card:
+            write(CARD_NAME, card.encode(), "card")
     pins, pin_mode = sources
     manifest = {
         "format": "bigmerge-manifest",

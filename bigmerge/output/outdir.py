@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from bigmerge.errors import OutputExistsError, OutputLockedError, SourceError, UnsafeOutputError
+from bigmerge.planning.lora import split_ref
 from bigmerge.storage.fs import Location, location, service_error
 from bigmerge.storage.jsonio import loads_bounded
 
@@ -93,9 +94,10 @@ def check_apart(out: Location, store: Location | None, inputs: list[tuple[str, s
 
 def check_distinct_sources(refs: list[str], opts: Any) -> None:
     """Two spellings of one model (a symlink, ./x and x/) are the same input listed twice."""
-    seen: dict[tuple[str, str], str] = {}
+    seen: dict[tuple[tuple[str, str], ...], str] = {}
     for ref in refs:
-        key = resolved(location(ref, opts))
+        # BASE+ADAPTER: the same base with another adapter is another model
+        key = tuple(resolved(location(part, opts)) for part in split_ref(ref) if part is not None)
         if key in seen:
             raise SourceError(f"{ref}: the same model as {seen[key]} (duplicate merge inputs; list each model once)")
         seen[key] = ref
@@ -255,6 +257,23 @@ class OutputDir:
         """A metadata file of the checkpoint: recorded, then written atomically."""
         self.declare(name)
         self.out.join(name).write_atomic(data, fault=fault)
+
+
+def remove_output(out: Location) -> None:
+    """A finished merge bigmerge wrote and no longer needs (an intermediate merge of a
+    multi-document config): the names its record lists and bigmerge's own names, the record
+    last; the folder itself only when nothing else is left in it."""
+    if not out.exists():
+        return
+    rec = OutputDir(out).read_record()
+    present = set(out.listdir())
+    ours = (set(rec["names"]) if rec else set()) & present
+    ours |= {n for n in present if n.startswith(OWN_PREFIX)}
+    for n in sorted(ours - {RECORD_NAME}):
+        out.join(n).remove(recursive=n in OWN_DIRS)
+    out.join(RECORD_NAME).remove()
+    if not out.listdir():
+        out.remove(recursive=True)
 
 
 # -- the lock -------------------------------------------------------------------------------

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bigmerge.errors import SourceError, StorageError
+from bigmerge.planning.lora import base_of as adapter_base
+from bigmerge.planning.lora import is_adapter_dir, read_adapter, split_ref
 from bigmerge.storage.fs import Location, location
 from bigmerge.storage.jsonio import loads_bounded
 from bigmerge.storage.safetensors import TensorInfo, read_header
@@ -33,6 +35,8 @@ class ModelCatalog:
     header_sha256: dict[str, str]
     config: dict[str, Any] | None = None
     files: list[str] = field(default_factory=list)
+    # LoRA terms by base tensor name (bigmerge.planning.lora): the reader adds scale * B @ A
+    lora: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def num_layers(self) -> int | None:
         if not self.config:
@@ -68,7 +72,32 @@ def catalog_model(
     ref: str, storage_options: dict[str, Any] | None = None, bin_cache: Location | None = None
 ) -> ModelCatalog:
     """`bin_cache`: where pickle checkpoints (pytorch_model*.bin) may be converted to safetensors;
-    None refuses them."""
+    None refuses them. `ref` may carry a LoRA adapter (mergekit's BASE+ADAPTER), or be a PEFT
+    adapter directory whose adapter_config.json names its base (base_model_name_or_path)."""
+    base_ref, adapter_ref = split_ref(ref)
+    if adapter_ref is None:
+        root = location(ref, storage_options)
+        if (
+            not root.join(INDEX_NAME).exists()
+            and not root.join(SINGLE_NAME).exists()
+            and root.exists()
+            and is_adapter_dir(root)
+        ):
+            base_ref, adapter_ref = adapter_base(ref, storage_options), ref
+    cat = _catalog_checkpoint(base_ref, storage_options, bin_cache)
+    if adapter_ref is None:
+        return cat
+    adapter = read_adapter(adapter_ref, base_ref, cat.tensors, storage_options)
+    cat.ref = ref
+    cat.tensors.update(adapter.replaced)
+    cat.lora = adapter.terms
+    cat.header_sha256.update(adapter.hashes)
+    return cat
+
+
+def _catalog_checkpoint(
+    ref: str, storage_options: dict[str, Any] | None = None, bin_cache: Location | None = None
+) -> ModelCatalog:
     root = location(ref, storage_options)
     index_loc = root.join(INDEX_NAME)
     single_loc = root.join(SINGLE_NAME)
@@ -87,7 +116,7 @@ def catalog_model(
                     "Convert the checkpoint, or pass --allow-bin to load it with torch.load(weights_only=True)"
                 )
             converted = convert_bin(root, bin_cache.join(hashlib.sha256(root.url.encode()).hexdigest()[:16]))
-            cat = catalog_model(converted.url, storage_options)
+            cat = _catalog_checkpoint(converted.url, storage_options)
             cat.ref, cat.root = ref, root  # config and tokenizer from the model itself
             cfg_loc = root.join("config.json")
             cat.config = _load_json(cfg_loc) if cfg_loc.exists() else None

@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, PrivateAttr, field_validator, model_validator
 
 from bigmerge.errors import ConfigError
+from bigmerge.planning.validation import validate
 
 ScalarParameter = Union[bool, int, float, str]
 ScalarOrGradient = Union[ScalarParameter, list[ScalarParameter]]
@@ -51,6 +52,57 @@ class OutputSlice(_Strict):
     sources: list[InputSlice]
     base_model: str | None = None
     residual_weight: float | None = None
+    parameters: Parameters | None = None
+
+
+class ModelTokenEmbedding(_Strict):
+    """A token's row taken from a model's own vocabulary: by id, or by the token's text there."""
+
+    kind: Literal["model_token"]
+    model: str
+    token_id: int | None = None
+    token: str | None = None
+
+    @model_validator(mode="after")
+    def _one_of(self) -> ModelTokenEmbedding:
+        if (self.token_id is None) == (self.token is None):
+            raise ValueError("give exactly one of token_id or token")
+        return self
+
+
+class ZeroEmbedding(_Strict):
+    kind: Literal["zero"]
+
+
+class TokenEmbedding(_Strict):
+    """How a token's embedding (and LM head) row is made: mergekit's `tokenizer.tokens.<tok>`."""
+
+    source: ModelTokenEmbedding | ZeroEmbedding | str | None = None
+    force: bool = False
+
+
+class TokenizerConfig(_Strict):
+    """mergekit's `tokenizer:` block: the output vocabulary (`union` by default, as mergekit),
+    tokens added to it with the rows they start from, and padding to a multiple."""
+
+    source: str = "union"
+    tokens: dict[str, TokenEmbedding] | None = None
+    pad_to_multiple_of: int | None = None
+
+    @field_validator("pad_to_multiple_of")
+    @classmethod
+    def _positive(cls, v: int | None) -> int | None:
+        if v is not None and v < 1:
+            raise ValueError("must be a positive integer")
+        return v
+
+
+class OutputModule(_Strict):
+    """One module of mergekit's `modules:` form: its own models or slices, and parameters that
+    rank between the slice's and the global ones."""
+
+    models: list[InputModel] | None = None
+    slices: list[OutputSlice] | None = None
     parameters: Parameters | None = None
 
 
@@ -106,10 +158,12 @@ class MergeConfig(_Strict):
     base_model: str | None = None
     models: list[InputModel] | None = None
     slices: list[OutputSlice] | None = None
+    modules: dict[str, OutputModule] | None = None
     parameters: Parameters | None = None
     dtype: str | None = None
     out_dtype: str | None = None
     tokenizer_source: str | None = None
+    tokenizer: TokenizerConfig | None = None
     chat_template: str | None = None
     name: str | None = None
     # bigmerge's own keys
@@ -128,6 +182,13 @@ class MergeConfig(_Strict):
         if v is not None and v not in DTYPE_NAMES:
             raise ValueError(f"unknown dtype {v!r}; expected one of float32, bfloat16, float16, float64")
         return v
+
+    def vocabulary_source(self) -> str | None:
+        """Where the output vocabulary comes from (`tokenizer_source`, or the `tokenizer:` block's
+        source); None keeps the sources' vocabulary untouched."""
+        if self.tokenizer is not None:
+            return self.tokenizer.source
+        return self.tokenizer_source
 
     def model_refs(self) -> list[str]:
         """Every source in merge order: the listed models, then the base if it is not listed."""
@@ -148,50 +209,53 @@ class MergeConfig(_Strict):
         return None
 
     def fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
-
-
-def _format_loc(loc: tuple[Any, ...]) -> str:
-    parts: list[str] = []
-    for item in loc:
-        if isinstance(item, int):
-            parts.append(f"[{item}]")
-        elif (
-            isinstance(item, str)
-            and not item.startswith(("list[", "dict[", "tuple[", "function-"))
-            and item
-            not in (
-                "str",
-                "int",
-                "float",
-                "bool",
-                "ConditionalParameter",
-            )
-        ):
-            parts.append(("." if parts else "") + item)
-    return "".join(parts) or "(top level)"
+        # keys added later count only when set, so a config's fingerprint (and the resume of its
+        # interrupted merge) does not change with the version of bigmerge
+        later = {k for k in ("tokenizer", "modules") if getattr(self, k) is None}
+        data = self.model_dump(mode="json", exclude=later)
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
 def parse_config(data: Any, source: str = "config") -> MergeConfig:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
-    ignored = [k for k in data if k in MERGEKIT_PARAMETERS and k not in MergeConfig.model_fields]
-    data = {k: v for k, v in data.items() if k not in ignored}
-    try:
-        cfg = MergeConfig.model_validate(data)
-    except ValidationError as exc:
-        err = _most_relevant(exc.errors())
-        where = _format_loc(tuple(err["loc"]))
-        if err["type"] == "extra_forbidden":
-            raise ConfigError(f"{source}: unknown key {where!r}") from None
-        if err["type"] == "missing":
-            raise ConfigError(f"{source}: missing required key {where!r}") from None
-        raise ConfigError(f"{source}: bad value for {where!r}: {err['msg']}") from None
-    if bool(cfg.models) == bool(cfg.slices):
-        raise ConfigError(f"{source}: exactly one of 'models' or 'slices' must be given")
+    # method parameters at the top level: mergekit's config model drops them (see MERGEKIT_PARAMETERS)
+    ignored: list[str] = []
+    if isinstance(data, dict):
+        ignored = [k for k in data if k in MERGEKIT_PARAMETERS and k not in MergeConfig.model_fields]
+        data = {k: v for k, v in data.items() if k not in ignored}
+    branches = ("ConditionalParameter", "ModelTokenEmbedding", "ZeroEmbedding", "TokenEmbedding")
+    cfg = validate(MergeConfig, data, source, branches=branches)
+    if sum(bool(x) for x in (cfg.models, cfg.slices, cfg.modules)) != 1:
+        raise ConfigError(f"{source}: exactly one of 'models', 'slices' or 'modules' must be given")
+    if cfg.modules:
+        cfg = _from_modules(cfg, source)
+    if cfg.tokenizer_source is not None and cfg.tokenizer is not None:
+        raise ConfigError(f"{source}: give either 'tokenizer_source' or 'tokenizer', not both (as mergekit)")
     _check_duplicates(cfg, source)
     cfg._ignored_top_level.extend(ignored)
     return cfg
+
+
+def _from_modules(cfg: MergeConfig, source: str) -> MergeConfig:
+    """mergekit's `modules:` form as the plain form. A one-module model (mergekit names its
+    module `default`: every decoder-only architecture) is the plain form with the module's
+    parameters ranked between the slice's and the global ones. Several modules (multimodal
+    models: a text decoder, a vision tower, a projector under their own tensor-name prefixes)
+    need mergekit's architecture tables, which bigmerge does not carry: refused in one line."""
+    assert cfg.modules
+    names = sorted(cfg.modules)
+    if names != ["default"]:
+        raise ConfigError(
+            f"{source}: modules {', '.join(repr(n) for n in names)}: bigmerge merges one-module models only "
+            "(mergekit's module 'default'); merge a multimodal model's modules with the plain form, "
+            "one config per tensor-name prefix"
+        )
+    module = cfg.modules["default"]
+    if bool(module.models) == bool(module.slices):
+        raise ConfigError(f"{source}: modules.default: exactly one of 'models' or 'slices' must be given")
+    params = {**(cfg.parameters or {}), **(module.parameters or {})} or None
+    return cfg.model_copy(
+        update={"modules": None, "models": module.models, "slices": module.slices, "parameters": params}
+    )
 
 
 def _check_duplicates(cfg: MergeConfig, source: str) -> None:
@@ -205,15 +269,6 @@ def _check_duplicates(cfg: MergeConfig, source: str) -> None:
             if ref in seen:
                 raise ConfigError(f"{source}: model {ref!r} is listed twice in {where} (duplicate merge inputs)")
             seen.add(ref)
-
-
-def _most_relevant(errors: list[dict[str, Any]]) -> dict[str, Any]:
-    # Unions report one error per branch; an unknown key or a missing key says the most.
-    for kind in ("extra_forbidden", "missing", "value_error"):
-        for e in errors:
-            if e["type"] == kind:
-                return e
-    return errors[0]
 
 
 def read_yaml(path: str | Path) -> Any:
@@ -252,12 +307,75 @@ def load_yaml_bounded(text: str, source: str) -> Any:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark is not None else ""
         problem = " ".join(str(getattr(exc, "problem", None) or exc).split())  # one line, whatever PyYAML says
+        if "found another document" in problem:
+            raise ConfigError(
+                f"{source}: several YAML documents (a mergekit-multi config{at}): `bigmerge merge` runs them; "
+                "this command reads one merge"
+            ) from None
         raise ConfigError(f"{source}: not valid YAML{at}: {problem}") from None
     except (RecursionError, _TooDeep):
         raise ConfigError(f"{source}: nests more than {MAX_YAML_DEPTH} levels deep; refused") from None
     finally:
         if loader is not None:
             loader.dispose()
+
+
+def load_yaml_documents(text: str, source: str) -> list[Any]:
+    """Every document of a YAML stream (`---` between them), with load_yaml_bounded's bounds
+    (the node count over all documents together)."""
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{source}: {len(text)} bytes; a config may have at most {MAX_CONFIG_BYTES}")
+    loader: _BoundedLoader | None = None
+    docs: list[Any] = []
+    nodes = 0
+    try:
+        loader = _BoundedLoader(text)
+        while loader.check_node():
+            node = loader.get_node()
+            if node is None:
+                continue
+            _check_yaml_size(node, source)
+            nodes += sum(1 for _ in _walk(node))
+            if nodes > MAX_YAML_NODES:
+                raise ConfigError(f"{source}: more than {MAX_YAML_NODES} values over its documents; refused")
+            docs.append(loader.construct_document(node))
+        return docs
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
+        raise ConfigError(f"{source}: not valid YAML{at}: {problem}") from None
+    except (RecursionError, _TooDeep):
+        raise ConfigError(f"{source}: nests more than {MAX_YAML_DEPTH} levels deep; refused") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
+def _walk(root: yaml.Node) -> Iterator[yaml.Node]:
+    """Each distinct node of a document once (its size is bounded by _check_yaml_size first)."""
+    seen: set[int] = set()
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        yield node
+        if isinstance(node, yaml.SequenceNode):
+            stack.extend(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            stack.extend(n for pair in node.value for n in pair)
+
+
+def read_yaml_documents(path: str | Path) -> list[Any]:
+    """A YAML file's documents; errors as read_yaml's."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read config: {exc.strerror}") from None
+    return load_yaml_documents(text, str(p))
 
 
 class _TooDeep(Exception):

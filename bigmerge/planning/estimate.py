@@ -1,6 +1,6 @@
 """What a merge will cost before it is launched: time and peak memory per rank.
 
-The model (stated in the README, checked against measured runs there):
+The model (stated in docs/performance.md, checked against measured runs there):
 
 - Every rank reads its blocks' bytes from every source once; the ranks of a node share
   the node's read bandwidth. Reads are prefetched, so they overlap the arithmetic: a rank

@@ -30,7 +30,7 @@ from bigmerge.planning.config import (
     MergeConfig,
     evaluate_setting,
 )
-from bigmerge.planning.vocab import build_tokenizer, is_identity, vocab_plan
+from bigmerge.planning.vocab import TokenRule, build_tokenizer, is_identity, token_rules, vocab_plan
 from bigmerge.storage.fs import location
 from bigmerge.storage.safetensors import DTYPES, FLOAT_DTYPES, PAGE, TensorInfo, read_header
 
@@ -46,6 +46,8 @@ class SourceSpan:
     end: int
     dtype: str
     tensor: str = ""  # the tensor's name in that file (slices rename layers)
+    # a LoRA adapter's term on this tensor (bigmerge.planning.lora): the reader adds scale * B @ A
+    lora: dict[str, Any] | None = None
 
 
 @dataclass
@@ -122,8 +124,16 @@ class Plan:
 
     # -- serialisation -----------------------------------------------------------------
 
+    def _dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        for t in d["tensors"]:
+            for src in t["sources"]:
+                if src["lora"] is None:
+                    del src["lora"]  # plans without adapters keep the fingerprint they always had
+        return d
+
     def to_json(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"))
+        return json.dumps(self._dict(), separators=(",", ":"))
 
     @classmethod
     def from_json(cls, text: str) -> Plan:
@@ -137,7 +147,7 @@ class Plan:
 
     def fingerprint(self) -> str:
         """What the merged bytes depend on; not the world size nor the owners of blocks."""
-        d = asdict(self)
+        d = self._dict()
         d.pop("world_size")
         d.pop("warnings")
         for t in d["tensors"]:
@@ -212,6 +222,8 @@ class Plan:
                 continue
             elems = t.block_rows * t.row_elems
             raw = sum(elems * DTYPES[s.dtype][1] for s in t.sources)
+            # an adapted source: its factors (B's rows, A whole) and the float32 delta of the block
+            raw += sum(lora_block_bytes(s.lora, t.block_rows, elems) for s in t.sources if s.lora)
             csize = DTYPES[t.compute_dtype or self.compute_dtype][1]
             # aux inputs: row-blocked ones travel with the block; whole ones (Gram matrices) are
             # cached by the reader for two tensors and copied to float64 by the operator
@@ -219,6 +231,13 @@ class Plan:
             block = block_memory(op, len(t.sources), elems, raw + aux_rows, csize, prefetch)
             peak = max(peak, block + 5 * aux_whole)
         return peak + cache_bytes
+
+
+def lora_block_bytes(term: dict[str, Any], block_rows: int, elems: int) -> int:
+    """Bytes a LoRA term adds to one block: the factors it reads (in float32) and the delta."""
+    (ar, ac), (br, bc) = term["a"][4], term["b"][4]
+    factors = ar * ac + br * bc if term["embedding"] else ar * ac + block_rows * bc
+    return 4 * (factors + elems)
 
 
 def block_memory(op: MergeOp, n_sources: int, elems: int, raw_bytes: int, compute_size: int, prefetch: int) -> int:
@@ -535,13 +554,24 @@ def build_plan(
     compute = DTYPE_NAMES[cfg.dtype] if cfg.dtype else None
     perms: list[list[int]] | None = None
     vocab_sizes: list[int] = []
-    if cfg.tokenizer_source is not None:
+    rules: list[TokenRule] = []
+    pad_to: int | None = None
+    vocab_source = cfg.vocabulary_source()
+    if vocab_source is not None:
         base_ref = cfg.base_model or refs[0]
-        tok, perms, vocab_sizes = build_tokenizer(cfg.tokenizer_source, base_ref, refs, by_ref, cfg.storage_options)
-        if tok is None or is_identity(perms, vocab_sizes):
+        tokens = cfg.tokenizer.tokens if cfg.tokenizer else None
+        tok, perms, vocab_sizes = build_tokenizer(
+            vocab_source, base_ref, refs, by_ref, cfg.storage_options, tuple(tokens or ())
+        )
+        multiple = cfg.tokenizer.pad_to_multiple_of if cfg.tokenizer else None
+        if tok is not None and multiple and len(perms[0]) % multiple:
+            pad_to = len(perms[0]) + multiple - len(perms[0]) % multiple
+        if tok is not None and tokens:
+            rules = token_rules(tokens, tok, refs, "tokenizer")
+        if tok is None or (is_identity(perms, vocab_sizes) and pad_to is None and not any(r.force for r in rules)):
             perms = None
         else:
-            config_updates["vocab_size"] = len(perms[0])
+            config_updates["vocab_size"] = pad_to or len(perms[0])
     adapters = _validator(op)
 
     aux_files = _AuxFiles(cfg.storage_options)
@@ -552,7 +582,15 @@ def build_plan(
         ref_info = models[first_idx].tensors.get(first_name)
         vocab = None
         if perms is not None and ref_info is not None and _is_vocab_tensor(out, models, vocab_sizes):
-            vocab = vocab_plan([perms[i] for i, _ in out.inputs], out.base)
+            vocab = vocab_plan(
+                [perms[i] for i, _ in out.inputs],
+                out.base,
+                refs=[refs[i] for i, _ in out.inputs],
+                sizes=[vocab_sizes[i] for i, _ in out.inputs],
+                rules=rules,
+                pad_to=pad_to,
+                where=name,
+            )
         spans: list[SourceSpan] = []
         for i, in_name in out.inputs:
             m = models[i]
@@ -566,7 +604,7 @@ def build_plan(
                 )
             if info.dtype not in FLOAT_DTYPES:
                 raise SourceError(f"{m.ref}: tensor {in_name!r} has dtype {info.dtype}; merging needs floating point")
-            spans.append(SourceSpan(info.file, info.start, info.end, info.dtype, in_name))
+            spans.append(SourceSpan(info.file, info.start, info.end, info.dtype, in_name, m.lora.get(in_name)))
         assert ref_info is not None
         src_dtype = _promote([s.dtype for s in spans])
         t_compute = compute or src_dtype

@@ -1,4 +1,4 @@
-"""Vocabularies that differ between sources: `tokenizer_source` and the embedding rows it implies.
+"""Vocabularies that differ between sources: `tokenizer_source` / `tokenizer:` and the embedding rows they imply.
 
 As mergekit 0.1.5 does it, whenever a config names a `tokenizer_source`:
 
@@ -10,6 +10,12 @@ As mergekit 0.1.5 does it, whenever a config names a `tokenizer_source`:
   the only other source's row that has it; else the base's if the base has it; else the mean
   of the rows of the sources that have it; zeros if none has it.
 
+mergekit's `tokenizer:` block (source `union` by default) adds to this: `tokens` appended to
+the output vocabulary where it lacks them, each row taken from a model's row of that token, a
+model's own row of another token (`kind: model_token`) or zeros (`kind: zero`), for the sources
+that lack it or, with `force`, for all; and `pad_to_multiple_of`, whose padding rows are each
+source's mean permuted row (the reader sums it block by block, exactly, in float64).
+
 The permutation lives in the plan as runs of consecutive rows per source plus the list of
 filled rows, so the reader assembles any row block with a few ranged reads. mergekit orders
 the union's extra tokens by a set's iteration order; bigmerge uses the config's model order.
@@ -17,14 +23,15 @@ the union's extra tokens by a set's iteration order; bigmerge uses the config's 
 
 from __future__ import annotations
 
-import logging
 import shutil
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from bigmerge.errors import ConfigError, SourceError
+from bigmerge.log import warn
 from bigmerge.planning.catalog import ModelCatalog
 from bigmerge.storage.fs import Location, location
 
@@ -39,7 +46,6 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
     "chat_template.json",
 )
-log = logging.getLogger("bigmerge")
 
 
 def _local_dir(root: Location, scratch: Path) -> Path:
@@ -74,27 +80,49 @@ _built: dict[tuple[Any, ...], tuple[Any, list[list[int]], list[int]]] = {}
 
 
 def build_tokenizer(
-    tokenizer_source: str, base_ref: str, refs: list[str], catalogs: dict[str, ModelCatalog], storage_options: Any
+    tokenizer_source: str,
+    base_ref: str,
+    refs: list[str],
+    catalogs: dict[str, ModelCatalog],
+    storage_options: Any,
+    add_tokens: tuple[str, ...] = (),
 ) -> tuple[Any, list[list[int]], list[int]]:
     """(output tokenizer, per ref the source row of every output token or -1, per ref vocab size).
 
-    (None, [], []) when the base model has no tokenizer and the source is not `union`. Built
-    once per process for the same sources (rank 0 needs it for the plan and for the export).
+    `add_tokens` (the `tokenizer.tokens` keys) are appended to the output vocabulary where it
+    lacks them, as mergekit does. (None, [], []) when the base model has no tokenizer and the
+    source is not `union`. Built once per process for the same sources (rank 0 needs it for the
+    plan and for the export).
     """
     key = (
         tokenizer_source,
         base_ref,
         tuple((r, catalogs[r].root.url, tuple(sorted(catalogs[r].header_sha256.items()))) for r in refs),
         repr(storage_options),
+        add_tokens,
     )
     if key not in _built:
         _built.clear()  # one merge's tokenizer at a time
-        _built[key] = _build_tokenizer(tokenizer_source, base_ref, refs, catalogs, storage_options)
+        _built[key] = _build_tokenizer(tokenizer_source, base_ref, refs, catalogs, storage_options, add_tokens)
     return _built[key]
 
 
+def original_vocabularies(refs: list[str]) -> dict[str, dict[str, int]]:
+    """Each source's own token -> row map, from the last build_tokenizer call (for
+    `tokenizer.tokens` rules that name a token of a model's own vocabulary)."""
+    return {r: _vocabs[r] for r in refs if r in _vocabs}
+
+
+_vocabs: dict[str, dict[str, int]] = {}
+
+
 def _build_tokenizer(
-    tokenizer_source: str, base_ref: str, refs: list[str], catalogs: dict[str, ModelCatalog], storage_options: Any
+    tokenizer_source: str,
+    base_ref: str,
+    refs: list[str],
+    catalogs: dict[str, ModelCatalog],
+    storage_options: Any,
+    add_tokens: tuple[str, ...] = (),
 ) -> tuple[Any, list[list[int]], list[int]]:
     with tempfile.TemporaryDirectory(prefix="bigmerge-tok-") as tmp:
         scratch = Path(tmp)
@@ -104,7 +132,7 @@ def _build_tokenizer(
             if tokenizer_source == "union":
                 raise
             # Nothing to align embeddings against: the tokenizer files are copied as they are.
-            log.warning("%s; the embeddings are merged as they are, without vocabulary alignment", exc)
+            warn(f"{exc}; the embeddings are merged as they are, without vocabulary alignment")
             return None, [], []
         for i, ref in enumerate(refs):
             if ref in toks:
@@ -112,7 +140,7 @@ def _build_tokenizer(
             try:
                 toks[ref] = _load_tokenizer(catalogs[ref].root, scratch / f"m{i}")
             except SourceError as exc:  # as mergekit: a model without a tokenizer is taken to share the base's
-                log.warning("%s; assuming it is the same as %s's", exc, base_ref)
+                warn(f"{exc}; assuming it is the same as {base_ref}'s")
                 toks[ref] = toks[base_ref]
         sizes = {ref: _vocab_size(catalogs[ref], toks[ref]) for ref in refs}
         base_tok = toks[base_ref]
@@ -131,6 +159,14 @@ def _build_tokenizer(
                 if tokenizer_source in toks
                 else _load_tokenizer(location(tokenizer_source, storage_options), scratch / "source")
             )
+        missing = [t for t in dict.fromkeys(add_tokens) if t not in out.get_vocab()]
+        if missing:
+            if out is base_tok or out in toks.values():  # never change a source's own tokenizer object
+                out = _copy(out, scratch / "added")
+            for t in missing:
+                out.add_tokens(t)
+        _vocabs.clear()
+        _vocabs.update({r: dict(toks[r].get_vocab()) for r in refs})
         vocab_out = out.get_vocab()
         perms: list[list[int]] = []
         for ref in refs:
@@ -144,9 +180,14 @@ def _build_tokenizer(
         return out, perms, [sizes[r] for r in refs]
 
 
-def _union(base_tok: Any, toks: list[Any], scratch: Path) -> Any:
+def _copy(tok: Any, where: Path) -> Any:
     import transformers
 
+    tok.save_pretrained(str(where))
+    return transformers.AutoTokenizer.from_pretrained(str(where), use_fast=True)
+
+
+def _union(base_tok: Any, toks: list[Any], scratch: Path) -> Any:
     added: dict[str, Any] = {}
     order: dict[str, None] = {}
     for tok in toks:
@@ -157,10 +198,7 @@ def _union(base_tok: Any, toks: list[Any], scratch: Path) -> Any:
                 order.setdefault(t, None)
         for info in specials.values():
             added.setdefault(info.content, info)
-    # a copy of the base tokenizer, so the caller's object is not changed
-    copy_dir = scratch / "union"
-    base_tok.save_pretrained(str(copy_dir))
-    res = transformers.AutoTokenizer.from_pretrained(str(copy_dir), use_fast=True)
+    res = _copy(base_tok, scratch / "union")  # the caller's object is not changed
     base_vocab = base_tok.get_vocab()
     for t in order:
         if t not in added and t not in base_vocab:
@@ -170,9 +208,65 @@ def _union(base_tok: Any, toks: list[Any], scratch: Path) -> Any:
     return res
 
 
-def vocab_plan(perms: list[list[int]], base_pos: int | None) -> dict[str, Any]:
-    """Runs of consecutive rows per source, and the rows some source lacks with how to fill them."""
-    n_out = len(perms[0])
+@dataclass(frozen=True)
+class TokenRule:
+    """A `tokenizer.tokens` entry resolved against the output vocabulary: row `new` of the output
+    is `kind` ("zero"; "model": `model`'s row of this token; "model_row": `model`'s own row `row`;
+    "none": no source given) for the sources that lack the token, or for all of them if `force`."""
+
+    new: int
+    token: str
+    kind: str
+    force: bool = False
+    model: str | None = None
+    row: int | None = None
+
+
+def token_rules(tokens: dict[str, Any] | None, tok_out: Any, refs: list[str], where: str) -> list[TokenRule]:
+    """mergekit's `tokenizer.tokens` as TokenRules (`tokens` maps a token to a TokenEmbedding)."""
+    if not tokens:
+        return []
+    vocab_out = tok_out.get_vocab()
+    originals = original_vocabularies(refs)
+    rules: list[TokenRule] = []
+    for token, cfg in tokens.items():
+        src = cfg.source
+        new = vocab_out[token]
+        if src is None:
+            rules.append(TokenRule(new, token, "none", cfg.force))
+        elif isinstance(src, str):
+            rules.append(TokenRule(new, token, "model", cfg.force, src))
+        elif getattr(src, "kind", None) == "zero":
+            rules.append(TokenRule(new, token, "zero", cfg.force))
+        else:
+            row = src.token_id
+            if row is None:
+                row = originals.get(src.model, {}).get(src.token)
+                if row is None:
+                    raise ConfigError(
+                        f"{where}: tokenizer.tokens[{token!r}]: token {src.token!r} not found in {src.model}"
+                    )
+            rules.append(TokenRule(new, token, "model_row", cfg.force, src.model, row))
+    return rules
+
+
+def vocab_plan(
+    perms: list[list[int]],
+    base_pos: int | None,
+    *,
+    refs: list[str] | None = None,
+    sizes: list[int] | None = None,
+    rules: list[TokenRule] | None = None,
+    pad_to: int | None = None,
+    where: str = "",
+) -> dict[str, Any]:
+    """Runs of consecutive rows per source, and the rows some source lacks with how to fill them.
+
+    `refs`/`sizes`: the sources' names and own row counts (for `rules`, which name models);
+    `pad_to`: the output's row count when the vocabulary is padded to a multiple (mergekit fills
+    each source's padding rows with the mean of its own permuted rows). A fill is
+    [row, kind, donors] or, when it applies to every source (`force`), [row, kind, donors, True]."""
+    n_vocab = len(perms[0])
     runs: list[list[list[int]]] = []
     for p in perms:
         r: list[list[int]] = []
@@ -184,9 +278,17 @@ def vocab_plan(perms: list[list[int]], base_pos: int | None) -> dict[str, Any]:
             else:
                 r.append([new, old, 1])
         runs.append(r)
+    by_row = {rule.new: rule for rule in rules or []}
     fills: list[list[Any]] = []
-    for new in range(n_out):
+    for new in range(n_vocab):
         have = [i for i, p in enumerate(perms) if p[new] >= 0]
+        rule = by_row.get(new)
+        if rule is not None:
+            if len(have) == len(perms) and not rule.force:
+                continue
+            fill = _rule_fill(rule, perms, refs or [], sizes or [], where)
+            fills.append(fill + [True] if rule.force else fill)
+            continue
         if len(have) == len(perms):
             continue
         if len(have) == 1:
@@ -197,7 +299,32 @@ def vocab_plan(perms: list[list[int]], base_pos: int | None) -> dict[str, Any]:
             fills.append([new, "copy", [[base_pos, perms[base_pos][new]]]])
         else:
             fills.append([new, "mean", [[i, perms[i][new]] for i in have]])
-    return {"rows": n_out, "runs": runs, "fills": fills}
+    plan: dict[str, Any] = {"rows": n_vocab, "runs": runs, "fills": fills}
+    if pad_to is not None and pad_to > n_vocab:
+        plan["rows"] = pad_to
+        plan["vocab"] = n_vocab  # rows [vocab, rows): the mean of the source's rows [0, vocab)
+    return plan
+
+
+def _rule_fill(rule: TokenRule, perms: list[list[int]], refs: list[str], sizes: list[int], where: str) -> list[Any]:
+    at = f"{where}: tokenizer.tokens[{rule.token!r}]"
+    if rule.kind == "zero":
+        return [rule.new, "zero", []]
+    if rule.kind == "none":
+        raise ConfigError(f"{at}: some model lacks this token (or force is set) and no source is given for its row")
+    assert rule.model is not None
+    if rule.model not in refs:
+        raise ConfigError(f"{at}: takes its row from {rule.model}, which is not one of this tensor's sources")
+    j = refs.index(rule.model)
+    if rule.kind == "model":
+        row = perms[j][rule.new]
+        if row < 0:
+            raise ConfigError(f"{at}: {rule.model} has no such token")
+    else:
+        row = int(rule.row or 0)
+        if not 0 <= row < sizes[j]:
+            raise ConfigError(f"{at}: token id {row} out of range for {rule.model} ({sizes[j]} rows)")
+    return [rule.new, "copy", [[j, row]]]
 
 
 def is_identity(perms: list[list[int]], sizes: list[int]) -> bool:

@@ -12,7 +12,7 @@
       limit: 100                # documents per task the search scores (after the held-out ones; default all)
     evaluation: {mode: auto, workers: 1}
 
-See README.md ("Searching merge coefficients") for every key.
+See docs/search.md for every key.
 """
 
 from __future__ import annotations
@@ -22,11 +22,12 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from bigmerge.errors import ConfigError
 from bigmerge.eval.backends import CommandBackend, HFBackend, VLLMBackend, check_backend
 from bigmerge.planning.config import MergeConfig, parse_config, read_yaml
+from bigmerge.planning.validation import validate
 
 OPTIMIZERS = ("cmaes", "greedy")
 
@@ -132,40 +133,31 @@ class SearchConfig(_Strict):
         return parse_config(self.merge, "merge")
 
     def fingerprint(self) -> str:
-        """What the journal's entries depend on (not the evaluation's parallelism, nor which
-        backend computed the scores: an evaluator moved to another cluster keeps its journal)."""
+        """What the journal's entries depend on: the merge, space, optimiser and fitness, the
+        backend included with the arguments that can change a score (not the evaluation's
+        parallelism or scratch, nor a command's timeout and retries: see ``backend_fingerprint``)."""
         d = self.model_dump(mode="json")
         d.pop("evaluation")
         d["fitness"].pop("backend")
+        d["backend"] = self.backend_fingerprint()
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
+    def backend_fingerprint(self) -> dict[str, Any]:
+        """The backend as far as it decides the scores: its type and arguments, less a command's
+        ``timeout_s``, ``retries`` and ``retry_delay_s`` (they decide whether a score comes, not
+        which)."""
+        b = self.fitness.backend.model_dump(mode="json")
+        for k in SCORE_NEUTRAL.get(b["type"], ()):
+            b.pop(k, None)
+        return dict(b)
 
-def _where(loc: tuple[Any, ...]) -> str:
-    return (
-        ".".join(
-            str(p)
-            for p in loc
-            if not str(p).startswith(("function-", "tagged-union"))
-            and p not in ("weights", "layer_groups", "hf", "vllm", "command")
-        )
-        or "(top level)"
-    )
+
+# Backend arguments that cannot change a score: a resume may change them.
+SCORE_NEUTRAL: dict[str, tuple[str, ...]] = {"command": ("timeout_s", "retries", "retry_delay_s")}
 
 
 def parse_search_config(data: Any, source: str = "search config") -> SearchConfig:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
-    try:
-        cfg = SearchConfig.model_validate(data)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        where = _where(tuple(err["loc"]))
-        if err["type"] == "extra_forbidden":
-            raise ConfigError(f"{source}: unknown key {where!r}") from None
-        if err["type"] == "missing":
-            raise ConfigError(f"{source}: missing required key {where!r}") from None
-        msg = err["msg"].removeprefix("Value error, ")
-        raise ConfigError(f"{source}: bad value for {where!r}: {msg}") from None
+    cfg = validate(SearchConfig, data, source, branches=("weights", "layer_groups", "hf", "vllm", "command"))
     if cfg.merge.get("slices"):
         raise ConfigError(f"{source}: merge.slices: a search runs over 'models', not slices")
     models = cfg.merge.get("models") or []

@@ -109,9 +109,13 @@ class CandidateScorer:
             from transformers import AutoTokenizer
 
             from bigmerge.eval.harness import model_dir
+            from bigmerge.planning.catalog import catalog_model
 
             template = self.cfg.template()
             src = path or template.tokenizer_source or template.base_model or template.model_refs()[0]
+            if src == path or src != template.tokenizer_source:
+                # a model reference: BASE+ADAPTER (or a bare adapter) has its base's tokenizer
+                src = catalog_model(src, template.storage_options).root.url
             self._tokenizer = AutoTokenizer.from_pretrained(str(model_dir(src)))
         return self._tokenizer
 
@@ -153,7 +157,7 @@ class CandidateScorer:
             "pid": os.getpid(),
         }
 
-    def score_checkpoint(self, job: Job, checkpoint: Path, work: Path | None = None) -> dict[str, Any]:
+    def score_checkpoint(self, job: Job, checkpoint: str | Path, work: Path | None = None) -> dict[str, Any]:
         """Score the merged checkpoint of ``job`` with the configured backend (this process, or a
         command whose lm-eval results are read back); ``work`` holds a command's output."""
         from bigmerge.eval.backends import score_checkpoint
@@ -166,8 +170,11 @@ class CandidateScorer:
         return self._result(scores, 0.0, time.perf_counter() - t0)
 
 
-def merge_candidate(comm: Any, config: dict[str, Any], cfg_path: Path, out: Path, overwrite: bool = False) -> bool:
-    """Merge a candidate's config into ``out`` with every rank, through the executor (collective).
+def merge_candidate(
+    comm: Any, config: dict[str, Any], cfg_path: Path, out: str | Path, overwrite: bool = False
+) -> bool:
+    """Merge a candidate's config into ``out`` (a directory or a URL) with every rank, through the
+    executor (collective).
 
     A finished merge there (its manifest) is kept as it is (False: nothing merged); an interrupted
     one resumes from its journal; one that cannot resume is removed and merged again."""
@@ -175,21 +182,23 @@ def merge_candidate(comm: Any, config: dict[str, Any], cfg_path: Path, out: Path
 
     from bigmerge.errors import OutputExistsError
     from bigmerge.merge import MergeOptions, run_merge
+    from bigmerge.storage.fs import location
 
+    dest = location(str(out))
     finished = False
     if comm.rank == 0:
         cfg_path.parent.mkdir(parents=True, exist_ok=True)
         cfg_path.write_text(yaml.safe_dump(config, sort_keys=False))
-        finished = not overwrite and (out / MANIFEST_NAME).is_file()
+        finished = not overwrite and dest.join(MANIFEST_NAME).exists()
     if comm.bcast(finished):
         return False
     try:
-        run_merge(str(cfg_path), str(out), comm, MergeOptions(overwrite=overwrite, quiet=True))
+        run_merge(str(cfg_path), dest.url, comm, MergeOptions(overwrite=overwrite, quiet=True))
     except OutputExistsError:  # a candidate directory left by a kill at a moment a merge cannot resume from
         if comm.rank == 0:
-            shutil.rmtree(out, ignore_errors=True)
+            dest.remove(recursive=True)
         comm.barrier()
-        run_merge(str(cfg_path), str(out), comm, MergeOptions(overwrite=True, quiet=True))
+        run_merge(str(cfg_path), dest.url, comm, MergeOptions(overwrite=True, quiet=True))
     return True
 
 

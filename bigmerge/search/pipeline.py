@@ -13,6 +13,11 @@ A candidate's directory is named by its merge config, so that a rerun after a ki
 finished merge there is scored without merging again, an interrupted one resumes from its block
 journal. Journal lines carry each candidate's merge and scoring times (``timeline``, seconds since
 the epoch) to show the overlap.
+
+Scratch may be a local or shared directory or an object store URL (``s3://bucket/scratch``): the
+candidates' checkpoints go there; what the pipeline keeps for itself (``best.json``, each candidate's
+merge config and its evaluation's work directory) stays in a local directory (``state``: the scratch
+directory itself when it is local, else ``OUT/scratch``).
 """
 
 from __future__ import annotations
@@ -35,56 +40,77 @@ from bigmerge.search.fitness import CandidateScorer, Job, merge_candidate
 BEST_FILE = "best.json"
 
 
-def candidate_dir(scratch: Path, config: dict[str, Any]) -> Path:
+def candidate_name(config: dict[str, Any]) -> str:
     """One directory per merge config (both splits of one config share it)."""
-    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
-    return scratch / f"c-{digest}"
+    return "c-" + hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def candidate_dir(scratch: Path, config: dict[str, Any]) -> Path:
+    return scratch / candidate_name(config)
 
 
 class PipelineBackend:
     """Rank 0's side: merges in this thread (collectively, with the other ranks), scorings in a pool."""
 
     def __init__(
-        self, comm: Any, scorer: CandidateScorer, scratch: Path, in_flight: int, evaluators: int, keep_best: bool
+        self,
+        comm: Any,
+        scorer: CandidateScorer,
+        scratch: str | Path,
+        in_flight: int,
+        evaluators: int,
+        keep_best: bool,
+        state: Path | None = None,
     ):
+        from bigmerge.storage.fs import location
+
         self.comm = comm
         self.scorer = scorer
-        self.scratch = scratch
+        self.store = location(str(scratch))  # where candidates are merged: a directory or a URL
+        self.scratch = Path(self.store.path) if self.store.is_local else (state or Path("scratch"))  # local state
         self.in_flight = in_flight
         self.keep_best = keep_best
         self.pool = ThreadPoolExecutor(evaluators, thread_name_prefix="bigmerge-eval")
         from bigmerge.eval.backends import STOP
 
         STOP.clear()  # a search stopped earlier in this process (tests, notebooks) does not stop this one
-        scratch.mkdir(parents=True, exist_ok=True)
-        best = scratch / BEST_FILE
+        self.scratch.mkdir(parents=True, exist_ok=True)
+        self.store.makedirs()
+        best = self.scratch / BEST_FILE
         self.best: dict[str, Any] | None = json.loads(best.read_text()) if best.is_file() else None
-        if self.best is not None and not (scratch / self.best["dir"]).is_dir():
+        if self.best is not None and not self.store.join(self.best["dir"], MANIFEST_NAME).exists():
             self.best = None
         self.max_on_disk = 0  # most candidate directories seen at once, the kept best not counted
         self.merges = 0  # candidates merged by this process (for fault injection)
         self.scorings = 0
         self.handed = 0  # results handed on (journaled by the caller)
 
+    def url(self, name: str) -> str:
+        """A candidate's checkpoint: a local path, or a URL in the object store."""
+        return self.store.join(name).url
+
     def run(self, jobs: list[Job]) -> Iterator[tuple[Job, dict[str, Any]]]:
-        wanted = {candidate_dir(self.scratch, j.config).name for j in jobs}
+        wanted = {candidate_name(j.config) for j in jobs}
         self._remove_stale(wanted)
-        pending: dict[Future[dict[str, Any]], tuple[Job, Path, list[float]]] = {}
+        pending: dict[Future[dict[str, Any]], tuple[Job, str, list[float]]] = {}
         try:
             for job in jobs:
                 while len(pending) >= self.in_flight:
                     yield from self._finish(pending, wait(pending, return_when=FIRST_COMPLETED).done)
-                d = candidate_dir(self.scratch, job.config)
+                name = candidate_name(job.config)
                 t0 = time.time()
-                if not self._is_best(d) and not (d / MANIFEST_NAME).is_file():  # not merged by a killed run
+                if (
+                    not self._is_best(name) and not self.store.join(name, MANIFEST_NAME).exists()
+                ):  # not merged by a killed run
                     self._note_on_disk(len(pending) + 1)
                     self.merges += 1
                     if _injected("merge", self.merges):  # killed after the merge's first block
                         os.environ[EXECUTOR_FAULT_ENV] = "0:1:kill"
-                    self.comm.bcast(("merge", (job.config, str(d) + ".yaml", str(d))))
-                    merge_candidate(self.comm, job.config, Path(str(d) + ".yaml"), d)
+                    cfg_path = str(self.scratch / (name + ".yaml"))
+                    self.comm.bcast(("merge", (job.config, cfg_path, self.url(name))))
+                    merge_candidate(self.comm, job.config, Path(cfg_path), self.url(name))
                 timeline = [t0, time.time()]
-                pending[self.pool.submit(self._score, job, d, timeline)] = (job, d, timeline)
+                pending[self.pool.submit(self._score, job, name, timeline)] = (job, name, timeline)
             while pending:
                 yield from self._finish(pending, wait(pending, return_when=FIRST_COMPLETED).done)
         except BaseException:
@@ -97,7 +123,7 @@ class PipelineBackend:
             STOP.clear()  # the threads have stopped: later evaluations in this process may run
             raise
 
-    def _score(self, job: Job, d: Path, timeline: list[float]) -> dict[str, Any]:
+    def _score(self, job: Job, name: str, timeline: list[float]) -> dict[str, Any]:
         self.scorings += 1
         if _injected("eval", self.scorings):  # once the scorings before it are journaled
             deadline = time.time() + 120
@@ -105,26 +131,26 @@ class PipelineBackend:
                 time.sleep(0.01)
             os.kill(os.getpid(), signal.SIGKILL)
         t2 = time.time()
-        res = self.scorer.score_checkpoint(job, d, work=Path(str(d) + ".eval"))
+        res = self.scorer.score_checkpoint(job, self.url(name), work=self.scratch / (name + ".eval"))
         t3 = time.time()
         res["seconds"]["merge"] = round(timeline[1] - timeline[0], 3)
         res["timeline"] = {"merge": [round(t, 3) for t in timeline], "eval": [round(t2, 3), round(t3, 3)]}
         return res
 
     def _finish(
-        self, pending: dict[Future[dict[str, Any]], tuple[Job, Path, list[float]]], done: set[Future[dict[str, Any]]]
+        self, pending: dict[Future[dict[str, Any]], tuple[Job, str, list[float]]], done: set[Future[dict[str, Any]]]
     ) -> Iterator[tuple[Job, dict[str, Any]]]:
         """Results of finished scorings, in submission order; a failed one is raised after every
         other scoring that finishes has been handed on (so that it is journaled)."""
         error: BaseException | None = None
         for fut in [f for f in pending if f in done]:
-            job, d, _ = pending.pop(fut)
+            job, name, _ = pending.pop(fut)
             try:
                 res = fut.result()
             except BaseException as exc:  # noqa: BLE001 - re-raised below
                 error = error or exc
                 continue
-            self._keep_or_remove(job, d, res)
+            self._keep_or_remove(job, name, res)
             yield job, res
             self.handed += 1
         if error is not None:  # scorings already running finish and are journaled; queued ones are dropped
@@ -132,38 +158,39 @@ class PipelineBackend:
                 fut.cancel()
             wait(pending)
             for fut in list(pending):
-                job, d, _ = pending.pop(fut)
+                job, name, _ = pending.pop(fut)
                 if not fut.cancelled() and fut.exception() is None:
                     res = fut.result()
-                    self._keep_or_remove(job, d, res)
+                    self._keep_or_remove(job, name, res)
                     yield job, res
             raise error
 
-    def _is_best(self, d: Path) -> bool:
-        return self.best is not None and self.best["dir"] == d.name
+    def _is_best(self, name: str) -> bool:
+        return self.best is not None and self.best["dir"] == name
 
-    def _keep_or_remove(self, job: Job, d: Path, res: dict[str, Any]) -> None:
-        if self._is_best(d):
-            _remove_extras(d)
+    def _keep_or_remove(self, job: Job, name: str, res: dict[str, Any]) -> None:
+        if self._is_best(name):
+            self._remove_extras(name)
             return
         if self.keep_best and job.split == "search" and (self.best is None or res["fitness"] > self.best["fitness"]):
             old = self.best
-            self.best = {"dir": d.name, "label": job.label, "fitness": res["fitness"], "config": job.config}
+            self.best = {"dir": name, "label": job.label, "fitness": res["fitness"], "config": job.config}
             tmp = self.scratch / (BEST_FILE + ".tmp")
             tmp.write_text(json.dumps(self.best, indent=1))
             tmp.replace(self.scratch / BEST_FILE)
             if old is not None:
-                _remove(self.scratch / old["dir"])
-            _remove_extras(d)
+                self._remove(old["dir"])
+            self._remove_extras(name)
             return
-        _remove(d)
+        self._remove(name)
 
     def _remove_stale(self, wanted: set[str]) -> None:
         """Candidates of an earlier batch or a killed run that this batch does not ask for."""
-        for p in self.scratch.glob("c-*"):
-            name = p.name.split(".")[0]
-            if name not in wanted and not (self.best is not None and name == self.best["dir"]):
-                _remove(self.scratch / name)
+        names = {n for n in self.store.listdir() if n.startswith("c-")}
+        names |= {p.name.split(".")[0] for p in self.scratch.glob("c-*")}
+        for name in names:
+            if name not in wanted and not self._is_best(name):
+                self._remove(name)
 
     def _note_on_disk(self, n: int) -> None:
         self.max_on_disk = max(self.max_on_disk, n)
@@ -171,22 +198,20 @@ class PipelineBackend:
     def best_checkpoint(self) -> dict[str, Any] | None:
         if self.best is None:
             return None
-        return {**self.best, "path": str(self.scratch / self.best["dir"])}
+        return {**self.best, "path": self.url(self.best["dir"])}
 
     def close(self) -> None:
         self.comm.bcast(("stop", None))
         self.pool.shutdown(wait=True, cancel_futures=True)
         self.scorer.close()
 
+    def _remove(self, name: str) -> None:
+        self.store.join(name).remove(recursive=True)
+        self._remove_extras(name)
 
-def _remove(d: Path) -> None:
-    shutil.rmtree(d, ignore_errors=True)
-    _remove_extras(d)
-
-
-def _remove_extras(d: Path) -> None:
-    Path(str(d) + ".yaml").unlink(missing_ok=True)
-    shutil.rmtree(str(d) + ".eval", ignore_errors=True)
+    def _remove_extras(self, name: str) -> None:
+        (self.scratch / (name + ".yaml")).unlink(missing_ok=True)
+        shutil.rmtree(self.scratch / (name + ".eval"), ignore_errors=True)
 
 
 FAULT_ENV = "BIGMERGE_SEARCH_FAULT"

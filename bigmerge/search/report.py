@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from bigmerge.output.card import results_comment
+
 if TYPE_CHECKING:
     from bigmerge.search.run import Search
 
@@ -39,7 +41,9 @@ def write_results(s: Search, table: list[dict[str, Any]], chosen: str) -> dict[s
         f"# bigmerge search: the best merge ({chosen}, {best['label']})\n"
         f"# fitness {best['search_fitness']:.4f} on the search split, {best['heldout_fitness']:.4f} held out\n"
     )
-    (out / "best.yaml").write_text(header + yaml.safe_dump(best["config"], sort_keys=False))
+    (out / "best.yaml").write_text(
+        header + results_comment(_best_results(s, table, chosen)) + yaml.safe_dump(best["config"], sort_keys=False)
+    )
     searched = [e for e in s.journal.entries if e["split"] == "search"]
     front = pareto_front(searched, tasks)
     (out / "pareto.json").write_text(
@@ -91,6 +95,58 @@ def write_results(s: Search, table: list[dict[str, Any]], chosen: str) -> dict[s
             f"  {r['name']:<14} search {r['search_fitness']:.4f}  held-out {r['heldout_fitness']:.4f}  ({r['nonzero_weights']} checkpoints)"
         )
     return summary
+
+
+def _best_results(s: Search, table: list[dict[str, Any]], chosen: str) -> str:
+    """How good best.yaml's merge is and how that was measured, for the model card of its merge."""
+    cfg = s.cfg
+    f, o = cfg.fitness, cfg.optimizer
+    tasks = list(s.weights)
+    best = next(r for r in table if r["name"] == chosen)
+    held = (
+        f"the first {f.heldout:g} of each task's documents"
+        if f.heldout >= 1
+        else f"the first {f.heldout:.0%} of each task's documents"
+    )
+    after = f"up to {f.limit} documents after them" if f.limit else "every document after them"
+    if cfg.optimizer.name == "cmaes":
+        how = f"CMA-ES over {cfg.space.type} ({getattr(cfg.space, 'constraint', '')}), budget {o.budget} evaluations, seed {o.seed}".replace(
+            " ()", ""
+        )
+    else:
+        how = "greedy soup (checkpoints added in order of their own score while the soup improves)"
+    b = cfg.backend_fingerprint()
+    if b["type"] == "command":  # the line names a cluster, paths, perhaps a user: not in a card
+        backend = "the `command` backend (an lm-eval run per candidate; its results JSON read back)"
+    else:
+        args = ", ".join(f"{k}={v}" for k, v in b.items() if k != "type" and v not in (None, {}, False))
+        backend = f"lm-eval's `{b['type']}` model" + (f" ({args})" if args else "") + f", {f.dtype}"
+    lines = [
+        f"Found by `bigmerge search`: {how}; {len(s.journal.entries)} evaluations in all. The merge is the "
+        f"optimiser's best on the search split ({best['label']}); its held-out score is on documents the search never saw.",
+        "",
+        "| split | documents | fitness | " + " | ".join(tasks) + " |",
+        "|---|---|---|" + "---|" * len(tasks),
+        f"| search | {after} | {best['search_fitness']:.4f} | "
+        + " | ".join(f"{best['search_scores'].get(t, float('nan')):.3f}" for t in tasks)
+        + " |",
+        f"| held-out | {held} | {best['heldout_fitness']:.4f} | "
+        + " | ".join(f"{best['heldout_scores'].get(t, float('nan')):.3f}" for t in tasks)
+        + " |",
+        "",
+        "Fitness: the weighted mean of lm-eval's scores on the tasks ("
+        + ", ".join(f"{t} ×{w:g}" for t, w in s.weights.items())
+        + f"), scored by {backend}.",
+    ]
+    others = [r for r in table if r["name"] != chosen]
+    if others:
+        lines += [
+            "",
+            "Held-out fitness of the others: "
+            + ", ".join(f"{r['name']} {r['heldout_fitness']:.4f}" for r in others)
+            + ".",
+        ]
+    return "\n".join(lines)
 
 
 def _markdown(summary: dict[str, Any], tasks: list[str]) -> str:

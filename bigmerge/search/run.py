@@ -16,7 +16,6 @@ this process, in worker processes (``evaluation.workers``) or on every MPI rank.
 from __future__ import annotations
 
 import json
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ import numpy as np
 
 from bigmerge.engine.comm import Comm
 from bigmerge.errors import ConfigError, OutputExistsError
+from bigmerge.log import Log
 from bigmerge.search.config import SearchConfig, load_search_config
 from bigmerge.search.fitness import CandidateScorer, Job, model_bytes
 from bigmerge.search.journal import Journal
@@ -99,8 +99,7 @@ class PoolBackend(Backend):
 
 
 class MPIBackend(Backend):
-    """Rank 0 sends each batch to every rank; rank r scores jobs r, r + size, ... (memory mode),
-    or all ranks merge each candidate together through the executor and rank 0 scores it (disk)."""
+    """Memory mode: rank 0 sends each batch to every rank; rank r scores jobs r, r + size, ..."""
 
     def __init__(self, comm: Comm, scorer: CandidateScorer) -> None:
         self.comm = comm
@@ -117,12 +116,7 @@ class MPIBackend(Backend):
 
 
 def _serve_batch(comm: Comm, scorer: CandidateScorer, jobs: list[Job]) -> list[dict[str, Any]]:
-    if scorer.mode == "disk":
-        out = []
-        for job in jobs:
-            res = scorer.score(job, comm=comm)  # a collective merge; rank 0 scores
-            out.append(comm.bcast(res))
-        return out
+    """Memory mode (disk mode under MPI is the pipeline)."""
     mine = {i: scorer.score(j) for i, j in enumerate(jobs) if i % comm.size == comm.rank}
     gathered = comm.allgather(mine)
     merged: dict[int, dict[str, Any]] = {}
@@ -143,7 +137,7 @@ def serve(comm: Comm, scorer: CandidateScorer) -> None:
                 return
             if kind == "merge":  # the pipeline (disk mode): one candidate, merged by every rank
                 config, cfg_path, out = payload
-                merge_candidate(comm, config, Path(cfg_path), Path(out))
+                merge_candidate(comm, config, Path(cfg_path), out)
                 continue
             _serve_batch(comm, scorer, payload)
     finally:
@@ -307,7 +301,7 @@ def run_search(config_path: str, out_dir: str, comm: Comm, opts: SearchOptions) 
 
     cfg = load_search_config(config_path)
     out = Path(out_dir)
-    log = _logger(comm, opts.quiet)
+    log = Log(rank=comm.rank, quiet=opts.quiet)
     ev = cfg.evaluation
     mode = opts.mode or ev.mode
     if mode == "memory" and not cfg.fitness.backend.in_memory():
@@ -320,6 +314,12 @@ def run_search(config_path: str, out_dir: str, comm: Comm, opts: SearchOptions) 
     check_installed(cfg.fitness.backend)  # before any merge
     scratch = ev.scratch or str(out / "scratch")
     workers = opts.workers or ev.workers
+    if mode == "disk" and workers > 1:
+        raise ConfigError(
+            f"evaluation.workers {workers} with mode disk: a candidate on disk is merged by every rank together "
+            "(mpirun -n N) and scored while the next one merges; for more scorings at once set evaluation.evaluators "
+            "and in_flight instead"
+        )
     if comm.rank == 0:
         _prepare_out(out, cfg, opts.overwrite)
     comm.barrier()
@@ -333,7 +333,9 @@ def run_search(config_path: str, out_dir: str, comm: Comm, opts: SearchOptions) 
     backend: Backend | PipelineBackend
     if mode == "disk" and workers == 1:  # every rank merges each candidate, rank 0's evaluator scores
         assert scorer is not None
-        backend = PipelineBackend(comm, scorer, Path(scratch), ev.in_flight, ev.evaluators, ev.keep_best)
+        backend = PipelineBackend(
+            comm, scorer, scratch, ev.in_flight, ev.evaluators, ev.keep_best, state=out / "scratch"
+        )
     elif comm.size > 1:
         backend = MPIBackend(comm, scorer)  # type: ignore[arg-type]
     elif workers > 1:
@@ -434,11 +436,16 @@ def _prepare_out(out: Path, cfg: SearchConfig, overwrite: bool) -> None:
     fp = cfg.fingerprint()
     if state.exists():
         old = json.loads(state.read_text())
-        if old.get("fingerprint") != fp:
-            if not overwrite:
+        if old.get("fingerprint") != fp and not overwrite:
+            was, now = old.get("backend"), cfg.backend_fingerprint()
+            if was is not None and was != now and _without_backend(old.get("config"), cfg):
                 raise OutputExistsError(
-                    f"{out}: holds a search of another config (its journal would not apply); use --overwrite"
+                    f"{out}: its journal was scored by backend {_describe(was)}; this config scores with "
+                    f"{_describe(now)}, whose scores would not compare (use the same backend, or --overwrite)"
                 )
+            raise OutputExistsError(
+                f"{out}: holds a search of another config (its journal would not apply); use --overwrite"
+            )
         if overwrite:
             shutil.rmtree(out)
     elif out.exists() and any(out.iterdir()) and not overwrite:
@@ -447,16 +454,32 @@ def _prepare_out(out: Path, cfg: SearchConfig, overwrite: bool) -> None:
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     if not state.exists():
-        state.write_text(json.dumps({"fingerprint": fp, "config": cfg.model_dump(mode="json")}, indent=1))
+        state.write_text(
+            json.dumps(
+                {"fingerprint": fp, "backend": cfg.backend_fingerprint(), "config": cfg.model_dump(mode="json")},
+                indent=1,
+            )
+        )
 
 
-def _logger(comm: Comm, quiet: bool) -> Any:
-    # bound now: lm-eval's quiet scoring redirects sys.stderr while it runs, which in disk mode is
-    # in a thread beside the one that logs
-    err = sys.stderr
+def _without_backend(old: Any, cfg: SearchConfig) -> bool:
+    """Whether the old search's config is this one apart from the backend (and evaluation)."""
+    if not isinstance(old, dict):
+        return False
+    try:
+        prev = SearchConfig.model_validate(old)
+    except ValueError:
+        return False
 
-    def log(msg: str) -> None:
-        if comm.rank == 0 and not quiet:
-            print(f"bigmerge: {msg}", file=err, flush=True)
+    def strip(c: SearchConfig) -> dict[str, Any]:
+        return {
+            **c.model_dump(mode="json", exclude={"evaluation"}),
+            "fitness": c.fitness.model_dump(mode="json", exclude={"backend"}),
+        }
 
-    return log
+    return strip(prev) == strip(cfg)
+
+
+def _describe(backend: dict[str, Any]) -> str:
+    args = ", ".join(f"{k}={v!r}" for k, v in backend.items() if k != "type" and v not in (None, {}, False))
+    return f"{backend['type']!r}" + (f" ({args})" if args else "")

@@ -38,7 +38,7 @@ def pool_models(merge: dict[str, Any]) -> list[str]:
 
 
 def _common(merge: dict[str, Any]) -> dict[str, Any]:
-    keys = ("dtype", "out_dtype", "tokenizer_source", "chat_template", "storage_options")
+    keys = ("dtype", "out_dtype", "tokenizer_source", "tokenizer", "chat_template", "storage_options")
     return {k: merge[k] for k in keys if merge.get(k) is not None}
 
 
