@@ -29,3 +29,39 @@ def test_methods_lists_every_operator_with_documented_parameters() -> None:
         for p in op.params:
             assert p.doc, f"{name}.{p.name} has no doc"
             assert p.name in proc.stdout
+
+
+# mergekit 0.1.5's merge methods (mergekit.merge_methods.registry.registered_methods()).
+MERGEKIT_METHODS = (
+    "arcee_fusion",
+    "breadcrumbs",
+    "breadcrumbs_ties",
+    "dare_linear",
+    "dare_ties",
+    "della",
+    "della_linear",
+    "karcher",
+    "linear",
+    "model_stock",
+    "multislerp",
+    "nearswap",
+    "nuslerp",
+    "passthrough",
+    "ram",
+    "ramplus_tl",
+    "sce",
+    "slerp",
+    "task_arithmetic",
+    "ties",
+)
+
+
+def test_methods_lists_all_of_mergekits_and_bigmerges_own() -> None:
+    assert len(MERGEKIT_METHODS) == 20
+    proc = bigmerge("methods")
+    assert proc.returncode == 0, proc.stderr
+    listed = {line.split(":", 1)[0] for line in proc.stdout.splitlines() if line and not line[0].isspace()}
+    missing = [m for m in MERGEKIT_METHODS if m not in listed]
+    assert not missing, f"mergekit 0.1.5 methods missing from `bigmerge methods`: {missing}"
+    own = listed - set(MERGEKIT_METHODS)
+    assert {"fisher", "regmean", "dam"} <= own, own

@@ -112,6 +112,12 @@ MORE = {
     "dare_linear": "merge_method: dare_linear\nbase_model: {base}\nmodels:\n  - {{model: {ft1}, parameters: {{weight: 0.7, density: 0.4}}}}\n  - {{model: {ft2}, parameters: {{weight: 0.4, density: 0.6}}}}\nseed: 3\n",
     "della_linear": "merge_method: della_linear\nbase_model: {base}\nmodels:\n  - {{model: {ft1}, parameters: {{weight: 0.7, density: 0.4}}}}\n  - {{model: {ft2}, parameters: {{weight: 0.4, density: 0.6}}}}\nseed: 3\n",
     "sce": "merge_method: sce\nbase_model: {base}\nmodels: [{{model: {ft1}}}, {{model: {ft2}}}]\nparameters: {{select_topk: 0.5}}\ndtype: float32\n",
+    # bf16 compute: model_stock's scalars rounded as mergekit rounds them (issue 21 part 3)
+    "model_stock_bf16": "merge_method: model_stock\nbase_model: {base}\nmodels: [{{model: {ft1}}}, {{model: {ft2}}}, {{model: {base}}}]\nparameters: {{filter_wise: false}}\n",
+    "arcee_fusion": "merge_method: arcee_fusion\nbase_model: {base}\nmodels: [{{model: {ft1}}}]\n",
+    "arcee_fusion_fp32": "merge_method: arcee_fusion\nbase_model: {base}\nmodels: [{{model: {ft2}}}]\ndtype: float32\n",
+    "ram": "merge_method: ram\nbase_model: {base}\nmodels: [{{model: {ft1}}}, {{model: {ft2}}}]\nparameters: {{epsilon: 0.05}}\n",
+    "ramplus_tl": "merge_method: ramplus_tl\nbase_model: {base}\nmodels: [{{model: {ft1}}}, {{model: {ft2}}}]\nparameters: {{epsilon: 0.05, r: 0.5, alpha: 0.9}}\n",
     "passthrough": "merge_method: passthrough\nslices:\n  - sources: [{{model: {ft1}, layer_range: [0, 1]}}]\n  - sources: [{{model: {base}, layer_range: [0, 2], parameters: {{scale: 0.5}}}}]\n",
     "linear_slices": "merge_method: linear\nslices:\n  - sources:\n      - {{model: {ft1}, layer_range: [0, 2], parameters: {{weight: [0.2, 0.8]}}}}\n      - {{model: {ft2}, layer_range: [0, 2], parameters: {{weight: 0.5}}}}\n",
 }

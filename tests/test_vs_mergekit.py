@@ -153,6 +153,13 @@ STATISTICS_ULPS = {
 }
 
 
+# Methods whose every operation bigmerge does as mergekit does, in the same dtypes (RAM's
+# integer counts, arcee_fusion's exact quartiles and mergekit's torch code per vector): the
+# same bits. (arcee_fusion's quartiles differ only above 1,000,000 elements, where mergekit
+# samples; none of these fixtures is that large.)
+EXACT = ("arcee_fusion", "ram")
+
+
 def _statistics_ulps(name: str) -> int | None:
     hits = [k for k in STATISTICS_ULPS if name.startswith(k)]
     return STATISTICS_ULPS[max(hits, key=len)] if hits else None
@@ -163,7 +170,24 @@ def _source(path: Path) -> dict[str, torch.Tensor]:
     return load_output(path)
 
 
-def _check_statistics(name: str, tname: str, a: torch.Tensor, b: torch.Tensor, srcs: list[Path]) -> None:
+# With a 16-bit compute dtype mergekit rounds every norm and dot product to it (and rounds
+# element-wise products before summing them where it writes `(a * b).sum()`); bigmerge rounds
+# at the same places, from exact sums of the same rounded values, so the only difference left
+# is where mergekit's float32 accumulation and the exact sum round to different 16-bit values
+# (a sum within a float32 rounding of a 16-bit rounding boundary). On these fixtures that
+# happens once: in nuslerp_cols_bf16_native the norm of column 1 of embed_tokens is
+# 0.837890735 (exact), 1.1e-7 above the midpoint of two bf16 values, and mergekit's float32
+# sum over the 260 rows lands below it (216 elements of that column then differ, within the
+# float32-compute bound above); those cases keep that bound, every other 16-bit case is held
+# to bit equality.
+SIXTEEN_BIT = ("bfloat16", "float16")
+SIXTEEN_BIT_RESIDUAL = ("nuslerp_cols_bf16_native",)
+
+
+def _check_statistics(name: str, tname: str, a: torch.Tensor, b: torch.Tensor, srcs: list[Path], compute: str) -> None:
+    if compute in SIXTEEN_BIT and not name.startswith(("slerp", *SIXTEEN_BIT_RESIDUAL)):  # slerp: float32 scalars
+        assert torch.equal(a, b), f"{tname}: {int((a != b).sum())} elements differ from mergekit (16-bit compute)"
+        return
     scale = max(float(_source(s)[tname].float().abs().max()) for s in srcs)
     bound = _statistics_ulps(name) * torch.finfo(b.dtype).eps * scale  # type: ignore[operator]
     diff = float((a.double() - b.double()).abs().max())
@@ -225,8 +249,10 @@ def compare_with_mergekit(
                     f"{tname}: {int(ulps[off].max())} ulps away from mergekit off the ties"
                 )
             differing_at_ties += int((ulps[ties] > 1).sum())
+        elif name.startswith(EXACT):
+            assert torch.equal(a, b), f"{tname}: {int((a != b).sum())} elements differ from mergekit"
         elif _statistics_ulps(name) is not None:
-            _check_statistics(name, tname, a, b, [fam[m] for m in models])
+            _check_statistics(name, tname, a, b, [fam[m] for m in models], resolved[tname]["compute_dtype"])
         elif padded_vocab is not None and a.dim() == 2 and a.shape[0] > padded_vocab:
             kept = _check_padding(tname, a, b, padded_vocab, [fam[m] for m in models])
             assert int(ulps[kept].max()) <= 1, f"{tname}: {int(ulps[kept].max())} ulps away from mergekit"

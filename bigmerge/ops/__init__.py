@@ -7,6 +7,7 @@ MergeOp class this module imports is registered under its `name`; see docs/opera
 from __future__ import annotations
 
 from bigmerge.errors import ConfigError
+from bigmerge.ops.arcee_fusion import ArceeFusionOp as ArceeFusionOp
 from bigmerge.ops.base import MergeOp
 from bigmerge.ops.dam import DamOp as DamOp
 from bigmerge.ops.data_informed import FisherOp as FisherOp
@@ -15,6 +16,8 @@ from bigmerge.ops.geometric import ModelStockOp as ModelStockOp
 from bigmerge.ops.geometric import NearSwapOp as NearSwapOp
 from bigmerge.ops.linear import LinearOp as LinearOp
 from bigmerge.ops.passthrough import PassthroughOp as PassthroughOp
+from bigmerge.ops.ram import RamOp as RamOp
+from bigmerge.ops.ram import RamPlusTlOp as RamPlusTlOp
 from bigmerge.ops.spherical import KarcherOp as KarcherOp
 from bigmerge.ops.spherical import MultiSlerpOp as MultiSlerpOp
 from bigmerge.ops.spherical import NuSlerpOp as NuSlerpOp

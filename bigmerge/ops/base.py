@@ -170,6 +170,9 @@ class MergeOp:
     random: ClassVar[bool] = False
     # Peak working memory of apply, in compute-dtype copies of one source block per source.
     workspace_per_source: ClassVar[float] = 1.0
+    # mergekit's arithmetic promotes a 16-bit compute dtype's result to float32 (a float32
+    # factor in it), and mergekit then writes float32 unless out_dtype is set: so does bigmerge.
+    float32_result: ClassVar[bool] = False
 
     def aux_inputs(self, task: TensorTask, sources: list[tuple[str, str]]) -> list[dict[str, AuxInput]]:
         """Extra tensors to read per source, by key; `sources[i]` is (model ref, tensor name in it).

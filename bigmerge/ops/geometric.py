@@ -2,7 +2,9 @@
 
 Model Stock's cosines between task vectors are whole-tensor statistics (per row with
 `filter_wise`): exact float64 sums of the compute-dtype products, reduced in block order,
-then mergekit's scalar arithmetic on the rounded values (see spherical.py).
+then mergekit's scalar arithmetic on the rounded values (see spherical.py). With a 16-bit
+compute dtype the dot products sum the products rounded to it, as mergekit's
+`(a * b).sum()` does, and every scalar is rounded to it where mergekit's is.
 """
 
 from __future__ import annotations
@@ -20,8 +22,11 @@ from bigmerge.ops.sums import (
     PARALLEL_MIN,
     SEG,
     SUB,
+    as_scalars,
     gram_finish,
     gram_lanes,
+    rounded_gram,
+    rounds_scalars,
     seg_gram,
     stack_rows,
     whole_gram,
@@ -233,6 +238,16 @@ class ModelStockOp(StatsOp):
         return off
 
     def _gram(self, task: TensorTask, block: Block) -> np.ndarray:
+        if rounds_scalars(task):
+            # mergekit's dot products are sums of products rounded to the compute dtype
+            seg = task.shape[-1] if self.per_row(task) else SEG
+            parts = rounded_gram(self._offsets(task, block), seg)
+            if self.per_row(task):
+                return parts
+            acc = np.zeros(parts.shape[1:])
+            for p in parts:
+                acc = acc + p
+            return acc
         fused = fused_sources(task, block, [require_base(self, task), *task.non_base])
         if fused is not None:
             m = block.inputs[0].numel()
@@ -265,12 +280,12 @@ class ModelStockOp(StatsOp):
         whole = g.ndim == 2
         g = g.reshape(-1, *g.shape[-2:])
         k = g.shape[-1]
-        norms = [torch.from_numpy(np.sqrt(g[:, i, i])).to(dt) for i in range(k)]
+        norms = [as_scalars(np.sqrt(g[:, i, i]), dt) for i in range(k)]
         cos_thetas = []
         for a in range(k):
             for b in range(a + 1, k):
                 norm_product = norms[a] * norms[b]
-                dot = torch.from_numpy(g[:, a, b].copy()).to(dt)
+                dot = as_scalars(g[:, a, b].copy(), dt)
                 cos_thetas.append((dot / norm_product.clamp(min=1e-6)).clamp(-1, 1))
         if whole:  # one cosine per pair, as mergekit's 0-d (or [1] for a filter-wise 1-d tensor)
             shape = () if not task.shared["filter_wise"] else (1,)
@@ -278,10 +293,12 @@ class ModelStockOp(StatsOp):
         else:
             # torch's mean over dim 0 is left to right for up to 4 rows; a fixed order beyond,
             # so that rows never depend on how many of them a block holds
-            acc = cos_thetas[0].clone()
+            # (a 16-bit dtype's mean accumulates in float32 and rounds once, after the division)
+            wide16 = dt in (torch.bfloat16, torch.float16)
+            acc = cos_thetas[0].to(torch.float32) if wide16 else cos_thetas[0].clone()
             for c in cos_thetas[1:]:
                 acc = acc + c
-            cos_theta = acc / len(cos_thetas)
+            cos_theta = (acc / len(cos_thetas)).to(dt)
         cos_theta = cos_theta.unsqueeze(-1)
         count = k
         denominator = 1 + (count - 1) * cos_theta

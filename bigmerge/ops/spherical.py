@@ -19,7 +19,7 @@ sources in place; they do the same float operations in the same order (tested to
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -33,9 +33,12 @@ from bigmerge.ops.sums import (
     PARALLEL_MIN,
     SEG,
     SUB,
+    as_scalars,
     col_gram,
     lane_total,
     lincomb,
+    rounded_products,
+    rounds_scalars,
     seg_gram,
     stack_rows,
     sum_rows,
@@ -351,7 +354,10 @@ class NuSlerpOp(StatsOp):
         return 0.5 if abs(total) < 1e-6 else w[1] / total
 
     def stat_rounds(self, task: TensorTask) -> int:
-        return 1 if task.numel and self.mode(task) != "rows" else 0
+        if not task.numel or self.mode(task) == "rows":
+            return 0
+        # 16-bit compute: the norms first, then the dot of the rounded unit vectors (mergekit's)
+        return 2 if rounds_scalars(task) else 1
 
     def _vectors(self, task: TensorTask, block: Block) -> tuple[torch.Tensor, torch.Tensor]:
         """The two vectors of the block in the compute dtype: the models, or their task vectors."""
@@ -376,11 +382,37 @@ class NuSlerpOp(StatsOp):
             return col_gram(x, self.cols(task))
         return seg_gram(x, self.cols(task))
 
+    def _units(
+        self, task: TensorTask, block: Block, norms: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block's two vectors divided by their norms, [-1, cols], rounded to the compute
+        dtype as mergekit's `_normalize` rounds them."""
+        v0, v1 = self._vectors(task, block)
+        cols = self.cols(task) if self.mode(task) != "whole" else max(1, v0.numel())
+        dev = block.scratch.device
+        return v0.view(-1, cols).div_(norms[0].to(dev)), v1.view(-1, cols).div_(norms[1].to(dev))
+
     def stats(self, rnd: int, task: TensorTask, block: Block, prev: Any) -> Stats:
-        return {"gram": self._gram(task, block)}
+        if rnd == 0:
+            return {"gram": self._gram(task, block)}
+        u0, u1 = self._units(task, block, prev)
+        if self.mode(task) == "whole":
+            acc = 0.0
+            for part in rounded_products(u0, u1, SEG):
+                acc = acc + part
+            return {"dot": np.array([acc])}
+        return {"dot": (u0 * u1).to(torch.float64).cpu().numpy().sum(axis=0)}  # per column, rows in order
 
     def finish(self, rnd: int, task: TensorTask, reduced: Stats, prev: Any) -> Any:
-        return self._coefs(task, reduced["gram"])
+        if not rounds_scalars(task):
+            return self._coefs(task, reduced["gram"])
+        if rnd == 0:  # mergekit's torch.norm(...).clamp(min=1e-7) in the compute dtype
+            g = reduced["gram"].reshape(-1, 2, 2)
+            view = (1, -1)
+            return tuple(
+                as_scalars(np.sqrt(g[:, i, i]), task.compute_dtype).clamp(min=self.NORM_EPS).view(view) for i in (0, 1)
+            )
+        return self._coefs_cos(task, as_scalars(reduced["dot"], task.compute_dtype).clamp(-1, 1))
 
     def _coefs(self, task: TensorTask, g: np.ndarray) -> NuSlerpCoefs:
         dt = task.compute_dtype
@@ -390,6 +422,18 @@ class NuSlerpOp(StatsOp):
         # mergekit sums the products of the normalised vectors: the same sum, divided once
         prod = n0.to(torch.float64) * n1.to(torch.float64)
         cos = (torch.from_numpy(g[:, 0, 1]) / prod).to(dt).clamp(-1, 1)
+        return self._coefs_cos(task, cos)
+
+    def _rows_cos(self, task: TensorTask, block: Block) -> torch.Tensor:
+        """16-bit compute, one vector per row: mergekit's own arithmetic on the block's rows."""
+        v0, v1 = self._vectors(task, block)
+        cols = self.cols(task)
+        n0 = torch.norm(v0.view(-1, cols), dim=-1, keepdim=True).clamp(min=self.NORM_EPS)
+        n1 = torch.norm(v1.view(-1, cols), dim=-1, keepdim=True).clamp(min=self.NORM_EPS)
+        u0, u1 = self._units(task, block, (n0, n1))
+        return (u0 * u1).sum(dim=-1).clamp(-1, 1)
+
+    def _coefs_cos(self, task: TensorTask, cos: torch.Tensor) -> NuSlerpCoefs:
         colinear = (1 - cos.square()) <= self.EPS**2
         theta = torch.acos(torch.where(colinear, 0, cos))
         t = self.t(task)
@@ -407,7 +451,10 @@ class NuSlerpOp(StatsOp):
         if task.numel == 0:
             return torch.empty(shape, dtype=dt)
         if self.mode(task) == "rows":
-            stats = self._coefs(task, self._gram(task, block))
+            if rounds_scalars(task):
+                stats = self._coefs_cos(task, self._rows_cos(task, block).cpu())
+            else:
+                stats = self._coefs(task, self._gram(task, block))
         c: NuSlerpCoefs = self.stats_or_local(task, block, stats)
         dev = block.scratch.device
         c = NuSlerpCoefs(c.colinear.to(dev), c.sin_theta.to(dev), c.sin_a.to(dev), c.sin_b.to(dev))
@@ -471,8 +518,19 @@ class MultiSlerpOp(StatsOp):
     workspace_per_source = 3.0
 
     def stat_rounds(self, task: TensorTask) -> int:
-        # 0: norms; 1: norm of the weighted mean and the dots with it; 2: norm of the tangent
-        return 3 if task.numel and len(task.non_base) > 1 else 0
+        # 0: norms; 1: norm of the weighted mean and the dots with it; 2: norm of the tangent.
+        # 16-bit compute: the dots take a round of their own (DOTS), after the mean's norm, as
+        # mergekit sums the products of the units with the normalised mean rounded to the dtype
+        if not task.numel or len(task.non_base) < 2:
+            return 0
+        return 4 if rounds_scalars(task) else 3
+
+    DOTS = 2  # the round of the dots with a 16-bit compute dtype
+
+    def _phase(self, task: TensorTask, rnd: int) -> int | str:
+        if not rounds_scalars(task) or rnd < self.DOTS:
+            return rnd
+        return "dots" if rnd == self.DOTS else rnd - 1
 
     def _vectors(self, task: TensorTask, block: Block) -> torch.Tensor:
         dt = task.compute_dtype
@@ -512,9 +570,21 @@ class MultiSlerpOp(StatsOp):
     def stats(self, rnd: int, task: TensorTask, block: Block, prev: Any) -> Stats:
         sc = block.scratch
         f = wide(task)
+        rnd = self._phase(task, rnd)  # type: ignore[assignment]
         if rnd == 0:
             x = self._vectors(task, block)
             return {"sq": np.diagonal(whole_gram(stack_rows(list(x), sc, f))).copy()}
+        if rnd == "dots":
+            if prev.linear:
+                return {}
+            st = _on(prev, sc.device)
+            units, mean = self._units_mean(task, block, st)
+            mean.div_(st.mean_norm)
+            dots = np.zeros(units.shape[0])
+            for i in range(units.shape[0]):
+                for part in rounded_products(units[i], mean, SEG):
+                    dots[i] = dots[i] + part
+            return {"dots": dots}
         if rnd == 1:
             units, mean = self._units_mean(task, block, _on(prev, sc.device))
             g = whole_gram(stack_rows([*units, mean], sc, f))
@@ -527,13 +597,18 @@ class MultiSlerpOp(StatsOp):
     def finish(self, rnd: int, task: TensorTask, reduced: Stats, prev: Any) -> Any:
         dt = task.compute_dtype
         eps = task.shared["eps"]
+        rnd = self._phase(task, rnd)  # type: ignore[assignment]
         if rnd == 0:
-            norms = torch.from_numpy(np.sqrt(reduced["sq"])).to(dt).view(-1, 1)
+            norms = as_scalars(np.sqrt(reduced["sq"]), dt).view(-1, 1)
             return MultiSlerpState(self._weights(task), norms)
         st: MultiSlerpState = prev
+        if rnd == "dots":
+            if not st.linear:
+                st.dots = as_scalars(reduced["dots"], dt).view(-1, 1)
+            return st
         if rnd == 1:
             g = reduced["mean"]
-            st.mean_norm = _scalar(math.sqrt(g[-1]), dt)
+            st.mean_norm = as_scalars(math.sqrt(g[-1]), dt)
             if st.mean_norm < eps:
                 if len(task.non_base) != 2:
                     raise ConfigError(
@@ -542,11 +617,12 @@ class MultiSlerpOp(StatsOp):
                     )
                 st.linear = True
                 return st
-            # mergekit dots the units with the normalised mean: the same sum, divided once
-            st.dots = (torch.from_numpy(g[:-1]) / float(st.mean_norm)).to(dt).view(-1, 1)
+            if not rounds_scalars(task):
+                # mergekit dots the units with the normalised mean: the same sum, divided once
+                st.dots = (torch.from_numpy(g[:-1]) / float(st.mean_norm)).to(dt).view(-1, 1)
             return st
         if not st.linear:
-            st.tangent_norm = _scalar(math.sqrt(reduced["tan"][0]), dt) + eps
+            st.tangent_norm = as_scalars(math.sqrt(reduced["tan"][0]), dt) + eps
         return st
 
     def apply(self, task: TensorTask, block: Block, stats: Any) -> torch.Tensor:
@@ -579,6 +655,28 @@ class MultiSlerpOp(StatsOp):
 # -- Karcher mean ------------------------------------------------------------------------
 
 
+@dataclass
+class KarcherRun:
+    """The scalars of mergekit's Karcher iteration so far (16-bit compute)."""
+
+    norms: list[torch.Tensor]  # float32, per input
+    valid: list[int]
+    alphas: dict[int, float]  # normalised, per valid input
+    done: bool = False
+    mean_norm: torch.Tensor | None = None
+    dots: list[list[torch.Tensor]] = field(default_factory=list)  # per iteration, per valid input
+    tangent_norms: list[torch.Tensor] = field(default_factory=list)
+    unit_norms: list[torch.Tensor] = field(default_factory=list)
+
+
+def _karcher_step(rnd: int) -> tuple[str, int]:
+    """Which statistic round `rnd` (>= 1) of the 16-bit Karcher iteration reduces."""
+    if rnd == 1:
+        return "mean", 0
+    k, j = divmod(rnd - 2, 3)
+    return ("dots", "tangent", "unit")[j], k
+
+
 class KarcherOp(StatsOp):
     """Weighted Karcher (Riemannian) mean of the models' directions on the sphere, times their mean norm."""
 
@@ -592,9 +690,15 @@ class KarcherOp(StatsOp):
     workspace_per_source = 1.0
 
     def stat_rounds(self, task: TensorTask) -> int:
-        return 1 if task.numel and len(task.per_model) > 1 else 0
+        if not task.numel or len(task.per_model) < 2:
+            return 0
+        if rounds_scalars(task):  # the norms, the first mean's norm, then three per iteration
+            return 2 + 3 * task.shared["max_iter"]
+        return 1
 
     def stats(self, rnd: int, task: TensorTask, block: Block, prev: Any) -> Stats:
+        if rounds_scalars(task):
+            return self._stats16(rnd, task, block, prev)
         return {"gram": whole_gram(self._stack(task, block))}
 
     def _stack(self, task: TensorTask, block: Block) -> torch.Tensor:
@@ -603,7 +707,135 @@ class KarcherOp(StatsOp):
         return stack_rows(rows, sc, wide(task), "karcher")
 
     def finish(self, rnd: int, task: TensorTask, reduced: Stats, prev: Any) -> Any:
+        if rounds_scalars(task):
+            return self._finish16(rnd, task, reduced, prev)
         return self.solve(task, reduced["gram"])
+
+    # -- 16-bit compute: mergekit's element-wise iteration, replayed per block ------------------
+    #
+    # With a bf16 (fp16) compute dtype mergekit rounds every vector it forms (the units, the
+    # mean, the tangent) to that dtype, element by element, and the dots to it: no combination
+    # of the inputs reproduces those bits. Every block replays mergekit's element-wise
+    # operations with the scalars reduced so far, and each norm or dot is one statistics round
+    # (exact sums, rounded as torch rounds its float32 reductions): 2 + 3 * max_iter rounds,
+    # the ones after convergence empty.
+
+    def _stats16(self, rnd: int, task: TensorTask, block: Block, st: KarcherRun | None) -> Stats:
+        if rnd == 0:
+            rows = [as_compute(x, task.compute_dtype).reshape(-1) for x in block.inputs]
+            return {"sq": np.diagonal(whole_gram(stack_rows(rows, block.scratch, torch.float32, "karcher"))).copy()}
+        assert st is not None
+        if st.done:
+            return {}
+        kind, k = _karcher_step(rnd)
+        v = self._replay(task, block, st, (kind, k))
+        if kind == "dots":
+            units = self._units16(task, block, st)
+            x = stack_rows([v, *(units[i] for i in st.valid)], block.scratch, torch.float32, "karcher")
+            return {"dots": whole_gram(x)[0, 1:].copy()}
+        return {"sq": whole_gram(stack_rows([v], block.scratch, torch.float32, "karcher"))[0]}
+
+    def _finish16(self, rnd: int, task: TensorTask, reduced: Stats, st: KarcherRun | None) -> Any:
+        tol = task.shared["tol"]
+        if rnd == 0:
+            norms = [_scalar(math.sqrt(v), torch.float32) for v in reduced["sq"]]
+            valid = [i for i, nm in enumerate(norms) if nm.item() > tol]
+            alphas = [1.0 / len(norms)] * len(norms)
+            total = sum(alphas[i] for i in valid)
+            return KarcherRun(norms, valid, {i: alphas[i] / total for i in valid}, done=not valid)
+        assert st is not None
+        if st.done:
+            return st
+        kind, k = _karcher_step(rnd)
+        if kind == "dots":
+            st.dots.append([as_scalars(d, task.compute_dtype).clamp(-1.0, 1.0) for d in reduced["dots"]])
+            return st
+        norm = _scalar(math.sqrt(reduced["sq"][0]), torch.float32)
+        if kind == "mean":
+            st.mean_norm = norm
+        elif kind == "tangent":
+            st.tangent_norms.append(norm)
+            st.done = norm.item() < tol
+        else:
+            st.unit_norms.append(norm)
+        return st
+
+    def _units16(self, task: TensorTask, block: Block, st: KarcherRun) -> dict[int, torch.Tensor]:
+        dt = task.compute_dtype
+        if "karcher_units" not in block.memo:
+            block.memo["karcher_units"] = {
+                i: (as_compute(block.inputs[i], dt).reshape(-1) / st.norms[i]).to(dt) for i in st.valid
+            }
+        return block.memo["karcher_units"]
+
+    # The mean at the start of iteration k depends on the scalars of iterations before k only:
+    # kept per block (on the block object, or here across the executor's per-round block
+    # objects, up to KEEP_BYTES per tensor), a round resumes from it instead of replaying
+    # every iteration again (max_iter^2 / 2 passes over the block otherwise).
+    KEEP_BYTES = 1 << 30
+    _kept: tuple[str, dict[int, tuple[int, torch.Tensor]]] | None = None
+
+    def _resume_at(self, task: TensorTask, block: Block) -> tuple[int, torch.Tensor] | None:
+        if "karcher_resume" in block.memo:
+            return block.memo["karcher_resume"]
+        kept = self._kept
+        if kept is None or kept[0] != task.name:
+            return None
+        return kept[1].get(block.index)
+
+    def _keep(self, task: TensorTask, block: Block, k: int, mean: torch.Tensor) -> None:
+        block.memo["karcher_resume"] = (k, mean.clone())
+        kept = self._kept
+        if kept is None or kept[0] != task.name:
+            kept = (task.name, {})
+            self._kept = kept
+        if task.numel * mean.element_size() <= self.KEEP_BYTES:
+            kept[1][block.index] = block.memo["karcher_resume"]
+
+    def _replay(self, task: TensorTask, block: Block, st: KarcherRun, stop: tuple[str, int] | None) -> torch.Tensor:
+        """mergekit's vectors on this block, up to `stop` (the vector whose statistic is next:
+        ("mean", 0) the first weighted mean, ("dots", k) the mean dotted in iteration k,
+        ("tangent", k), ("unit", k) the updated mean); None: the final mean."""
+        tol = task.shared["tol"]
+        units = self._units16(task, block, st)
+        first = units[st.valid[0]]
+        resume = self._resume_at(task, block)
+        k0 = 0
+        if resume is not None and stop != ("mean", 0) and (stop is None or stop[1] >= resume[0]):
+            k0, mean = resume[0], resume[1].clone()
+        else:
+            mean = torch.zeros_like(first)
+            for i in st.valid:
+                mean += st.alphas[i] * units[i]
+            if stop == ("mean", 0):
+                return mean
+            assert st.mean_norm is not None
+            mean = first.clone() if st.mean_norm.item() < tol else (mean / st.mean_norm).to(mean.dtype)
+        for k in range(k0, task.shared["max_iter"]):
+            if stop == ("dots", k):
+                self._keep(task, block, k, mean)
+                return mean
+            if k >= len(st.dots):
+                break
+            tangent = torch.zeros_like(mean)
+            for i, dot in zip(st.valid, st.dots[k]):
+                theta = torch.arccos(dot)
+                if theta.item() < tol:
+                    continue
+                tangent += st.alphas[i] * (theta / torch.sin(theta)) * (units[i] - dot * mean)
+            if stop == ("tangent", k):
+                return tangent
+            if k >= len(st.tangent_norms) or st.tangent_norms[k].item() < tol:
+                break
+            tn = st.tangent_norms[k]
+            mean = (torch.cos(tn) * mean + torch.sin(tn) * (tangent / tn)).to(mean.dtype)
+            if stop == ("unit", k):
+                return mean
+            if k < len(st.unit_norms) and st.unit_norms[k].item() > tol:
+                mean = (mean / st.unit_norms[k]).to(mean.dtype)
+        if stop is not None:
+            raise AssertionError(f"karcher replay: no step {stop}")
+        return mean
 
     def solve(self, task: TensorTask, gram: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
         """mergekit's iteration, run on the coefficients of the mean in the span of the inputs.
@@ -672,6 +904,13 @@ class KarcherOp(StatsOp):
             return as_compute(block.inputs[0], dt, sc)
         if task.numel == 0:
             return torch.empty(shape, dtype=dt)
+        if rounds_scalars(task):
+            st: KarcherRun = self.stats_or_local(task, block, stats)
+            if not st.valid:  # mergekit's constant-zero branch
+                return torch.zeros(shape, dtype=dt)
+            alpha = 1.0 / len(st.norms)
+            scale = sum(alpha * norm for norm in st.norms)
+            return (scale * self._replay(task, block, st, None)).view(shape)
         coef, scale = self.stats_or_local(task, block, stats)
         x = self._stack(task, block)
         mean = lincomb(x, coef, sc.get("karcher_mean", (x.shape[1],), x.dtype))

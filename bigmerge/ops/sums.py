@@ -240,3 +240,49 @@ def sum_rows(parts: list[torch.Tensor], out: torch.Tensor, sc: Scratch) -> torch
     for p in parts[1:]:
         out.add_(p)
     return out
+
+
+def rounds_scalars(task: TensorTask) -> bool:
+    """Whether mergekit takes this tensor's norms and dot products in a 16-bit compute dtype:
+    it then rounds each to that dtype (and rounds element-wise products before summing them,
+    where it writes `(a * b).sum()`), and bigmerge rounds at the same places. With float32 or
+    float64 compute the statistics stay exact sums (mergekit's float32 sums differ in the
+    last bits only; see test_vs_mergekit)."""
+    return task.compute_dtype in (torch.bfloat16, torch.float16)
+
+
+def rounded_products(a: torch.Tensor, b: torch.Tensor, seg: int) -> np.ndarray:
+    """Sums over segments of `seg` elements of a * b rounded element-wise to a's 16-bit dtype
+    (torch's `(a * b).sum()` rounds each product, then accumulates): float64 sums of the
+    rounded products (at most 22 significant bits each: exact but for extreme spreads of
+    magnitude) in numpy's fixed pairwise order, the same on any thread count."""
+    m = a.numel()
+    if m == 0:
+        return np.zeros(0)
+    nseg = (m + seg - 1) // seg
+    p = np.zeros(nseg * seg)
+    p[:m] = (a.reshape(-1) * b.reshape(-1)).to(torch.float64).cpu().numpy()
+    return p.reshape(nseg, seg).sum(axis=1)
+
+
+def rounded_gram(x: torch.Tensor, seg: int) -> np.ndarray:
+    """seg_gram of the rows of x [k, m] (a 16-bit dtype) as mergekit's torch code sums them:
+    the diagonal (torch.norm, which squares in float32) exact, every other entry the sum of
+    the products rounded to x's dtype (rounded_products)."""
+    k = x.shape[0]
+    out = seg_gram(x.to(torch.float32), seg)
+    for a in range(k):
+        for b in range(a + 1, k):
+            s = rounded_products(x[a], x[b], seg)
+            out[:, a, b] = s
+            out[:, b, a] = s
+    return out
+
+
+def as_scalars(x: np.ndarray | float, dt: torch.dtype) -> torch.Tensor:
+    """float64 statistics as torch's reductions return them in `dt`: a 16-bit dtype's sums
+    and norms are accumulated in float32 and rounded from it, so these go through float32."""
+    t = torch.as_tensor(np.asarray(x, dtype=np.float64))
+    if dt in (torch.bfloat16, torch.float16):
+        t = t.to(torch.float32)
+    return t.to(dt)

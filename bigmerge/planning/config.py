@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, PrivateAttr, field_validator, model_validator
 
 from bigmerge.errors import ConfigError
 from bigmerge.planning.validation import validate
@@ -119,6 +119,38 @@ DTYPE_NAMES = {
 }
 
 
+# Every parameter that a merge method of mergekit 0.1.5 declares. mergekit resolves only its
+# method's own parameters and never reads the others (and its config model drops unknown
+# top-level keys), so a config written for mergekit may carry these where they do nothing:
+# `lambda` or `weight` under sce, `normalize` under multislerp, `int8_mask` at the top level.
+# bigmerge accepts them with one warning line each; any other unknown name stays an error
+# (a typo must not silently change a merge). See docs/operators.md.
+MERGEKIT_PARAMETERS = frozenset(
+    {
+        "alpha",
+        "density",
+        "eps",
+        "epsilon",
+        "filter_wise",
+        "gamma",
+        "int8_mask",
+        "lambda",
+        "max_iter",
+        "normalize",
+        "normalize_weights",
+        "nuslerp_flatten",
+        "nuslerp_row_wise",
+        "r",
+        "rescale",
+        "scale",
+        "select_topk",
+        "t",
+        "tol",
+        "weight",
+    }
+)
+
+
 class MergeConfig(_Strict):
     """One merge, as written in YAML. Field names are mergekit's where mergekit has them."""
 
@@ -137,6 +169,12 @@ class MergeConfig(_Strict):
     # bigmerge's own keys
     storage_options: dict[str, Any] | None = None
     seed: int | None = None
+    # method parameters written at the top level, which mergekit ignores: warned about, not merged
+    _ignored_top_level: list[str] = PrivateAttr(default_factory=list)
+
+    @property
+    def ignored_top_level(self) -> tuple[str, ...]:
+        return tuple(self._ignored_top_level)
 
     @field_validator("dtype", "out_dtype")
     @classmethod
@@ -179,6 +217,11 @@ class MergeConfig(_Strict):
 
 
 def parse_config(data: Any, source: str = "config") -> MergeConfig:
+    # method parameters at the top level: mergekit's config model drops them (see MERGEKIT_PARAMETERS)
+    ignored: list[str] = []
+    if isinstance(data, dict):
+        ignored = [k for k in data if k in MERGEKIT_PARAMETERS and k not in MergeConfig.model_fields]
+        data = {k: v for k, v in data.items() if k not in ignored}
     branches = ("ConditionalParameter", "ModelTokenEmbedding", "ZeroEmbedding", "TokenEmbedding")
     cfg = validate(MergeConfig, data, source, branches=branches)
     if sum(bool(x) for x in (cfg.models, cfg.slices, cfg.modules)) != 1:
@@ -188,6 +231,7 @@ def parse_config(data: Any, source: str = "config") -> MergeConfig:
     if cfg.tokenizer_source is not None and cfg.tokenizer is not None:
         raise ConfigError(f"{source}: give either 'tokenizer_source' or 'tokenizer', not both (as mergekit)")
     _check_duplicates(cfg, source)
+    cfg._ignored_top_level.extend(ignored)
     return cfg
 
 

@@ -23,7 +23,13 @@ from bigmerge.errors import ConfigError, SourceError
 from bigmerge.ops import get_op
 from bigmerge.ops.base import MergeOp, TensorTask
 from bigmerge.planning.catalog import ModelCatalog
-from bigmerge.planning.config import DTYPE_NAMES, ConditionalParameter, MergeConfig, evaluate_setting
+from bigmerge.planning.config import (
+    DTYPE_NAMES,
+    MERGEKIT_PARAMETERS,
+    ConditionalParameter,
+    MergeConfig,
+    evaluate_setting,
+)
 from bigmerge.planning.vocab import TokenRule, build_tokenizer, is_identity, token_rules, vocab_plan
 from bigmerge.storage.fs import location
 from bigmerge.storage.safetensors import DTYPES, FLOAT_DTYPES, PAGE, TensorInfo, read_header
@@ -448,8 +454,13 @@ def _check_settings_against_tensors(cfg: MergeConfig, names: list[str], warnings
                 warnings.append(f"parameter {pname!r}: filter {f!r} matches no tensor")
 
 
-def _check_parameter_names(op: MergeOp, cfg: MergeConfig) -> None:
+def _check_parameter_names(op: MergeOp, cfg: MergeConfig) -> list[str]:
+    """Refuse a parameter name no merge method knows (a typo); one warning per name that
+    mergekit 0.1.5 knows but ignores here (another method's parameter, a method parameter at
+    the top level, or the base model's own value of a parameter of the other models), as
+    mergekit would merge the config without it."""
     known = {p.name for p in op.params}
+    ignored: dict[str, list[str]] = {}
     where_params: list[tuple[str, Any]] = [("parameters", cfg.parameters)]
     where_params += [(f"models[{i}].parameters", m.parameters) for i, m in enumerate(cfg.models or [])]
     for k, sl in enumerate(cfg.slices or []):
@@ -457,10 +468,40 @@ def _check_parameter_names(op: MergeOp, cfg: MergeConfig) -> None:
         where_params += [(f"slices[{k}].sources[{j}].parameters", src.parameters) for j, src in enumerate(sl.sources)]
     for where, params in where_params:
         for key in params or {}:
-            if key not in known:
+            if key not in known and key in MERGEKIT_PARAMETERS:
+                ignored.setdefault(key, []).append(where)
+            elif key not in known:
                 raise ConfigError(
                     f"{where}: unknown parameter {key!r} for merge_method {op.name!r} (known: {', '.join(sorted(known))})"
                 )
+    warnings = [
+        f"parameter {key!r} in {', '.join(places)} is ignored: merge_method {op.name!r} does not take it "
+        "(mergekit 0.1.5 ignores it too)"
+        for key, places in ignored.items()
+    ]
+    warnings += [
+        f"top-level key {key!r} is ignored: a merge method parameter belongs under 'parameters:' "
+        "(mergekit 0.1.5 ignores it too)"
+        for key in cfg.ignored_top_level
+    ]
+    # a parameter of the other models given to the base model itself: never read
+    non_base = {p.name for p in op.params if p.scope == "non_base"}
+    base_params: dict[str, list[str]] = {}
+    for i, m in enumerate(cfg.models or []):
+        if cfg.base_model and m.model == cfg.base_model:
+            for key in (m.parameters or {}).keys() & non_base:
+                base_params.setdefault(key, []).append(f"models[{i}].parameters")
+    for k, sl in enumerate(cfg.slices or []):
+        for j, src in enumerate(sl.sources):
+            if src.model == (sl.base_model or cfg.base_model):
+                for key in (src.parameters or {}).keys() & non_base:
+                    base_params.setdefault(key, []).append(f"slices[{k}].sources[{j}].parameters")
+    warnings += [
+        f"parameter {key!r} of the base model ({', '.join(places)}) is ignored: merge_method {op.name!r} "
+        "applies it to the other models only (mergekit 0.1.5 ignores it too)"
+        for key, places in sorted(base_params.items())
+    ]
+    return warnings
 
 
 def build_plan(
@@ -478,9 +519,9 @@ def build_plan(
     by_ref = {c.ref: c for c in catalogs}
     models = [by_ref[r] for r in refs]
     base_index = refs.index(cfg.base_model) if cfg.base_model else None
-    _check_parameter_names(op, cfg)
+    ignored = _check_parameter_names(op, cfg)
     _check_architectures(models)
-    warnings: list[str] = []
+    warnings: list[str] = ignored
     config_updates: dict[str, Any] = {}
     if cfg.slices:
         outputs, n_layers = _slice_outputs(op, cfg, refs, by_ref)
@@ -568,6 +609,8 @@ def build_plan(
         src_dtype = _promote([s.dtype for s in spans])
         t_compute = compute or src_dtype
         out_dtype = DTYPE_NAMES[cfg.out_dtype] if cfg.out_dtype else t_compute
+        if not cfg.out_dtype and op.float32_result and t_compute in ("BF16", "F16"):
+            out_dtype = "F32"  # mergekit writes the float32 its arithmetic promotes to
         shared, per_model = _resolve(op, out, refs, adapters)
         shape = list(ref_info.shape)
         if vocab:

@@ -12,6 +12,7 @@ import torch
 
 from bigmerge.ops import kernels
 from bigmerge.ops.base import Block, Param, Scratch, TensorTask, as_compute
+from bigmerge.ops.sums import as_scalars
 from bigmerge.ops.task_vector import select
 
 # The statistics phases of a selecting operator: high-bits histogram, low-bits histogram (the
@@ -67,8 +68,8 @@ def with_defaults(params: tuple[Param, ...], **defaults: Any) -> tuple[Param, ..
 def l1_scale(before: float, after: float, dt: torch.dtype) -> float | None:
     """mergekit's L1 rescale factor before / after in the compute dtype; None where either
     norm is below its 1e-7 tolerance (the masked delta is then left as it is)."""
-    b = torch.tensor(before, dtype=dt)
-    a = torch.tensor(after, dtype=dt)
+    b = as_scalars(before, dt)  # a 16-bit dtype's sums round through float32, as torch's
+    a = as_scalars(after, dt)
     return (b / a).item() if b >= 1e-7 and a >= 1e-7 else None
 
 
