@@ -35,16 +35,6 @@ RANDOM = ("dare_", "della")
 # bigmerge refuses these today, in one line: methods and parameters that the branch `methods`
 # adds (arcee_fusion, ram, ramplus_tl; keys mergekit accepts and ignores). mergekit merges them;
 # their goldens are here. # until branch methods lands
-UNTIL_METHODS = {
-    "mk_arcee_fusion": "arcee_fusion",  # until branch methods lands
-    "card_ram": "ram",  # until branch methods lands
-    "card_ramplus_tl": "ramplus_tl",  # until branch methods lands
-    "card_sce_lambda": "lambda",  # until branch methods lands
-    "card_multislerp_normalize": "normalize",  # until branch methods lands
-    "card_top_level_int8_mask": "int8_mask",  # until branch methods lands
-}
-
-
 @pytest.fixture(scope="module")
 def families(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Path]]:
     return {
@@ -86,9 +76,6 @@ def test_corpus_config(name: str, families: dict[str, dict[str, Path]], tmp_path
     out = tmp_path / "out"
     if "refused" in entry:  # mergekit refuses it: so does bigmerge, in one line
         _refused(text, out)
-        return
-    if name in UNTIL_METHODS:  # until branch methods lands
-        assert UNTIL_METHODS[name] in _refused(text, out)
         return
     ours = merge_tensors(text, out, block_bytes=4096)
     theirs = load_file(str(CORPUS / f"{name}.safetensors"))
