@@ -58,6 +58,7 @@ def execute(
     device: torch.device | None = None,
     spill_dir: str | None = None,
 ) -> ExecStats:
+    """Merge this rank's unfinished blocks of every tensor into `store`, in plan order."""
     op = get_op(plan.merge_method)
     rank = comm.rank
     stats = ExecStats()
@@ -73,143 +74,192 @@ def execute(
         work.append((t, first, rounds))
 
     stream = reader.stream((t, b) for t, first, _ in work for b in first)
-    writes: deque[Future[None]] = deque()
-    writer = ThreadPoolExecutor(max_workers=WRITERS, thread_name_prefix="bigmerge-write")
-
-    fault = _fault(rank)
-    scratch = Scratch(device or "cpu")  # operator work buffers live where the arithmetic runs
-    # output buffers, page-aligned for direct I/O; at most WRITERS + 1 in flight
-    ring = [Scratch(align=PAGE) for _ in range(WRITERS + 2)]
-    n_written = 0
     # Tensors whose operator checks its inputs for NaN/Inf in its own kernels: the reader does
     # not scan them, and a block the operator did not mark checked is scanned before it is written.
     trusted = set() if reader.allow_nonfinite else {t.index for t, _, _ in work if op.checks_finite(plan.task(t))}
     reader.trust(trusted)
-    checked: set[int] = set()  # blocks of the current tensor its operator checked
+    # operator work buffers live where the arithmetic runs
+    sink = BlockSink(store, reader, Scratch(device or "cpu"), stats, rank, trusted)
     spills = _LazySpill(spill_dir, reader)
 
-    def dest(t: TensorPlan, inputs: list[torch.Tensor]) -> torch.Tensor | None:
-        """The ring buffer the next write() converts into, offered to the operator (Block.dest)."""
-        if scratch.device.type != "cpu" or not inputs or t.vocab is not None:
-            return None
-        return ring[n_written % len(ring)].get("out", inputs[0].shape, DTYPES[t.out_dtype][0])
-
-    def block(t: TensorPlan, b: int, inputs: list[torch.Tensor], out: bool) -> Block:
-        blk = _block(t, b, inputs, scratch, reader)
-        blk.scan = lambda: reader.scan(t, b, inputs)
-        if out:
-            blk.dest = dest(t, inputs)
-        return blk
-
-    def note(blk: Block) -> None:
-        if blk.finite:
-            checked.add(blk.index)
-
-    def write(t: TensorPlan, b: int, out: torch.Tensor, inputs: list[torch.Tensor]) -> None:
-        nonlocal n_written
-        if t.index in trusted and b not in checked:
-            reader.scan(t, b, inputs)  # the operator did not check this block: nothing bad is written
-        # Convert to the stored dtype here, into a buffer the writer owns until it is done,
-        # so the operator's scratch can be reused for the next block at once (an operator
-        # that computed into this buffer, Block.dest, has already put it there).
-        dtype = DTYPES[t.out_dtype][0]
-        dst = ring[n_written % len(ring)].get("out", out.shape, dtype)
-        if not (out.dtype == dtype and out.data_ptr() == dst.data_ptr() and out.shape == dst.shape):
-            dst.copy_(out)
-        n_written += 1
-        writes.append(writer.submit(store.write_block, t, b, dst))
-        while len(writes) > WRITERS:
-            writes.popleft().result()  # re-raises a failed write here
-        stats.blocks_done += 1
-        if fault is not None and stats.blocks_done >= fault[0]:
-            while writes:
-                writes.popleft().result()
-            fail_now(rank, fault[1], f"after {stats.blocks_done} blocks")
-        stats.bytes_written += t.out_bytes() // max(1, t.n_blocks)
+    def report(inputs: list[torch.Tensor]) -> None:
+        if on_block:
+            on_block(sum(x.numel() * x.element_size() for x in inputs))
 
     try:
         for t, first, rounds in work:
             task = plan.task(t)
             todo = [b for b in range(t.n_blocks) if t.owners[b] == rank and (t.index, b) not in done]
-            checked.clear()
-            if not rounds:
+            sink.start_tensor()
+            if not rounds:  # one pass: read, apply, write
                 for b in first:
                     _, _, inputs = next(stream)
-                    blk = block(t, b, inputs, True)
+                    blk = sink.block(t, b, inputs, out=True)
                     out = op.apply(task, blk, None)
-                    note(blk)
-                    write(t, b, out, inputs)
-                    if on_block:
-                        on_block(sum(x.numel() * x.element_size() for x in inputs))
+                    sink.note(blk)
+                    sink.write(t, b, out, inputs)
+                    report(inputs)
                     reader.release(inputs)
                 continue
-            local_bytes = len(first) * (t.in_bytes() // max(1, t.n_blocks))
-            cache: dict[int, list[torch.Tensor]] = {}
-            keep = local_bytes <= cache_bytes
-            # Blocks too many to keep in memory are spilled to local scratch as the first pass
-            # reads them, and read back from there: every source byte is read once (spill.py).
-            spill = None if keep or not first else spills.get()
-            if spill is not None:
-                spill.reset()
-
-            # t, cache and spill bound now, not looked up when called: each closure belongs to this tensor
-            def inputs_of(
-                b: int, t: TensorPlan = t, cache: dict[int, list[torch.Tensor]] = cache, spill: Spill | None = spill
-            ) -> list[torch.Tensor]:
-                if b in cache:
-                    return cache[b]
-                if spill is not None and spill.has(b):
-                    return spill.get(b)
-                return reader.read(t, b)
-
-            def done_with(b: int, inputs: list[torch.Tensor], cache: dict[int, list[torch.Tensor]] = cache) -> None:
-                if b not in cache:
-                    reader.release(inputs)  # read from the sources or the spill: the pool's buffers
-
+            # Statistics first (rounds of op.stats over this rank's blocks, each reduced over every
+            # rank), then apply. The blocks are kept between passes (TensorInputs).
+            keep = len(first) * (t.in_bytes() // max(1, t.n_blocks)) <= cache_bytes
+            held = TensorInputs(t, reader, keep, None if keep or not first else spills.get())
             prev: Any = None
             for rnd in range(rounds):
                 partial: dict[int, dict[str, Any]] = {}
-                if spill is not None and rnd > 0:
-                    spill.expect(first)
+                if rnd > 0:
+                    held.expect(first)
                 for b in first:
                     if rnd == 0:
                         _, _, inputs = next(stream)
-                        if keep:
-                            cache[b] = inputs
-                        if on_block:
-                            on_block(sum(x.numel() * x.element_size() for x in inputs))
+                        held.keep(b, inputs)
+                        report(inputs)
                     else:
-                        inputs = inputs_of(b)
-                    blk = block(t, b, inputs, False)
+                        inputs = held.get(b)
+                    blk = sink.block(t, b, inputs, out=False)
                     partial[b] = op.stats(rnd, task, blk, prev)
-                    note(blk)
-                    if rnd == 0 and spill is not None:
-                        spill.put(b, inputs)  # after stats: the read-ahead of the stream overlaps it
-                    done_with(b, inputs)
+                    sink.note(blk)
+                    if rnd == 0:
+                        held.spill(b, inputs)  # after stats: the read-ahead of the stream overlaps it
+                    held.done(b, inputs)
                 reduced = reduce_stats(comm, partial, t.n_blocks)
                 prev = op.finish(rnd, task, reduced, prev)
-            if spill is not None:
-                spill.expect(todo)
+            held.expect(todo)
             for b in todo:
-                inputs = inputs_of(b)
-                blk = block(t, b, inputs, True)
+                inputs = held.get(b)
+                blk = sink.block(t, b, inputs, out=True)
                 out = op.apply(task, blk, prev)
-                note(blk)
-                write(t, b, out, inputs)
-                done_with(b, inputs)
-            for inputs in cache.values():
-                reader.release(inputs)
-            cache.clear()
-            if spill is not None:
-                spill.reset()
-        while writes:
-            writes.popleft().result()
+                sink.note(blk)
+                sink.write(t, b, out, inputs)
+                held.done(b, inputs)
+            held.close()
+        sink.flush()
     finally:
-        writer.shutdown(wait=True, cancel_futures=True)
+        sink.close()
         spills.close()
     stats.bytes_read = reader.bytes_read
     stats.bytes_spilled = spills.bytes_written
     return stats
+
+
+class BlockSink:
+    """Where merged blocks go: checked for NaN/Inf when their operator did not, converted to the
+    stored dtype into a ring of page-aligned buffers (so the operator's scratch is free at once),
+    and written by WRITERS threads; a failed write re-raises at the next one. Counts what it
+    writes, and stops the rank where a fault is injected."""
+
+    def __init__(
+        self, store: BlockWriter, reader: BlockReader, scratch: Scratch, stats: ExecStats, rank: int, trusted: set[int]
+    ) -> None:
+        self.store = store
+        self.reader = reader
+        self.scratch = scratch
+        self.stats = stats
+        self.rank = rank
+        self.trusted = trusted
+        self.checked: set[int] = set()  # blocks of the current tensor its operator checked
+        self.fault = _fault(rank)
+        # output buffers, page-aligned for direct I/O; at most WRITERS + 1 in flight
+        self.ring = [Scratch(align=PAGE) for _ in range(WRITERS + 2)]
+        self.n_written = 0
+        self.writes: deque[Future[None]] = deque()
+        self.pool = ThreadPoolExecutor(max_workers=WRITERS, thread_name_prefix="bigmerge-write")
+
+    def start_tensor(self) -> None:
+        self.checked.clear()
+
+    def block(self, t: TensorPlan, b: int, inputs: list[torch.Tensor], *, out: bool) -> Block:
+        """The operator's view of block b; with out, the ring buffer it may compute into (Block.dest)."""
+        blk = _block(t, b, inputs, self.scratch, self.reader)
+        blk.scan = lambda: self.reader.scan(t, b, inputs)
+        if out:
+            blk.dest = self._dest(t, inputs)
+        return blk
+
+    def _dest(self, t: TensorPlan, inputs: list[torch.Tensor]) -> torch.Tensor | None:
+        """The ring buffer the next write() converts into."""
+        if self.scratch.device.type != "cpu" or not inputs or t.vocab is not None:
+            return None
+        return self.ring[self.n_written % len(self.ring)].get("out", inputs[0].shape, DTYPES[t.out_dtype][0])
+
+    def note(self, blk: Block) -> None:
+        if blk.finite:
+            self.checked.add(blk.index)
+
+    def write(self, t: TensorPlan, b: int, out: torch.Tensor, inputs: list[torch.Tensor]) -> None:
+        if t.index in self.trusted and b not in self.checked:
+            self.reader.scan(t, b, inputs)  # the operator did not check this block: nothing bad is written
+        # Convert to the stored dtype here, into a buffer the writer owns until it is done
+        # (an operator that computed into this buffer, Block.dest, has already put it there).
+        dtype = DTYPES[t.out_dtype][0]
+        dst = self.ring[self.n_written % len(self.ring)].get("out", out.shape, dtype)
+        if not (out.dtype == dtype and out.data_ptr() == dst.data_ptr() and out.shape == dst.shape):
+            dst.copy_(out)
+        self.n_written += 1
+        self.writes.append(self.pool.submit(self.store.write_block, t, b, dst))
+        while len(self.writes) > WRITERS:
+            self.writes.popleft().result()  # re-raises a failed write here
+        self.stats.blocks_done += 1
+        if self.fault is not None and self.stats.blocks_done >= self.fault[0]:
+            self.flush()
+            fail_now(self.rank, self.fault[1], f"after {self.stats.blocks_done} blocks")
+        self.stats.bytes_written += t.out_bytes() // max(1, t.n_blocks)
+
+    def flush(self) -> None:
+        """Wait for every write in flight (re-raising the first that failed)."""
+        while self.writes:
+            self.writes.popleft().result()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+class TensorInputs:
+    """A statistics tensor's blocks between its passes: kept in memory when they fit the cache,
+    else spilled to local scratch as the first pass reads them and read back from there (every
+    source byte is read once; spill.py), else (no spill: a failed spill write) read again."""
+
+    def __init__(self, t: TensorPlan, reader: BlockReader, keep: bool, spill: Spill | None) -> None:
+        self.t = t
+        self.reader = reader
+        self.cache: dict[int, list[torch.Tensor]] | None = {} if keep else None
+        self.spilled = spill
+        if spill is not None:
+            spill.reset()
+
+    def keep(self, b: int, inputs: list[torch.Tensor]) -> None:
+        """The first pass read block b: keep it in memory if the tensor fits."""
+        if self.cache is not None:
+            self.cache[b] = inputs
+
+    def spill(self, b: int, inputs: list[torch.Tensor]) -> None:
+        if self.spilled is not None:
+            self.spilled.put(b, inputs)
+
+    def expect(self, blocks: list[int]) -> None:
+        """The blocks the next pass reads, in order (the spill reads them back one ahead)."""
+        if self.spilled is not None:
+            self.spilled.expect(blocks)
+
+    def get(self, b: int) -> list[torch.Tensor]:
+        if self.cache is not None and b in self.cache:
+            return self.cache[b]
+        if self.spilled is not None and self.spilled.has(b):
+            return self.spilled.get(b)
+        return self.reader.read(self.t, b)
+
+    def done(self, b: int, inputs: list[torch.Tensor]) -> None:
+        if self.cache is None or b not in self.cache:
+            self.reader.release(inputs)  # read from the sources or the spill: the pool's buffers
+
+    def close(self) -> None:
+        for inputs in (self.cache or {}).values():
+            self.reader.release(inputs)
+        if self.cache is not None:
+            self.cache.clear()
+        if self.spilled is not None:
+            self.spilled.reset()
 
 
 class _LazySpill:
