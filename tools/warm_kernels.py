@@ -76,6 +76,9 @@ def _family(root: Path, dtype: torch.dtype, n_finetunes: int) -> dict[str, Path]
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument(
+        "--first", default="", help="comma-separated methods whose configs go first (what a merge about to run needs)"
+    )
     args = ap.parse_args(argv)
     from bigmerge.engine.comm import SerialComm
     from bigmerge.merge import MergeOptions, run_merge
@@ -85,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bigmerge-warm-") as tmp:
         root = Path(tmp)
         families = {"bf16": _family(root / "bf16", torch.bfloat16, 3), "fp32": _family(root / "fp32", torch.float32, 3)}
-        for cfg in sorted(CONFIGS.glob("*.yaml")):
+        first = tuple(m for m in args.first.split(",") if m)
+        for cfg in sorted(CONFIGS.glob("*.yaml"), key=lambda p: (not p.stem.startswith(first or ("",)), p.stem)):
             for fam_name, fam in families.items():
                 for blocks in ("one", "many") if fam_name == "bf16" else ("one",):
                     text = cfg.read_text().format(**{k: str(v) for k, v in fam.items()})
