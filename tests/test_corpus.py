@@ -32,9 +32,8 @@ CASES = yaml.safe_load((CORPUS / "cases.yaml").read_text())["cases"]
 MANIFEST = json.loads((CORPUS / "MANIFEST.json").read_text())
 RANDOM = ("dare_", "della")
 
-# bigmerge refuses these today, in one line: methods and parameters that the branch `methods`
-# adds (arcee_fusion, ram, ramplus_tl; keys mergekit accepts and ignores). mergekit merges them;
-# their goldens are here. # until branch methods lands
+
+
 @pytest.fixture(scope="module")
 def families(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Path]]:
     return {

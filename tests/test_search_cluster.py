@@ -549,6 +549,23 @@ def _watch_bucket(prefix: str, most: list[int], seen: set[str], stop: threading.
         time.sleep(0.02)
 
 
+def _search_on_bucket(cfg: Path, bucket_path: str, out: Path) -> tuple[list[int], set[str]]:
+    """Run the search with its scratch at s3://BUCKET_PATH while a thread lists the bucket every
+    20 ms: (the most candidates seen at once, every candidate seen)."""
+    data = yaml.safe_load(cfg.read_text())
+    data["evaluation"]["scratch"] = f"s3://{bucket_path}"
+    cfg.write_text(yaml.safe_dump(data, sort_keys=False))
+    most, seen, stop = [0], set[str](), threading.Event()
+    watcher = threading.Thread(target=_watch_bucket, args=(bucket_path, most, seen, stop))
+    watcher.start()
+    try:
+        assert main(["search", str(cfg), "--out", str(out), "--quiet"]) == 0
+    finally:
+        stop.set()
+        watcher.join()
+    return most, seen
+
+
 @pytest.mark.s3
 @pytest.mark.slow
 def test_scratch_on_s3_hf_backend_scores_a_local_copy_as_the_in_memory_search(
@@ -565,17 +582,7 @@ def test_scratch_on_s3_hf_backend_scores_a_local_copy_as_the_in_memory_search(
     fs = s3fs.S3FileSystem(endpoint_url=s3_env["AWS_ENDPOINT_URL"], skip_instance_cache=True)
     fs.mkdir("scratch-bkt")
     cfg = _cfg(small_zoo, tmp_path, "disk", in_flight=2)
-    data = yaml.safe_load(cfg.read_text())
-    data["evaluation"]["scratch"] = "s3://scratch-bkt/hf"
-    cfg.write_text(yaml.safe_dump(data, sort_keys=False))
-    most, seen, stop = [0], set[str](), threading.Event()
-    watcher = threading.Thread(target=_watch_bucket, args=("scratch-bkt/hf", most, seen, stop))
-    watcher.start()
-    try:
-        assert main(["search", str(cfg), "--out", str(tmp_path / "run"), "--quiet"]) == 0
-    finally:
-        stop.set()
-        watcher.join()
+    most, seen = _search_on_bucket(cfg, "scratch-bkt/hf", tmp_path / "run")
     _same_search(serial, tmp_path / "run", "hf")
     assert len(seen) == 3 and 1 <= most[0] <= 2 + 1  # every CMA-ES candidate went through the bucket
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
@@ -611,17 +618,7 @@ def test_scratch_on_s3_the_command_gets_the_url(
     )
     backend = {"type": "command", "command": f"{sys.executable} {script} {{model}} {{output}}"}
     cfg = _cfg(small_zoo, tmp_path, "disk", backend, in_flight=2)
-    data = yaml.safe_load(cfg.read_text())
-    data["evaluation"]["scratch"] = "s3://scratch-cmd/cmd"
-    cfg.write_text(yaml.safe_dump(data, sort_keys=False))
-    most, seen, stop = [0], set[str](), threading.Event()
-    watcher = threading.Thread(target=_watch_bucket, args=("scratch-cmd/cmd", most, seen, stop))
-    watcher.start()
-    try:
-        assert main(["search", str(cfg), "--out", str(tmp_path / "run"), "--quiet"]) == 0
-    finally:
-        stop.set()
-        watcher.join()
+    most, seen = _search_on_bucket(cfg, "scratch-cmd/cmd", tmp_path / "run")
     models = (tmp_path / "models").read_text().split()
     assert len(models) == 4 and all(m.startswith("s3://scratch-cmd/cmd/c-") for m in models)
     assert len(seen) == 3 and 1 <= most[0] <= 2 + 1

@@ -293,31 +293,13 @@ MAX_YAML_DEPTH = 32
 def load_yaml_bounded(text: str, source: str) -> Any:
     """YAML's data (the safe loader), or one ConfigError line when the text is malformed or
     would expand beyond the bounds above; aliases are measured before anything is built."""
-    if len(text) > MAX_CONFIG_BYTES:
-        raise ConfigError(f"{source}: {len(text)} bytes; a config may have at most {MAX_CONFIG_BYTES}")
-    loader: _BoundedLoader | None = None
-    try:
-        loader = _BoundedLoader(text)  # the reader refuses unprintable characters here already
-        node = loader.get_single_node()
-        if node is None:
-            return None
-        _check_yaml_size(node, source)
-        return loader.construct_document(node)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f" at line {mark.line + 1}" if mark is not None else ""
-        problem = " ".join(str(getattr(exc, "problem", None) or exc).split())  # one line, whatever PyYAML says
-        if "found another document" in problem:
-            raise ConfigError(
-                f"{source}: several YAML documents (a mergekit-multi config{at}): `bigmerge merge` runs them; "
-                "this command reads one merge"
-            ) from None
-        raise ConfigError(f"{source}: not valid YAML{at}: {problem}") from None
-    except (RecursionError, _TooDeep):
-        raise ConfigError(f"{source}: nests more than {MAX_YAML_DEPTH} levels deep; refused") from None
-    finally:
-        if loader is not None:
-            loader.dispose()
+    docs = load_yaml_documents(text, source)
+    if len(docs) > 1:
+        raise ConfigError(
+            f"{source}: several YAML documents (a mergekit-multi config): `bigmerge merge` runs them; "
+            "this command reads one merge"
+        )
+    return docs[0] if docs else None
 
 
 def load_yaml_documents(text: str, source: str) -> list[Any]:
