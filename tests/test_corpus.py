@@ -33,7 +33,6 @@ MANIFEST = json.loads((CORPUS / "MANIFEST.json").read_text())
 RANDOM = ("dare_", "della")
 
 
-
 @pytest.fixture(scope="module")
 def families(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Path]]:
     return {
