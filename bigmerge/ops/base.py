@@ -234,6 +234,18 @@ def as_compute(
     return scratch.get(name, x.shape, compute).copy_(x)
 
 
+def task_vectors(op: MergeOp, task: TensorTask, block: Block, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(base, [fine-tune - base for each non-base model]) of the block, flat, in the compute dtype,
+    in scratch buffers named after `name`."""
+    dt = task.compute_dtype
+    sc = block.scratch
+    base = as_compute(block.inputs[require_base(op, task)], dt, sc, f"{name}_base").reshape(-1)
+    tv = sc.get(f"{name}_tv", (len(task.non_base), base.numel()), dt)
+    for r, i in enumerate(task.non_base):
+        torch.sub(as_compute(block.inputs[i], dt, sc).reshape(-1), base, out=tv[r])
+    return base, tv
+
+
 class StatsOp(MergeOp):
     """An operator with whole-tensor statistics; a one-block tensor computes them in apply,
     with the same stats/finish code (a reduction over one block is that block)."""

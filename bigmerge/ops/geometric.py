@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from bigmerge.errors import ConfigError
-from bigmerge.ops.base import Block, MergeOp, Param, Stats, StatsOp, TensorTask, as_compute, require_base
+from bigmerge.ops.base import Block, MergeOp, Param, Stats, StatsOp, TensorTask, as_compute, require_base, task_vectors
 from bigmerge.ops.kernels import njit, prange, use_numba
 from bigmerge.ops.sums import (
     LANES,
@@ -229,13 +229,7 @@ class ModelStockOp(StatsOp):
 
     def _offsets(self, task: TensorTask, block: Block) -> torch.Tensor:
         """[fine-tune - base for each fine-tune] of the block, flat, in the compute dtype."""
-        dt = task.compute_dtype
-        sc = block.scratch
-        base = as_compute(block.inputs[require_base(self, task)], dt, sc, "ms_base").reshape(-1)
-        off = sc.get("ms_off", (len(task.non_base), base.numel()), dt)
-        for r, i in enumerate(task.non_base):
-            torch.sub(as_compute(block.inputs[i], dt, sc).reshape(-1), base, out=off[r])
-        return off
+        return task_vectors(self, task, block, "ms")[1]
 
     def _gram(self, task: TensorTask, block: Block) -> np.ndarray:
         if rounds_scalars(task):

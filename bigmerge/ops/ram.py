@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bigmerge.ops.base import Block, MergeOp, Param, Stats, StatsOp, TensorTask, as_compute, require_base
+from bigmerge.ops.base import Block, MergeOp, Param, Stats, StatsOp, TensorTask, as_compute, require_base, task_vectors
 from bigmerge.ops.sums import sum_rows
 
 EPSILON = Param("epsilon", float, "shared", default=1e-5, doc="a task vector element counts as changed above this")
@@ -30,12 +30,7 @@ def _prepare(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """mergekit's _prepare_ram_vectors on the block: (base, task vectors [k, m], changed [k, m],
     contributors per element [1, m])."""
-    dt = task.compute_dtype
-    sc = block.scratch
-    base = as_compute(block.inputs[require_base(op, task)], dt, sc, "ram_base").reshape(-1)
-    tv = sc.get("ram_tv", (len(task.non_base), base.numel()), dt)
-    for r, i in enumerate(task.non_base):
-        torch.sub(as_compute(block.inputs[i], dt, sc).reshape(-1), base, out=tv[r])
+    base, tv = task_vectors(op, task, block, "ram")
     nonzero = tv.abs() > task.shared["epsilon"]
     counts = nonzero.sum(dim=0, keepdim=True)
     return base, tv, nonzero, counts

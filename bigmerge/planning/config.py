@@ -273,12 +273,14 @@ def _check_duplicates(cfg: MergeConfig, source: str) -> None:
 
 def read_yaml(path: str | Path) -> Any:
     """A YAML file's data; an unreadable or malformed file is a one-line ConfigError naming it."""
-    p = Path(path)
+    return load_yaml_bounded(_config_text(path), str(path))
+
+
+def _config_text(path: str | Path) -> str:
     try:
-        text = p.read_text()
+        return Path(path).read_text()
     except OSError as exc:
-        raise ConfigError(f"{p}: cannot read config: {exc.strerror}") from None
-    return load_yaml_bounded(text, str(p))
+        raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from None
 
 
 # A config is a few KB (a 70B slices config with per-layer parameters: ~50 KB). The bounds
@@ -352,12 +354,7 @@ def _walk(root: yaml.Node) -> Iterator[yaml.Node]:
 
 def read_yaml_documents(path: str | Path) -> list[Any]:
     """A YAML file's documents; errors as read_yaml's."""
-    p = Path(path)
-    try:
-        text = p.read_text()
-    except OSError as exc:
-        raise ConfigError(f"{p}: cannot read config: {exc.strerror}") from None
-    return load_yaml_documents(text, str(p))
+    return load_yaml_documents(_config_text(path), str(path))
 
 
 class _TooDeep(Exception):
