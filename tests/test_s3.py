@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,8 +28,15 @@ def s3_env() -> Iterator[dict[str, str]]:
     from moto.server import ThreadedMotoServer
 
     port = _free_port()
+    import s3fs
+
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
+    # moto keeps its buckets in the process, across servers: each module starts from none
+    urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/moto-api/reset", method="POST")).read()
+    # and s3fs caches file systems by their arguments: one made for an earlier module's server
+    # (its endpoint from the environment) would be handed out again
+    s3fs.S3FileSystem.clear_instance_cache()
     env = {
         "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
         "AWS_ACCESS_KEY_ID": "testing-key",
@@ -40,6 +48,7 @@ def s3_env() -> Iterator[dict[str, str]]:
         yield env
     finally:
         server.stop()
+        s3fs.S3FileSystem.clear_instance_cache()
         for k, v in old.items():
             if v is None:
                 os.environ.pop(k, None)

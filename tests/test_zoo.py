@@ -77,11 +77,14 @@ def test_micro_zoo_builds_bit_identical_twice(tmp_path: Path) -> None:
 
 def test_small_zoo_layout(small_zoo: Path) -> None:
     info = json.loads((small_zoo / "zoo.json").read_text())
-    assert set(info["scenarios"]) == {"specialists", "similar"}
+    assert set(info["scenarios"]) == {"specialists", "similar", "lorahub"}
     for sc in info["scenarios"].values():
         assert sc["base"] == "base" and sc["skills"] == list(zoo_tasks.SKILLS)
         for m in [sc["base"], *sc["models"]]:
-            for f in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+            files = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+            if sc.get("adapters") and m != sc["base"]:  # PEFT LoRA adapters on the base
+                files = ("adapter_config.json", "adapter_model.safetensors")
+            for f in files:
                 assert (small_zoo / m / f).is_file(), (m, f)
     for skill, rel in info["tasks"].items():
         lines = (small_zoo / rel).read_text().splitlines()
