@@ -113,7 +113,7 @@ class CandidateScorer:
 
             template = self.cfg.template()
             src = path or template.tokenizer_source or template.base_model or template.model_refs()[0]
-            if src == path or src != template.tokenizer_source:
+            if src != template.tokenizer_source:
                 # a model reference: BASE+ADAPTER (or a bare adapter) has its base's tokenizer
                 src = catalog_model(src, template.storage_options).root.url
             self._tokenizer = AutoTokenizer.from_pretrained(str(model_dir(src)))
