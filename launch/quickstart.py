@@ -36,6 +36,30 @@ def step(msg: str) -> None:
     print(f"\n== {msg}", flush=True)
 
 
+def wait_for_warm_kernels(venv: Path, limit_s: float = 300.0) -> None:
+    """Wait until the background warm-up that tools/setup_env.sh started (BIGMERGE_WARM=background)
+    has cached the kernels of the quickstart's method ($VENV/warm.first), so that the merge does
+    not compile them; the rest of the warm-up goes on at the lowest priority. Returns at once when
+    no warm-up runs (an existing install, BIGMERGE_NO_WARM=1) or once it has ended."""
+    done, pid_file = venv / "warm.first", venv / "warm.pid"
+    t0 = time.perf_counter()
+    announced = False
+    while not done.exists() and time.perf_counter() - t0 < limit_s:
+        try:
+            pid = int(pid_file.read_text())
+            alive = "warm_kernels" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace")
+        except (OSError, ValueError):
+            alive = False
+        if not alive:
+            return
+        if not announced:
+            step("waiting for the kernel warm-up to cache model_stock's kernels (tools/warm_kernels.py)")
+            announced = True
+        time.sleep(0.2)
+    if announced:
+        print(f"  waited {time.perf_counter() - t0:.0f} s")
+
+
 def main() -> int:
     sys.path.insert(0, str(REPO / "tools"))
     from make_zoo import make_zoo
@@ -86,6 +110,7 @@ def main() -> int:
         )
 
         out_url = f"s3://{BUCKET}/merged"
+        wait_for_warm_kernels(bindir.parent)
         step(f"mpirun -n 2 bigmerge merge configs/quickstart.yaml {out_url}")
         t_merge = time.perf_counter()
         subprocess.run(

@@ -5,10 +5,14 @@ launch/mpirun.sh also starts real merges in tests/test_resume_mpi.py.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers import REPO
@@ -124,3 +128,39 @@ def test_quickstart_merges_real_skills_and_prints_a_table_a_person_can_judge(tmp
     assert avg["merged"] > max(avg["instruct"], avg["instruct_fin"]), rows
     assert rows["merged"][2] > rows["instruct_fin"][2] and rows["merged"][3] > rows["instruct"][3]  # sort, fin
     assert proc.stdout.count(" right") >= 1 and "checksums verified" in proc.stdout
+
+
+def _quickstart_module() -> Any:
+    spec = importlib.util.spec_from_file_location("quickstart_under_test", REPO / "launch" / "quickstart.py")
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_quickstart_waits_for_the_background_warm_up_only_while_it_runs(tmp_path: Path) -> None:
+    """The quickstart's merge starts once the warm-up has cached its method's kernels (warm.first),
+    and at once when no warm-up runs or the one that ran has died without the marker."""
+    wait = _quickstart_module().wait_for_warm_kernels
+    t0 = time.perf_counter()
+    wait(tmp_path)  # no warm.pid: an install without a background warm-up
+    assert time.perf_counter() - t0 < 1.0
+    # a live process that looks like the warm-up (its command line names warm_kernels)
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "warm_kernels"])
+    try:
+        (tmp_path / "warm.pid").write_text(str(proc.pid))
+        timer = threading.Timer(1.0, (tmp_path / "warm.first").touch)
+        timer.start()
+        t0 = time.perf_counter()
+        wait(tmp_path, limit_s=30)
+        waited = time.perf_counter() - t0
+        timer.join()
+        assert 0.9 < waited < 10, waited  # until the marker appeared, not the limit
+        (tmp_path / "warm.first").unlink()
+        threading.Timer(0.5, proc.kill).start()
+        t0 = time.perf_counter()
+        wait(tmp_path, limit_s=30)  # the warm-up dies without the marker: no waiting for it
+        assert time.perf_counter() - t0 < 5
+    finally:
+        proc.kill()
+        proc.wait()

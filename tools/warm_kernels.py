@@ -11,6 +11,8 @@ statistics rounds), in one process. The kernels take their sources in 8 slots
 The cache is numba's: NUMBA_CACHE_DIR if set (set it the same at run time), else the
 package's __pycache__. Run it again after changing a kernel. Concurrent runs are safe (the
 compile lock in ops/kernels.py). Usage: .venv/bin/python tools/warm_kernels.py [--quiet]
+[--first METHODS --first-done FILE] (FILE is created once the kernels of METHODS are cached: the
+quickstart waits for it before its merge, while the rest compiles on the side).
 """
 
 from __future__ import annotations
@@ -79,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--first", default="", help="comma-separated methods whose configs go first (what a merge about to run needs)"
     )
+    ap.add_argument("--first-done", type=Path, default=None, help="create this file once the --first configs are done")
     args = ap.parse_args(argv)
     from bigmerge.engine.comm import SerialComm
     from bigmerge.merge import MergeOptions, run_merge
@@ -90,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
         families = {"bf16": _family(root / "bf16", torch.bfloat16, 3), "fp32": _family(root / "fp32", torch.float32, 3)}
         first = tuple(m for m in args.first.split(",") if m)
         for cfg in sorted(CONFIGS.glob("*.yaml"), key=lambda p: (not p.stem.startswith(first or ("",)), p.stem)):
+            if args.first_done and not (first and cfg.stem.startswith(first)):
+                args.first_done.touch()  # every config of the --first methods has been merged
+                args.first_done = None
             for fam_name, fam in families.items():
                 for blocks in ("one", "many") if fam_name == "bf16" else ("one",):
                     text = cfg.read_text().format(**{k: str(v) for k, v in fam.items()})
@@ -106,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
                             print(
                                 f"warm_kernels: {path.stem} skipped: {str(exc).splitlines()[0][:160]}", file=sys.stderr
                             )
+    if args.first_done:
+        args.first_done.touch()
     print(
         f"warm_kernels: numba kernels compiled and cached in {time.perf_counter() - t0:.0f} s "
         f"({done} merges, {failed} skipped)",
