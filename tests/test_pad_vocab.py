@@ -169,3 +169,39 @@ def test_resumed_padded_merge_is_bit_identical(
     second = run_merge(str(cfg), str(tmp_path / "res"), SerialComm(), opts)
     assert second["blocks_resumed"] > 0
     assert_bit_identical(ref, load_output(tmp_path / "res"))
+
+
+def test_failed_read_mid_padded_tensor_stops_the_merge(
+    vocab_fam: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A block whose read fails while the blocks after it wait for its rows in the padding sum:
+    the merge stops with that error (no thread left waiting), nothing that looks finished."""
+    import threading
+
+    from bigmerge.engine import reader as reader_mod
+    from bigmerge.errors import SourceError
+
+    real = reader_mod.BlockReader._permuted_rows
+
+    def failing(self: BlockReader, t: object, i: int, r0: int, r1: int) -> torch.Tensor:
+        if t.vocab is not None and "vocab" in t.vocab and r0 == 64:  # type: ignore[attr-defined]
+            raise SourceError("injected read failure")
+        return real(self, t, i, r0, r1)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(reader_mod.BlockReader, "_permuted_rows", failing)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(_config(vocab_fam, pad=True))
+    caught: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            run_merge(str(cfg), str(tmp_path / "out"), SerialComm(), MergeOptions(block_bytes=2048, quiet=True))
+        except BaseException as exc:  # noqa: BLE001 - the test inspects it
+            caught.append(exc)
+
+    th = threading.Thread(target=run, daemon=True)
+    th.start()
+    th.join(120)
+    assert not th.is_alive(), "the merge hung"
+    assert caught and "injected read failure" in str(caught[0])
+    assert not (tmp_path / "out" / "model.safetensors.index.json").exists()

@@ -292,10 +292,14 @@ class BlockReader:
         assert t.vocab is not None
         r0, r1 = t.block_range(b)
         n_vocab = int(t.vocab.get("vocab", t.vocab["rows"]))
-        out = self._permuted_rows(t, i, r0, min(r1, n_vocab))
         if "vocab" not in t.vocab:
-            return out
+            return self._permuted_rows(t, i, r0, min(r1, n_vocab))
         fold = self._pad_fold(t, i)
+        try:
+            out = self._permuted_rows(t, i, r0, min(r1, n_vocab))
+        except BaseException as exc:
+            fold.fail(exc)  # the blocks after it, waiting for these rows, fail too
+            raise
         if r0 < n_vocab:
             fold.fold(r0, out)
         if r1 > n_vocab:
@@ -470,6 +474,11 @@ class PadFold:
         with self.cond:
             self.cond.notify_all()
 
+    def fail(self, exc: BaseException) -> None:
+        with self.cond:
+            self.failed = self.failed or exc
+            self.cond.notify_all()
+
     def fold(self, r0: int, rows: torch.Tensor) -> None:
         """Rows [r0, r0 + len(rows)) of the permuted source, when their turn comes."""
         with self.cond:
@@ -479,16 +488,17 @@ class PadFold:
 
     def mean(self) -> torch.Tensor:
         with self.cond:
+            self._wait_for(self.n_vocab)  # releases the lock while it waits: test row after it
             if self.row is None:
-                self._wait_for(self.n_vocab)
                 self.row = self.sum.mean()
+                self.sum = ColumnMean(0, (0,), self.row.dtype)  # the state is no longer needed
             return self.row
 
     def _feed(self, rows: torch.Tensor) -> None:
         try:
             self.sum.feed(rows)
         except BaseException as exc:
-            self.failed = exc
+            self.failed = self.failed or exc
             self.cond.notify_all()
             raise
         self.next += rows.shape[0]
