@@ -240,7 +240,7 @@ def test_union_and_slices_same_bytes_on_1_and_2_ranks(vocab_fam: dict[str, Path]
         "      - model: {ft2}\n        layer_range: [1, 4]\n        parameters: {{weight: [0.1, 0.9]}}\n"
         "  - sources:\n      - model: {base}\n        layer_range: [3, 4]\n        parameters: {{weight: 1.0}}\n"
         "      - model: {ft1}\n        layer_range: [0, 1]\n        parameters: {{weight: 0.5}}\n",
-        "padded": TOKENS,  # added tokens and padding rows (each source's mean row, summed block by block)
+        "padded": TOKENS,  # added tokens and padding rows (each source's mean row; one rank owns the tensor)
     }
     for name, text in texts.items():
         cfg = tmp_path / f"{name}.yaml"

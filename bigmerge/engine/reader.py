@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
 
+from bigmerge.engine.colmean import ColumnMean
 from bigmerge.engine.finite import first_nonfinite
 from bigmerge.errors import SourceError
 from bigmerge.planning.plan import Plan, SourceSpan, TensorPlan
@@ -37,7 +38,10 @@ class BlockReader:
         self.plan = plan
         self.allow_nonfinite = allow_nonfinite
         self._trusted: set[int] = set()  # tensors whose operator checks NaN/Inf itself (trust)
-        self._pad_rows: dict[tuple[int, int], torch.Tensor] = {}  # (tensor, source) -> its padding row
+        # (tensor, source) -> the padding row's running sum (`tokenizer.pad_to_multiple_of`, PadFold)
+        self._pad_folds: dict[tuple[int, int], PadFold] = {}
+        self._streamed: dict[int, set[int]] = {}  # padded tensor -> the blocks stream() will read
+        self._closing = False
         self.storage_options = storage_options or {}
         self.prefetch = max(0, prefetch)
         self._pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="bigmerge-read")
@@ -156,6 +160,9 @@ class BlockReader:
         return future.result() if future is not None else self.read_aux(t, b)
 
     def close(self) -> None:
+        self._closing = True  # a block waiting for its turn in a padding row's sum gives up
+        for fold in list(self._pad_folds.values()):
+            fold.wake()
         self._pool.shutdown(wait=True, cancel_futures=True)
 
     def _loc(self, url: str) -> Location:
@@ -285,9 +292,18 @@ class BlockReader:
         assert t.vocab is not None
         r0, r1 = t.block_range(b)
         n_vocab = int(t.vocab.get("vocab", t.vocab["rows"]))
-        out = self._permuted_rows(t, i, r0, min(r1, n_vocab))
+        if "vocab" not in t.vocab:
+            return self._permuted_rows(t, i, r0, min(r1, n_vocab))
+        fold = self._pad_fold(t, i)
+        try:
+            out = self._permuted_rows(t, i, r0, min(r1, n_vocab))
+        except BaseException as exc:
+            fold.fail(exc)  # the blocks after it, waiting for these rows, fail too
+            raise
+        if r0 < n_vocab:
+            fold.fold(r0, out)
         if r1 > n_vocab:
-            pad = self._pad_row(t, i, n_vocab).expand(r1 - max(r0, n_vocab), *t.shape[1:])
+            pad = fold.mean().expand(r1 - max(r0, n_vocab), *t.shape[1:])
             out = torch.cat([out, pad]) if r0 < n_vocab else pad.clone()
         return out
 
@@ -316,24 +332,22 @@ class BlockReader:
                 out[new - r0] = acc / len(donors)
         return out
 
-    def _pad_row(self, t: TensorPlan, i: int, n_vocab: int) -> torch.Tensor:
-        """The row every padding row of source i gets (`tokenizer.pad_to_multiple_of`): the mean
-        of its permuted rows, as mergekit pads. The one place a block reads beyond its own rows:
-        the vocabulary is read again in chunks of a block's size (summed exactly in float64, so
-        the row is the same on any world size), once per source and process."""
+    def _pad_fold(self, t: TensorPlan, i: int) -> PadFold:
         key = (t.index, i)
         with self._free_lock:
-            cached = self._pad_rows.get(key)
-        if cached is not None:
-            return cached
-        acc = torch.zeros(t.shape[1:], dtype=torch.float64)
-        for a in range(0, n_vocab, t.block_rows):
-            acc += self._permuted_rows(t, i, a, min(a + t.block_rows, n_vocab)).double().sum(dim=0)
-        dt = DTYPES[t.compute_dtype or self.plan.compute_dtype][0]
-        row = (acc / n_vocab).to(dt)
-        with self._free_lock:
-            self._pad_rows[key] = row
-        return row
+            fold = self._pad_folds.get(key)
+            if fold is None:
+                assert t.vocab is not None
+                dt = DTYPES[t.compute_dtype or self.plan.compute_dtype][0]
+                fold = self._pad_folds[key] = PadFold(
+                    int(t.vocab["vocab"]),
+                    t,
+                    dt,
+                    self._streamed.setdefault(t.index, set()),
+                    lambda a, e: self._permuted_rows(t, i, a, e),
+                    lambda: self._closing,
+                )
+            return fold
 
     def _read_group(self, group: list[tuple[TensorPlan, int]], i: int) -> list[torch.Tensor]:
         """Source i's bytes for several small blocks, in as few requests as their layout allows.
@@ -389,6 +403,10 @@ class BlockReader:
     def stream(self, items: Iterable[tuple[TensorPlan, int]]) -> Iterator[tuple[TensorPlan, int, list[torch.Tensor]]]:
         """Yield (tensor, block, inputs) in order, keeping `prefetch` reads in flight ahead."""
         pending: deque[tuple[list[tuple[TensorPlan, int]], list[Future[list[torch.Tensor]]]]] = deque()
+        items = list(items)
+        for t, b in items:  # a padded vocabulary's blocks feed its padding row as they come, in order
+            if t.vocab is not None and "vocab" in t.vocab:
+                self._streamed.setdefault(t.index, set()).add(t.block_range(b)[0])
         groups = self._groups(items)
         exhausted = False
         while True:
@@ -419,3 +437,84 @@ class BlockReader:
 
 def _storage_ptr(x: torch.Tensor) -> int:
     return int(x.untyped_storage().data_ptr())
+
+
+class PadFold:
+    """The padding row of one source of a padded vocabulary tensor (`tokenizer.pad_to_multiple_of`):
+    mergekit's `torch.mean` of the source's permuted rows, bit for bit (engine/colmean.py), summed
+    from the blocks as they are read, so no byte is read twice.
+
+    The sum must see the rows in order, and the blocks are read on several threads: a block
+    waits until the rows before it are in. Blocks this process will not read through the
+    stream (a resumed merge's finished blocks) are read here when their turn comes: the one
+    place a block reads rows beyond its own. The plan gives one rank every block of such a
+    tensor (Plan.assign), so a merge reads each row once on any world size."""
+
+    def __init__(
+        self,
+        n_vocab: int,
+        t: TensorPlan,
+        dtype: torch.dtype,
+        streamed: set[int],
+        rows: Callable[[int, int], torch.Tensor],
+        closing: Callable[[], bool],
+    ):
+        self.n_vocab = n_vocab
+        self.t = t
+        self.streamed = streamed
+        self.rows = rows
+        self.closing = closing
+        self.sum = ColumnMean(n_vocab, t.shape[1:], dtype)
+        self.next = 0  # rows folded in so far
+        self.cond = threading.Condition()
+        self.failed: BaseException | None = None
+        self.row: torch.Tensor | None = None
+
+    def wake(self) -> None:
+        with self.cond:
+            self.cond.notify_all()
+
+    def fail(self, exc: BaseException) -> None:
+        with self.cond:
+            self.failed = self.failed or exc
+            self.cond.notify_all()
+
+    def fold(self, r0: int, rows: torch.Tensor) -> None:
+        """Rows [r0, r0 + len(rows)) of the permuted source, when their turn comes."""
+        with self.cond:
+            self._wait_for(r0)
+            if self.next == r0:  # else already in (read again by a pass that does not keep blocks)
+                self._feed(rows)
+
+    def mean(self) -> torch.Tensor:
+        with self.cond:
+            self._wait_for(self.n_vocab)  # releases the lock while it waits: test row after it
+            if self.row is None:
+                self.row = self.sum.mean()
+                self.sum = ColumnMean(0, (0,), self.row.dtype)  # the state is no longer needed
+            return self.row
+
+    def _feed(self, rows: torch.Tensor) -> None:
+        try:
+            self.sum.feed(rows)
+        except BaseException as exc:
+            self.failed = self.failed or exc
+            self.cond.notify_all()
+            raise
+        self.next += rows.shape[0]
+        self.cond.notify_all()
+
+    def _wait_for(self, r: int) -> None:
+        """Until rows [0, r) are in (the lock held): the blocks before read them, or this thread."""
+        while self.next < r:
+            if self.failed is not None:
+                raise SourceError(f"{self.t.name}: the padding row's sum stopped ({self.failed})")
+            if self.closing():
+                raise SourceError(f"{self.t.name}: the merge stopped before the padding row was summed")
+            b0 = self.next // self.t.block_rows * self.t.block_rows
+            if b0 == self.next and b0 in self.streamed:
+                self.cond.wait(0.05)  # its block is being read; it folds itself in
+                continue
+            # not a block this process streams (or a part of one already folded): read it here
+            end = min(self.n_vocab, b0 + self.t.block_rows, r)
+            self._feed(self.rows(self.next, end))

@@ -189,7 +189,13 @@ class Plan:
         for t in self.tensors:
             per_block = t.in_bytes() // max(1, t.n_blocks)
             owners: list[int] = []
-            if t.n_blocks >= world_size:
+            if t.vocab is not None and "vocab" in t.vocab:
+                # A padded vocabulary: its padding rows are the mean of all rows before them, summed
+                # as the blocks are read (engine/reader.py PadFold): one rank reads them all, once.
+                r = min(range(world_size), key=lambda q: (load[q], q))
+                owners = [r] * t.n_blocks
+                load[r] += t.n_blocks * per_block
+            elif t.n_blocks >= world_size:
                 # Big tensors: a contiguous, even share per rank so per-tensor stats finish together.
                 base, extra = divmod(t.n_blocks, world_size)
                 order = sorted(range(world_size), key=lambda r: (load[r], r))

@@ -14,7 +14,8 @@ mergekit's `tokenizer:` block (source `union` by default) adds to this: `tokens`
 the output vocabulary where it lacks them, each row taken from a model's row of that token, a
 model's own row of another token (`kind: model_token`) or zeros (`kind: zero`), for the sources
 that lack it or, with `force`, for all; and `pad_to_multiple_of`, whose padding rows are each
-source's mean permuted row (the reader sums it block by block, exactly, in float64).
+source's mean permuted row (mergekit's torch.mean bit for bit, summed by the reader as the
+blocks stream: engine/colmean.py).
 
 The permutation lives in the plan as runs of consecutive rows per source plus the list of
 filled rows, so the reader assembles any row block with a few ranged reads. mergekit orders
