@@ -124,3 +124,24 @@ def test_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert cli_main(["eval", str(tmp_path / "empty"), "--tasks", "zoo_add", "--limit", "2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"bigmerge: error: {tmp_path / 'empty'}: not a Hugging Face checkpoint (no config.json)"]
+
+
+def test_an_evaluator_leaves_no_directory_behind_closed_or_not(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its task files live in a temporary directory: gone after close(), after a failed
+    construction (an unknown task), and when an evaluator nobody closed is collected."""
+    import gc
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    left = lambda: sorted(p.name for p in tmp_path.glob("bigmerge-eval-*"))  # noqa: E731
+    ev = Evaluator("zoo_sort", limit=2)
+    assert len(left()) == 1  # the directory exists while the evaluator is in use
+    ev.close()
+    assert left() == []
+    with pytest.raises(ConfigError, match="no_such_task"):
+        Evaluator("zoo_sort,no_such_task", limit=2)
+    gc.collect()
+    assert left() == []
+    Evaluator("zoo_add", limit=2)  # never closed, dropped at once
+    gc.collect()
+    assert left() == []

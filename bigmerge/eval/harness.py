@@ -18,6 +18,7 @@ import os
 import shutil
 import tempfile
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -183,6 +184,10 @@ class Evaluator:
 
         self._lm_eval = lm_eval
         self._dir = tempfile.mkdtemp(prefix="bigmerge-eval-")
+        # removed by close(), or when the evaluator is collected or the interpreter exits: an
+        # evaluator whose construction failed (an unknown task) or was never closed left its
+        # directory in /tmp, one per search worker
+        self._cleanup = weakref.finalize(self, shutil.rmtree, self._dir, True)
         write_zoo_tasks(self._dir)
         others = [t for t in self.tasks if t not in ZOO_TASKS]
         # Indexing lm-eval's thousands of own task files takes seconds: only when one is asked for.
@@ -194,7 +199,7 @@ class Evaluator:
         self.metric: dict[str, str] = {}
 
     def close(self) -> None:
-        shutil.rmtree(self._dir, ignore_errors=True)
+        self._cleanup()
 
     def __enter__(self) -> Evaluator:
         return self

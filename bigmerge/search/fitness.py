@@ -82,9 +82,13 @@ class CandidateScorer:
         self.evaluator = Evaluator(
             list(self.weights), limit=f.heldout, batch_size=f.batch_size, device=f.device, dtype=f.dtype
         )
-        self.samples = self._search_samples()
-        template = cfg.template()
-        self.merger = InMemoryMerger.for_config(template)
+        try:
+            self.samples = self._search_samples()
+            template = cfg.template()
+            self.merger = InMemoryMerger.for_config(template)
+        except BaseException:
+            self.evaluator.close()
+            raise
         self._tokenizer: Any = None
 
     def _search_samples(self) -> dict[str, list[int]]:
