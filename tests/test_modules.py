@@ -1,0 +1,282 @@
+"""mergekit's `modules:` form on a multimodal model (Gemma 3 stand-in: text decoder, vision
+tower, projector). Its tensors against mergekit's are in test_vs_mergekit (the *_gemma3
+goldens); here: the module tables, layer surgery in one module, a stand-in that transformers
+loads, the same bytes on 2 ranks, and every bad input in one line before anything is written."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import assert_bit_identical, load_output
+from safetensors.torch import load_file, save_file
+from toy_models import make_family
+
+from bigmerge.cli import main
+from bigmerge.errors import SourceError
+from bigmerge.planning.modules import ARCHITECTURES, ModuleTable, module_tables, split_by_module
+
+SLERP = """merge_method: slerp
+base_model: {base}
+parameters: {{t: 0.5}}
+modules:
+  text_decoder:
+    slices:
+      - sources: [{{model: {base}, layer_range: [0, 2]}}, {{model: {ft1}, layer_range: [0, 2]}}]
+        parameters: {{t: [0.2, 0.8]}}
+      - sources: [{{model: {base}, layer_range: [2, 4]}}, {{model: {ft2}, layer_range: [2, 4]}}]
+  vision_tower:
+    models: [{{model: {ft1}}}]
+    parameters: {{t: [0.0, 1.0]}}
+  multi_modal_projector:
+    models: [{{model: {ft2}}}, {{model: {base}}}]
+"""
+
+PASSTHROUGH = """merge_method: passthrough
+modules:
+  text_decoder:
+    slices:
+      - sources: [{{model: {ft1}, layer_range: [0, 3]}}]
+      - sources: [{{model: {ft2}, layer_range: [2, 4]}}]
+  vision_tower:
+    models: [{{model: {ft2}}}]
+  multi_modal_projector:
+    models: [{{model: {ft1}}}]
+"""
+
+
+@pytest.fixture(scope="module")
+def gemma3(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return make_family(tmp_path_factory.mktemp("gemma3"), preset="gemma3-micro", dtype="bfloat16", tied=True)
+
+
+def _write(tmp: Path, text: str, fam: dict[str, Path], name: str = "c.yaml") -> Path:
+    p = tmp / name
+    p.write_text(text.format(**{k: str(v) for k, v in fam.items()}))
+    return p
+
+
+# Tensor names of each architecture's hub checkpoints (config.json `architectures[0]`), one or
+# two per module, as mergekit 0.1.5's architecture files name them.
+HUB_NAMES = {
+    "Gemma3ForConditionalGeneration": {
+        "text_decoder": [
+            "language_model.model.embed_tokens.weight",
+            "language_model.model.layers.3.mlp.up_proj.weight",
+        ],
+        "vision_tower": [
+            "vision_tower.vision_model.embeddings.patch_embedding.weight",
+            "vision_tower.vision_model.encoder.layers.26.self_attn.q_proj.bias",
+        ],
+        "multi_modal_projector": ["multi_modal_projector.mm_input_projection_weight"],
+    },
+    "Mistral3ForConditionalGeneration": {
+        "text_decoder": ["language_model.model.layers.0.self_attn.q_proj.weight", "language_model.lm_head.weight"],
+        "vision_tower": ["vision_tower.patch_conv.weight", "vision_tower.transformer.layers.5.attention.k_proj.weight"],
+        "multi_modal_projector": ["multi_modal_projector.patch_merger.merging_layer.weight"],
+    },
+    "Llama4ForConditionalGeneration": {
+        "text_decoder": [
+            "language_model.model.layers.1.feed_forward.router.weight",
+            "language_model.model.norm.weight",
+        ],
+        "vision_model": ["vision_model.class_embedding", "vision_model.model.layers.2.mlp.fc1.weight"],
+        "multi_modal_projector": ["multi_modal_projector.linear_1.weight"],
+    },
+    "Qwen2VLForConditionalGeneration": {
+        "text_decoder": ["model.embed_tokens.weight", "model.layers.7.self_attn.q_proj.bias", "lm_head.weight"],
+        "vision_tower": ["visual.patch_embed.proj.weight", "visual.blocks.31.mlp.fc2.bias"],
+        "multi_modal_projector": ["visual.merger.ln_q.weight", "visual.merger.mlp.2.bias"],
+    },
+    "Qwen2_5_VLForConditionalGeneration": {
+        "text_decoder": ["model.norm.weight"],
+        "vision_tower": ["visual.blocks.0.mlp.gate_proj.weight"],
+        "multi_modal_projector": ["visual.merger.mlp.0.weight"],
+    },
+    "Qwen3VLForConditionalGeneration": {
+        "text_decoder": ["model.language_model.layers.0.self_attn.q_norm.weight", "lm_head.weight"],
+        "vision_tower": ["model.visual.pos_embed.weight", "model.visual.blocks.3.attn.qkv.weight"],
+        "multi_modal_projector": [
+            "model.visual.merger.linear_fc1.weight",
+            "model.visual.deepstack_merger_list.2.norm.bias",
+        ],
+    },
+}
+
+
+@pytest.mark.parametrize("arch", sorted(HUB_NAMES))
+def test_every_hub_tensor_name_falls_in_its_one_module(arch: str) -> None:
+    table = module_tables(arch, list(ARCHITECTURES[arch]), "m")
+    names = [n for ns in HUB_NAMES[arch].values() for n in ns]
+    assert split_by_module(table, names, "m") == HUB_NAMES[arch]
+
+
+def test_layers_and_layer_counts_per_module() -> None:
+    qwen = ARCHITECTURES["Qwen2VLForConditionalGeneration"]
+    assert qwen["vision_tower"].layer_of("visual.blocks.12.attn.qkv.weight") == 12
+    assert qwen["text_decoder"].layer_of("visual.blocks.12.attn.qkv.weight") is None
+    assert (
+        qwen["text_decoder"].with_layer("model.layers.7.mlp.up_proj.weight", 2) == "model.layers.2.mlp.up_proj.weight"
+    )
+    assert qwen["vision_tower"].num_layers({"vision_config": {"depth": 32}}, []) == 32
+    # no config key (mergekit's fixed count of Qwen3-VL's deepstack mergers): from the names
+    proj = ARCHITECTURES["Qwen3VLForConditionalGeneration"]["multi_modal_projector"]
+    names = [f"model.visual.deepstack_merger_list.{i}.norm.weight" for i in range(3)]
+    assert proj.num_layers({}, names) == 3
+
+
+def test_a_tensor_in_no_module_or_in_two_is_one_line() -> None:
+    table = {"a": ModuleTable(prefixes=("x.",)), "b": ModuleTable(prefixes=("x.y.",))}
+    with pytest.raises(SourceError, match=r"m: tensor 'x\.y\.w' belongs to two modules \(a, b\)"):
+        split_by_module(table, ["x.y.w"], "m")
+    with pytest.raises(SourceError, match=r"m: tensor 'z\.w' belongs to no module of the architecture"):
+        split_by_module(table, ["z.w"], "m")
+
+
+def test_the_gemma3_stand_in_and_a_relayered_merge_of_it_load_in_transformers(
+    gemma3: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Passthrough in slices within the text decoder: layers renumbered from each slice's
+    sources, the embeddings from the first slice's and the final norm from the last's, config.json's text_config.num_hidden_layers = 5 (as mergekit writes it), the other
+    modules copied from their one model; the stand-in and the result load in transformers with
+    no missing or unexpected tensor."""
+    from transformers import Gemma3ForConditionalGeneration
+
+    out = tmp_path / "out"
+    assert main(["merge", str(_write(tmp_path, PASSTHROUGH, gemma3)), str(out), "--quiet"]) == 0
+    ours = load_output(out)
+    ft1, ft2 = load_file(str(gemma3["ft1"] / "model.safetensors")), load_file(str(gemma3["ft2"] / "model.safetensors"))
+    text = "language_model.model.layers"
+    assert sorted({int(k.split(".")[3]) for k in ours if k.startswith(text)}) == [0, 1, 2, 3, 4]
+    for k, v in ours.items():
+        if k.startswith(text):
+            i = int(k.split(".")[3])
+            src, j = (ft1, i) if i < 3 else (ft2, i - 1)
+            assert torch.equal(v, src[k.replace(f"layers.{i}.", f"layers.{j}.")]), k
+        else:
+            # the final norm comes after the layers: from the last slice's source, as in mergekit
+            want = ft2 if k.startswith(("vision_tower.", "language_model.model.norm.")) else ft1
+            assert torch.equal(v, want[k]), k
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["text_config"]["num_hidden_layers"] == 5 and cfg["vision_config"]["num_hidden_layers"] == 2
+    for path in (gemma3["base"], out):
+        model, info = Gemma3ForConditionalGeneration.from_pretrained(str(path), output_loading_info=True)
+        assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+        logits = model(input_ids=torch.tensor([[1, 40, 41, 42]])).logits
+        assert logits.shape == (1, 4, 260) and torch.isfinite(logits).all()
+
+
+def _sha(paths: list[Path]) -> dict[str, str]:
+    return {str(f): hashlib.sha256(f.read_bytes()).hexdigest() for p in paths for f in sorted(p.iterdir())}
+
+
+BAD = {
+    "module the architecture lacks": (
+        "merge_method: linear\nmodules:\n  text_decoder: {{models: [{{model: {ft1}}}]}}\n"
+        "  vision_tower: {{models: [{{model: {ft1}}}]}}\n  multi_modal_projector: {{models: [{{model: {ft1}}}]}}\n"
+        "  audio_tower: {{models: [{{model: {ft1}}}]}}\n",
+        "modules.audio_tower: architecture Gemma3ForConditionalGeneration has no module 'audio_tower' "
+        "(its modules: multi_modal_projector, text_decoder, vision_tower)",
+    ),
+    "module not given": (
+        "merge_method: linear\nmodules:\n  text_decoder: {{models: [{{model: {ft1}}}, {{model: {ft2}}}]}}\n",
+        "module(s) 'multi_modal_projector', 'vision_tower' not given",
+    ),
+    "module with no models": (
+        "merge_method: linear\nmodules:\n  text_decoder: {{models: [{{model: {ft1}}}]}}\n  vision_tower: {{models: []}}\n",
+        "modules.vision_tower names no models",
+    ),
+    "module merge_method": (
+        "merge_method: linear\nmodules:\n  text_decoder: {{models: [{{model: {ft1}}}]}}\n"
+        "  vision_tower: {{merge_method: slerp, models: [{{model: {ft1}}}]}}\n",
+        "modules.vision_tower.merge_method: a module takes no merge_method of its own",
+    ),
+    "plain slices on several modules": (
+        "merge_method: passthrough\nslices:\n  - sources: [{{model: {ft1}, layer_range: [0, 2]}}]\n",
+        "architecture Gemma3ForConditionalGeneration has several modules",
+    ),
+    "base required in a module": (
+        "merge_method: slerp\nparameters: {{t: 0.5}}\nmodules:\n  text_decoder: {{models: [{{model: {ft1}}}, {{model: {ft2}}}]}}\n"
+        "  vision_tower: {{models: [{{model: {ft1}}}, {{model: {ft2}}}]}}\n"
+        "  multi_modal_projector: {{models: [{{model: {ft1}}}, {{model: {ft2}}}]}}\n",
+        "modules.text_decoder: merge_method 'slerp' needs a base_model",
+    ),
+    "layer range outside the module": (
+        "merge_method: passthrough\nmodules:\n  text_decoder: {{models: [{{model: {ft1}}}]}}\n"
+        "  vision_tower: {{slices: [{{sources: [{{model: {ft1}, layer_range: [0, 3]}}]}}]}}\n"
+        "  multi_modal_projector: {{models: [{{model: {ft1}}}]}}\n",
+        "modules.vision_tower.slices[0].sources[0]: layer_range [0, 3] is not a non-empty range inside",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_modules_configs_are_one_line_before_any_write(
+    case: str, gemma3: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    text, needle = BAD[case]
+    before = _sha(list(gemma3.values()))
+    out = tmp_path / "out"
+    code = main(["merge", str(_write(tmp_path, text, gemma3)), str(out), "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and len(err.splitlines()) == 1 and err.startswith("bigmerge: error: "), err
+    assert needle in err, err
+    assert not out.exists()
+    assert _sha(list(gemma3.values())) == before
+
+
+def test_unknown_architecture_and_unowned_tensor_are_one_line(
+    gemma3: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    llama = make_family(tmp_path / "llama", preset="micro", n_finetunes=1)
+    modules = "merge_method: linear\nmodules:\n  text_decoder: {{models: [{{model: {ft1}}}]}}\n  vision_tower: {{models: [{{model: {base}}}]}}\n"
+    code = main(["merge", str(_write(tmp_path, modules, llama)), str(tmp_path / "o1"), "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and len(err.splitlines()) == 1, err
+    assert (
+        "does not know the modules of architecture 'LlamaForCausalLM' (it knows those of Gemma3ForConditionalGeneration"
+        in err
+    )
+    assert not (tmp_path / "o1").exists()
+
+    # a checkpoint with a tensor of no module (mergekit would drop it from the output)
+    extra = tmp_path / "ft1x"
+    shutil.copytree(gemma3["ft1"], extra)
+    tensors = load_file(str(extra / "model.safetensors"))
+    tensors["image_newline"] = torch.zeros(8, dtype=torch.bfloat16)
+    save_file(tensors, str(extra / "model.safetensors"), metadata={"format": "pt"})
+    cfg = PASSTHROUGH.replace("{ft1}", str(extra))
+    code = main(["merge", str(_write(tmp_path, cfg, gemma3)), str(tmp_path / "o2"), "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and len(err.splitlines()) == 1, err
+    assert f"{extra}: tensor 'image_newline' belongs to no module of the architecture" in err
+    assert not (tmp_path / "o2").exists()
+
+
+@pytest.mark.mpi
+def test_modules_merge_same_bytes_on_1_and_2_ranks(gemma3: dict[str, Path], tmp_path: Path) -> None:
+    from test_mpi import MPIRUN, mpi_env
+
+    assert MPIRUN
+    cfg = _write(tmp_path, SLERP, gemma3)
+    outs = []
+    for n in (1, 2):
+        out = tmp_path / f"out{n}"
+        cmd = [MPIRUN, "-n", str(n), "--oversubscribe", sys.executable, "-m", "bigmerge", "merge", str(cfg), str(out)]
+        proc = subprocess.run(
+            [*cmd, "--quiet", "--block-size", "256"], capture_output=True, text=True, env=mpi_env(), timeout=300
+        )
+        assert proc.returncode == 0, proc.stderr
+        outs.append(out)
+    assert_bit_identical(load_output(outs[0]), load_output(outs[1]))
+    files = sorted(p.name for p in outs[0].glob("*.safetensors"))
+    assert files and files == sorted(p.name for p in outs[1].glob("*.safetensors"))
+    for f in files:
+        assert (outs[0] / f).read_bytes() == (outs[1] / f).read_bytes(), f
+    assert json.loads((outs[1] / "config.json").read_text())["text_config"]["num_hidden_layers"] == 4
