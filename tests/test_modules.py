@@ -280,3 +280,53 @@ def test_modules_merge_same_bytes_on_1_and_2_ranks(gemma3: dict[str, Path], tmp_
     for f in files:
         assert (outs[0] / f).read_bytes() == (outs[1] / f).read_bytes(), f
     assert json.loads((outs[1] / "config.json").read_text())["text_config"]["num_hidden_layers"] == 4
+
+
+MULTI = """name: spherical
+merge_method: slerp
+base_model: {base}
+models: [{{model: {base}}}, {{model: {ft1}}}]
+parameters: {{t: 0.3}}
+---
+name: averaged
+merge_method: linear
+models: [{{model: {ft1}}}, {{model: {ft2}}}]
+parameters: {{weight: 0.5}}
+---
+merge_method: passthrough
+modules:
+  text_decoder: {{models: [{{model: spherical}}]}}
+  vision_tower: {{models: [{{model: averaged}}]}}
+  multi_modal_projector: {{models: [{{model: averaged}}]}}
+"""
+
+
+def test_modules_with_different_methods_through_a_multi_document_config(
+    gemma3: dict[str, Path], tmp_path: Path
+) -> None:
+    """The documented way to a method per module (mergekit 0.1.5 has one for all): merge once
+    per method, then take each module from its merge with passthrough."""
+    inter, out = tmp_path / "inter", tmp_path / "out"
+    cfg = _write(tmp_path, MULTI, gemma3)
+    assert main(["merge", str(cfg), str(out), "--quiet", "--intermediate-dir", str(inter)]) == 0
+    final, spherical, averaged = load_output(out), load_output(inter / "spherical"), load_output(inter / "averaged")
+    assert sorted(final) == sorted(spherical) == sorted(averaged)
+    for k, v in final.items():
+        want = spherical if k.startswith("language_model.") else averaged
+        assert torch.equal(v, want[k]), k
+    assert not torch.equal(
+        spherical["multi_modal_projector.mm_input_projection_weight"],
+        final["multi_modal_projector.mm_input_projection_weight"],
+    )
+
+
+def test_a_padded_vocabulary_sets_the_text_configs_vocab_size(gemma3: dict[str, Path], tmp_path: Path) -> None:
+    """Gemma 3 keeps its vocabulary size in text_config (mergekit's vocab_size_config_key):
+    the padded size goes there, where transformers reads it, not to a new top-level key."""
+    text = "merge_method: linear\nparameters: {{weight: 0.5}}\nmodels: [{{model: {ft1}}}, {{model: {ft2}}}]\n"
+    text += "tokenizer: {{source: union, pad_to_multiple_of: 64}}\n"
+    out = tmp_path / "out"
+    assert main(["merge", str(_write(tmp_path, text, gemma3)), str(out), "--quiet"]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["text_config"]["vocab_size"] == 320 and "vocab_size" not in cfg
+    assert load_output(out)["language_model.model.embed_tokens.weight"].shape == (320, 16)

@@ -718,7 +718,7 @@ def build_plan(
         if tok is None or (is_identity(perms, vocab_sizes) and pad_to is None and not any(r.force for r in rules)):
             perms = None
         else:
-            config_updates["vocab_size"] = pad_to or len(perms[0])
+            config_updates[_vocab_key(by_ref[config_model].config)] = pad_to or len(perms[0])
     adapters = _validator(op)
 
     aux_files = _AuxFiles(cfg.storage_options)
@@ -814,6 +814,13 @@ def build_plan(
     aux_files.annotate(plan)
     plan.assign(world_size)
     return plan
+
+
+def _vocab_key(config: dict[str, Any] | None) -> str:
+    """config.json's vocabulary size: `vocab_size`, or a multimodal model's text_config's."""
+    if config_value(config, "vocab_size") is None and isinstance(config_value(config, "text_config.vocab_size"), int):
+        return "text_config.vocab_size"
+    return "vocab_size"
 
 
 def _promote(dtypes: list[str]) -> str:
