@@ -201,6 +201,10 @@ BAD = {
         "merge_method: passthrough\nslices:\n  - sources: [{{model: {ft1}, layer_range: [0, 2]}}]\n",
         "architecture Gemma3ForConditionalGeneration has several modules",
     ),
+    "plain form, base not used": (
+        "merge_method: linear\nbase_model: {base}\nmodels: [{{model: {ft1}}}, {{model: {ft2}}}]\n",
+        "merge_method 'linear' does not use base_model; list it under models or drop it",
+    ),
     "base required in a module": (
         "merge_method: slerp\nparameters: {{t: 0.5}}\nmodules:\n  text_decoder: {{models: [{{model: {ft1}}}, {{model: {ft2}}}]}}\n"
         "  vision_tower: {{models: [{{model: {ft1}}}, {{model: {ft2}}}]}}\n"

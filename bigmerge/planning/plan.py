@@ -434,6 +434,17 @@ def _slice_outputs(
     return outs, out_layer
 
 
+def _check_models_form(op: MergeOp, cfg: MergeConfig, refs: list[str], base_index: int | None) -> None:
+    if op.base == "required" and base_index is None:
+        raise ConfigError(f"merge_method {op.name!r} needs a base_model")
+    if op.base == "ignored" and cfg.base_model and cfg.base_model not in [m.model for m in cfg.models or []]:
+        # mergekit adds an unlisted base as a source; for methods that ignore the base that only
+        # asks for a weight it cannot have, so say it plainly.
+        raise ConfigError(f"merge_method {op.name!r} does not use base_model; list it under models or drop it")
+    if len(refs) < op.min_models:
+        raise ConfigError(f"merge_method {op.name!r} needs at least {op.min_models} models, got {len(refs)}")
+
+
 def _as_modules(cfg: MergeConfig, config_model: ModelCatalog) -> MergeConfig:
     """The plain forms on a model of several modules (a multimodal architecture of
     bigmerge.planning.modules), read as mergekit reads them: `models:` is every module merged
@@ -662,6 +673,8 @@ def build_plan(
     warnings: list[str] = ignored
     config_updates: dict[str, Any] = {}
     fingerprint = cfg.fingerprint()
+    if cfg.models:
+        _check_models_form(op, cfg, refs, base_index)
     cfg = _as_modules(cfg, by_ref[cfg.base_model or refs[0]])
     if cfg.modules:
         head = by_ref[refs[base_index] if base_index is not None else refs[0]]
@@ -680,14 +693,6 @@ def build_plan(
         if key is not None:
             config_updates[key] = n_layers
     else:
-        if op.base == "required" and base_index is None:
-            raise ConfigError(f"merge_method {op.name!r} needs a base_model")
-        if op.base == "ignored" and cfg.base_model and cfg.base_model not in [m.model for m in cfg.models or []]:
-            # mergekit adds an unlisted base as a source; for methods that ignore the base that only
-            # asks for a weight it cannot have, so say it plainly.
-            raise ConfigError(f"merge_method {op.name!r} does not use base_model; list it under models or drop it")
-        if len(refs) < op.min_models:
-            raise ConfigError(f"merge_method {op.name!r} needs at least {op.min_models} models, got {len(refs)}")
         ref_model = models[base_index] if base_index is not None else models[0]
         outputs = _model_outputs(cfg, refs, ref_model, base_index)
         config_model = ref_model.ref
