@@ -1,5 +1,8 @@
 """Deterministic tiny-to-large Llama checkpoints for tests, benchmarks and the quickstart.
 
+(One multimodal preset, ``gemma3-micro``: Gemma 3's text decoder, vision tower and projector
+under its hub checkpoints' tensor names, for mergekit's ``modules:`` form.)
+
 A *family* is a base model and ``n_finetunes`` fine-tunes (``ft1``, ``ft2``, ...), each a normal
 Hugging Face checkpoint directory::
 
