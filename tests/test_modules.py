@@ -1,7 +1,8 @@
-"""mergekit's `modules:` form on a multimodal model (Gemma 3 stand-in: text decoder, vision
-tower, projector). Its tensors against mergekit's are in test_vs_mergekit (the *_gemma3
-goldens); here: the module tables, layer surgery in one module, a stand-in that transformers
-loads, the same bytes on 2 ranks, and every bad input in one line before anything is written."""
+"""mergekit's `modules:` form on multimodal models (stand-ins of Gemma 3 and Qwen2.5-VL: text
+decoder, vision tower, projector). Their tensors against mergekit's are in test_vs_mergekit
+(the *_gemma3 and *_qwen2_5_vl goldens); here: the module tables, layer surgery in one module,
+stand-ins that transformers loads, the same bytes on 2 ranks, resume, and every bad input in one
+line before anything is written."""
 
 from __future__ import annotations
 
@@ -357,3 +358,41 @@ def test_an_interrupted_modules_merge_resumes_to_the_same_bytes(gemma3: dict[str
     assert second["blocks_resumed"] == len(entries) - len(entries[::2])
     assert second["blocks_computed"] == len(entries[::2]) < first["blocks_computed"]
     assert_bit_identical(load_output(tmp_path / "ref"), load_output(out))
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return make_family(tmp_path_factory.mktemp("qwen"), preset="qwen2.5-vl-micro", dtype="bfloat16", tied=True)
+
+
+def test_the_qwen2_5_vl_stand_in_loads_in_transformers(qwen: dict[str, Path]) -> None:
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    model, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(qwen["ft1"]), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    assert torch.isfinite(model(input_ids=torch.tensor([[1, 40, 41]])).logits).all()
+
+
+def test_a_gradient_on_tensors_mergekit_plans_twice_is_merged_at_t0_with_a_warning(qwen: dict[str, Path]) -> None:
+    """Qwen2.5-VL's merger MLP: mergekit plans each tensor at t = 0 and at t = 1 and keeps
+    either (it varies from tensor to tensor); bigmerge takes t = 0 and says so once."""
+    import yaml
+
+    from bigmerge.merge import MergeOptions, plan_merge
+    from bigmerge.planning.config import parse_config
+
+    text = (
+        "merge_method: slerp\nbase_model: {base}\nparameters: {{t: 0.5}}\nmodules:\n"
+        "  text_decoder: {{models: [{{model: {ft1}}}]}}\n  vision_tower: {{models: [{{model: {ft1}}}]}}\n"
+        "  multi_modal_projector: {{models: [{{model: {ft2}}}], parameters: {{t: [0.2, 0.7]}}}}\n"
+    ).format(**{k: str(v) for k, v in qwen.items()})
+    plan, _ = plan_merge(parse_config(yaml.safe_load(text), "c.yaml"), 1, MergeOptions(block_bytes=256))
+    t = {tp.name: tp.shared["t"] for tp in plan.tensors if tp.name.startswith("visual.merger.")}
+    assert t == dict.fromkeys(t, 0.2) and len(t) == 5
+    said = [w for w in plan.warnings if "plans twice" in w]
+    assert len(said) == 1 and said[0].startswith("modules.multi_modal_projector: a gradient reaches 4 tensor(s)")
+    # no gradient there: nothing to say
+    plan, _ = plan_merge(
+        parse_config(yaml.safe_load(text.replace("[0.2, 0.7]", "0.7")), "c.yaml"), 1, MergeOptions(block_bytes=256)
+    )
+    assert not [w for w in plan.warnings if "plans twice" in w]

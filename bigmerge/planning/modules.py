@@ -29,6 +29,8 @@ class ModuleTable:
     layers: str | None = None  # regex on the full name; group 1 is the layer index
     layers_key: str | None = None  # config.json key of the layer count (dotted for nested configs)
     post: tuple[str, ...] = ()  # prefixes of the tensors after the layers
+    # tensors outside the layers that mergekit plans twice, at t = 0 and t = 1, keeping either
+    twice: tuple[str, ...] = ()
 
     def owns(self, name: str) -> bool:
         return name.startswith(self.prefixes)
@@ -44,6 +46,17 @@ class ModuleTable:
 
     def is_post(self, name: str) -> bool:
         return name.startswith(self.post)
+
+    def position(self, name: str, n_layers: int) -> float:
+        """t for gradients, as mergekit's plan gives it with one slice over the module's layers:
+        layer i of n at i/(n-1), tensors outside the layers at 0."""
+        i = self.layer_of(name)
+        if i is None:
+            return 0.0
+        return i / (n_layers - 1) if n_layers > 1 else 1.0
+
+    def planned_twice(self, name: str) -> bool:
+        return bool(self.twice) and name.startswith(self.twice)
 
     def num_layers(self, config: dict[str, Any] | None, names: list[str]) -> int:
         """The module's layer count: its config.json key, else one more than the highest index."""
@@ -98,9 +111,10 @@ _QWEN2_VL = {
         layers=r"^visual\.blocks\.(\d+)\.",
         layers_key="vision_config.depth",
     ),
-    # mergekit lists the merger's MLP as two "layers" whose names carry no index (the same
-    # tensors planned twice, at t = 0 and t = 1); here they are tensors outside the layers (t = 0)
-    "multi_modal_projector": ModuleTable(prefixes=("visual.merger.",)),
+    # mergekit lists the merger's MLP as two "layers" whose names carry no index: each tensor is
+    # planned twice, at t = 0 and t = 1, and which one it writes varies from tensor to tensor
+    # (seen with a gradient on the projector); here once, at t = 0, with a warning if t matters
+    "multi_modal_projector": ModuleTable(prefixes=("visual.merger.",), twice=("visual.merger.mlp.",)),
 }
 
 _QWEN3_VL = {

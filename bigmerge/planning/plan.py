@@ -14,7 +14,7 @@ import math
 import posixpath
 import re
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Optional
 
 import torch
@@ -293,6 +293,8 @@ class _Output:
     t: float  # relative depth for gradients
     shared_scopes: list[Any]  # parameter dicts, highest precedence first
     input_scopes: list[list[Any]]  # per input, highest precedence first
+    # mergekit plans this tensor twice, at t = 0 and t = 1, and keeps either (see bigmerge.planning.modules)
+    twice: str | None = None
 
 
 def _model_outputs(cfg: MergeConfig, refs: list[str], ref_model: ModelCatalog, base_index: int | None) -> list[_Output]:
@@ -510,9 +512,9 @@ def _module_outputs(
         shared_scopes = [module.parameters, cfg.parameters]
         input_scopes = [[own.get(r), module.parameters, cfg.parameters] for r in sources]
         for n in names:
-            i = table.layer_of(n)
-            t = 0.0 if i is None else (i / (n_layers - 1) if n_layers > 1 else 1.0)
-            outs.append(_Output(n, [(refs.index(r), n) for r in sources], base, t, shared_scopes, input_scopes))
+            t = table.position(n, n_layers)
+            twice = f"modules.{name}" if table.planned_twice(n) else None
+            outs.append(_Output(n, [(refs.index(r), n) for r in sources], base, t, shared_scopes, input_scopes, twice))
     return outs, layer_counts
 
 
@@ -728,6 +730,7 @@ def build_plan(
 
     aux_files = _AuxFiles(cfg.storage_options)
     tensors: list[TensorPlan] = []
+    ambiguous: dict[str, list[str]] = {}
     for out in sorted(outputs, key=lambda o: _natural_key(o.name)):
         name = out.name
         first_idx, first_name = out.inputs[out.base if out.base is not None else 0]
@@ -764,6 +767,8 @@ def build_plan(
         if not cfg.out_dtype and op.float32_result and t_compute in ("BF16", "F16"):
             out_dtype = "F32"  # mergekit writes the float32 its arithmetic promotes to
         shared, per_model = _resolve(op, out, refs, adapters)
+        if out.twice and _resolve(op, replace(out, t=1.0), refs, adapters) != (shared, per_model):
+            ambiguous.setdefault(out.twice, []).append(name)
         shape = list(ref_info.shape)
         if vocab:
             shape[0] = vocab["rows"]
@@ -797,6 +802,11 @@ def build_plan(
         tp.aux = aux_files.resolve(op, task, [(refs[i], in_name) for i, in_name in out.inputs], bool(tp.vocab))
         tensors.append(tp)
 
+    warnings += [
+        f"{where}: a gradient reaches {len(names)} tensor(s) (e.g. {names[0]!r}) that mergekit 0.1.5 plans twice, "
+        "at t = 0 and t = 1, keeping either one; bigmerge merges them at t = 0"
+        for where, names in ambiguous.items()
+    ]
     _check_settings_against_tensors(
         cfg, sorted({t.name for t in tensors} | {n for o in outputs for _, n in o.inputs}), warnings
     )
