@@ -126,6 +126,13 @@ def test_layers_and_layer_counts_per_module() -> None:
         qwen["text_decoder"].with_layer("model.layers.7.mlp.up_proj.weight", 2) == "model.layers.2.mlp.up_proj.weight"
     )
     assert qwen["vision_tower"].num_layers({"vision_config": {"depth": 32}}, []) == 32
+    # Qwen2-VL's hub config.json: the text sizes at the top level (Qwen2.5-VL's: in text_config)
+    text = qwen["text_decoder"]
+    assert text.layers_key({"num_hidden_layers": 28}) == "num_hidden_layers"
+    assert text.layers_key({"text_config": {"num_hidden_layers": 36}, "num_hidden_layers": 36}) == (
+        "text_config.num_hidden_layers"
+    )
+    assert text.num_layers({}, ["model.layers.0.mlp.up_proj.weight", "model.layers.2.mlp.up_proj.weight"]) == 3
     # no config key (mergekit's fixed count of Qwen3-VL's deepstack mergers): from the names
     proj = ARCHITECTURES["Qwen3VLForConditionalGeneration"]["multi_modal_projector"]
     names = [f"model.visual.deepstack_merger_list.{i}.norm.weight" for i in range(3)]

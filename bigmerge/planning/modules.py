@@ -27,7 +27,8 @@ from bigmerge.errors import ConfigError, SourceError
 class ModuleTable:
     prefixes: tuple[str, ...]
     layers: str | None = None  # regex on the full name; group 1 is the layer index
-    layers_key: str | None = None  # config.json key of the layer count (dotted for nested configs)
+    # config.json keys of the layer count, the first one present counts (dotted: nested configs)
+    layers_keys: tuple[str, ...] = ()
     post: tuple[str, ...] = ()  # prefixes of the tensors after the layers
     # tensors outside the layers that mergekit plans twice, at t = 0 and t = 1, keeping either
     twice: tuple[str, ...] = ()
@@ -58,11 +59,15 @@ class ModuleTable:
     def planned_twice(self, name: str) -> bool:
         return bool(self.twice) and name.startswith(self.twice)
 
+    def layers_key(self, config: dict[str, Any] | None) -> str | None:
+        """The config.json key that holds this module's layer count in `config`, if any."""
+        return next((k for k in self.layers_keys if isinstance(config_value(config, k), int)), None)
+
     def num_layers(self, config: dict[str, Any] | None, names: list[str]) -> int:
         """The module's layer count: its config.json key, else one more than the highest index."""
-        value = config_value(config, self.layers_key) if self.layers_key else None
-        if isinstance(value, int):
-            return value
+        key = self.layers_key(config)
+        if key is not None:
+            return int(config_value(config, key))
         indices = [i for i in (self.layer_of(n) for n in names) if i is not None]
         return max(indices) + 1 if indices else 0
 
@@ -92,12 +97,12 @@ def update_config(config: dict[str, Any], updates: dict[str, Any]) -> None:
         set_config_value(config, key, value)
 
 
-def _decoder(root: str, lm_head: str, key: str) -> ModuleTable:
+def _decoder(root: str, lm_head: str, *keys: str) -> ModuleTable:
     """A text decoder with the Llama layout under `root` (`language_model.model.`, `model.`)."""
     return ModuleTable(
         prefixes=(f"{root}embed_tokens.", f"{root}layers.", f"{root}norm.", lm_head),
         layers=rf"^{re.escape(root)}layers\.(\d+)\.",
-        layers_key=key,
+        layers_keys=keys,
         post=(f"{root}norm.", lm_head),
     )
 
@@ -105,11 +110,12 @@ def _decoder(root: str, lm_head: str, key: str) -> ModuleTable:
 _PROJECTOR = ModuleTable(prefixes=("multi_modal_projector.",))
 
 _QWEN2_VL = {
-    "text_decoder": _decoder("model.", "lm_head.", "text_config.num_hidden_layers"),
+    # Qwen2-VL's hub config.json keeps the text decoder's sizes at its top level
+    "text_decoder": _decoder("model.", "lm_head.", "text_config.num_hidden_layers", "num_hidden_layers"),
     "vision_tower": ModuleTable(
         prefixes=("visual.patch_embed.", "visual.blocks."),
         layers=r"^visual\.blocks\.(\d+)\.",
-        layers_key="vision_config.depth",
+        layers_keys=("vision_config.depth",),
     ),
     # mergekit lists the merger's MLP as two "layers" whose names carry no index: each tensor is
     # planned twice, at t = 0 and t = 1, and which one it writes varies from tensor to tensor
@@ -122,7 +128,7 @@ _QWEN3_VL = {
     "vision_tower": ModuleTable(
         prefixes=("model.visual.patch_embed.", "model.visual.pos_embed.", "model.visual.blocks."),
         layers=r"^model\.visual\.blocks\.(\d+)\.",
-        layers_key="vision_config.depth",
+        layers_keys=("vision_config.depth",),
     ),
     "multi_modal_projector": ModuleTable(
         prefixes=("model.visual.merger.", "model.visual.deepstack_merger_list."),
@@ -137,7 +143,7 @@ ARCHITECTURES: dict[str, dict[str, ModuleTable]] = {
         "vision_tower": ModuleTable(
             prefixes=("vision_tower.vision_model.",),
             layers=r"^vision_tower\.vision_model\.encoder\.layers\.(\d+)\.",
-            layers_key="vision_config.num_hidden_layers",
+            layers_keys=("vision_config.num_hidden_layers",),
             post=("vision_tower.vision_model.post_layernorm.",),
         ),
         "multi_modal_projector": _PROJECTOR,
@@ -147,7 +153,7 @@ ARCHITECTURES: dict[str, dict[str, ModuleTable]] = {
         "vision_tower": ModuleTable(
             prefixes=("vision_tower.",),
             layers=r"^vision_tower\.transformer\.layers\.(\d+)\.",
-            layers_key="vision_config.num_hidden_layers",
+            layers_keys=("vision_config.num_hidden_layers",),
         ),
         "multi_modal_projector": _PROJECTOR,
     },
@@ -156,7 +162,7 @@ ARCHITECTURES: dict[str, dict[str, ModuleTable]] = {
         "vision_model": ModuleTable(
             prefixes=("vision_model.",),
             layers=r"^vision_model\.model\.layers\.(\d+)\.",
-            layers_key="vision_config.num_hidden_layers",
+            layers_keys=("vision_config.num_hidden_layers",),
             post=("vision_model.layernorm_post.", "vision_model.vision_adapter."),
         ),
         "multi_modal_projector": _PROJECTOR,

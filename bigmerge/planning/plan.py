@@ -473,7 +473,8 @@ def _module_outputs(
     between the slice's (or the models' own) and the global ones, with the one merge_method.
     A module's `models` read as mergekit reads them: one slice over all of the module's layers,
     the base model added as its last source when it is not listed. Returns the outputs and the
-    layer count of every module merged in slices (config.json's key: count)."""
+    layer count of every module merged in slices (config.json's key, where the output's config
+    has one: count)."""
     assert cfg.modules
     arch = architecture_of(config_model.config, config_model.ref)
     tables = module_tables(arch, list(cfg.modules), config_model.ref)
@@ -486,8 +487,9 @@ def _module_outputs(
         if module.slices:
             got, n_layers = _slice_outputs(op, cfg, refs, by_ref, module.slices, (name, module.parameters, table))
             outs += got
-            if table.layers_key:
-                layer_counts[table.layers_key] = n_layers
+            key = table.layers_key(config_model.config)
+            if key is not None:
+                layer_counts[key] = n_layers
             continue
         models = module.models or []
         sources = [m.model for m in models]
@@ -682,9 +684,7 @@ def build_plan(
         head = by_ref[refs[base_index] if base_index is not None else refs[0]]
         config_model = head.ref
         outputs, counts = _module_outputs(op, cfg, refs, by_ref, head)
-        for layers_key, n_layers in counts.items():
-            if isinstance(config_value(head.config, layers_key), int):
-                config_updates[layers_key] = n_layers  # a dotted key: see bigmerge.planning.modules.set_config_value
+        config_updates.update(counts)  # dotted keys: see bigmerge.planning.modules.update_config
     elif cfg.slices:
         outputs, n_layers = _slice_outputs(op, cfg, refs, by_ref)
         config_model = cfg.base_model or cfg.slices[0].sources[0].model
