@@ -208,18 +208,60 @@ def test_modules_form_of_a_one_module_model_is_the_plain_form() -> None:
     assert cfg.model_parameters("a") == {"weight": 0.7}
 
 
+def test_several_modules_stay_modules_with_every_source_referenced() -> None:
+    """Several modules (a multimodal model) are kept for the plan, which merges each on its own;
+    the config's sources are every module's models and slices, then the base."""
+    data = {
+        "merge_method": "slerp",
+        "base_model": "base",
+        "parameters": {"t": 0.5},
+        "modules": {
+            "text_decoder": {
+                "slices": [
+                    {"sources": [{"model": "base", "layer_range": [0, 2]}, {"model": "b", "layer_range": [0, 2]}]}
+                ]
+            },
+            "vision_tower": {"models": [{"model": "a"}, {"model": "base"}], "parameters": {"t": 0.1}},
+        },
+    }
+    cfg = parse_config(data, "cfg.yaml")
+    assert cfg.modules is not None and sorted(cfg.modules) == ["text_decoder", "vision_tower"]
+    assert cfg.model_refs() == ["base", "b", "a"]
+
+
 @pytest.mark.parametrize(
     "modules,needle",
     [
+        ({"default": {"parameters": {"weight": 1}}}, "modules.default names no models"),
         (
-            {"text_decoder": {"models": [{"model": "a"}]}, "vision_tower": {"models": [{"model": "a"}]}},
-            "modules 'text_decoder', 'vision_tower': bigmerge merges one-module models only",
+            {"text_decoder": {"models": []}, "vision_tower": {"models": [{"model": "a"}]}},
+            "modules.text_decoder names no",
         ),
-        ({"default": {"parameters": {"weight": 1}}}, "modules.default: exactly one of 'models' or 'slices'"),
+        (
+            {
+                "text_decoder": {
+                    "models": [{"model": "a"}],
+                    "slices": [{"sources": [{"model": "a", "layer_range": [0, 1]}]}],
+                }
+            },
+            "modules.text_decoder: give either 'models' or 'slices', not both",
+        ),
         ({"default": {"models": [{"model": "a"}], "colour": 1}}, "unknown key 'modules.default.colour'"),
+        (
+            {"vision_tower": {"models": [{"model": "a"}], "merge_method": "slerp"}},
+            "modules.vision_tower.merge_method: a module takes no merge_method of its own",
+        ),
+        ({"vision_tower": {"models": [{"model": "a"}], "base_model": "a"}}, "give base_model at the top level or per"),
+        (
+            {
+                "text_decoder": {"models": [{"model": "a"}, {"model": "a"}]},
+                "vision_tower": {"models": [{"model": "b"}]},
+            },
+            "model 'a' is listed twice in modules.text_decoder.models",
+        ),
     ],
 )
-def test_modules_that_bigmerge_cannot_merge_are_one_line(modules: dict, needle: str) -> None:
+def test_modules_that_cannot_merge_are_one_line(modules: dict, needle: str) -> None:
     with pytest.raises(ConfigError) as err:
         parse_config({"merge_method": "linear", "modules": modules}, "cfg.yaml")
     assert needle in str(err.value) and "\n" not in str(err.value)

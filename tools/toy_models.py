@@ -1,5 +1,8 @@
 """Deterministic tiny-to-large Llama checkpoints for tests, benchmarks and the quickstart.
 
+(Two multimodal presets, ``gemma3-micro`` and ``qwen2.5-vl-micro``: a text decoder, a vision
+tower and a projector under their hub checkpoints' tensor names, for mergekit's ``modules:``.)
+
 A *family* is a base model and ``n_finetunes`` fine-tunes (``ft1``, ``ft2``, ...), each a normal
 Hugging Face checkpoint directory::
 
@@ -84,6 +87,9 @@ class Preset:
     kv_heads: int
     always_sharded: bool = False
     vocab: int = VOCAB_SIZE  # embedding rows; above the byte tokenizer's 260 only for real-size slices
+    # "llama", or "gemma3": Gemma 3's multimodal layout as its hub checkpoints store it (a text
+    # decoder under language_model., a SigLIP vision tower, a projector), for mergekit's `modules:`
+    arch: str = "llama"
 
     @property
     def head_dim(self) -> int:
@@ -95,6 +101,11 @@ PRESETS: dict[str, Preset] = {
     "tiny": Preset(hidden=64, intermediate=128, layers=4, heads=4, kv_heads=2),  # 0.18 M params
     # the corpus test's stand-ins (tests/corpus): a published config's shape at a tenth of tiny's bytes
     "micro": Preset(hidden=16, intermediate=32, layers=4, heads=2, kv_heads=1),  # 14 k params, 57 kB in float32
+    # a multimodal stand-in: Gemma3ForConditionalGeneration with micro's text decoder, a two-layer
+    # vision tower of width 8 and its projector; 15.8 k params, 63 kB in float32
+    "gemma3-micro": Preset(hidden=16, intermediate=32, layers=4, heads=2, kv_heads=1, arch="gemma3"),
+    # another: Qwen2_5_VLForConditionalGeneration, same text sizes, the hub's names (model.*, visual.*)
+    "qwen2.5-vl-micro": Preset(hidden=16, intermediate=32, layers=4, heads=2, kv_heads=1, arch="qwen2_5_vl"),
     "small": Preset(hidden=512, intermediate=1408, layers=8, heads=8, kv_heads=4),  # 23.6 M, ~47 MB
     "medium": Preset(
         hidden=2048, intermediate=5632, layers=11, heads=16, kv_heads=4, always_sharded=True
@@ -131,6 +142,10 @@ class TensorSpec:
 def tensor_specs(preset: str, *, tied: bool = False) -> list[TensorSpec]:
     """Every tensor of a preset in checkpoint order (embeddings, layers, final norm, lm_head)."""
     p = PRESETS[preset]
+    if p.arch == "gemma3":
+        return _gemma3_specs(p, tied=tied)
+    if p.arch == "qwen2_5_vl":
+        return _qwen2_5_vl_specs(p, tied=tied)
     h, i, kv = p.hidden, p.intermediate, p.kv_heads * p.head_dim
     specs = [TensorSpec("model.embed_tokens.weight", (p.vocab, h), "embed")]
     for layer in range(p.layers):
@@ -152,9 +167,227 @@ def tensor_specs(preset: str, *, tied: bool = False) -> list[TensorSpec]:
     return specs
 
 
+# Gemma 3's vision tower in the gemma3 presets: SigLIP on 16x16 images of 4x4 patches
+VISION = {"hidden": 8, "intermediate": 16, "layers": 2, "heads": 2, "patch": 4, "image": 16, "channels": 3}
+
+
+def _gemma3_specs(p: Preset, *, tied: bool) -> list[TensorSpec]:
+    """Gemma3ForConditionalGeneration's tensors under the names its hub checkpoints use
+    (language_model.model.*, vision_tower.vision_model.*, multi_modal_projector.*), which are
+    mergekit's gemma3vl names; transformers maps them onto its own modules when it loads them."""
+    h, i, hd = p.hidden, p.intermediate, p.head_dim
+    specs = [TensorSpec("language_model.model.embed_tokens.weight", (p.vocab, h), "embed")]
+    for layer in range(p.layers):
+        pre = f"language_model.model.layers.{layer}"
+        specs += [
+            TensorSpec(f"{pre}.input_layernorm.weight", (h,), "norm"),
+            TensorSpec(f"{pre}.self_attn.q_proj.weight", (p.heads * hd, h), "linear"),
+            TensorSpec(f"{pre}.self_attn.q_norm.weight", (hd,), "norm"),
+            TensorSpec(f"{pre}.self_attn.k_proj.weight", (p.kv_heads * hd, h), "linear"),
+            TensorSpec(f"{pre}.self_attn.k_norm.weight", (hd,), "norm"),
+            TensorSpec(f"{pre}.self_attn.v_proj.weight", (p.kv_heads * hd, h), "linear"),
+            TensorSpec(f"{pre}.self_attn.o_proj.weight", (h, p.heads * hd), "linear"),
+            TensorSpec(f"{pre}.post_attention_layernorm.weight", (h,), "norm"),
+            TensorSpec(f"{pre}.pre_feedforward_layernorm.weight", (h,), "norm"),
+            TensorSpec(f"{pre}.mlp.gate_proj.weight", (i, h), "linear"),
+            TensorSpec(f"{pre}.mlp.up_proj.weight", (i, h), "linear"),
+            TensorSpec(f"{pre}.mlp.down_proj.weight", (h, i), "linear"),
+            TensorSpec(f"{pre}.post_feedforward_layernorm.weight", (h,), "norm"),
+        ]
+    specs.append(TensorSpec("language_model.model.norm.weight", (h,), "norm"))
+    if not tied:
+        specs.append(TensorSpec("language_model.lm_head.weight", (p.vocab, h), "linear"))
+    v = VISION
+    vh, vi, patches = v["hidden"], v["intermediate"], (v["image"] // v["patch"]) ** 2
+    vt = "vision_tower.vision_model"
+    specs += [
+        TensorSpec(f"{vt}.embeddings.patch_embedding.weight", (vh, v["channels"], v["patch"], v["patch"]), "linear"),
+        TensorSpec(f"{vt}.embeddings.patch_embedding.bias", (vh,), "embed"),
+        TensorSpec(f"{vt}.embeddings.position_embedding.weight", (patches, vh), "embed"),
+    ]
+    for layer in range(v["layers"]):
+        pre = f"{vt}.encoder.layers.{layer}"
+        for norm in ("layer_norm1", "layer_norm2"):
+            specs += [
+                TensorSpec(f"{pre}.{norm}.weight", (vh,), "norm"),
+                TensorSpec(f"{pre}.{norm}.bias", (vh,), "embed"),
+            ]
+        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            specs += [
+                TensorSpec(f"{pre}.self_attn.{proj}.weight", (vh, vh), "linear"),
+                TensorSpec(f"{pre}.self_attn.{proj}.bias", (vh,), "embed"),
+            ]
+        specs += [
+            TensorSpec(f"{pre}.mlp.fc1.weight", (vi, vh), "linear"),
+            TensorSpec(f"{pre}.mlp.fc1.bias", (vi,), "embed"),
+            TensorSpec(f"{pre}.mlp.fc2.weight", (vh, vi), "linear"),
+            TensorSpec(f"{pre}.mlp.fc2.bias", (vh,), "embed"),
+        ]
+    specs += [
+        TensorSpec(f"{vt}.post_layernorm.weight", (vh,), "norm"),
+        TensorSpec(f"{vt}.post_layernorm.bias", (vh,), "embed"),
+        TensorSpec("multi_modal_projector.mm_input_projection_weight", (vh, h), "linear"),
+        TensorSpec("multi_modal_projector.mm_soft_emb_norm.weight", (vh,), "norm"),
+    ]
+    return specs
+
+
+def _gemma3_config(p: Preset, *, dtype: str, tied: bool) -> dict[str, Any]:
+    v = VISION
+    text = {
+        "model_type": "gemma3_text",
+        "hidden_size": p.hidden,
+        "intermediate_size": p.intermediate,
+        "num_hidden_layers": p.layers,
+        "num_attention_heads": p.heads,
+        "num_key_value_heads": p.kv_heads,
+        "head_dim": p.head_dim,
+        "query_pre_attn_scalar": p.head_dim,
+        "vocab_size": p.vocab,
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-06,
+        "sliding_window": 64,
+        "tie_word_embeddings": tied,
+        "bos_token_id": BOS_ID,
+        "eos_token_id": EOS_ID,
+        "pad_token_id": PAD_ID,
+    }
+    vision = {
+        "model_type": "siglip_vision_model",
+        "hidden_size": v["hidden"],
+        "intermediate_size": v["intermediate"],
+        "num_hidden_layers": v["layers"],
+        "num_attention_heads": v["heads"],
+        "image_size": v["image"],
+        "patch_size": v["patch"],
+        "num_channels": v["channels"],
+        "layer_norm_eps": 1e-06,
+        "vision_use_head": False,
+    }
+    return {
+        "architectures": ["Gemma3ForConditionalGeneration"],
+        "model_type": "gemma3",
+        "dtype": dtype,
+        # image marker ids: three byte tokens (a stand-in that never sees an image needs no tokens of its own)
+        "boi_token_index": 256,
+        "eoi_token_index": 257,
+        "image_token_index": 258,
+        "mm_tokens_per_image": 4,
+        "initializer_range": 0.02,
+        "tie_word_embeddings": tied,
+        "text_config": text,
+        "vision_config": vision,
+    }
+
+
+# Qwen2.5-VL's vision tower in its preset: blocks of width 8 on 2x2 patches of 2 frames, 2x2 merged
+QWEN_VISION = {"hidden": 8, "intermediate": 16, "layers": 2, "heads": 2, "patch": 2, "temporal": 2, "merge": 2}
+
+
+def _qwen2_5_vl_specs(p: Preset, *, tied: bool) -> list[TensorSpec]:
+    """Qwen2_5_VLForConditionalGeneration's tensors under its hub checkpoints' names (model.*,
+    visual.*, lm_head), which are mergekit's qwen2_5_vl names."""
+    h, i, hd = p.hidden, p.intermediate, p.head_dim
+    specs = [TensorSpec("model.embed_tokens.weight", (p.vocab, h), "embed")]
+    for layer in range(p.layers):
+        pre = f"model.layers.{layer}"
+        specs.append(TensorSpec(f"{pre}.input_layernorm.weight", (h,), "norm"))
+        for proj, rows in (("q_proj", p.heads * hd), ("k_proj", p.kv_heads * hd), ("v_proj", p.kv_heads * hd)):
+            specs += [
+                TensorSpec(f"{pre}.self_attn.{proj}.weight", (rows, h), "linear"),
+                TensorSpec(f"{pre}.self_attn.{proj}.bias", (rows,), "embed"),
+            ]
+        specs += [
+            TensorSpec(f"{pre}.self_attn.o_proj.weight", (h, p.heads * hd), "linear"),
+            TensorSpec(f"{pre}.post_attention_layernorm.weight", (h,), "norm"),
+            TensorSpec(f"{pre}.mlp.gate_proj.weight", (i, h), "linear"),
+            TensorSpec(f"{pre}.mlp.up_proj.weight", (i, h), "linear"),
+            TensorSpec(f"{pre}.mlp.down_proj.weight", (h, i), "linear"),
+        ]
+    specs.append(TensorSpec("model.norm.weight", (h,), "norm"))
+    if not tied:
+        specs.append(TensorSpec("lm_head.weight", (p.vocab, h), "linear"))
+    v = QWEN_VISION
+    vh, vi, merged = v["hidden"], v["intermediate"], v["hidden"] * v["merge"] ** 2
+    specs.append(TensorSpec("visual.patch_embed.proj.weight", (vh, 3, v["temporal"], v["patch"], v["patch"]), "linear"))
+    for layer in range(v["layers"]):
+        pre = f"visual.blocks.{layer}"
+        specs += [
+            TensorSpec(f"{pre}.norm1.weight", (vh,), "norm"),
+            TensorSpec(f"{pre}.norm2.weight", (vh,), "norm"),
+            TensorSpec(f"{pre}.attn.qkv.weight", (3 * vh, vh), "linear"),
+            TensorSpec(f"{pre}.attn.qkv.bias", (3 * vh,), "embed"),
+            TensorSpec(f"{pre}.attn.proj.weight", (vh, vh), "linear"),
+            TensorSpec(f"{pre}.attn.proj.bias", (vh,), "embed"),
+        ]
+        for proj, shape in (("gate_proj", (vi, vh)), ("up_proj", (vi, vh)), ("down_proj", (vh, vi))):
+            specs += [
+                TensorSpec(f"{pre}.mlp.{proj}.weight", shape, "linear"),
+                TensorSpec(f"{pre}.mlp.{proj}.bias", (shape[0],), "embed"),
+            ]
+    specs += [
+        TensorSpec("visual.merger.ln_q.weight", (vh,), "norm"),
+        TensorSpec("visual.merger.mlp.0.weight", (merged, merged), "linear"),
+        TensorSpec("visual.merger.mlp.0.bias", (merged,), "embed"),
+        TensorSpec("visual.merger.mlp.2.weight", (h, merged), "linear"),
+        TensorSpec("visual.merger.mlp.2.bias", (h,), "embed"),
+    ]
+    return specs
+
+
+def _qwen2_5_vl_config(p: Preset, *, dtype: str, tied: bool) -> dict[str, Any]:
+    v = QWEN_VISION
+    text = {
+        "model_type": "qwen2_5_vl_text",
+        "hidden_size": p.hidden,
+        "intermediate_size": p.intermediate,
+        "num_hidden_layers": p.layers,
+        "num_attention_heads": p.heads,
+        "num_key_value_heads": p.kv_heads,
+        "vocab_size": p.vocab,
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-06,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]},
+        "tie_word_embeddings": tied,
+        "bos_token_id": BOS_ID,
+        "eos_token_id": EOS_ID,
+        "pad_token_id": PAD_ID,
+    }
+    vision = {
+        "depth": v["layers"],
+        "hidden_size": v["hidden"],
+        "intermediate_size": v["intermediate"],
+        "num_heads": v["heads"],
+        "out_hidden_size": p.hidden,
+        "in_channels": 3,
+        "patch_size": v["patch"],
+        "spatial_merge_size": v["merge"],
+        "temporal_patch_size": v["temporal"],
+        "fullatt_block_indexes": [v["layers"] - 1],
+        "window_size": 8,
+    }
+    return {
+        "architectures": ["Qwen2_5_VLForConditionalGeneration"],
+        "model_type": "qwen2_5_vl",
+        "dtype": dtype,
+        # image/video marker ids: byte tokens (the stand-in never sees an image)
+        "vision_start_token_id": 256,
+        "vision_end_token_id": 257,
+        "image_token_id": 258,
+        "video_token_id": 259,
+        "tie_word_embeddings": tied,
+        "text_config": text,
+        "vision_config": vision,
+    }
+
+
 def model_config(preset: str, *, dtype: str = "float32", tied: bool = False) -> dict[str, Any]:
     """config.json of a preset, written by hand so the bytes do not depend on the transformers version."""
     p = PRESETS[preset]
+    if p.arch == "gemma3":
+        return _gemma3_config(p, dtype=dtype, tied=tied)
+    if p.arch == "qwen2_5_vl":
+        return _qwen2_5_vl_config(p, dtype=dtype, tied=tied)
     return {
         "architectures": ["LlamaForCausalLM"],
         "attention_bias": False,

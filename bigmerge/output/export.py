@@ -21,6 +21,7 @@ from bigmerge.output.card import CARD_NAME, CONFIG_NAME, render_card, results_fr
 from bigmerge.output.outdir import MANIFEST_NAME, OutputDir
 from bigmerge.output.writer import Writer
 from bigmerge.planning.catalog import INDEX_NAME, ModelCatalog
+from bigmerge.planning.modules import update_config
 from bigmerge.planning.plan import Plan, TensorPlan
 from bigmerge.planning.vocab import TOKENIZER_FILES, build_tokenizer, save_tokenizer
 from bigmerge.storage.checksum import crc32c, hex32
@@ -137,7 +138,7 @@ def _finish(
     out_dtypes = {t.out_dtype for t in plan.tensors}
     if cfg_src is not None and cfg_src.config is not None:
         cfg = dict(cfg_src.config)
-        cfg.update(plan.config_updates)  # e.g. the layer count of a slices merge
+        update_config(cfg, plan.config_updates)  # e.g. the layer count of a slices merge
         if len(out_dtypes) == 1:
             dname = DTYPE_CONFIG_NAMES[next(iter(out_dtypes))]
             keys = [k for k in ("torch_dtype", "dtype") if k in cfg] or ["torch_dtype"]

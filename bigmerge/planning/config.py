@@ -2,8 +2,8 @@
 
 A parameter may be a scalar, a gradient (a list interpolated over layer depth), or a
 list of `{filter, value}` where `filter` is a substring of the tensor name (no filter or
-"*" is the fallback). Precedence, highest first: slice source > slice > global; for the
-plain `models:` form a model's own `parameters` play the role of the slice source.
+"*" is the fallback). Precedence, highest first: slice source > slice > module > global; for
+the `models:` form a model's own `parameters` play the role of the slice source.
 """
 
 from __future__ import annotations
@@ -198,6 +198,10 @@ class MergeConfig(_Strict):
         elif self.slices:
             for s in self.slices:
                 refs.extend(src.model for src in s.sources if src.model not in refs)
+        for module in (self.modules or {}).values():
+            named = [m.model for m in module.models or []]
+            named += [src.model for s in module.slices or [] for src in s.sources]
+            refs.extend(r for r in dict.fromkeys(named) if r not in refs)
         if self.base_model and self.base_model not in refs:
             refs.append(self.base_model)
         return refs
@@ -223,6 +227,7 @@ def parse_config(data: Any, source: str = "config") -> MergeConfig:
         ignored = [k for k in data if k in MERGEKIT_PARAMETERS and k not in MergeConfig.model_fields]
         data = {k: v for k, v in data.items() if k not in ignored}
     branches = ("ConditionalParameter", "ModelTokenEmbedding", "ZeroEmbedding", "TokenEmbedding")
+    _check_module_keys(data, source)
     cfg = validate(MergeConfig, data, source, branches=branches)
     if sum(bool(x) for x in (cfg.models, cfg.slices, cfg.modules)) != 1:
         raise ConfigError(f"{source}: exactly one of 'models', 'slices' or 'modules' must be given")
@@ -235,23 +240,39 @@ def parse_config(data: Any, source: str = "config") -> MergeConfig:
     return cfg
 
 
+def _check_module_keys(data: Any, source: str) -> None:
+    """A module of mergekit 0.1.5 has models or slices, and parameters: nothing else. Its config
+    model drops other keys, so a module's own `merge_method` or `base_model` would be silently
+    ignored there (every module is merged with the top-level method and base): refused here."""
+    modules = data.get("modules") if isinstance(data, dict) else None
+    if not isinstance(modules, dict):
+        return
+    for name, module in modules.items():
+        if isinstance(module, dict):
+            for key in ("merge_method", "base_model"):
+                if key in module:
+                    raise ConfigError(
+                        f"{source}: modules.{name}.{key}: a module takes no {key} of its own (mergekit 0.1.5 "
+                        f"merges every module with the top-level {key}, and would ignore this one); "
+                        f"give {key} at the top level" + (" or per slice" if key == "base_model" else "")
+                    )
+
+
 def _from_modules(cfg: MergeConfig, source: str) -> MergeConfig:
-    """mergekit's `modules:` form as the plain form. A one-module model (mergekit names its
-    module `default`: every decoder-only architecture) is the plain form with the module's
-    parameters ranked between the slice's and the global ones. Several modules (multimodal
-    models: a text decoder, a vision tower, a projector under their own tensor-name prefixes)
-    need mergekit's architecture tables, which bigmerge does not carry: refused in one line."""
+    """mergekit's `modules:` form. A one-module model (mergekit names its module `default`:
+    every decoder-only architecture) is the plain form with the module's parameters ranked
+    between the slice's and the global ones. Several modules (multimodal models: a text
+    decoder, a vision tower, a projector under their own tensor names) stay as they are: the
+    plan merges each from its own sources (bigmerge.planning.modules has their tables)."""
     assert cfg.modules
-    names = sorted(cfg.modules)
-    if names != ["default"]:
-        raise ConfigError(
-            f"{source}: modules {', '.join(repr(n) for n in names)}: bigmerge merges one-module models only "
-            "(mergekit's module 'default'); merge a multimodal model's modules with the plain form, "
-            "one config per tensor-name prefix"
-        )
+    for name, module in cfg.modules.items():
+        if module.models and module.slices:
+            raise ConfigError(f"{source}: modules.{name}: give either 'models' or 'slices', not both (as mergekit)")
+        if not module.models and not module.slices:
+            raise ConfigError(f"{source}: modules.{name} names no models: give its 'models' or 'slices'")
+    if list(cfg.modules) != ["default"]:
+        return cfg
     module = cfg.modules["default"]
-    if bool(module.models) == bool(module.slices):
-        raise ConfigError(f"{source}: modules.default: exactly one of 'models' or 'slices' must be given")
     params = {**(cfg.parameters or {}), **(module.parameters or {})} or None
     return cfg.model_copy(
         update={"modules": None, "models": module.models, "slices": module.slices, "parameters": params}
@@ -263,6 +284,12 @@ def _check_duplicates(cfg: MergeConfig, source: str) -> None:
     parameters would silently collapse into the first one's."""
     groups = [("models", [m.model for m in cfg.models or []])]
     groups += [(f"slices[{k}].sources", [s.model for s in sl.sources]) for k, sl in enumerate(cfg.slices or [])]
+    for name, module in (cfg.modules or {}).items():
+        groups.append((f"modules.{name}.models", [m.model for m in module.models or []]))
+        groups += [
+            (f"modules.{name}.slices[{k}].sources", [s.model for s in sl.sources])
+            for k, sl in enumerate(module.slices or [])
+        ]
     for where, refs in groups:
         seen: set[str] = set()
         for ref in refs:

@@ -13,7 +13,8 @@ import json
 import math
 import posixpath
 import re
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Optional
 
 import torch
@@ -28,7 +29,18 @@ from bigmerge.planning.config import (
     MERGEKIT_PARAMETERS,
     ConditionalParameter,
     MergeConfig,
+    OutputModule,
+    OutputSlice,
+    Parameters,
     evaluate_setting,
+)
+from bigmerge.planning.modules import (
+    ARCHITECTURES,
+    ModuleTable,
+    architecture_of,
+    config_value,
+    module_tables,
+    split_by_module,
 )
 from bigmerge.planning.vocab import TokenRule, build_tokenizer, is_identity, token_rules, vocab_plan
 from bigmerge.storage.fs import location
@@ -287,6 +299,8 @@ class _Output:
     t: float  # relative depth for gradients
     shared_scopes: list[Any]  # parameter dicts, highest precedence first
     input_scopes: list[list[Any]]  # per input, highest precedence first
+    # mergekit plans this tensor twice, at t = 0 and t = 1, and keeps either (see bigmerge.planning.modules)
+    twice: str | None = None
 
 
 def _model_outputs(cfg: MergeConfig, refs: list[str], ref_model: ModelCatalog, base_index: int | None) -> list[_Output]:
@@ -307,16 +321,51 @@ def _is_pre_weight(name: str) -> bool:
     return "embed" in name or name.endswith(("wte.weight", "wpe.weight"))
 
 
+@dataclass(frozen=True)
+class _Layout:
+    """Where a model's layers are: the plain forms use LAYER_RE over every tensor; a module of a
+    multimodal model (bigmerge.planning.modules) its own prefixes and layer pattern."""
+
+    owns: Callable[[str], bool]
+    layer_of: Callable[[str], Optional[int]]  # noqa: UP045
+    with_layer: Callable[[str, int], str]
+    is_post: Callable[[str], bool]  # outside the layers, after them
+
+
+_PLAIN = _Layout(
+    lambda n: True, lambda n: _layer_of(n), lambda n, i: _with_layer(n, i), lambda n: not _is_pre_weight(n)
+)
+
+
+def _module_layout(table: ModuleTable) -> _Layout:
+    return _Layout(table.owns, table.layer_of, table.with_layer, table.is_post)
+
+
 def _slice_outputs(
-    op: MergeOp, cfg: MergeConfig, refs: list[str], by_ref: dict[str, ModelCatalog]
+    op: MergeOp,
+    cfg: MergeConfig,
+    refs: list[str],
+    by_ref: dict[str, ModelCatalog],
+    slices: list[OutputSlice] | None = None,
+    module: tuple[str, Parameters | None, ModuleTable] | None = None,
 ) -> tuple[list[_Output], int]:
     """The `slices:` form (layer surgery): output layers are the slices' layer ranges in order.
 
     As mergekit: within a slice, layer i of n gets t = i/(n-1) (t = 1 for a one-layer slice);
-    parameters resolve slice source > slice > global; filters match the input tensor's name
-    for per-model parameters and the output name for global ones.
+    parameters resolve slice source > slice > (module >) global; filters match the input
+    tensor's name for per-model parameters and the output name for global ones. `module`: the
+    slices of one module of a multimodal model (its name, parameters and layout), else the config's.
     """
-    slices = cfg.slices or []
+    slices = slices if slices is not None else cfg.slices or []
+    where, module_params, layout = "", None, _PLAIN
+    if module is not None:
+        where, module_params, layout = f"modules.{module[0]}.", module[1], _module_layout(module[2])
+
+    def layer_count(model: ModelCatalog) -> int | None:
+        if module is None:
+            return model.num_layers()
+        return module[2].num_layers(model.config, list(model.tensors))
+
     outs: list[_Output] = []
 
     def base_of(k: int) -> int | None:
@@ -326,7 +375,7 @@ def _slice_outputs(
         if base is None or base not in models:
             if op.base == "required":
                 raise ConfigError(
-                    f"slices[{k}]: merge_method {op.name!r} needs its base model among the slice's sources"
+                    f"{where}slices[{k}]: merge_method {op.name!r} needs its base model among the slice's sources"
                     + (f" ({base} is not)" if base else " (no base_model given)")
                 )
             return None
@@ -341,50 +390,140 @@ def _slice_outputs(
                     [(refs.index(src.model), name) for src in sl.sources],
                     base_of(k),
                     t,
-                    [sl.parameters, cfg.parameters],
-                    [[src.parameters, sl.parameters, cfg.parameters] for src in sl.sources],
+                    [sl.parameters, module_params, cfg.parameters],
+                    [[src.parameters, sl.parameters, module_params, cfg.parameters] for src in sl.sources],
                 )
             )
 
-    first = by_ref[slices[0].sources[0].model]
-    last = by_ref[slices[-1].sources[0].model]
-    unmerged(0, [n for n in first.tensors if not LAYER_RE.search(n) and _is_pre_weight(n)], 0.0)
-    out_layer = 0
     for k, sl in enumerate(slices):
         if not sl.sources:
-            raise ConfigError(f"slices[{k}]: no sources")
+            raise ConfigError(f"{where}slices[{k}]: no sources")
+    first = [n for n in by_ref[slices[0].sources[0].model].tensors if layout.owns(n)]
+    last = [n for n in by_ref[slices[-1].sources[0].model].tensors if layout.owns(n)]
+    unmerged(0, [n for n in first if layout.layer_of(n) is None and not layout.is_post(n)], 0.0)
+    out_layer = 0
+    for k, sl in enumerate(slices):
         if len(sl.sources) < op.min_models:
             raise ConfigError(
-                f"slices[{k}]: merge_method {op.name!r} needs at least {op.min_models} sources, got {len(sl.sources)}"
+                f"{where}slices[{k}]: merge_method {op.name!r} needs at least {op.min_models} sources, "
+                f"got {len(sl.sources)}"
             )
         lengths = {src.layer_range[1] - src.layer_range[0] for src in sl.sources}
         if len(lengths) != 1:
-            raise ConfigError(f"slices[{k}]: every source must span the same number of layers, got {sorted(lengths)}")
+            raise ConfigError(
+                f"{where}slices[{k}]: every source must span the same number of layers, got {sorted(lengths)}"
+            )
         for j, src in enumerate(sl.sources):
             lo, hi = src.layer_range
-            have = by_ref[src.model].num_layers()
+            have = layer_count(by_ref[src.model])
             if lo < 0 or hi <= lo or (have is not None and hi > have):
                 raise ConfigError(
-                    f"slices[{k}].sources[{j}]: layer_range [{lo}, {hi}] is not a non-empty range inside "
+                    f"{where}slices[{k}].sources[{j}]: layer_range [{lo}, {hi}] is not a non-empty range inside "
                     f"{src.model}'s {have if have is not None else '?'} layers"
                 )
         n = lengths.pop()
-        shared_scopes = [sl.parameters, cfg.parameters]
-        input_scopes = [[src.parameters, sl.parameters, cfg.parameters] for src in sl.sources]
+        shared_scopes = [sl.parameters, module_params, cfg.parameters]
+        input_scopes = [[src.parameters, sl.parameters, module_params, cfg.parameters] for src in sl.sources]
         base = base_of(k)
         head = by_ref[sl.sources[0].model]
         for idx in range(n):
             t = idx / (n - 1) if n > 1 else 1.0
             src_layer = sl.sources[0].layer_range[0] + idx
-            names = [nm for nm in head.tensors if _layer_of(nm) == src_layer]
+            names = [nm for nm in head.tensors if layout.owns(nm) and layout.layer_of(nm) == src_layer]
             if not names:
-                raise SourceError(f"{head.ref}: no tensors of layer {src_layer} (slices[{k}])")
+                raise SourceError(f"{head.ref}: no tensors of layer {src_layer} ({where}slices[{k}])")
             for nm in names:
-                inputs = [(refs.index(src.model), _with_layer(nm, src.layer_range[0] + idx)) for src in sl.sources]
-                outs.append(_Output(_with_layer(nm, out_layer), inputs, base, t, shared_scopes, input_scopes))
+                inputs = [
+                    (refs.index(src.model), layout.with_layer(nm, src.layer_range[0] + idx)) for src in sl.sources
+                ]
+                outs.append(_Output(layout.with_layer(nm, out_layer), inputs, base, t, shared_scopes, input_scopes))
             out_layer += 1
-    unmerged(len(slices) - 1, [n for n in last.tensors if not LAYER_RE.search(n) and not _is_pre_weight(n)], 0.0)
+    unmerged(len(slices) - 1, [n for n in last if layout.layer_of(n) is None and layout.is_post(n)], 0.0)
     return outs, out_layer
+
+
+def _check_models_form(op: MergeOp, cfg: MergeConfig, refs: list[str], base_index: int | None) -> None:
+    if op.base == "required" and base_index is None:
+        raise ConfigError(f"merge_method {op.name!r} needs a base_model")
+    if op.base == "ignored" and cfg.base_model and cfg.base_model not in [m.model for m in cfg.models or []]:
+        # mergekit adds an unlisted base as a source; for methods that ignore the base that only
+        # asks for a weight it cannot have, so say it plainly.
+        raise ConfigError(f"merge_method {op.name!r} does not use base_model; list it under models or drop it")
+    if len(refs) < op.min_models:
+        raise ConfigError(f"merge_method {op.name!r} needs at least {op.min_models} models, got {len(refs)}")
+
+
+def _as_modules(cfg: MergeConfig, config_model: ModelCatalog) -> MergeConfig:
+    """The plain forms on a model of several modules (a multimodal architecture of
+    bigmerge.planning.modules), read as mergekit reads them: `models:` is every module merged
+    from those models (each module's layers its own depth for gradients); `slices:` is refused,
+    as mergekit refuses it (whose layers would a layer range mean?)."""
+    archs = (config_model.config or {}).get("architectures")
+    arch = archs[0] if isinstance(archs, list) and len(archs) == 1 else None
+    if cfg.modules or not isinstance(arch, str) or arch not in ARCHITECTURES:
+        return cfg
+    if cfg.slices:
+        raise ConfigError(
+            f"{config_model.ref}: architecture {arch} has several modules ({', '.join(ARCHITECTURES[arch])}): "
+            "slices need the modules: form, slices per module (as mergekit)"
+        )
+    modules = {name: OutputModule(models=cfg.models) for name in ARCHITECTURES[arch]}
+    return cfg.model_copy(update={"models": None, "modules": modules})
+
+
+def _module_outputs(
+    op: MergeOp, cfg: MergeConfig, refs: list[str], by_ref: dict[str, ModelCatalog], config_model: ModelCatalog
+) -> tuple[list[_Output], dict[str, int]]:
+    """mergekit's `modules:` form of a multimodal model: every module of the architecture
+    (bigmerge.planning.modules) merged from its own models or slices, its parameters ranked
+    between the slice's (or the models' own) and the global ones, with the one merge_method.
+    A module's `models` read as mergekit reads them: one slice over all of the module's layers,
+    the base model added as its last source when it is not listed. Returns the outputs and the
+    layer count of every module merged in slices (config.json's key, where the output's config
+    has one: count)."""
+    assert cfg.modules
+    arch = architecture_of(config_model.config, config_model.ref)
+    tables = module_tables(arch, list(cfg.modules), config_model.ref)
+    for ref in refs:  # every tensor of every source in exactly one module, before any is planned
+        split_by_module(tables, list(by_ref[ref].tensors), ref)
+    outs: list[_Output] = []
+    layer_counts: dict[str, int] = {}
+    for name, module in cfg.modules.items():
+        table = tables[name]
+        if module.slices:
+            got, n_layers = _slice_outputs(op, cfg, refs, by_ref, module.slices, (name, module.parameters, table))
+            outs += got
+            key = table.layers_key(config_model.config)
+            if key is not None:
+                layer_counts[key] = n_layers
+            continue
+        models = module.models or []
+        sources = [m.model for m in models]
+        if cfg.base_model and cfg.base_model not in sources:
+            if op.base == "ignored":
+                raise ConfigError(
+                    f"modules.{name}: merge_method {op.name!r} does not use base_model; list it under the module's "
+                    "models or drop it"
+                )
+            sources.append(cfg.base_model)
+        base = sources.index(cfg.base_model) if cfg.base_model else None
+        if op.base == "required" and base is None:
+            raise ConfigError(f"modules.{name}: merge_method {op.name!r} needs a base_model")
+        if len(sources) < op.min_models:
+            raise ConfigError(
+                f"modules.{name}: merge_method {op.name!r} needs at least {op.min_models} models, got {len(sources)}"
+            )
+        own = {m.model: m.parameters for m in models}
+        head = by_ref[sources[base if base is not None else 0]]
+        names = [n for n in head.tensors if table.owns(n)]
+        n_layers = table.num_layers(head.config, names)
+        shared_scopes = [module.parameters, cfg.parameters]
+        input_scopes = [[own.get(r), module.parameters, cfg.parameters] for r in sources]
+        for n in names:
+            t = table.position(n, n_layers)
+            twice = f"modules.{name}" if table.planned_twice(n) else None
+            outs.append(_Output(n, [(refs.index(r), n) for r in sources], base, t, shared_scopes, input_scopes, twice))
+    return outs, layer_counts
 
 
 def _is_vocab_tensor(out: _Output, models: list[ModelCatalog], vocab_sizes: list[int]) -> bool:
@@ -422,10 +561,26 @@ def _check_architectures(models: list[ModelCatalog]) -> None:
 
 def _all_settings(cfg: MergeConfig) -> list[tuple[str, Any]]:
     """(parameter name, setting) for every parameter written anywhere in the config."""
-    scopes: list[Any] = [cfg.parameters] + [m.parameters for m in cfg.models or []]
-    for sl in cfg.slices or []:
-        scopes += [sl.parameters] + [src.parameters for src in sl.sources]
-    return [(k, v) for sc in scopes for k, v in (sc or {}).items()]
+    return [(k, v) for _, sc in _parameter_scopes(cfg) for k, v in (sc or {}).items()]
+
+
+def _parameter_scopes(cfg: MergeConfig) -> list[tuple[str, Any]]:
+    """(where, parameters) for every place a config gives parameters, modules' included."""
+    out: list[tuple[str, Any]] = [("parameters", cfg.parameters)]
+
+    def models_and_slices(prefix: str, models: list[Any] | None, slices: list[OutputSlice] | None) -> None:
+        out.extend((f"{prefix}models[{i}].parameters", m.parameters) for i, m in enumerate(models or []))
+        for k, sl in enumerate(slices or []):
+            out.append((f"{prefix}slices[{k}].parameters", sl.parameters))
+            out.extend(
+                (f"{prefix}slices[{k}].sources[{j}].parameters", src.parameters) for j, src in enumerate(sl.sources)
+            )
+
+    models_and_slices("", cfg.models, cfg.slices)
+    for name, module in (cfg.modules or {}).items():
+        out.append((f"modules.{name}.parameters", module.parameters))
+        models_and_slices(f"modules.{name}.", module.models, module.slices)
+    return out
 
 
 def _filters_and_gradients(setting: Any, filters: set[str]) -> bool:
@@ -467,12 +622,7 @@ def _check_parameter_names(op: MergeOp, cfg: MergeConfig) -> list[str]:
     mergekit would merge the config without it."""
     known = {p.name for p in op.params}
     ignored: dict[str, list[str]] = {}
-    where_params: list[tuple[str, Any]] = [("parameters", cfg.parameters)]
-    where_params += [(f"models[{i}].parameters", m.parameters) for i, m in enumerate(cfg.models or [])]
-    for k, sl in enumerate(cfg.slices or []):
-        where_params.append((f"slices[{k}].parameters", sl.parameters))
-        where_params += [(f"slices[{k}].sources[{j}].parameters", src.parameters) for j, src in enumerate(sl.sources)]
-    for where, params in where_params:
+    for where, params in _parameter_scopes(cfg):
         for key in params or {}:
             if key not in known and key in MERGEKIT_PARAMETERS:
                 ignored.setdefault(key, []).append(where)
@@ -493,15 +643,18 @@ def _check_parameter_names(op: MergeOp, cfg: MergeConfig) -> list[str]:
     # a parameter of the other models given to the base model itself: never read
     non_base = {p.name for p in op.params if p.scope == "non_base"}
     base_params: dict[str, list[str]] = {}
-    for i, m in enumerate(cfg.models or []):
-        if cfg.base_model and m.model == cfg.base_model:
-            for key in (m.parameters or {}).keys() & non_base:
-                base_params.setdefault(key, []).append(f"models[{i}].parameters")
-    for k, sl in enumerate(cfg.slices or []):
-        for j, src in enumerate(sl.sources):
-            if src.model == (sl.base_model or cfg.base_model):
-                for key in (src.parameters or {}).keys() & non_base:
-                    base_params.setdefault(key, []).append(f"slices[{k}].sources[{j}].parameters")
+    groups: list[tuple[str, list[Any] | None, list[OutputSlice] | None]] = [("", cfg.models, cfg.slices)]
+    groups += [(f"modules.{name}.", m.models, m.slices) for name, m in (cfg.modules or {}).items()]
+    for prefix, models, slices in groups:
+        for i, m in enumerate(models or []):
+            if cfg.base_model and m.model == cfg.base_model:
+                for key in (m.parameters or {}).keys() & non_base:
+                    base_params.setdefault(key, []).append(f"{prefix}models[{i}].parameters")
+        for k, sl in enumerate(slices or []):
+            for j, src in enumerate(sl.sources):
+                if src.model == (sl.base_model or cfg.base_model):
+                    for key in (src.parameters or {}).keys() & non_base:
+                        base_params.setdefault(key, []).append(f"{prefix}slices[{k}].sources[{j}].parameters")
     warnings += [
         f"parameter {key!r} of the base model ({', '.join(places)}) is ignored: merge_method {op.name!r} "
         "applies it to the other models only (mergekit 0.1.5 ignores it too)"
@@ -529,7 +682,16 @@ def build_plan(
     _check_architectures(models)
     warnings: list[str] = ignored
     config_updates: dict[str, Any] = {}
-    if cfg.slices:
+    fingerprint = cfg.fingerprint()
+    if cfg.models:
+        _check_models_form(op, cfg, refs, base_index)
+    cfg = _as_modules(cfg, by_ref[cfg.base_model or refs[0]])
+    if cfg.modules:
+        head = by_ref[refs[base_index] if base_index is not None else refs[0]]
+        config_model = head.ref
+        outputs, counts = _module_outputs(op, cfg, refs, by_ref, head)
+        config_updates.update(counts)  # dotted keys: see bigmerge.planning.modules.update_config
+    elif cfg.slices:
         outputs, n_layers = _slice_outputs(op, cfg, refs, by_ref)
         config_model = cfg.base_model or cfg.slices[0].sources[0].model
         cfg_json = by_ref[config_model].config or {}
@@ -539,14 +701,6 @@ def build_plan(
         if key is not None:
             config_updates[key] = n_layers
     else:
-        if op.base == "required" and base_index is None:
-            raise ConfigError(f"merge_method {op.name!r} needs a base_model")
-        if op.base == "ignored" and cfg.base_model and cfg.base_model not in [m.model for m in cfg.models or []]:
-            # mergekit adds an unlisted base as a source; for methods that ignore the base that only
-            # asks for a weight it cannot have, so say it plainly.
-            raise ConfigError(f"merge_method {op.name!r} does not use base_model; list it under models or drop it")
-        if len(refs) < op.min_models:
-            raise ConfigError(f"merge_method {op.name!r} needs at least {op.min_models} models, got {len(refs)}")
         ref_model = models[base_index] if base_index is not None else models[0]
         outputs = _model_outputs(cfg, refs, ref_model, base_index)
         config_model = ref_model.ref
@@ -577,11 +731,12 @@ def build_plan(
         if tok is None or (is_identity(perms, vocab_sizes) and pad_to is None and not any(r.force for r in rules)):
             perms = None
         else:
-            config_updates["vocab_size"] = pad_to or len(perms[0])
+            config_updates[_vocab_key(by_ref[config_model].config)] = pad_to or len(perms[0])
     adapters = _validator(op)
 
     aux_files = _AuxFiles(cfg.storage_options)
     tensors: list[TensorPlan] = []
+    ambiguous: dict[str, list[str]] = {}
     for out in sorted(outputs, key=lambda o: _natural_key(o.name)):
         name = out.name
         first_idx, first_name = out.inputs[out.base if out.base is not None else 0]
@@ -618,6 +773,8 @@ def build_plan(
         if not cfg.out_dtype and op.float32_result and t_compute in ("BF16", "F16"):
             out_dtype = "F32"  # mergekit writes the float32 its arithmetic promotes to
         shared, per_model = _resolve(op, out, refs, adapters)
+        if out.twice and _resolve(op, replace(out, t=1.0), refs, adapters) != (shared, per_model):
+            ambiguous.setdefault(out.twice, []).append(name)
         shape = list(ref_info.shape)
         if vocab:
             shape[0] = vocab["rows"]
@@ -651,6 +808,11 @@ def build_plan(
         tp.aux = aux_files.resolve(op, task, [(refs[i], in_name) for i, in_name in out.inputs], bool(tp.vocab))
         tensors.append(tp)
 
+    warnings += [
+        f"{where}: a gradient reaches {len(names)} tensor(s) (e.g. {names[0]!r}) that mergekit 0.1.5 plans twice, "
+        "at t = 0 and t = 1, keeping either one; bigmerge merges them at t = 0"
+        for where, names in ambiguous.items()
+    ]
     _check_settings_against_tensors(
         cfg, sorted({t.name for t in tensors} | {n for o in outputs for _, n in o.inputs}), warnings
     )
@@ -665,7 +827,7 @@ def build_plan(
         world_size=world_size,
         tensors=tensors,
         source_headers={m.ref: m.header_sha256 for m in models},
-        config_fingerprint=cfg.fingerprint(),
+        config_fingerprint=fingerprint,
         warnings=warnings,
         config_model=config_model,
         config_updates=config_updates,
@@ -673,6 +835,13 @@ def build_plan(
     aux_files.annotate(plan)
     plan.assign(world_size)
     return plan
+
+
+def _vocab_key(config: dict[str, Any] | None) -> str:
+    """config.json's vocabulary size: `vocab_size`, or a multimodal model's text_config's."""
+    if config_value(config, "vocab_size") is None and isinstance(config_value(config, "text_config.vocab_size"), int):
+        return "text_config.vocab_size"
+    return "vocab_size"
 
 
 def _promote(dtypes: list[str]) -> str:

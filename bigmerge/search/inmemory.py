@@ -20,6 +20,7 @@ from bigmerge.engine.reader import BlockReader
 from bigmerge.errors import SourceError
 from bigmerge.planning.catalog import ModelCatalog, catalog_models
 from bigmerge.planning.config import MergeConfig
+from bigmerge.planning.modules import update_config
 from bigmerge.planning.plan import DEFAULT_BLOCK_BYTES, Plan, TensorPlan, build_plan
 from bigmerge.storage.safetensors import DTYPES
 
@@ -80,7 +81,7 @@ class InMemoryMerger:
         if src is None or src.config is None:
             raise SourceError(f"{plan.config_model or base_ref}: no config.json, cannot build a model in memory")
         cfg = dict(src.config)
-        cfg.update(plan.config_updates)
+        update_config(cfg, plan.config_updates)
         return cfg
 
 
