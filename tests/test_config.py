@@ -248,11 +248,6 @@ def test_several_modules_stay_modules_with_every_source_referenced() -> None:
         ),
         ({"default": {"models": [{"model": "a"}], "colour": 1}}, "unknown key 'modules.default.colour'"),
         (
-            {"vision_tower": {"models": [{"model": "a"}], "merge_method": "slerp"}},
-            "modules.vision_tower.merge_method: a module takes no merge_method of its own",
-        ),
-        ({"vision_tower": {"models": [{"model": "a"}], "base_model": "a"}}, "give base_model at the top level or per"),
-        (
             {
                 "text_decoder": {"models": [{"model": "a"}, {"model": "a"}]},
                 "vision_tower": {"models": [{"model": "b"}]},

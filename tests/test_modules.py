@@ -200,11 +200,6 @@ BAD = {
         "merge_method: linear\nmodules:\n  text_decoder: {{models: [{{model: {ft1}}}]}}\n  vision_tower: {{models: []}}\n",
         "modules.vision_tower names no models",
     ),
-    "module merge_method": (
-        "merge_method: linear\nmodules:\n  text_decoder: {{models: [{{model: {ft1}}}]}}\n"
-        "  vision_tower: {{merge_method: slerp, models: [{{model: {ft1}}}]}}\n",
-        "modules.vision_tower.merge_method: a module takes no merge_method of its own",
-    ),
     "plain slices on several modules": (
         "merge_method: passthrough\nslices:\n  - sources: [{{model: {ft1}, layer_range: [0, 2]}}]\n",
         "architecture Gemma3ForConditionalGeneration has several modules",
@@ -269,6 +264,30 @@ def test_unknown_architecture_and_unowned_tensor_are_one_line(
     assert code != 0 and len(err.splitlines()) == 1, err
     assert f"{extra}: tensor 'image_newline' belongs to no module of the architecture" in err
     assert not (tmp_path / "o2").exists()
+
+
+def test_a_modules_own_merge_method_and_base_are_ignored_as_mergekit_ignores_them(
+    gemma3: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """mergekit 0.1.5 drops a module's merge_method and base_model (one method and base merge
+    every module): a published config carrying them gives the checkpoint it gave, with one
+    warning per key."""
+    plain = (
+        "merge_method: linear\nparameters: {{weight: 0.5}}\nmodules:\n  text_decoder: {{models: [{{model: {ft1}}}, {{model: {ft2}}}]}}\n"
+        "  vision_tower: {{models: [{{model: {ft1}}}, {{model: {ft2}}}]}}\n"
+        "  multi_modal_projector: {{models: [{{model: {ft1}}}, {{model: {ft2}}}]}}\n"
+    )
+    extra = plain.replace("  vision_tower: {{", "  vision_tower: {{merge_method: slerp, base_model: {ft1}, ")
+    assert extra != plain
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(["merge", str(_write(tmp_path, plain, gemma3, "a.yaml")), str(a), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["merge", str(_write(tmp_path, extra, gemma3, "b.yaml")), str(b)]) == 0
+    err = capsys.readouterr().err
+    assert "modules.vision_tower.merge_method ('slerp') is ignored" in err, err
+    assert "modules.vision_tower.base_model (" in err and "top-level base_model (None)" in err, err
+    got, want = load_output(b), load_output(a)
+    assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
 
 
 @pytest.mark.mpi

@@ -171,10 +171,16 @@ class MergeConfig(_Strict):
     seed: int | None = None
     # method parameters written at the top level, which mergekit ignores: warned about, not merged
     _ignored_top_level: list[str] = PrivateAttr(default_factory=list)
+    # a module's own merge_method or base_model, which mergekit ignores: the warnings
+    _module_warnings: list[str] = PrivateAttr(default_factory=list)
 
     @property
     def ignored_top_level(self) -> tuple[str, ...]:
         return tuple(self._ignored_top_level)
+
+    @property
+    def module_warnings(self) -> tuple[str, ...]:
+        return tuple(self._module_warnings)
 
     @field_validator("dtype", "out_dtype")
     @classmethod
@@ -227,7 +233,7 @@ def parse_config(data: Any, source: str = "config") -> MergeConfig:
         ignored = [k for k in data if k in MERGEKIT_PARAMETERS and k not in MergeConfig.model_fields]
         data = {k: v for k, v in data.items() if k not in ignored}
     branches = ("ConditionalParameter", "ModelTokenEmbedding", "ZeroEmbedding", "TokenEmbedding")
-    _check_module_keys(data, source)
+    data, module_warnings = _module_keys_ignored(data)
     cfg = validate(MergeConfig, data, source, branches=branches)
     if sum(bool(x) for x in (cfg.models, cfg.slices, cfg.modules)) != 1:
         raise ConfigError(f"{source}: exactly one of 'models', 'slices' or 'modules' must be given")
@@ -237,25 +243,34 @@ def parse_config(data: Any, source: str = "config") -> MergeConfig:
         raise ConfigError(f"{source}: give either 'tokenizer_source' or 'tokenizer', not both (as mergekit)")
     _check_duplicates(cfg, source)
     cfg._ignored_top_level.extend(ignored)
+    cfg._module_warnings.extend(module_warnings)
     return cfg
 
 
-def _check_module_keys(data: Any, source: str) -> None:
-    """A module of mergekit 0.1.5 has models or slices, and parameters: nothing else. Its config
-    model drops other keys, so a module's own `merge_method` or `base_model` would be silently
-    ignored there (every module is merged with the top-level method and base): refused here."""
+def _module_keys_ignored(data: Any) -> tuple[Any, list[str]]:
+    """A module of mergekit 0.1.5 has models or slices, and parameters. Its config model drops
+    other keys, so a module's own `merge_method` or `base_model` is ignored there (every module
+    is merged with the top-level method and base): bigmerge does the same, so that a published
+    config gives the checkpoint it gave, and says so in one warning per key. Returns the data
+    without those keys and the warnings."""
     modules = data.get("modules") if isinstance(data, dict) else None
     if not isinstance(modules, dict):
-        return
+        return data, []
+    warnings: list[str] = []
+    kept: dict[Any, Any] = {}
     for name, module in modules.items():
         if isinstance(module, dict):
             for key in ("merge_method", "base_model"):
                 if key in module:
-                    raise ConfigError(
-                        f"{source}: modules.{name}.{key}: a module takes no {key} of its own (mergekit 0.1.5 "
-                        f"merges every module with the top-level {key}, and would ignore this one); "
-                        f"give {key} at the top level" + (" or per slice" if key == "base_model" else "")
+                    top = data.get(key)
+                    warnings.append(
+                        f"modules.{name}.{key} ({module[key]!r}) is ignored: mergekit 0.1.5 merges every module "
+                        f"with the top-level {key} ({top!r}), and so does bigmerge; for one method per module, "
+                        "see 'modules:' in docs/mergekit.md"
                     )
+            module = {k: v for k, v in module.items() if k not in ("merge_method", "base_model")}
+        kept[name] = module
+    return {**data, "modules": kept}, warnings
 
 
 def _from_modules(cfg: MergeConfig, source: str) -> MergeConfig:

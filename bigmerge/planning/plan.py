@@ -640,6 +640,7 @@ def _check_parameter_names(op: MergeOp, cfg: MergeConfig) -> list[str]:
         "(mergekit 0.1.5 ignores it too)"
         for key in cfg.ignored_top_level
     ]
+    warnings += list(cfg.module_warnings)
     # a parameter of the other models given to the base model itself: never read
     non_base = {p.name for p in op.params if p.scope == "non_base"}
     base_params: dict[str, list[str]] = {}
