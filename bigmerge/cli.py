@@ -41,7 +41,16 @@ def _merge_args(p: argparse.ArgumentParser) -> None:
         type=parse_size,
         default="512M",
         help="per-rank memory for keeping a tensor's blocks between statistic passes (default 512M); a larger "
-        "tensor is spilled to local scratch ($BIGMERGE_SPILL_DIR, else $TMPDIR) and read back from there",
+        "tensor is spilled to local scratch or read again (--spill)",
+    )
+    p.add_argument(
+        "--spill",
+        choices=("auto", "always", "never"),
+        default="auto",
+        help="a tensor over --cache-size between statistic passes: written once to local scratch "
+        "($BIGMERGE_SPILL_DIR, else $TMPDIR) and read back from there (always), read from its sources again "
+        "(never), or auto (default): spilled when a source is on object storage or a network file system, "
+        "read again when all are on local disks (a local re-read costs no more than reading the spill back)",
     )
 
 
@@ -454,7 +463,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     per_rank = plan.rank_bytes()
     mean = sum(per_rank) / len(per_rank)
     peak = plan.peak_memory_estimate(args.prefetch, args.cache_size)
-    est = estimate_plan(plan, cluster, prefetch=args.prefetch, cache_bytes=args.cache_size)  # type: ignore[arg-type]
+    est = estimate_plan(plan, cluster, prefetch=args.prefetch, cache_bytes=args.cache_size, spill=args.spill)  # type: ignore[arg-type]
     for w in plan.warnings:
         print(f"warning: {w}")
     print(f"method        {plan.merge_method}")
@@ -514,6 +523,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         copy_tokenizer=args.copy_tokenizer is not False,
         write_card=args.write_model_card is not False,
         cache_bytes=args.cache_size,
+        spill=args.spill,
         io_threads=args.io_threads,
         prefetch=args.prefetch,
         seed=args.seed,

@@ -82,6 +82,9 @@ class MergeOptions:
     shard_params: int | None = None
     copy_tokenizer: bool = True  # mergekit's --no-copy-tokenizer: False
     write_card: bool = True  # mergekit's --no-write-model-card: False (the config is still written)
+    # tensors over cache_bytes between statistics passes: auto spills those with a far source
+    # (object storage, a network file system) and reads local ones again; always | never
+    spill: str = "auto"
 
 
 def shard_bytes_of(opts: MergeOptions, plan: Plan) -> int:
@@ -508,7 +511,15 @@ def _execute(
     t0 = time.perf_counter()
     try:
         stats = execute(
-            plan, comm, store, reader, done, cache_bytes=opts.cache_bytes, on_block=progress.on_block, device=device
+            plan,
+            comm,
+            store,
+            reader,
+            done,
+            cache_bytes=opts.cache_bytes,
+            on_block=progress.on_block,
+            device=device,
+            spill=opts.spill,
         )
         progress.finish()
     finally:

@@ -7,6 +7,7 @@ from pathlib import Path
 from helpers import bigmerge, synthetic_family
 
 from bigmerge.merge import MergeOptions, plan_merge
+from bigmerge.ops import get_op
 from bigmerge.planning.config import load_config
 from bigmerge.planning.estimate import COMPILE_S, Cluster, estimate_model, estimate_plan, parse_count
 
@@ -70,7 +71,8 @@ def test_spilled_passes_compilation_and_start_up_are_counted(tmp_path: Path) -> 
     plan = plan_merge(load_config(cfg), 1, MergeOptions(block_bytes=4096))[0]
     c = Cluster(1, 1, 2)
     kept = estimate_plan(plan, c, cache_bytes=1 << 30, uncached=0.0)
-    spilled = estimate_plan(plan, c, cache_bytes=1024, uncached=0.0)
+    spilled = estimate_plan(plan, c, cache_bytes=1024, uncached=0.0, spill="always")
+    reread = estimate_plan(plan, c, cache_bytes=1024, uncached=0.0)  # auto: local sources are read again
     cold = estimate_plan(plan, c, cache_bytes=1 << 30, uncached=1.0)
     source = sum(t.in_bytes() for t in plan.tensors)
     assert kept.bytes_read == spilled.bytes_read == source  # the sources once, either way
@@ -81,4 +83,8 @@ def test_spilled_passes_compilation_and_start_up_are_counted(tmp_path: Path) -> 
     assert abs(cold.seconds - kept.seconds - COMPILE_S) < 1e-9 and cold.compile_s == COMPILE_S
     assert estimate_plan(plan, c, cache_bytes=1 << 30, uncached=0.3).compile_s == 0  # never-called kernels
     assert kept.seconds > kept.startup_s > 0
+    rounds = {t.index: get_op("ties").rounds(plan.task(t)) for t in big}
+    assert reread.bytes_spilled == 0 and reread.spill_s == 0
+    assert reread.bytes_read == source + sum(rounds[t.index] * t.in_bytes() for t in big)
+    assert reread.read_s > kept.read_s
     assert "spill to local scratch" in spilled.describe() and "compiling the kernels" in cold.describe()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -427,9 +428,30 @@ def test_statistics_read_every_source_byte_once(tmp_path: Path, method: str) -> 
     cfg.write_text(text)
     source_bytes = sum(p.stat().st_size for v in f.values() for p in v.glob("*.safetensors"))
     kept = merge(text, tmp_path, "kept", block_bytes=256, cache_bytes=1 << 30)
-    summary = run_merge(
-        str(cfg), str(tmp_path / "spilled"), SerialComm(), MergeOptions(block_bytes=256, cache_bytes=512, quiet=True)
-    )
+    opts = MergeOptions(block_bytes=256, cache_bytes=512, quiet=True, spill="always")
+    summary = run_merge(str(cfg), str(tmp_path / "spilled"), SerialComm(), opts)
     assert_bit_identical(kept, load_output(tmp_path / "spilled"))
     assert summary["bytes_spilled"] > 0
     assert summary["bytes_read"] <= source_bytes  # every tensor byte once (headers are not counted)
+    # auto on local sources: read again (a local re-read costs what reading the spill back costs)
+    opts = dataclasses.replace(opts, spill="auto")
+    summary = run_merge(str(cfg), str(tmp_path / "reread"), SerialComm(), opts)
+    assert_bit_identical(kept, load_output(tmp_path / "reread"))
+    assert summary["bytes_spilled"] == 0 and summary["bytes_read"] > source_bytes
+
+
+def test_far_sources_are_object_storage_and_network_file_systems(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--spill auto's test: a local path is far when the mount holding it is a network or FUSE
+    file system (the longest mount point that contains it decides), and every object store is."""
+    from bigmerge.storage import fs
+
+    table = [("/mnt/lustre", "lustre"), ("/mnt/sshfs", "fuse.sshfs"), ("/mnt/usb", "fuseblk"), ("/", "ext4")]
+    monkeypatch.setattr(fs, "_mounts", sorted(table, key=lambda m: len(m[0]), reverse=True))
+    assert fs.network_filesystem("/mnt/lustre/models/a.safetensors") == "lustre"
+    assert fs.network_filesystem("/mnt/lustre") == "lustre"
+    assert fs.network_filesystem("/mnt/lustreish/a") is None  # a sibling, not inside the mount
+    assert fs.network_filesystem("/mnt/sshfs/a") == "fuse.sshfs"
+    assert fs.network_filesystem("/mnt/usb/a") is None  # a local disk through FUSE (ntfs-3g)
+    assert fs.network_filesystem("/home/me/a") is None
+    assert location("/mnt/lustre/m").is_far and not location("/home/me/m").is_far
+    assert location("s3://bucket/m").is_far and location("memory://m").is_far

@@ -158,3 +158,29 @@ def test_export_to_s3_is_assembled_by_the_server(
     assert [json.loads(m)["tensors"] for m in manifests][0] == json.loads(manifests[1])["tensors"]
     v = bigmerge("verify", "s3://out-bkt/copied", env=s3_env)
     assert v.returncode == 0, v.stderr
+
+
+def test_auto_spill_keeps_s3_sources_to_one_read(
+    s3_family: tuple[dict[str, Path], dict[str, str]], tmp_path: Path
+) -> None:
+    """--spill auto (the default): a tensor over the cache whose sources are on object storage
+    is spilled to local scratch, so S3 serves each byte once; the same merge from local copies
+    reads them again instead (no local write). Both give the bytes of a merge that keeps every
+    block in memory."""
+    from bigmerge.engine.comm import SerialComm
+    from bigmerge.merge import MergeOptions, run_merge
+
+    local, remote = s3_family
+    small = dict(block_bytes=256, cache_bytes=512, quiet=True)
+    runs = {}
+    for name, fam in (("s3", remote), ("local", local)):
+        cfg = tmp_path / f"{name}.yaml"
+        cfg.write_text(TIES.format(**{k: str(v) for k, v in fam.items()}))
+        runs[name] = run_merge(str(cfg), str(tmp_path / name), SerialComm(), MergeOptions(**small))  # type: ignore[arg-type]
+        kept = run_merge(str(cfg), str(tmp_path / f"{name}-kept"), SerialComm(), MergeOptions(quiet=True))
+        assert_bit_identical(load_output(tmp_path / f"{name}-kept"), load_output(tmp_path / name))
+        assert kept["bytes_spilled"] == 0
+    source_bytes = sum(p.stat().st_size for v in local.values() for p in v.glob("*.safetensors"))
+    assert runs["s3"]["bytes_spilled"] > 0 and runs["s3"]["bytes_read"] <= source_bytes
+    assert runs["local"]["bytes_spilled"] == 0 and runs["local"]["bytes_read"] > source_bytes
+    assert_bit_identical(load_output(tmp_path / "s3"), load_output(tmp_path / "local"))

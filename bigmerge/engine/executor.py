@@ -46,6 +46,9 @@ class ExecStats:
     bytes_spilled: int = 0  # input bytes written to local scratch (tensors too large for the cache)
 
 
+SPILL_POLICIES = ("auto", "always", "never")
+
+
 def execute(
     plan: Plan,
     comm: Comm,
@@ -57,8 +60,17 @@ def execute(
     on_block: Callable[[int], None] | None = None,
     device: torch.device | None = None,
     spill_dir: str | None = None,
+    spill: str = "auto",
 ) -> ExecStats:
-    """Merge this rank's unfinished blocks of every tensor into `store`, in plan order."""
+    """Merge this rank's unfinished blocks of every tensor into `store`, in plan order.
+
+    A tensor whose blocks exceed cache_bytes between statistics passes is spilled to local
+    scratch (spill="always"), read from its sources again (spill="never"), or, with "auto",
+    spilled when one of its sources is far (object storage, a network file system: a second
+    read would cross the network again) and read again when all are local (a local re-read
+    costs what reading the spill back costs, and the spill adds a write)."""
+    if spill not in SPILL_POLICIES:
+        raise ValueError(f"spill must be one of {', '.join(SPILL_POLICIES)}, not {spill!r}")
     op = get_op(plan.merge_method)
     rank = comm.rank
     stats = ExecStats()
@@ -104,7 +116,8 @@ def execute(
             # Statistics first (rounds of op.stats over this rank's blocks, each reduced over every
             # rank), then apply. The blocks are kept between passes (TensorInputs).
             keep = len(first) * (t.in_bytes() // max(1, t.n_blocks)) <= cache_bytes
-            held = TensorInputs(t, reader, keep, None if keep or not first else spills.get())
+            spilled = not keep and bool(first) and (spill == "always" or (spill == "auto" and reader.far(t)))
+            held = TensorInputs(t, reader, keep, spills.get() if spilled else None)
             prev: Any = None
             for rnd in range(rounds):
                 partial: dict[int, dict[str, Any]] = {}

@@ -165,6 +165,10 @@ class BlockReader:
             fold.wake()
         self._pool.shutdown(wait=True, cancel_futures=True)
 
+    def far(self, t: TensorPlan) -> bool:
+        """Does reading tensor t again cross a network (Location.is_far of any of its sources)?"""
+        return any(self._loc(src.file).is_far for src in t.sources)
+
     def _loc(self, url: str) -> Location:
         loc = self._locs.get(url)
         if loc is None:

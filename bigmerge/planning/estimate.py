@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from bigmerge.planning.plan import Plan, block_memory
+from bigmerge.planning.plan import Plan, TensorPlan, block_memory
 
 # Source bytes merged per second per core, by operator family (GB/s), from tools/bench.py on
 # the 2-core development machine (medium preset, 4 x 1 GB bf16 sources, dtype float32, a quiet
@@ -102,7 +102,12 @@ def _duration(s: float) -> str:
 
 
 def estimate_plan(
-    plan: Plan, cluster: Cluster, prefetch: int = 2, cache_bytes: int = 512 << 20, uncached: float | None = None
+    plan: Plan,
+    cluster: Cluster,
+    prefetch: int = 2,
+    cache_bytes: int = 512 << 20,
+    uncached: float | None = None,
+    spill: str = "auto",
 ) -> Estimate:
     """The time of `plan` on `cluster`: plan.world_size must be nodes x ranks_per_node.
 
@@ -120,25 +125,40 @@ def estimate_plan(
         from bigmerge.ops import kernels
 
         uncached = kernels.uncached_fraction()
+    passes = spill_passes(plan, cache_bytes, spill)
     return _estimate(
         plan.merge_method,
         per_rank,
         out_per_rank,
         cluster,
         plan.peak_memory_estimate(prefetch, cache_bytes),
-        spill_passes(plan, cache_bytes),
+        [(w, r) for w, r, _ in passes],
         max(0.0, 2 * uncached - 1) * COMPILE_S,
+        rereads=[rr for _, _, rr in passes],
     )
 
 
-def spill_passes(plan: Plan, cache_bytes: int) -> list[tuple[int, int]]:
-    """Per rank: (bytes spilled to local scratch, bytes read back from it), as the executor does:
-    a tensor with statistics rounds whose local blocks exceed cache_bytes is spilled as its first
-    pass reads it, and read back by each of the `rounds` later passes (rounds - 1, then apply)."""
+def spill_passes(plan: Plan, cache_bytes: int, spill: str = "always") -> list[tuple[int, int, int]]:
+    """Per rank: (bytes spilled to local scratch, bytes read back from it, bytes read from the
+    sources again), as the executor does: a tensor with statistics rounds whose local blocks
+    exceed cache_bytes is spilled as its first pass reads it and read back by each of the
+    `rounds` later passes (rounds - 1, then apply), or read from its sources by each of them
+    when it is not spilled (--spill never, or auto and every source on a local disk)."""
     from bigmerge.ops import get_op
+    from bigmerge.storage.fs import location
 
     op = get_op(plan.merge_method)
-    out = [(0, 0)] * plan.world_size
+    far: dict[str, bool] = {}
+
+    def spilled(t: TensorPlan) -> bool:
+        if spill != "auto":
+            return spill == "always"
+        for src in t.sources:
+            if src.file not in far:
+                far[src.file] = location(src.file).is_far
+        return any(far[src.file] for src in t.sources)
+
+    out = [(0, 0, 0)] * plan.world_size
     for t in plan.tensors:
         if t.n_blocks == 0:
             continue
@@ -151,8 +171,8 @@ def spill_passes(plan: Plan, cache_bytes: int) -> list[tuple[int, int]]:
             mine[r] += per_block
         for r, local in enumerate(mine):
             if local > cache_bytes:
-                w, rd = out[r]
-                out[r] = (w + local, rd + rounds * local)
+                w, rd, rr = out[r]
+                out[r] = (w + local, rd + rounds * local, rr) if spilled(t) else (w, rd, rr + rounds * local)
     return out
 
 
@@ -190,16 +210,18 @@ def _estimate(
     peak: int,
     spills: list[tuple[int, int]] | None = None,
     compile_s: float = 0.0,
+    rereads: list[int] | None = None,
 ) -> Estimate:
     cores_per_rank = max(1.0, c.cores_per_node / c.ranks_per_node)
     gbps = COMPUTE_GBPS_PER_CORE[family(method)] * cores_per_rank
     read_bw = c.read_gbps / c.ranks_per_node
     write_bw = c.write_gbps / c.ranks_per_node
     spills = spills or [(0, 0)] * len(read_per_rank)
+    rereads = rereads or [0] * len(read_per_rank)
     worst = (0.0, 0.0, 0.0, 0.0, 0.0)
-    for rb, wb, (sw, sr) in zip(read_per_rank, write_per_rank, spills):
+    for rb, wb, (sw, sr), rr in zip(read_per_rank, write_per_rank, spills, rereads):
         writes = 2 if c.writer == "zarr" else 1
-        read_s, compute_s, write_s = rb / 1e9 / read_bw, rb / 1e9 / gbps, writes * wb / 1e9 / write_bw
+        read_s, compute_s, write_s = (rb + rr) / 1e9 / read_bw, rb / 1e9 / gbps, writes * wb / 1e9 / write_bw
         spill_s = sw / 1e9 / (LOCAL_WRITE_GBPS / c.ranks_per_node) + sr / 1e9 / (LOCAL_READ_GBPS / c.ranks_per_node)
         total = max(read_s, compute_s) + spill_s + write_s
         if total > worst[0]:
@@ -210,7 +232,7 @@ def _estimate(
         compute_s=worst[2],
         write_s=worst[3],
         peak_bytes_per_rank=peak,
-        bytes_read=sum(read_per_rank),
+        bytes_read=sum(read_per_rank) + sum(rereads),
         bytes_written=sum(write_per_rank),
         spill_s=worst[4],
         bytes_spilled=sum(w for w, _ in spills),

@@ -295,6 +295,12 @@ class Location:
     def is_local(self) -> bool:
         return isinstance(self.fs, LocalFileSystem)
 
+    @property
+    def is_far(self) -> bool:
+        """Reading it costs a network: object storage (any non-local fsspec file system) or a
+        local path on a network or FUSE file system (NFS, Lustre, GPFS, s3fs-fuse ...)."""
+        return not self.is_local or network_filesystem(self.path) is not None
+
     def join(self, *parts: str) -> Location:
         path = posixpath.join(self.path, *parts)
         url = self.url.rstrip("/") + "/" + "/".join(parts)
@@ -462,6 +468,46 @@ def describe(exc: BaseException, secrets: tuple[str, ...] = ()) -> str:
         if len(secret) >= 4:
             text = text.replace(secret, "***")
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+# File system types (mountinfo's fstype) whose reads cross a network.
+NETWORK_FS = frozenset(
+    {
+        "nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "beegfs", "ceph", "glusterfs",
+        "9p", "afs", "panfs", "wekafs", "ocfs2", "gfs2", "orangefs", "pvfs2", "davfs", "sshfs",
+    }
+)  # fmt: skip
+_mounts: list[tuple[str, str]] | None = None  # (mount point, fstype), longest first
+_mounts_lock = threading.Lock()
+
+
+def _mount_table() -> list[tuple[str, str]]:
+    global _mounts
+    with _mounts_lock:
+        if _mounts is None:
+            table: list[tuple[str, str]] = []
+            try:
+                with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+                    for line in f:
+                        left, _, right = line.partition(" - ")
+                        fields, rest = left.split(), right.split()
+                        if len(fields) >= 5 and rest:
+                            point = fields[4].encode().decode("unicode_escape")  # \040 for a space
+                            table.append((point, rest[0]))
+            except OSError:  # not Linux: every local path counts as local
+                pass
+            _mounts = sorted(table, key=lambda m: len(m[0]), reverse=True)
+        return _mounts
+
+
+def network_filesystem(path: str) -> str | None:
+    """The type of the network or FUSE file system that holds this local path, or None."""
+    real = os.path.realpath(path)
+    for point, fstype in _mount_table():
+        if real == point or real.startswith(point.rstrip("/") + "/"):
+            base = fstype.split(".")[0]  # fuse.s3fs, fuse.sshfs ...
+            return fstype if base in NETWORK_FS or base == "fuse" or fstype in NETWORK_FS else None
+    return None
 
 
 def location(url_or_path: str, storage_options: dict[str, Any] | None = None) -> Location:
