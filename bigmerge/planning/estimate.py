@@ -3,8 +3,9 @@
 The model (stated in docs/performance.md, checked against measured runs there):
 
 - Every rank reads its blocks' bytes from every source once; the ranks of a node share
-  the node's read bandwidth. Reads are prefetched, so they overlap the arithmetic: a rank
-  spends max(read, compute) on its blocks.
+  the node's read bandwidth. Reads are prefetched and the direct writer writes on its own
+  threads, so reading, the arithmetic and writing overlap: a rank spends max(read, compute,
+  write) on its blocks (the zarr writer's export, a second write, comes after).
 - Compute: the operator's throughput in source bytes per second per core, measured on the
   benchmark machine (`tools/bench.py`, medium preset, warm page cache): the time above the
   I/O floor divided into the bytes read. Operators with several statistics rounds (TIES and
@@ -12,11 +13,11 @@ The model (stated in docs/performance.md, checked against measured runs there):
 - Writes: each rank writes its output blocks once with the direct writer (a POSIX output:
   blocks land at their final offsets), twice with the zarr writer (object storage: the
   store, then the exported safetensors), sharing the node's write bandwidth.
-- Statistics passes over a tensor too large for the cache (`--cache-size`): its blocks are
-  spilled to local scratch as the first pass reads them, and every later pass (the rounds, then
-  apply) reads them back from there (engine/spill.py): the sources are read once, and the
-  spill adds one local write and `rounds` local reads of those bytes, at LOCAL_WRITE_GBPS and
-  LOCAL_READ_GBPS (this machine: mostly the page cache).
+- Statistics passes over a tensor too large for the cache (`--cache-size`), as the executor's
+  --spill policy does them: spilled to local scratch as the first pass reads it, every later
+  pass (the rounds, then apply) reading it back from there (engine/spill.py; one local write
+  and `rounds` local reads at LOCAL_WRITE_GBPS and LOCAL_READ_GBPS), or read from its sources
+  again by every later pass (`rounds` more reads at the read bandwidth).
 - Start-up: STARTUP_S (interpreter, torch, headers, plan, the numba kernels loaded from their
   cache, the metadata and the manifest at the end), plus COMPILE_S when the kernels are not in
   numba's cache yet (tools/warm_kernels.py fills it at install time).
@@ -33,19 +34,20 @@ from dataclasses import dataclass
 from bigmerge.planning.plan import Plan, TensorPlan, block_memory
 
 # Source bytes merged per second per core, by operator family (GB/s), from tools/bench.py on
-# the 2-core development machine (medium preset, 4 x 1 GB bf16 sources, dtype float32, a quiet
-# machine, session 4): the merge phase less the floor's write of the output, over 2 cores, the
-# slower operator of each family. linear 1.5 s and task_arithmetic 2.0 s for 3.98 GB (2.2 and
-# 1.6); slerp 1.3 s for 1.99 GB (1.3), model_stock 3.3 s (0.7); ties 3.7 s (0.6), dare_ties
-# 3.4 s (0.7); della 11.9 s (0.17: its per-fiber ranks cost more than the family's).
+# the 2-core development machine (quiet, session 7): the merge phase (all of its passes) over
+# 2 cores. 70B-shaped slice, 17.74 GB of bf16 sources: linear 4.1 s (2.2), model_stock 13.1 s
+# (0.68), ties 17.4 s (0.51), dare_ties 13.8 s (0.64), breadcrumbs 19.2 s (0.46); slerp 5.3 s
+# for 11.83 GB (1.1); della 45.9 s (0.19; on medium 0.195): its per-fiber ranks.
 COMPUTE_GBPS_PER_CORE = {
-    "single_pass": 1.6,  # linear, task_arithmetic, passthrough, nearswap, fisher, dam
-    "statistics": 0.7,  # slerp, nuslerp, model_stock, multislerp, karcher (norms, dots, cosines)
+    "single_pass": 2.2,  # linear, task_arithmetic, passthrough, nearswap, fisher, dam
+    "statistics": 0.7,  # nuslerp, model_stock, multislerp, karcher (norms, dots, cosines)
     "selection": 0.6,  # ties and every sparsifying operator (exact top-k, sign election)
 }
+# operators far from their family's throughput
+METHOD_GBPS_PER_CORE = {"slerp": 1.1, "della": 0.19, "della_linear": 0.19}
 # Start-up and the end of a merge (imports, headers and plan, kernels from numba's cache, the
-# model card, manifest and summary): linear's start-up on medium, quiet, was 1.3 s (README).
-STARTUP_S = 2.0
+# model card, manifest and summary): 0.9-1.1 s on the 70B slice and 1.1-1.2 s on medium, quiet.
+STARTUP_S = 1.2
 # numba's compilation of the kernels into an empty cache (4-layer toy TIES merge: 65 s against 5.4 s)
 COMPILE_S = 60.0
 # The spill's local write and read-back (engine/spill.py), GB/s per rank: page-cache copies here.
@@ -88,8 +90,8 @@ class Estimate:
         compile_ = f" + compiling the kernels {_duration(self.compile_s)}" if self.compile_s else ""
         return (
             f"~{_duration(self.seconds)} (start-up {_duration(self.startup_s)}{compile_}; slowest rank: read "
-            f"{_duration(self.read_s)} overlapped with compute {_duration(self.compute_s)}{spill}, then write "
-            f"{_duration(self.write_s)}); peak memory ~{self.peak_bytes_per_rank / 1e9:.2f} GB per rank"
+            f"{_duration(self.read_s)}, compute {_duration(self.compute_s)} and write {_duration(self.write_s)} "
+            f"overlapped{spill}); peak memory ~{self.peak_bytes_per_rank / 1e9:.2f} GB per rank"
         )
 
 
@@ -213,7 +215,7 @@ def _estimate(
     rereads: list[int] | None = None,
 ) -> Estimate:
     cores_per_rank = max(1.0, c.cores_per_node / c.ranks_per_node)
-    gbps = COMPUTE_GBPS_PER_CORE[family(method)] * cores_per_rank
+    gbps = METHOD_GBPS_PER_CORE.get(method, COMPUTE_GBPS_PER_CORE[family(method)]) * cores_per_rank
     read_bw = c.read_gbps / c.ranks_per_node
     write_bw = c.write_gbps / c.ranks_per_node
     spills = spills or [(0, 0)] * len(read_per_rank)
@@ -221,9 +223,11 @@ def _estimate(
     worst = (0.0, 0.0, 0.0, 0.0, 0.0)
     for rb, wb, (sw, sr), rr in zip(read_per_rank, write_per_rank, spills, rereads):
         writes = 2 if c.writer == "zarr" else 1
-        read_s, compute_s, write_s = (rb + rr) / 1e9 / read_bw, rb / 1e9 / gbps, writes * wb / 1e9 / write_bw
+        read_s, compute_s, once = (rb + rr) / 1e9 / read_bw, rb / 1e9 / gbps, wb / 1e9 / write_bw
+        write_s = writes * once
         spill_s = sw / 1e9 / (LOCAL_WRITE_GBPS / c.ranks_per_node) + sr / 1e9 / (LOCAL_READ_GBPS / c.ranks_per_node)
-        total = max(read_s, compute_s) + spill_s + write_s
+        # the blocks' writes overlap the merge; the zarr writer's export writes everything again after
+        total = max(read_s, compute_s, once) + spill_s + (writes - 1) * once
         if total > worst[0]:
             worst = (total, read_s, compute_s, write_s, spill_s)
     return Estimate(
