@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import time
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -61,3 +65,47 @@ def test_the_nan_scan_honours_the_one_torch_switch(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(finite, "_first_nonfinite", no_numba)
     monkeypatch.setenv("BIGMERGE_NO_NUMBA", "1")
     assert finite.first_nonfinite(x) == 4321
+
+
+_LOAD_SCAN_KERNEL = """
+import sys, torch
+from bigmerge.engine import finite
+from bigmerge.ops.kernels import cache_dir
+print(finite.first_nonfinite(torch.zeros(64, dtype=torch.bfloat16)), cache_dir(finite._first_nonfinite))
+"""
+
+
+def test_loading_a_cached_kernel_does_not_wait_for_a_process_that_is_compiling(tmp_path: Path) -> None:
+    """The compile lock serializes compilations; a process that only loads kernels numba's
+    cache already holds must not wait for it (the quickstart's merge waited behind the
+    background warm-up, compiling other kernels at nice 19: 16.4 s against 4.3 s cached)."""
+    import fcntl
+    import subprocess
+    import sys
+
+    from bigmerge.ops.kernels import COMPILE_LOCK
+
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "cache")}
+    env.pop("BIGMERGE_NO_NUMBA", None)
+    run = lambda: subprocess.run(  # noqa: E731
+        [sys.executable, "-c", _LOAD_SCAN_KERNEL], capture_output=True, text=True, env=env, timeout=120
+    )
+    first = run()  # compiles the scan kernel into the empty cache
+    assert first.returncode == 0, first.stderr
+    directory = first.stdout.split()[1]
+    with open(os.path.join(directory, COMPILE_LOCK), "a+") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)  # as a compiling process holds it
+        t0 = time.perf_counter()
+        second = subprocess.Popen(
+            [sys.executable, "-c", _LOAD_SCAN_KERNEL],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        try:
+            out, err = second.communicate(timeout=60)
+        finally:
+            second.kill()
+        assert second.returncode == 0 and out.split()[0] == "-1", err
+        assert time.perf_counter() - t0 < 60
