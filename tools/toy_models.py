@@ -232,26 +232,29 @@ def _gemma3_specs(p: Preset, *, tied: bool) -> list[TensorSpec]:
     return specs
 
 
-def _gemma3_config(p: Preset, *, dtype: str, tied: bool) -> dict[str, Any]:
-    v = VISION
-    text = {
-        "model_type": "gemma3_text",
+def _text_config(p: Preset, model_type: str, tied: bool) -> dict[str, Any]:
+    """The text decoder's config.json entries a multimodal stand-in's text_config shares."""
+    return {
+        "model_type": model_type,
         "hidden_size": p.hidden,
         "intermediate_size": p.intermediate,
         "num_hidden_layers": p.layers,
         "num_attention_heads": p.heads,
         "num_key_value_heads": p.kv_heads,
-        "head_dim": p.head_dim,
-        "query_pre_attn_scalar": p.head_dim,
         "vocab_size": p.vocab,
         "max_position_embeddings": 2048,
         "rms_norm_eps": 1e-06,
-        "sliding_window": 64,
         "tie_word_embeddings": tied,
         "bos_token_id": BOS_ID,
         "eos_token_id": EOS_ID,
         "pad_token_id": PAD_ID,
     }
+
+
+def _gemma3_config(p: Preset, *, dtype: str, tied: bool) -> dict[str, Any]:
+    v = VISION
+    text = _text_config(p, "gemma3_text", tied)
+    text.update(head_dim=p.head_dim, query_pre_attn_scalar=p.head_dim, sliding_window=64)
     vision = {
         "model_type": "siglip_vision_model",
         "hidden_size": v["hidden"],
@@ -337,22 +340,8 @@ def _qwen2_5_vl_specs(p: Preset, *, tied: bool) -> list[TensorSpec]:
 
 def _qwen2_5_vl_config(p: Preset, *, dtype: str, tied: bool) -> dict[str, Any]:
     v = QWEN_VISION
-    text = {
-        "model_type": "qwen2_5_vl_text",
-        "hidden_size": p.hidden,
-        "intermediate_size": p.intermediate,
-        "num_hidden_layers": p.layers,
-        "num_attention_heads": p.heads,
-        "num_key_value_heads": p.kv_heads,
-        "vocab_size": p.vocab,
-        "max_position_embeddings": 2048,
-        "rms_norm_eps": 1e-06,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]},
-        "tie_word_embeddings": tied,
-        "bos_token_id": BOS_ID,
-        "eos_token_id": EOS_ID,
-        "pad_token_id": PAD_ID,
-    }
+    text = _text_config(p, "qwen2_5_vl_text", tied)
+    text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]}
     vision = {
         "depth": v["layers"],
         "hidden_size": v["hidden"],
