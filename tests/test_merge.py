@@ -455,3 +455,23 @@ def test_far_sources_are_object_storage_and_network_file_systems(monkeypatch: py
     assert fs.network_filesystem("/home/me/a") is None
     assert location("/mnt/lustre/m").is_far and not location("/home/me/m").is_far
     assert location("s3://bucket/m").is_far and location("memory://m").is_far
+
+
+def test_an_unusable_spill_directory_costs_re_reads_not_the_merge(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """BIGMERGE_SPILL_DIR naming a directory that does not exist: the merge warns once, reads
+    the sources again instead, and gives the same bytes."""
+    f = synthetic_family(tmp_path / "m", n=2, rows=96)
+    text = SPILL_CONFIGS["ties_rescale"].format(**{k: str(v) for k, v in f.items()})
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(text)
+    kept = merge(text, tmp_path, "kept", block_bytes=256, cache_bytes=1 << 30)
+    monkeypatch.setenv("BIGMERGE_SPILL_DIR", str(tmp_path / "no" / "such" / "dir"))
+    capsys.readouterr()
+    opts = MergeOptions(block_bytes=256, cache_bytes=512, spill="always")
+    summary = run_merge(str(cfg), str(tmp_path / "out"), SerialComm(), opts)
+    assert_bit_identical(kept, load_output(tmp_path / "out"))
+    assert summary["bytes_spilled"] == 0
+    err = capsys.readouterr().err
+    assert err.count("cannot spill to") == 1 and "no/such/dir" in err, err

@@ -20,8 +20,9 @@ import torch
 from bigmerge.engine.comm import Comm, reduce_one_block, reduce_stats
 from bigmerge.engine.faults import FAULT_ENV, fail_now, fault_spec  # noqa: F401 - FAULT_ENV re-exported
 from bigmerge.engine.reader import BlockReader
-from bigmerge.engine.spill import Spill
+from bigmerge.engine.spill import SPILL_DIR_ENV, Spill, spill_dir
 from bigmerge.engine.writer import BlockWriter
+from bigmerge.log import warn
 from bigmerge.ops import get_op
 from bigmerge.ops.base import Block, Scratch
 from bigmerge.planning.plan import Plan, TensorPlan
@@ -282,11 +283,19 @@ class _LazySpill:
         self.directory = directory
         self.reader = reader  # the spill reads back into the reader's pooled buffers
         self.spill: Spill | None = None
+        self.unusable = False  # its file could not be made: tensors are read again, as without it
         self.bytes_written = 0  # by every spill, for ExecStats
 
-    def get(self) -> Spill:
-        if self.spill is None:
-            self.spill = Spill(self.directory, self.reader.buffer, self.reader.release)
+    def get(self) -> Spill | None:
+        if self.spill is None and not self.unusable:
+            try:
+                self.spill = Spill(self.directory, self.reader.buffer, self.reader.release)
+            except OSError as exc:  # a missing or read-only directory: the merge goes on without it
+                self.unusable = True
+                warn(
+                    f"cannot spill to {self.directory or spill_dir()} ({exc.strerror or exc}): tensors over "
+                    f"--cache-size are read from their sources again (set {SPILL_DIR_ENV} to a writable local directory)"
+                )
         return self.spill
 
     def close(self) -> None:

@@ -21,6 +21,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
+from bigmerge.log import warn
+
 SPILL_DIR_ENV = "BIGMERGE_SPILL_DIR"
 
 
@@ -79,6 +81,10 @@ class Spill:
         except OSError as exc:
             self.failed = exc
             self._where.clear()
+            warn(
+                f"spilling to local scratch failed ({exc.strerror or exc}): this tensor's later passes read its "
+                f"sources again ({SPILL_DIR_ENV} names where spills go)"
+            )
             return False
         self.bytes_written += sum(n for _, n, _, _ in entries)
         self._where[b] = entries
