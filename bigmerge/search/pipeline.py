@@ -27,6 +27,7 @@ import json
 import os
 import shutil
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -47,6 +48,10 @@ def candidate_name(config: dict[str, Any]) -> str:
 
 def candidate_dir(scratch: Path, config: dict[str, Any]) -> Path:
     return scratch / candidate_name(config)
+
+
+class _NotStarted(Exception):
+    """A queued scoring dropped because an earlier one failed for good (never journaled)."""
 
 
 class PipelineBackend:
@@ -71,6 +76,7 @@ class PipelineBackend:
         self.in_flight = in_flight
         self.keep_best = keep_best
         self.pool = ThreadPoolExecutor(evaluators, thread_name_prefix="bigmerge-eval")
+        self._failed = threading.Event()  # a scoring failed for good: queued ones do not start
         from bigmerge.eval.backends import STOP
 
         STOP.clear()  # a search stopped earlier in this process (tests, notebooks) does not stop this one
@@ -91,6 +97,7 @@ class PipelineBackend:
 
     def run(self, jobs: list[Job]) -> Iterator[tuple[Job, dict[str, Any]]]:
         wanted = {candidate_name(j.config) for j in jobs}
+        self._failed.clear()
         self._remove_stale(wanted)
         pending: dict[Future[dict[str, Any]], tuple[Job, str, list[float]]] = {}
         try:
@@ -124,6 +131,17 @@ class PipelineBackend:
             raise
 
     def _score(self, job: Job, name: str, timeline: list[float]) -> dict[str, Any]:
+        if self._failed.is_set():  # queued behind a scoring that failed for good: never started
+            raise _NotStarted(name)
+        try:
+            return self._score_now(job, name, timeline)
+        except BaseException:
+            # before this worker takes the next queued scoring: the search stops, and an
+            # evaluation job (a GPU node for half an hour) must not start in the meantime
+            self._failed.set()
+            raise
+
+    def _score_now(self, job: Job, name: str, timeline: list[float]) -> dict[str, Any]:
         self.scorings += 1
         if _injected("eval", self.scorings):  # once the scorings before it are journaled
             deadline = time.time() + 120
@@ -147,6 +165,8 @@ class PipelineBackend:
             job, name, _ = pending.pop(fut)
             try:
                 res = fut.result()
+            except _NotStarted:
+                continue
             except BaseException as exc:  # noqa: BLE001 - re-raised below
                 error = error or exc
                 continue
