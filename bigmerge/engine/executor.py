@@ -25,7 +25,7 @@ from bigmerge.engine.writer import BlockWriter
 from bigmerge.log import warn
 from bigmerge.ops import get_op
 from bigmerge.ops.base import Block, Scratch
-from bigmerge.planning.plan import Plan, TensorPlan
+from bigmerge.planning.plan import SPILL_POLICIES, Plan, TensorPlan, spills
 from bigmerge.storage.safetensors import DTYPES, PAGE
 
 DEFAULT_CACHE_BYTES = 512 * 1024 * 1024
@@ -47,9 +47,6 @@ class ExecStats:
     bytes_spilled: int = 0  # input bytes written to local scratch (tensors too large for the cache)
 
 
-SPILL_POLICIES = ("auto", "always", "never")
-
-
 def execute(
     plan: Plan,
     comm: Comm,
@@ -66,10 +63,7 @@ def execute(
     """Merge this rank's unfinished blocks of every tensor into `store`, in plan order.
 
     A tensor whose blocks exceed cache_bytes between statistics passes is spilled to local
-    scratch (spill="always"), read from its sources again (spill="never"), or, with "auto",
-    spilled when one of its sources is far (object storage, a network file system: a second
-    read would cross the network again) and read again when all are local (a local re-read
-    costs what reading the spill back costs, and the spill adds a write)."""
+    scratch or read from its sources again as planning.plan.spills decides for `spill`."""
     if spill not in SPILL_POLICIES:
         raise ValueError(f"spill must be one of {', '.join(SPILL_POLICIES)}, not {spill!r}")
     op = get_op(plan.merge_method)
@@ -93,7 +87,7 @@ def execute(
     reader.trust(trusted)
     # operator work buffers live where the arithmetic runs
     sink = BlockSink(store, reader, Scratch(device or "cpu"), stats, rank, trusted)
-    spills = _LazySpill(spill_dir, reader)
+    spill_file = _LazySpill(spill_dir, reader)
 
     def report(inputs: list[torch.Tensor]) -> None:
         if on_block:
@@ -117,8 +111,8 @@ def execute(
             # Statistics first (rounds of op.stats over this rank's blocks, each reduced over every
             # rank), then apply. The blocks are kept between passes (TensorInputs).
             keep = len(first) * (t.in_bytes() // max(1, t.n_blocks)) <= cache_bytes
-            spilled = not keep and bool(first) and (spill == "always" or (spill == "auto" and reader.far(t)))
-            held = TensorInputs(t, reader, keep, spills.get() if spilled else None)
+            spilled = not keep and bool(first) and spills(spill, t, reader.is_far)
+            held = TensorInputs(t, reader, keep, spill_file.get() if spilled else None)
             prev: Any = None
             for rnd in range(rounds):
                 partial: dict[int, dict[str, Any]] = {}
@@ -151,9 +145,9 @@ def execute(
         sink.flush()
     finally:
         sink.close()
-        spills.close()
+        spill_file.close()
     stats.bytes_read = reader.bytes_read
-    stats.bytes_spilled = spills.bytes_written
+    stats.bytes_spilled = spill_file.bytes_written
     return stats
 
 

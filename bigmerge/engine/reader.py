@@ -165,9 +165,9 @@ class BlockReader:
             fold.wake()
         self._pool.shutdown(wait=True, cancel_futures=True)
 
-    def far(self, t: TensorPlan) -> bool:
-        """Does reading tensor t again cross a network (Location.is_far of any of its sources)?"""
-        return any(self._loc(src.file).is_far for src in t.sources)
+    def is_far(self, url: str) -> bool:
+        """Does reading this source again cross a network (Location.is_far)?"""
+        return self._loc(url).is_far
 
     def _loc(self, url: str) -> Location:
         loc = self._locs.get(url)

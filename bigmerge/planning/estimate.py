@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from bigmerge.planning.plan import Plan, TensorPlan, block_memory
+from bigmerge.planning.plan import Plan, block_memory, spills
 
 # Source bytes merged per second per core, by operator family (GB/s), from tools/bench.py on
 # the 2-core development machine (quiet, session 7): the merge phase (all of its passes) over
@@ -152,13 +152,10 @@ def spill_passes(plan: Plan, cache_bytes: int, spill: str = "always") -> list[tu
     op = get_op(plan.merge_method)
     far: dict[str, bool] = {}
 
-    def spilled(t: TensorPlan) -> bool:
-        if spill != "auto":
-            return spill == "always"
-        for src in t.sources:
-            if src.file not in far:
-                far[src.file] = location(src.file).is_far
-        return any(far[src.file] for src in t.sources)
+    def is_far(url: str) -> bool:
+        if url not in far:
+            far[url] = location(url).is_far
+        return far[url]
 
     out = [(0, 0, 0)] * plan.world_size
     for t in plan.tensors:
@@ -174,7 +171,9 @@ def spill_passes(plan: Plan, cache_bytes: int, spill: str = "always") -> list[tu
         for r, local in enumerate(mine):
             if local > cache_bytes:
                 w, rd, rr = out[r]
-                out[r] = (w + local, rd + rounds * local, rr) if spilled(t) else (w, rd, rr + rounds * local)
+                out[r] = (
+                    (w + local, rd + rounds * local, rr) if spills(spill, t, is_far) else (w, rd, rr + rounds * local)
+                )
     return out
 
 

@@ -258,6 +258,23 @@ def lora_block_bytes(term: dict[str, Any], block_rows: int, elems: int) -> int:
     return 4 * (factors + elems)
 
 
+SPILL_POLICIES = ("auto", "always", "never")
+
+
+def spills(policy: str, t: TensorPlan, is_far: Callable[[str], bool]) -> bool:
+    """--spill's decision for tensor t, whose blocks exceed the cache between statistics passes:
+    spilled to local scratch (always), read from its sources again (never), or with auto spilled
+    when one of its sources is far (is_far(url): object storage, a network file system, where a
+    second read crosses the network again) and read again when all are local (a local re-read
+    costs what reading the spill back costs, and the spill adds a write). The executor and
+    `bigmerge plan`'s estimate both decide with it."""
+    if policy not in SPILL_POLICIES:
+        raise ValueError(f"spill must be one of {', '.join(SPILL_POLICIES)}, not {policy!r}")
+    if policy != "auto":
+        return policy == "always"
+    return any(is_far(src.file) for src in t.sources)
+
+
 def block_memory(op: MergeOp, n_sources: int, elems: int, raw_bytes: int, compute_size: int, prefetch: int) -> int:
     """Peak bytes for one block of `elems` elements per source: the raw blocks in flight
     (prefetched, plus the one being merged) and the operator's work buffers (16-bit compute
