@@ -83,8 +83,9 @@ def test_spilled_passes_compilation_and_start_up_are_counted(tmp_path: Path) -> 
     assert abs(cold.seconds - kept.seconds - COMPILE_S) < 1e-9 and cold.compile_s == COMPILE_S
     assert estimate_plan(plan, c, cache_bytes=1 << 30, uncached=0.3).compile_s == 0  # never-called kernels
     assert kept.seconds > kept.startup_s > 0
-    rounds = {t.index: get_op("ties").rounds(plan.task(t)) for t in big}
+    rounds = {t.index: get_op("ties").later_reads(plan.task(t)) for t in big}  # HI, then apply
     assert reread.bytes_spilled == 0 and reread.spill_s == 0
+    assert set(rounds.values()) == {1}  # LO and TIES count from what the HI round kept (kept.py)
     assert reread.bytes_read == source + sum(rounds[t.index] * t.in_bytes() for t in big)
     assert reread.read_s > kept.read_s
     assert "spill to local scratch" in spilled.describe() and "compiling the kernels" in cold.describe()

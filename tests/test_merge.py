@@ -14,8 +14,9 @@ from hypothesis import strategies as st
 
 from bigmerge.engine.comm import SerialComm
 from bigmerge.errors import OutputExistsError
-from bigmerge.merge import MergeOptions, run_merge
+from bigmerge.merge import MergeOptions, plan_merge, run_merge
 from bigmerge.output.export import MANIFEST_NAME, verify
+from bigmerge.planning.config import load_config
 from bigmerge.storage.fs import location
 
 
@@ -438,6 +439,27 @@ def test_statistics_read_every_source_byte_once(tmp_path: Path, method: str) -> 
     summary = run_merge(str(cfg), str(tmp_path / "reread"), SerialComm(), opts)
     assert_bit_identical(kept, load_output(tmp_path / "reread"))
     assert summary["bytes_spilled"] == 0 and summary["bytes_read"] > source_bytes
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_ties_reads_local_sources_twice_whatever_its_rounds(tmp_path: Path, dtype: str) -> None:
+    """TIES over tensors larger than the cache, local sources, no spill: the high-bits round
+    reads every block, the low-bits and ties rounds count from what each block kept of it
+    (ops/task_vector/kept.py), apply reads it again: twice the tensor bytes, not four times,
+    and the bits of a merge that keeps every block in memory."""
+    f = synthetic_family(tmp_path / "m", n=2, rows=4000)  # blocks of 128 rows: each guesses the bin well
+    text = ties_cfg(f, extra=f"dtype: {dtype}")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(text)
+    kept = merge(text, tmp_path, "kept", block_bytes=4096, cache_bytes=1 << 30)
+    opts = MergeOptions(block_bytes=4096, cache_bytes=4096, quiet=True, spill="never")
+    summary = run_merge(str(cfg), str(tmp_path / "reread"), SerialComm(), opts)
+    assert_bit_identical(kept, load_output(tmp_path / "reread"))
+    plan = plan_merge(load_config(str(cfg)), 1, opts)[0]
+    one_block = sum(t.in_bytes() for t in plan.tensors if t.n_blocks == 1)
+    many = sum(t.in_bytes() for t in plan.tensors if t.n_blocks > 1)
+    assert many > one_block
+    assert summary["bytes_read"] == one_block + 2 * many
 
 
 def test_far_sources_are_object_storage_and_network_file_systems(monkeypatch: pytest.MonkeyPatch) -> None:

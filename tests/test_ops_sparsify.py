@@ -36,10 +36,13 @@ def run_op(
     seed: int = 0,
     shared: dict[str, Any] | None = None,
     compute: torch.dtype = torch.float32,
+    reads: list[int] | None = None,
     **per_model: Any,
 ) -> torch.Tensor:
     """Merge one tensor as the executor does: inputs[0] is the base; per_model values are lists
-    over the non-base inputs (or one value for all of them)."""
+    over the non-base inputs (or one value for all of them). Statistics rounds after the first
+    get a block without inputs where op.reads says so; `reads` collects how many blocks each
+    round read."""
     op = get_op(method)
     shape = tuple(inputs[0].shape)
     rows = shape[0] if shape else 1
@@ -61,9 +64,22 @@ def run_op(
         return Block(b, r0, r1, rows_b, scratch, reduce=lambda s: reduce_one_block(b, s))
 
     prev = None
+    local: dict[str, Any] = {"blocks": n_blocks}
     for rnd in range(op.rounds(task)):
-        partial = {b: op.stats(rnd, task, block(b), prev) for b in range(n_blocks)}
+        partial = {}
+        read = 0
+        for b in range(n_blocks):
+            if rnd == 0 or op.reads(rnd, task, b, prev, local):
+                blk = block(b)
+                read += 1
+            else:
+                r0, r1 = b * block_rows, min(rows, (b + 1) * block_rows)
+                blk = Block(b, r0, r1, [], scratch, reduce=lambda s, b=b: reduce_one_block(b, s))
+            blk.local = local
+            partial[b] = op.stats(rnd, task, blk, prev)
         prev = op.finish(rnd, task, reduce_stats(SerialComm(), partial, n_blocks), prev)
+        if reads is not None:
+            reads.append(read)
     return torch.cat([op.apply(task, block(b), prev).clone().reshape(-1) for b in range(n_blocks)]).view(shape)
 
 
@@ -186,6 +202,54 @@ def test_ties_at_the_kth_value_split_by_index_across_chunks_and_blocks(
     k = int(0.5 * mag.numel())
     thr = mag.kthvalue(mag.numel() - k + 1).values
     assert int((mag > thr).sum()) < k < int((mag >= thr).sum())
+
+
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties"])
+@pytest.mark.parametrize("compute", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("levels", [3, 40, 0])
+def test_low_bits_and_ties_rounds_count_from_what_each_block_kept(
+    method: str, compute: torch.dtype, levels: int
+) -> None:
+    """A tensor of many blocks reads its sources twice (high-bits round, then apply): the
+    low-bits and ties rounds count from the windows each block kept (ops/task_vector/kept.py),
+    with the same bits as one block (whose rounds run on the block itself)."""
+    x = tied_family(3, (120, 500), levels, torch.bfloat16) if levels else family(3, (120, 500), seed=5)
+    params: dict[str, Any] = {"weight": [0.6, 0.5, 0.9], "density": [0.5, 0.3, 0.71]}
+    if method.startswith("breadcrumbs"):
+        params["gamma"] = [0.1, 0.05, 0.2]
+    ref = run_op(method, x, compute=compute, **params)
+    reads: list[int] = []
+    assert torch.equal(run_op(method, x, block_rows=13, compute=compute, reads=reads, **params), ref)
+    assert reads[0] == 10 and reads[1:] == [0] * (len(reads) - 1), reads
+
+
+@pytest.mark.parametrize("compute", [torch.float32, torch.bfloat16])
+def test_a_block_whose_window_misses_the_threshold_is_read_again(compute: torch.dtype) -> None:
+    """Deltas that grow tenfold down the rows: the first blocks guess the threshold's bin far too
+    low, so their windows miss it and the low-bits round reads them again; the bits are the same."""
+    g = torch.Generator().manual_seed(2)
+    base = torch.randn(120, 500, generator=g)
+    growth = torch.linspace(1, 10, 120).unsqueeze(1)
+    x = [base] + [base + 0.01 * growth * torch.randn(120, 500, generator=g) for _ in range(2)]
+    params: dict[str, Any] = {"weight": [0.6, 0.5], "density": [0.2, 0.4]}
+    ref = run_op("ties", x, compute=compute, **params)
+    reads: list[int] = []
+    assert torch.equal(run_op("ties", x, block_rows=12, compute=compute, reads=reads, **params), ref)
+    assert 0 < reads[1] < 10, reads  # the first blocks missed, the later ones held it
+
+
+def test_records_over_their_budget_fall_back_to_reading(monkeypatch: pytest.MonkeyPatch) -> None:
+    """float32 magnitudes keep records within RECORD_BYTES per rank and tensor; with no budget
+    every block is read again in the low-bits round, with the same bits."""
+    from bigmerge.ops.task_vector import kept
+
+    x = family(2, (120, 500), seed=9)
+    params: dict[str, Any] = {"weight": [0.6, 0.5], "density": [0.3, 0.5]}
+    ref = run_op("ties", x, **params)
+    monkeypatch.setattr(kept, "RECORD_BYTES", 0)
+    reads: list[int] = []
+    assert torch.equal(run_op("ties", x, block_rows=12, reads=reads, **params), ref)
+    assert reads[1] == 10, reads
 
 
 # -- random operators -------------------------------------------------------------------

@@ -114,18 +114,23 @@ def execute(
             spilled = not keep and bool(first) and spills(spill, t, reader.is_far)
             held = TensorInputs(t, reader, keep, spill_file.get() if spilled else None)
             prev: Any = None
+            local: dict[str, Any] = {"blocks": len(first)}  # the operator's state for this tensor on this rank
             for rnd in range(rounds):
                 partial: dict[int, dict[str, Any]] = {}
+                reads = first if rnd == 0 else [b for b in first if op.reads(rnd, task, b, prev, local)]
                 if rnd > 0:
-                    held.expect(first)
+                    held.expect(reads)
                 for b in first:
                     if rnd == 0:
                         _, _, inputs = next(stream)
                         held.keep(b, inputs)
                         report(inputs)
-                    else:
+                    elif b in reads:
                         inputs = held.get(b)
-                    blk = sink.block(t, b, inputs, out=False)
+                    else:  # the operator kept what this round needs of the block: no inputs
+                        partial[b] = op.stats(rnd, task, _block_without_inputs(t, b, sink.scratch, local), prev)
+                        continue
+                    blk = sink.block(t, b, inputs, out=False, local=local)
                     partial[b] = op.stats(rnd, task, blk, prev)
                     sink.note(blk)
                     if rnd == 0:
@@ -177,9 +182,13 @@ class BlockSink:
     def start_tensor(self) -> None:
         self.checked.clear()
 
-    def block(self, t: TensorPlan, b: int, inputs: list[torch.Tensor], *, out: bool) -> Block:
+    def block(
+        self, t: TensorPlan, b: int, inputs: list[torch.Tensor], *, out: bool, local: dict[str, Any] | None = None
+    ) -> Block:
         """The operator's view of block b; with out, the ring buffer it may compute into (Block.dest)."""
         blk = _block(t, b, inputs, self.scratch, self.reader)
+        if local is not None:
+            blk.local = local
         blk.scan = lambda: self.reader.scan(t, b, inputs)
         if out:
             blk.dest = self._dest(t, inputs)
@@ -297,6 +306,12 @@ class _LazySpill:
             self.bytes_written = self.spill.bytes_written
             self.spill.close()
             self.spill = None
+
+
+def _block_without_inputs(t: TensorPlan, b: int, scratch: Scratch, local: dict[str, Any]) -> Block:
+    """Block b in a statistics round that needs none of its inputs (MergeOp.reads)."""
+    r0, r1 = t.block_range(b)
+    return Block(b, r0, r1, [], scratch, local=local, reduce=functools.partial(reduce_one_block, b))
 
 
 def _block(t: TensorPlan, b: int, inputs: list[torch.Tensor], scratch: Scratch, reader: BlockReader) -> Block:

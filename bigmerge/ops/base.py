@@ -4,6 +4,7 @@ The executor calls, for every tensor:
 
     for r in range(op.rounds(tensor)):          # 0 rounds: no statistics, no reduction
         partial = op.stats(r, tensor, block, prev) for each local block
+                  (without its inputs where r > 0 and not op.reads(r, tensor, block, prev, local))
         prev = op.finish(r, tensor, reduced)    # reduced exactly across blocks and ranks
     out = op.apply(tensor, block, prev)         # per block
 
@@ -117,6 +118,10 @@ class Block:
     # engine's reduce_stats over one block), given by the executor: operators reduce with the
     # function they are given and never import the engine
     reduce: Callable[[Stats], Stats] | None = None
+    # this rank's state for the block's tensor, kept across its statistics rounds (the same dict
+    # for every block of the tensor on this rank; "blocks": how many of them this rank holds):
+    # where an operator keeps what a later round needs, so that round need not read (MergeOp.reads)
+    local: dict[str, Any] = field(default_factory=dict)
 
     def checked(self, bad: int) -> None:
         """Record an operator's kernel's count of non-finite values it met. None: the block is
@@ -192,6 +197,18 @@ class MergeOp:
         or an output whose finiteness they report (Block.checked): the reader then skips its
         NaN/Inf scan of this tensor, and the executor scans whichever block was not checked."""
         return False
+
+    def reads(self, rnd: int, task: TensorTask, block_index: int, prev: Any, local: dict[str, Any]) -> bool:
+        """Whether statistics round rnd (> 0) needs block block_index's inputs. False: stats gets
+        the block without inputs (Block.inputs empty) and computes from what earlier rounds kept
+        in Block.local, so the sources are not read again for this round."""
+        return True
+
+    def later_reads(self, task: TensorTask) -> int:
+        """How many passes after the first statistics round read a block's inputs (the later
+        rounds that read, then apply), as planned: what a tensor too large to keep in memory
+        costs in reads again or reads back from its spill (planning/estimate.py)."""
+        return self.rounds(task)
 
     def stats(self, rnd: int, task: TensorTask, block: Block, prev: Any) -> Stats:
         raise NotImplementedError

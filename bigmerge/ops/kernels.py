@@ -373,6 +373,53 @@ def hi_bin_records(
 
 @sources_in_slots
 @njit(cache=True, parallel=True)
+def window_records(
+    xs: Any,
+    base_row: int,
+    rows: np.ndarray,
+    first_bins: np.ndarray,
+    last_bins: np.ndarray,
+    offsets: np.ndarray,
+    nparts: int,
+    bf16: bool,
+    out: np.ndarray,
+) -> None:
+    """For each k, every |delta| of xs[rows[k]] whose high 16 bits lie in [first_bins[k],
+    last_bins[k]], packed as (high bits - first_bins[k]) << 16 | low 16 bits into out[k], in
+    index order: what a later round needs of a block to count the low bits of whichever bin of
+    that window holds the threshold, without reading the block again. Part p writes from
+    offsets[p, k] on (the window's counts per part, from magnitude_hists mode 0, same nparts)."""
+    m = xs[0].shape[0]
+    nparts, step = _parts(m, nparts)
+    base = xs[base_row]
+    for p in prange(nparts):
+        j0 = p * step
+        j1 = min(m, j0 + step)
+        bb = np.empty(_SUB, dtype=np.float32)
+        bits = np.empty(_SUB, dtype=np.int32)
+        at = offsets[p].copy()
+        found = np.empty(_SUB + 1, dtype=np.int64)  # this step's matches, written without branches
+        for c0 in range(j0, j1, _SUB):
+            n = min(j1, c0 + _SUB) - c0
+            _base_into(base, c0, n, bb)
+            for k in range(rows.shape[0]):
+                _mag_bits_into(xs[rows[k]], bb, c0, n, bits, bf16)
+                lo = np.uint32(first_bins[k])
+                width = np.uint32(last_bins[k] - first_bins[k])
+                c = np.uint64(0)
+                for q in range(n):
+                    found[c] = q
+                    c += np.uint64((np.uint32(bits[q]) >> np.uint32(16)) - lo <= width)
+                w = at[k]
+                ok = out[k, w : w + c]
+                for t in range(c):
+                    u = np.uint32(bits[found[t]])
+                    ok[t] = (((u >> np.uint32(16)) - lo) << np.uint32(16)) | (u & np.uint32(0xFFFF))
+                at[k] = w + c
+
+
+@sources_in_slots
+@njit(cache=True, parallel=True)
 def tie_cutoffs(
     xs: Any, base_row: int, rows: np.ndarray, thr_bits: np.ndarray, quotas: np.ndarray, bf16: bool
 ) -> np.ndarray:

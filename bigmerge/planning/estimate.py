@@ -143,8 +143,9 @@ def estimate_plan(
 def spill_passes(plan: Plan, cache_bytes: int, spill: str = "always") -> list[tuple[int, int, int]]:
     """Per rank: (bytes spilled to local scratch, bytes read back from it, bytes read from the
     sources again), as the executor does: a tensor with statistics rounds whose local blocks
-    exceed cache_bytes is spilled as its first pass reads it and read back by each of the
-    `rounds` later passes (rounds - 1, then apply), or read from its sources by each of them
+    exceed cache_bytes is spilled as its first pass reads it and read back by each later pass
+    that reads its blocks (MergeOp.later_reads: rounds after the first, then apply), or read
+    from its sources by each of them
     when it is not spilled (--spill never, or auto and every source on a local disk)."""
     from bigmerge.ops import get_op
     from bigmerge.storage.fs import location
@@ -161,9 +162,10 @@ def spill_passes(plan: Plan, cache_bytes: int, spill: str = "always") -> list[tu
     for t in plan.tensors:
         if t.n_blocks == 0:
             continue
-        rounds = op.rounds(plan.task(t))
-        if not rounds:
+        task = plan.task(t)
+        if not op.rounds(task):
             continue
+        rounds = op.later_reads(task)  # the later rounds that read their blocks, then apply
         per_block = t.in_bytes() // t.n_blocks
         mine = [0] * plan.world_size
         for r in t.owners:

@@ -21,7 +21,7 @@ import torch
 from bigmerge.errors import ConfigError
 from bigmerge.ops import kernels
 from bigmerge.ops.base import Block, MergeOp, Param, Stats, TensorTask, as_compute, require_base
-from bigmerge.ops.task_vector import select
+from bigmerge.ops.task_vector import kept, select
 from bigmerge.ops.task_vector.common import (
     AFTER,
     HI,
@@ -246,6 +246,8 @@ class TaskArithmeticOp(MergeOp):
             sels = {key: src for key, src in sels.items() if key in prev.tie_quota}
             if not sels:
                 return out  # no ties straddle the k-th element: nothing to count
+        if not block.inputs:  # counted from what the block kept (reads() said so)
+            return self._kept_stats(phase, block, sels, prev)
         sc = block.scratch
         if self.select_deltas and use_fused(task, block):
             xs = flat_sources(block, sc, task.compute_dtype)
@@ -256,15 +258,12 @@ class TaskArithmeticOp(MergeOp):
                 rows = [sels[key] for key in keys]
                 params = [prev.hi_bin[key] if phase == LO else threshold_bits(prev.threshold[key]) for key in keys]
             mode = {HI: 0, LO: 1, TIES: 2}[phase]
-            hists = kernels.magnitude_hists(
-                xs,
-                require_base(self, task),
-                np.array(rows, dtype=np.int64),
-                np.array(params, dtype=np.int64),
-                mode,
-                kernels.threads(),
-                task.compute_dtype == torch.bfloat16,
-            ).sum(axis=0)
+            bf16 = task.compute_dtype == torch.bfloat16
+            b = require_base(self, task)
+            per_part = kernels.magnitude_hists(
+                xs, b, np.array(rows, dtype=np.int64), np.array(params, dtype=np.int64), mode, kernels.threads(), bf16
+            )
+            hists = per_part.sum(axis=0)
             for r in range(len(rows)):
                 if phase == HI:
                     out[f"hi{rows[r]}"] = hists[r]
@@ -272,6 +271,18 @@ class TaskArithmeticOp(MergeOp):
                     out[f"lo{keys[r]}"] = hists[r]
                 else:
                     out[f"pb_ties{keys[r]}"] = np.array([float(hists[r, 0])])
+            if phase == HI and "blocks" in block.local:  # a tensor of many blocks: keep windows for LO, TIES
+
+                def record(
+                    srcs: np.ndarray, firsts: np.ndarray, lasts: np.ndarray, offs: np.ndarray, o: np.ndarray
+                ) -> None:
+                    kernels.window_records(xs, b, srcs, firsts, lasts, offs, kernels.threads(), bf16, o)
+
+                ks = {key: self._k(task, key, {}) for key in sels}
+                kept.keep_windows(block.local, block.index, task.numel, per_part, rows, sels, ks, bf16, record)
+            elif phase == LO and "blocks" in block.local:
+                kept_lo = {k: hists[r].astype(np.int32) for r, k in enumerate(keys or [])}  # for TIES
+                block.local.setdefault(f"lo{block.index}", {}).update(kept_lo)
         elif phase == HI:
             for src in sorted(set(sels.values())):
                 bits = self._values(task, block, src)
@@ -286,6 +297,42 @@ class TaskArithmeticOp(MergeOp):
                     out[f"pb_ties{key}"] = np.array([float(ties)])
         if phase == HI:
             self._first_stats(task, block, out)
+        return out
+
+    def reads(self, rnd: int, task: TensorTask, block_index: int, prev: Any, local: dict[str, Any]) -> bool:
+        """LO and TIES count from the windows the HI round kept (kept.py) where they hold the
+        threshold's bin; a block whose window missed it is read again."""
+        phase = self._phases(task)[rnd]
+        if phase == LO:
+            return not all(kept.window(local, block_index, key, b) for key, b in prev.hi_bin.items())
+        if phase == TIES:
+            return any(
+                kept.ties_kept(local, block_index, key, threshold_bits(prev.threshold[key])) is None
+                for key in prev.tie_quota
+            )
+        return True
+
+    def later_reads(self, task: TensorTask) -> int:
+        """LO and TIES usually read nothing on the fused kernels (their windows hold the bin)."""
+        rounds = self.rounds(task)
+        if not rounds or not (self.select_deltas and use_fused(task)):
+            return rounds
+        return sum(1 for phase in self._phases(task)[1:] if phase not in (LO, TIES)) + 1
+
+    def _kept_stats(self, phase: str, block: Block, sels: dict[str, int], prev: Any) -> Stats:
+        """The LO or TIES statistics of a block from what it kept (reads() checked they are there)."""
+        out: Stats = {}
+        for key in sels:
+            if phase == LO:
+                w = kept.window(block.local, block.index, key, prev.hi_bin[key])
+                assert w is not None
+                out[f"lo{key}"] = w.low_hist(prev.hi_bin[key])
+            elif phase == TIES:
+                n = kept.ties_kept(block.local, block.index, key, threshold_bits(prev.threshold[key]))
+                assert n is not None
+                out[f"pb_ties{key}"] = np.array([float(n)])
+            else:
+                raise AssertionError(f"round {phase} reads its blocks")
         return out
 
     def finish(self, rnd: int, task: TensorTask, reduced: Stats, prev: Any) -> Any:
