@@ -11,6 +11,7 @@ import torch
 from helpers import bigmerge, synthetic_family, write_checkpoint
 
 from bigmerge.cli import main
+from bigmerge.merge import MergeOptions
 
 TIES = """merge_method: {method}
 base_model: {base}
@@ -240,11 +241,18 @@ OP_CHECKED = {
     "parameters: {{t: 0.3}}\n",
     "task_arithmetic": "merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n  - model: {ft1}\n"
     "    parameters: {{weight: 0.0}}\n  - model: {ft2}\n    parameters: {{weight: 0.5}}\n",
+    "ties": "merge_method: ties\nbase_model: {base}\nmodels:\n  - model: {ft1}\n"
+    "    parameters: {{weight: 0.0, density: 0.5}}\n  - model: {ft2}\n    parameters: {{weight: 0.5, density: 0.4}}\n",
 }
 
 
 # per method: the model with weight 0 (slerp: the base) and another
-WHERE = {"linear": ("base", "ft2"), "slerp": ("base", "ft2"), "task_arithmetic": ("ft1", "base")}
+WHERE = {
+    "linear": ("base", "ft2"),
+    "slerp": ("base", "ft2"),
+    "task_arithmetic": ("ft1", "base"),
+    "ties": ("ft1", "base"),
+}
 
 
 @pytest.mark.slow  # the heaviest property tests: CI runs them, --fast does not
@@ -261,7 +269,8 @@ def test_nonfinite_caught_by_the_operators_own_check(
     where: int,
     blocks: str,
 ) -> None:
-    """linear, slerp and task_arithmetic see NaN/Inf in their own sums (the reader does not scan their tensors):
+    """linear, slerp and task_arithmetic see NaN/Inf in their own sums, ties in its high-bits
+    histograms (the reader does not scan their tensors):
     the same one-line error names the file, tensor and row, for a weight of 0 too (0 * Inf is
     NaN), in a tensor of one block or of many, and nothing is written."""
     from safetensors.torch import load_file, save_file
@@ -305,6 +314,28 @@ def test_an_overflow_of_finite_sources_is_merged(tmp_path: Path) -> None:
     assert main(["merge", str(cfg), str(tmp_path / "out"), "--quiet"]) == 0
     got = load_file(str(tmp_path / "out" / "model-00001-of-00001.safetensors"))["model.norm.weight"]
     assert torch.isinf(got).all()
+
+
+def test_a_block_read_again_is_not_scanned_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tensor larger than the cache is read again by later passes (local sources, no spill):
+    its blocks are scanned for NaN/Inf once, when first read, not once per pass."""
+    import bigmerge.engine.reader as reader_mod
+    from bigmerge.merge import plan_merge
+    from bigmerge.planning.config import load_config
+
+    scans: list[int] = []
+    real = reader_mod.first_nonfinite
+    monkeypatch.setattr(reader_mod, "first_nonfinite", lambda x: scans.append(1) or real(x))
+    f = synthetic_family(tmp_path / "m", rows=96)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        f"merge_method: model_stock\nbase_model: {f['base']}\nmodels:\n  - model: {f['ft1']}\n  - model: {f['ft2']}\n"
+    )
+    args = ["--block-size", "256", "--cache-size", "512", "--spill", "never"]
+    assert main(["merge", str(cfg), str(tmp_path / "out"), "--quiet", *args]) == 0
+    plan = plan_merge(load_config(str(cfg)), 1, MergeOptions(block_bytes=256))[0]
+    assert any(t.n_blocks > 1 for t in plan.tensors)
+    assert len(scans) == sum(t.n_blocks * len(t.sources) for t in plan.tensors)
 
 
 def test_weights_summing_to_zero_with_normalize(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

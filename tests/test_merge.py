@@ -447,12 +447,12 @@ def test_ties_reads_local_sources_twice_whatever_its_rounds(tmp_path: Path, dtyp
     reads every block, the low-bits and ties rounds count from what each block kept of it
     (ops/task_vector/kept.py), apply reads it again: twice the tensor bytes, not four times,
     and the bits of a merge that keeps every block in memory."""
-    f = synthetic_family(tmp_path / "m", n=2, rows=4000)  # blocks of 128 rows: each guesses the bin well
+    f = synthetic_family(tmp_path / "m", n=2, rows=40000)  # blocks of 2048 rows: each guesses the bin well
     text = ties_cfg(f, extra=f"dtype: {dtype}")
     cfg = tmp_path / "c.yaml"
     cfg.write_text(text)
-    kept = merge(text, tmp_path, "kept", block_bytes=4096, cache_bytes=1 << 30)
-    opts = MergeOptions(block_bytes=4096, cache_bytes=4096, quiet=True, spill="never")
+    kept = merge(text, tmp_path, "kept", block_bytes=1 << 16, cache_bytes=1 << 30)
+    opts = MergeOptions(block_bytes=1 << 16, cache_bytes=1 << 16, quiet=True, spill="never")
     summary = run_merge(str(cfg), str(tmp_path / "reread"), SerialComm(), opts)
     assert_bit_identical(kept, load_output(tmp_path / "reread"))
     plan = plan_merge(load_config(str(cfg)), 1, opts)[0]

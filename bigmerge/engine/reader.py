@@ -38,6 +38,9 @@ class BlockReader:
         self.plan = plan
         self.allow_nonfinite = allow_nonfinite
         self._trusted: set[int] = set()  # tensors whose operator checks NaN/Inf itself (trust)
+        # (tensor, block, source) scanned already: a block read again (a later pass over a tensor
+        # larger than the cache) is the same bytes, and a source changed meanwhile fails its pin check
+        self._scanned: set[tuple[int, int, int]] = set()
         # (tensor, source) -> the padding row's running sum (`tokenizer.pad_to_multiple_of`, PadFold)
         self._pad_folds: dict[tuple[int, int], PadFold] = {}
         self._streamed: dict[int, set[int]] = {}  # padded tensor -> the blocks stream() will read
@@ -210,9 +213,10 @@ class BlockReader:
     def _checked(self, x: torch.Tensor, t: TensorPlan, b: int, i: int) -> torch.Tensor:
         """x, after making sure it holds no NaN or Inf (unless the user allows them or the
         operator checks them itself)."""
-        if self.allow_nonfinite or t.index in self._trusted:
+        if self.allow_nonfinite or t.index in self._trusted or (t.index, b, i) in self._scanned:
             return x
         self._scan(x, t, b, i)
+        self._scanned.add((t.index, b, i))
         return x
 
     def _scan(self, x: torch.Tensor, t: TensorPlan, b: int, i: int) -> None:

@@ -6,8 +6,8 @@ is known only once every block is counted. So each block also keeps a *window* o
 a guess of that bin: this rank's blocks so far (their histograms summed), ranked at the
 fraction of k they hold. For a bfloat16 compute dtype every magnitude's low 16 bits are 0, so
 the window's counts say everything; for float32 the block keeps each magnitude in the window
-as (bin - first bin) << 16 | low bits (kernels.window_records), within a memory budget per
-rank and tensor. A later round then counts from what was kept when the threshold's bin lies in
+as each bin's low-bits histogram (counted in the same pass as the high bits,
+kernels.hists_and_windows; kept sparse), within a memory budget per rank and tensor. A later round then counts from what was kept when the threshold's bin lies in
 the block's window, and reads the block again only when it does not (MergeOp.reads): the
 result is the same counts either way, so the output bits do not depend on the guess.
 """
@@ -21,107 +21,109 @@ import numpy as np
 
 from bigmerge.ops.task_vector import select
 
-# Records kept per rank and tensor, at most, for every selection and block together (float32
-# compute; 4 bytes per magnitude in a window); a block whose share is too small keeps nothing
-# and is read again. bfloat16 windows keep counts only (a few hundred bytes).
-RECORD_BYTES = 64 * 1024 * 1024
-HALF_WIDTH = 32  # bins each side of the guess, at most (a quarter of a power of two)
+# What a rank keeps per tensor, at most, for every selection and block together (float32
+# compute: 6 bytes per distinct low-bits value of a bin in a window); a block past it keeps
+# nothing more and is read again. bfloat16 windows keep counts only (a few hundred bytes).
+KEPT_BYTES = 64 * 1024 * 1024
+HALF_WIDTH = 32  # bins each side of the guess, at most, for bfloat16 counts
+LOW_HALF_WIDTH = 2  # and for float32's low-bits histograms (each a 256 KB table while counted)
 
 
 @dataclass
 class Window:
-    """Bins first..last of one selection's magnitudes in one block: counts (bfloat16) or records."""
+    """Bins first..last of one selection's magnitudes in one block: their counts (bfloat16
+    compute, whose magnitudes' low 16 bits are all 0) or each bin's low-bits histogram, sparse
+    (float32 compute: lows[j] the values present in bin first + j, counts[j] how many)."""
 
     first: int
     last: int
-    counts: np.ndarray | None = None  # int64 [last - first + 1]: the block's histogram there
-    records: np.ndarray | None = None  # uint32: (bin - first) << 16 | low 16 bits, index order
+    counts: np.ndarray | None = None  # int64 [last - first + 1]
+    lows: list[np.ndarray] | None = None  # per bin: uint16 values, increasing
+    low_counts: list[np.ndarray] | None = None  # per bin: int32 counts of those values
 
     def holds(self, hi_bin: int) -> bool:
         return self.first <= hi_bin <= self.last
 
+    def nbytes(self) -> int:
+        return sum(a.nbytes + c.nbytes for a, c in zip(self.lows or [], self.low_counts or []))
+
     def low_hist(self, hi_bin: int) -> np.ndarray:
         """The low-bits histogram of bin hi_bin (which the window holds)."""
         out = np.zeros(select.LO_BINS, dtype=np.int64)
+        j = hi_bin - self.first
         if self.counts is not None:
-            out[0] = self.counts[hi_bin - self.first]  # bfloat16 magnitudes: low bits all 0
-            return out
-        assert self.records is not None
-        rec = self.records
-        lows = rec[(rec >> np.uint32(16)) == np.uint32(hi_bin - self.first)] & np.uint32(0xFFFF)
-        return np.bincount(lows.astype(np.int64), minlength=select.LO_BINS).astype(np.int64)
+            out[0] = self.counts[j]
+        else:
+            assert self.lows is not None and self.low_counts is not None
+            out[self.lows[j]] = self.low_counts[j]
+        return out
 
     def equal(self, bits: int) -> int:
         """How many magnitudes of the block have the float32 bit pattern `bits` (its bin in the window)."""
-        hi, lo = bits >> 16, bits & 0xFFFF
+        j, lo = (bits >> 16) - self.first, bits & 0xFFFF
         if self.counts is not None:
-            return int(self.counts[hi - self.first]) if lo == 0 else 0
-        assert self.records is not None
-        return int(np.count_nonzero(self.records == np.uint32(((hi - self.first) << 16) | lo)))
+            return int(self.counts[j]) if lo == 0 else 0
+        assert self.lows is not None and self.low_counts is not None
+        at = int(np.searchsorted(self.lows[j], lo))
+        return int(self.low_counts[j][at]) if at < len(self.lows[j]) and self.lows[j][at] == lo else 0
+
+
+def guesses(
+    local: dict[str, Any], sels: dict[str, int], ks: dict[str, int], numel: int, sample: dict[int, np.ndarray]
+) -> dict[str, int]:
+    """Each selection's guess of the bin holding its k-th largest magnitude: this rank's blocks
+    so far ranked at the share of k they hold, or `sample` (a first block's high-bits
+    histograms of a part of it, by source) when there are none yet."""
+    run = local.get("run") or sample
+    seen = int(next(iter(run.values())).sum()) if run else 0
+    out = {}
+    for key, src in sels.items():
+        out[key], _ = select.find_bin(run[src], min(seen, max(1, round(ks[key] * seen / max(1, numel)))))
+    return out
+
+
+def window_firsts(guess: dict[str, int], bf16: bool) -> dict[str, int]:
+    """The first bin of each selection's window (float32 compute: the bins its tables count)."""
+    width = 2 * LOW_HALF_WIDTH + 1
+    return {k: min(max(0, g - LOW_HALF_WIDTH), select.HI_BINS - width) for k, g in guess.items()}
 
 
 def keep_windows(
     local: dict[str, Any],
     block_index: int,
-    numel: int,
-    per_part: np.ndarray,
+    hist: np.ndarray,
     srcs: list[int],
     sels: dict[str, int],
-    ks: dict[str, int],
-    bf16: bool,
-    record: Any,
+    guess: dict[str, int],
+    tables: np.ndarray | None,
 ) -> None:
     """Keep each selection's window of block `block_index` in `local` (Block.local).
 
-    per_part: the block's high-bits histograms per part and source (magnitude_hists mode 0,
-    [parts, len(srcs), bins]); ks: each selection's k over the whole tensor; record(keys,
-    firsts, lasts, offsets, out): kernels.window_records on this block with the same parts.
+    hist: the block's high-bits histograms by source ([len(srcs), bins]); guess: guesses();
+    tables: the float32 windows' low-bits histograms, in sels order (hists_and_windows), or
+    None for a bfloat16 compute dtype (whose windows are counts of hist).
     """
-    hist = per_part.sum(axis=0)
     run = local.setdefault("run", {})
     for r, src in enumerate(srcs):
         run[src] = run[src] + hist[r] if src in run else hist[r].copy()
-    seen = int(hist[0].sum()) + local.get("seen", 0)
-    local["seen"] = seen
-    budget = RECORD_BYTES // 4 // max(1, local.get("blocks", 1)) // max(1, len(sels))
     kept: dict[str, Window] = {}
-    rec_keys: list[str] = []
-    for key, src in sels.items():
-        h = hist[srcs.index(src)]
-        guess, _ = select.find_bin(run[src], min(seen, max(1, round(ks[key] * seen / max(1, numel)))))
-        first = last = guess
-        if bf16:
-            first, last = max(0, guess - HALF_WIDTH), min(len(h) - 1, guess + HALF_WIDTH)
+    if tables is None:
+        for key, src in sels.items():
+            h = hist[srcs.index(src)]
+            first, last = max(0, guess[key] - HALF_WIDTH), min(len(h) - 1, guess[key] + HALF_WIDTH)
             kept[key] = Window(first, last, counts=h[first : last + 1].copy())
-            continue
-        count = int(h[guess])
-        if count > budget:
-            continue  # this block is read again in the low-bits round
-        while last - first < 2 * HALF_WIDTH:  # widen by whichever side fits, alternating
-            grew = False
-            for side in (-1, 1):
-                b = first - 1 if side < 0 else last + 1
-                if 0 <= b < len(h) and count + int(h[b]) <= budget:
-                    count += int(h[b])
-                    first, last = (b, last) if side < 0 else (first, b)
-                    grew = True
-            if not grew:
-                break
-        kept[key] = Window(first, last)
-        rec_keys.append(key)
-    if rec_keys:
-        firsts = np.array([kept[k].first for k in rec_keys], dtype=np.int64)
-        lasts = np.array([kept[k].last for k in rec_keys], dtype=np.int64)
-        rows = [srcs.index(sels[k]) for k in rec_keys]
-        in_window = np.stack(
-            [per_part[:, r, f : last + 1].sum(axis=1) for r, f, last in zip(rows, firsts, lasts)], axis=1
-        )  # [parts, keys]
-        offsets = np.ascontiguousarray(np.cumsum(in_window, axis=0) - in_window)
-        totals = in_window.sum(axis=0)
-        out = np.empty((len(rec_keys), int(totals.max())), dtype=np.uint32)
-        record(np.array([sels[k] for k in rec_keys], dtype=np.int64), firsts, lasts, offsets, out)
-        for j, key in enumerate(rec_keys):
-            kept[key].records = out[j, : totals[j]]
+    else:
+        firsts = window_firsts(guess, False)
+        for j, key in enumerate(sels):
+            lows = [np.flatnonzero(t).astype(np.uint16) for t in tables[j]]
+            w = Window(firsts[key], firsts[key] + tables.shape[1] - 1, lows=lows, low_counts=[])
+            assert w.low_counts is not None
+            w.low_counts.extend(t[v].astype(np.int32) for t, v in zip(tables[j], lows))
+            size = w.nbytes()
+            if local.get("kept_bytes", 0) + size > KEPT_BYTES:
+                continue  # this block is read again in the low-bits round
+            local["kept_bytes"] = local.get("kept_bytes", 0) + size
+            kept[key] = w
     local[f"windows{block_index}"] = kept
 
 

@@ -44,6 +44,8 @@ from bigmerge.ops.task_vector.common import (
     with_defaults,
 )
 
+NONFINITE_BIN = 0x7F80  # the high bits of a float32 whose exponent is all ones: Inf, NaN
+
 
 class TaskArithmeticOp(MergeOp):
     """base + lambda * sum of weighted task vectors (model - base)."""
@@ -66,14 +68,23 @@ class TaskArithmeticOp(MergeOp):
 
     def checks_finite(self, task: TensorTask) -> bool:
         """Plain task arithmetic (no selection, no sign election, no statistics): every source
-        value enters the fused kernel's sum, so a NaN or Inf shows in its result."""
-        return (
-            use_fused(task)
-            and not self.sign_consensus
-            and not self._sparse_models(task)
-            and not self._stat_rounds(task)
-            and len(set(task.source_dtypes)) == 1
-        )
+        value enters the fused kernel's sum, so a NaN or Inf shows in its result. A selection
+        of every model's |delta|: the high-bits histograms see every source value."""
+        if not (use_fused(task) and len(set(task.source_dtypes)) == 1):
+            return False
+        plain = not self.sign_consensus and not self._sparse_models(task) and not self._stat_rounds(task)
+        return plain or self._hi_sees_every_source(task)
+
+    def _hi_sees_every_source(self, task: TensorTask) -> bool:
+        """The first statistics round counts |delta| of every non-base model on the fused kernels:
+        a NaN or Inf in any source (the base too) lands in the histograms' top bins."""
+        sels = set(self._selections(task).values())
+        return self.select_deltas and bool(sels) and sels == set(task.non_base) and self._phases(task)[:1] == [HI]
+
+    def _note_nonfinite(self, task: TensorTask, block: Block, hists: np.ndarray) -> None:
+        """Report the non-finite magnitudes the high-bits histograms counted (Block.checked)."""
+        if self._hi_sees_every_source(task):
+            block.checked(int(hists[..., NONFINITE_BIN:].sum()))
 
     # -- what is kept ------------------------------------------------------------------
 
@@ -154,6 +165,7 @@ class TaskArithmeticOp(MergeOp):
         hists = kernels.magnitude_hists(
             xs, b, np.array(srcs, dtype=np.int64), np.zeros(len(srcs), dtype=np.int64), 0, nparts, bf16
         )
+        self._note_nonfinite(task, block, hists)
         out: Stats = {f"hi{src}": hists[:, r].sum(axis=0) for r, src in enumerate(srcs)}
         self._first_stats(task, block, out)
         topk = self.finish(0, task, block.reduce_alone(out), None)
@@ -260,10 +272,22 @@ class TaskArithmeticOp(MergeOp):
             mode = {HI: 0, LO: 1, TIES: 2}[phase]
             bf16 = task.compute_dtype == torch.bfloat16
             b = require_base(self, task)
-            per_part = kernels.magnitude_hists(
-                xs, b, np.array(rows, dtype=np.int64), np.array(params, dtype=np.int64), mode, kernels.threads(), bf16
-            )
+            windows = phase == HI and "blocks" in block.local  # a tensor of many blocks: keep windows for LO, TIES
+            if windows:
+                per_part, guess, tables = self._hists_and_windows(task, block, xs, rows, sels)
+            else:
+                per_part = kernels.magnitude_hists(
+                    xs,
+                    b,
+                    np.array(rows, dtype=np.int64),
+                    np.array(params, dtype=np.int64),
+                    mode,
+                    kernels.threads(),
+                    bf16,
+                )
             hists = per_part.sum(axis=0)
+            if phase == HI:
+                self._note_nonfinite(task, block, hists)
             for r in range(len(rows)):
                 if phase == HI:
                     out[f"hi{rows[r]}"] = hists[r]
@@ -271,15 +295,8 @@ class TaskArithmeticOp(MergeOp):
                     out[f"lo{keys[r]}"] = hists[r]
                 else:
                     out[f"pb_ties{keys[r]}"] = np.array([float(hists[r, 0])])
-            if phase == HI and "blocks" in block.local:  # a tensor of many blocks: keep windows for LO, TIES
-
-                def record(
-                    srcs: np.ndarray, firsts: np.ndarray, lasts: np.ndarray, offs: np.ndarray, o: np.ndarray
-                ) -> None:
-                    kernels.window_records(xs, b, srcs, firsts, lasts, offs, kernels.threads(), bf16, o)
-
-                ks = {key: self._k(task, key, {}) for key in sels}
-                kept.keep_windows(block.local, block.index, task.numel, per_part, rows, sels, ks, bf16, record)
+            if windows:
+                kept.keep_windows(block.local, block.index, hists, rows, sels, guess, tables)
             elif phase == LO and "blocks" in block.local:
                 kept_lo = {k: hists[r].astype(np.int32) for r, k in enumerate(keys or [])}  # for TIES
                 block.local.setdefault(f"lo{block.index}", {}).update(kept_lo)
@@ -318,6 +335,39 @@ class TaskArithmeticOp(MergeOp):
         if not rounds or not (self.select_deltas and use_fused(task)):
             return rounds
         return sum(1 for phase in self._phases(task)[1:] if phase not in (LO, TIES)) + 1
+
+    def _hists_and_windows(
+        self, task: TensorTask, block: Block, xs: Sources, srcs: list[int], sels: dict[str, int]
+    ) -> tuple[np.ndarray, dict[str, int], np.ndarray | None]:
+        """The HI round's histograms of a block, with each selection's window counted in the same
+        pass (kept.py): (per-part histograms, guessed bins, float32 windows' tables or None)."""
+        b = require_base(self, task)
+        bf16 = task.compute_dtype == torch.bfloat16
+        src_rows = np.array(srcs, dtype=np.int64)
+        ks = {key: self._k(task, key, {}) for key in sels}
+        zeros = np.zeros(len(srcs), np.int64)
+        if bf16:  # the windows are counts of the histograms themselves
+            per_part = kernels.magnitude_hists(xs, b, src_rows, zeros, 0, kernels.threads(), bf16)
+            sample = {src: per_part[:, r].sum(axis=0) for r, src in enumerate(srcs)}
+            return per_part, kept.guesses(block.local, sels, ks, task.numel, sample), None
+        sample = {}
+        if "run" not in block.local:  # this rank's first block of the tensor: guess from a part of it
+            part = tuple(x[: max(x.shape[0] // 8, 1 << 20)] for x in xs)  # an eighth, or up to 2^20
+            h = kernels.magnitude_hists(part, b, src_rows, zeros, 0, kernels.threads(), bf16)
+            sample = {src: h[:, r].sum(axis=0) for r, src in enumerate(srcs)}
+        guess = kept.guesses(block.local, sels, ks, task.numel, sample)
+        firsts = kept.window_firsts(guess, bf16)
+        per_part, tables = kernels.hists_and_windows(
+            xs,
+            b,
+            src_rows,
+            np.array([srcs.index(sels[key]) for key in sels], dtype=np.int64),
+            np.array([firsts[key] for key in sels], dtype=np.int64),
+            2 * kept.LOW_HALF_WIDTH + 1,
+            kernels.threads(),
+            bf16,
+        )
+        return per_part, guess, tables
 
     def _kept_stats(self, phase: str, block: Block, sels: dict[str, int], prev: Any) -> Stats:
         """The LO or TIES statistics of a block from what it kept (reads() checked they are there)."""
