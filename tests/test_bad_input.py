@@ -589,3 +589,26 @@ def test_nonfinite_scan_finds_the_first_bad_value_at_any_position(dtype: torch.d
                 y[pos] = bad
                 y[n - 1] = bad
                 assert first_nonfinite(y) == pos, (n, pos, bad)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_nonfinite_word_scan_agrees_with_torch(dtype: torch.dtype) -> None:
+    """The scan reads several values per 64-bit word (finite.py): against torch.isfinite, over
+    lengths and offsets that split words (a view starting off a word boundary falls back to one
+    value at a time), lanes of zeros, the largest finite values of both signs and subnormals
+    beside a bad value (a borrow out of a zero lane must not flag its neighbour)."""
+    from bigmerge.engine.finite import first_nonfinite
+
+    g = torch.Generator().manual_seed(4)
+    fi = torch.finfo(dtype)
+    specials = torch.tensor([0.0, -0.0, fi.max, -fi.max, fi.tiny, fi.tiny / 4, 1.0], dtype=dtype)
+    for trial in range(60):
+        n = int(torch.randint(1, 9000, (1,), generator=g))
+        x = specials[torch.randint(0, len(specials), (n + 3,), generator=g)]
+        x[torch.rand(n + 3, generator=g) < 0.5] = torch.randn(1, generator=g).to(dtype)
+        for _ in range(int(torch.randint(0, 3, (1,), generator=g))):
+            x[int(torch.randint(0, n + 3, (1,), generator=g))] = [float("nan"), float("inf"), -float("inf")][trial % 3]
+        for off in (0, 1, 3):
+            y = x[off : off + n]
+            bad = (~torch.isfinite(y)).nonzero()
+            assert first_nonfinite(y) == (int(bad[0, 0]) if len(bad) else -1), (trial, off, n)
