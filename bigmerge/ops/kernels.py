@@ -261,21 +261,32 @@ def _base_into(base: Any, c0: int, n: int, bb: np.ndarray) -> None:
         bb[q] = _f32(src[q])
 
 
-@sources_in_slots
-@njit(cache=True, parallel=True)
 def magnitude_hists(
     xs: Any, base_row: int, rows: np.ndarray, params: np.ndarray, mode: int, nparts: int, bf16: bool
 ) -> np.ndarray:
     """Counts over |xs[r] - xs[base]| for each r in rows, per part of the block (see _parts).
 
-    mode 0: histogram of the high 16 bits of the bit patterns (32768 bins);
+    mode 0: histogram of the high 16 bits of the bit patterns (32768 bins; hists_and_windows
+    without windows);
     mode 1: histogram of the low 16 bits of values whose high bits equal params[k];
     mode 2: how many values equal the float32 whose bit pattern is params[k] (1 bin).
     xs: the flat sources, all bfloat16 bits (uint16) or all float32. Returns int64
     [parts, len(rows), bins]; each part is counted by one thread; counts are exact.
     """
+    if mode == 0:
+        none = np.zeros(0, dtype=np.int64)
+        return hists_and_windows(xs, base_row, rows, none, none, 1, nparts, bf16)[0]  # type: ignore[no-any-return]
+    return _in_bin_counts(xs, base_row, rows, params, mode, nparts, bf16)  # type: ignore[no-any-return]
+
+
+@sources_in_slots
+@njit(cache=True, parallel=True)
+def _in_bin_counts(
+    xs: Any, base_row: int, rows: np.ndarray, params: np.ndarray, mode: int, nparts: int, bf16: bool
+) -> np.ndarray:
+    """magnitude_hists' modes 1 and 2."""
     m = xs[0].shape[0]
-    nbins = HI_BINS if mode == 0 else (LO_BINS if mode == 1 else 1)
+    nbins = LO_BINS if mode == 1 else 1
     nparts, step = _parts(m, nparts)
     local = np.zeros((nparts, rows.shape[0], nbins), dtype=np.int64)
     base = xs[base_row]
@@ -284,43 +295,23 @@ def magnitude_hists(
         j1 = min(m, j0 + step)
         bb = np.empty(_SUB, dtype=np.float32)
         bits = np.empty(_SUB, dtype=np.int32)
-        if mode == 0:
-            # one source at a time into one int32 histogram (128 KB: it stays in L2, where three
-            # int64 ones interleaved did not; 3x faster), added to the int64 counts every 2^30
-            h32 = np.zeros(nbins, dtype=np.int32)
+        for c0 in range(j0, j1, _SUB):
+            n = min(j1, c0 + _SUB) - c0
+            _base_into(base, c0, n, bb)
             for k in range(rows.shape[0]):
+                _mag_bits_into(xs[rows[k]], bb, c0, n, bits, bf16)
                 h = local[p, k]
-                done = 0
-                for c0 in range(j0, j1, _SUB):
-                    n = min(j1, c0 + _SUB) - c0
-                    _base_into(base, c0, n, bb)
-                    _mag_bits_into(xs[rows[k]], bb, c0, n, bits, bf16)
+                want = params[k]
+                if mode == 1:
                     for q in range(n):
-                        h32[np.uint32(bits[q]) >> np.uint32(16)] += 1
-                    done += n
-                    if done >= (1 << 30) or c0 + n >= j1:
-                        for t in range(nbins):
-                            h[t] += h32[t]
-                        h32[:] = 0
-                        done = 0
-        else:
-            for c0 in range(j0, j1, _SUB):
-                n = min(j1, c0 + _SUB) - c0
-                _base_into(base, c0, n, bb)
-                for k in range(rows.shape[0]):
-                    _mag_bits_into(xs[rows[k]], bb, c0, n, bits, bf16)
-                    h = local[p, k]
-                    want = params[k]
-                    if mode == 1:
-                        for q in range(n):
-                            b = bits[q]
-                            if (b >> 16) == want:
-                                h[np.uint32(b) & np.uint32(0xFFFF)] += 1
-                    else:
-                        c = 0
-                        for q in range(n):
-                            c += bits[q] == want
-                        h[0] += c
+                        b = bits[q]
+                        if (b >> 16) == want:
+                            h[np.uint32(b) & np.uint32(0xFFFF)] += 1
+                else:
+                    c = 0
+                    for q in range(n):
+                        c += bits[q] == want
+                    h[0] += c
     return local
 
 
@@ -403,8 +394,10 @@ def hists_and_windows(
         j1 = min(m, j0 + step)
         bb = np.empty(_SUB, dtype=np.float32)
         bits = np.empty(_SUB, dtype=np.int32)
+        # one source at a time into one int32 histogram (128 KB: it stays in L2, where three
+        # int64 ones interleaved did not; 3x faster), and its window tables
         h32 = np.zeros(HI_BINS, dtype=np.int32)
-        for k in range(rows.shape[0]):  # one source at a time: its tables stay in cache
+        for k in range(rows.shape[0]):
             h = local[p, k]
             for c0 in range(j0, j1, _SUB):
                 n = min(j1, c0 + _SUB) - c0
