@@ -224,6 +224,26 @@ def test_low_bits_and_ties_rounds_count_from_what_each_block_kept(
     assert reads[0] == 10 and reads[1:] == [0] * (len(reads) - 1), reads
 
 
+@pytest.mark.parametrize("compute", [torch.float32, torch.bfloat16])
+def test_a_threshold_bin_too_full_to_record_is_counted_in_one_pass(
+    compute: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A one-block tensor whose threshold's high-bits bin holds a third of it (3 levels of
+    delta): its low bits are counted in one pass (float32) or read off the histogram (bfloat16:
+    all 0), the kept ties found by apply; the same bits as the torch code."""
+    from bigmerge.ops.task_vector.task_arithmetic import TaskArithmeticOp
+
+    calls: list[int] = []
+    real = TaskArithmeticOp._local_low_bits
+    monkeypatch.setattr(TaskArithmeticOp, "_local_low_bits", lambda *a: calls.append(1) or real(*a))
+    x = tied_family(3, (300, 1000), 3, torch.bfloat16)
+    params: dict[str, Any] = {"weight": [0.6, 0.5, 0.9], "density": [0.5, 0.3, 0.71]}
+    out = run_op("ties", x, compute=compute, **params)
+    assert calls == [1]
+    monkeypatch.setenv("BIGMERGE_NO_NUMBA", "1")
+    assert torch.equal(run_op("ties", x, compute=compute, **params), out)
+
+
 @pytest.mark.parametrize("compute, growth", [(torch.float32, 1.05), (torch.bfloat16, 3.0)])
 def test_a_block_whose_window_misses_the_threshold_is_read_again(compute: torch.dtype, growth: float) -> None:
     """Deltas that grow down the rows: the first blocks guess the threshold's bin too low, so

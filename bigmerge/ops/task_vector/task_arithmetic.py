@@ -151,8 +151,8 @@ class TaskArithmeticOp(MergeOp):
         and low bits of every magnitude in each selection's high-bits bin (a few percent of the
         block; HI counted them per part, so each part writes its own range, in index order).
         That gives the LO histogram, the ties of the threshold, and where the kept ties end
-        (block.memo["cutoffs"]), without a TIES pass. Returns (statistics, rounds done): 1 where
-        a bin is too full to record (the stats rounds go on from LO).
+        (block.memo["cutoffs"]), without a TIES pass. A bin too full to record has its low bits
+        counted instead (_local_low_bits). Returns (statistics, rounds done).
         """
         sc = block.scratch
         b = require_base(self, task)
@@ -167,6 +167,7 @@ class TaskArithmeticOp(MergeOp):
         )
         self._note_nonfinite(task, block, hists)
         out: Stats = {f"hi{src}": hists[:, r].sum(axis=0) for r, src in enumerate(srcs)}
+        block.memo["hi_totals"] = {src: out[f"hi{src}"] for src in srcs}
         self._first_stats(task, block, out)
         topk = self.finish(0, task, block.reduce_alone(out), None)
         keys = [key for key in sels if key in topk.hi_bin]
@@ -175,8 +176,8 @@ class TaskArithmeticOp(MergeOp):
         per_part = np.stack([hists[:, srcs.index(sels[key]), topk.hi_bin[key]] for key in keys], axis=1)
         totals = per_part.sum(axis=0)
         cap = int(totals.max())
-        if cap > max(m // 8, 1 << 16):  # records would take more memory than the rounds' passes take time
-            return topk, 1
+        if cap > max(m // 8, 1 << 16):  # records would take more memory than counting their low bits
+            return self._local_low_bits(task, block, xs, topk, {key: sels[key] for key in keys}, srcs), 3
         pos = sc.get("hi_bin_pos", (len(keys), cap), torch.int64).numpy()
         low = sc.get("hi_bin_low", (len(keys), cap), torch.int32).numpy()
         kernels.hi_bin_records(
@@ -203,6 +204,37 @@ class TaskArithmeticOp(MergeOp):
         topk = self.finish(2, task, block.reduce_alone(out), topk)
         block.memo["cutoffs"] = cutoffs
         return topk, 3
+
+    def _local_low_bits(
+        self, task: TensorTask, block: Block, xs: Sources, topk: TopK, sels: dict[str, int], srcs: list[int]
+    ) -> TopK:
+        """The LO and TIES rounds of a one-block tensor whose threshold bins are too full to
+        record: one branch-free pass counts each bin's low bits (kernels.hists_and_windows, a
+        window of that one bin), which gives the threshold and its ties; where the kept ties
+        end is found by apply (tie_cutoffs). bfloat16 magnitudes' low bits are all 0: no pass."""
+        keys = list(sels)
+        if task.compute_dtype == torch.bfloat16:
+            lows = np.zeros((len(keys), LO_BINS), dtype=np.int64)
+            hi = block.memo["hi_totals"]
+            lows[:, 0] = [hi[sels[key]][topk.hi_bin[key]] for key in keys]
+        else:
+            lows = kernels.hists_and_windows(
+                xs,
+                require_base(self, task),
+                np.array(srcs, dtype=np.int64),
+                np.array([srcs.index(sels[key]) for key in keys], dtype=np.int64),
+                np.array([topk.hi_bin[key] for key in keys], dtype=np.int64),
+                1,
+                kernels.threads(),
+                False,
+            )[1][:, 0]
+        topk = self.finish(1, task, block.reduce_alone({f"lo{key}": lows[j] for j, key in enumerate(keys)}), topk)
+        ties = {
+            f"pb_ties{key}": np.array([float(lows[j, threshold_bits(topk.threshold[key]) & 0xFFFF])])
+            for j, key in enumerate(keys)
+            if key in topk.tie_quota
+        }
+        return self.finish(2, task, block.reduce_alone(ties), topk)  # type: ignore[no-any-return]
 
     def _delta(self, task: TensorTask, block: Block, i: int, base: torch.Tensor) -> torch.Tensor:
         out = block.scratch.get("stats_delta", base.shape, task.compute_dtype)
