@@ -417,8 +417,11 @@ def test_stored_logits_equal_topk_teachers_and_train_the_same(setup: dict[str, P
     assert [h["kl"] for h in stored.history] == pytest.approx([h["kl"] for h in online.history], rel=1e-5)
     a = load_file(str(tmp_path / "stored" / "coefficients" / "0-ft1.safetensors"))
     b = load_file(str(tmp_path / "topk" / "coefficients" / "0-ft1.safetensors"))
+    # equal up to float32 rounding of the two teachers' loss paths: on the machine of 2026-12-05
+    # one coefficient of 64 came out 1.25e-6 apart after 3 Adam steps, on session 7's code too
+    # (1e-6 had passed on earlier machines); a wrong teacher moves them by far more than 1e-5
     for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-5)
     assert sum(not torch.equal(v, torch.full_like(v, 0.5)) for v in a.values()) > 20
 
 
