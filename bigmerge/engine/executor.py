@@ -120,12 +120,13 @@ def execute(
                 reads = first if rnd == 0 else [b for b in first if op.reads(rnd, task, b, prev, local)]
                 if rnd > 0:
                     held.expect(reads)
+                reading = set(reads)
                 for b in first:
                     if rnd == 0:
                         _, _, inputs = next(stream)
                         held.keep(b, inputs)
                         report(inputs)
-                    elif b in reads:
+                    elif b in reading:
                         inputs = held.get(b)
                     else:  # the operator kept what this round needs of the block: no inputs
                         partial[b] = op.stats(rnd, task, _block_without_inputs(t, b, sink.scratch, local), prev)

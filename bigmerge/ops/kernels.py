@@ -275,7 +275,7 @@ def magnitude_hists(
     """
     if mode == 0:
         none = np.zeros(0, dtype=np.int64)
-        return hists_and_windows(xs, base_row, rows, none, none, 1, nparts, bf16)[0]  # type: ignore[no-any-return]
+        return hists_and_windows(xs, base_row, rows, none, none, 1, nparts, bf16, True)[0]  # type: ignore[no-any-return]
     return _in_bin_counts(xs, base_row, rows, params, mode, nparts, bf16)  # type: ignore[no-any-return]
 
 
@@ -373,12 +373,13 @@ def hists_and_windows(
     nbins: int,
     nparts: int,
     bf16: bool,
+    count_hist: bool,
 ) -> tuple[np.ndarray, np.ndarray]:
     """magnitude_hists mode 0 over |xs[r] - xs[base]| for r in rows, and in the same pass, for
     each window w, the low-16-bits histogram of every magnitude of xs[rows[win_rows[w]]] whose
     high bits are win_first[w] + j, j < nbins: what a later round needs of the block to count
     the low bits of whichever bin of the window holds the threshold, without reading it again.
-    Returns (int64 [parts, len(rows), HI_BINS], int64 [len(win_rows), nbins, LO_BINS])."""
+    count_hist False: the windows only (the high-bits histograms come back zero). Returns (int64 [parts, len(rows), HI_BINS], int64 [len(win_rows), nbins, LO_BINS])."""
     m = xs[0].shape[0]
     nparts, step = _parts(m, nparts)
     nwin = win_rows.shape[0]
@@ -403,8 +404,9 @@ def hists_and_windows(
                 n = min(j1, c0 + _SUB) - c0
                 _base_into(base, c0, n, bb)
                 _mag_bits_into(xs[rows[k]], bb, c0, n, bits, bf16)
-                for q in range(n):
-                    h32[np.uint32(bits[q]) >> np.uint32(16)] += 1
+                if count_hist:
+                    for q in range(n):
+                        h32[np.uint32(bits[q]) >> np.uint32(16)] += 1
                 for v in range(nwin):
                     if win_rows[v] != k:
                         continue

@@ -27,6 +27,7 @@ from bigmerge.ops.task_vector import select
 KEPT_BYTES = 64 * 1024 * 1024
 HALF_WIDTH = 32  # bins each side of the guess, at most, for bfloat16 counts
 LOW_HALF_WIDTH = 2  # and for float32's low-bits histograms (each a 256 KB table while counted)
+LOW_WIDTH = 2 * LOW_HALF_WIDTH + 1  # bins of a float32 window
 
 
 @dataclass
@@ -82,10 +83,9 @@ def guesses(
     return out
 
 
-def window_firsts(guess: dict[str, int], bf16: bool) -> dict[str, int]:
-    """The first bin of each selection's window (float32 compute: the bins its tables count)."""
-    width = 2 * LOW_HALF_WIDTH + 1
-    return {k: min(max(0, g - LOW_HALF_WIDTH), select.HI_BINS - width) for k, g in guess.items()}
+def window_firsts(guess: dict[str, int]) -> dict[str, int]:
+    """The first bin of each selection's float32 window (the LOW_WIDTH bins its tables count)."""
+    return {k: min(max(0, g - LOW_HALF_WIDTH), select.HI_BINS - LOW_WIDTH) for k, g in guess.items()}
 
 
 def keep_windows(
@@ -113,12 +113,11 @@ def keep_windows(
             first, last = max(0, guess[key] - HALF_WIDTH), min(len(h) - 1, guess[key] + HALF_WIDTH)
             kept[key] = Window(first, last, counts=h[first : last + 1].copy())
     else:
-        firsts = window_firsts(guess, False)
+        firsts = window_firsts(guess)
         for j, key in enumerate(sels):
             lows = [np.flatnonzero(t).astype(np.uint16) for t in tables[j]]
-            w = Window(firsts[key], firsts[key] + tables.shape[1] - 1, lows=lows, low_counts=[])
-            assert w.low_counts is not None
-            w.low_counts.extend(t[v].astype(np.int32) for t, v in zip(tables[j], lows))
+            counts = [t[v].astype(np.int32) for t, v in zip(tables[j], lows)]
+            w = Window(firsts[key], firsts[key] + tables.shape[1] - 1, lows=lows, low_counts=counts)
             size = w.nbytes()
             if local.get("kept_bytes", 0) + size > KEPT_BYTES:
                 continue  # this block is read again in the low-bits round

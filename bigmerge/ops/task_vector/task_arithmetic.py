@@ -227,6 +227,7 @@ class TaskArithmeticOp(MergeOp):
                 1,
                 kernels.threads(),
                 False,
+                False,  # the high bits were counted: the windows only
             )[1][:, 0]
         topk = self.finish(1, task, block.reduce_alone({f"lo{key}": lows[j] for j, key in enumerate(keys)}), topk)
         ties = {
@@ -384,20 +385,21 @@ class TaskArithmeticOp(MergeOp):
             return per_part, kept.guesses(block.local, sels, ks, task.numel, sample), None
         sample = {}
         if "run" not in block.local:  # this rank's first block of the tensor: guess from a part of it
-            part = tuple(x[: max(x.shape[0] // 8, 1 << 20)] for x in xs)  # an eighth, or up to 2^20
+            part = tuple(x[: max(x.shape[0] // 8, 1 << 20)] for x in xs)  # an eighth, at least 2^20 values
             h = kernels.magnitude_hists(part, b, src_rows, zeros, 0, kernels.threads(), bf16)
             sample = {src: h[:, r].sum(axis=0) for r, src in enumerate(srcs)}
         guess = kept.guesses(block.local, sels, ks, task.numel, sample)
-        firsts = kept.window_firsts(guess, bf16)
+        firsts = kept.window_firsts(guess)
         per_part, tables = kernels.hists_and_windows(
             xs,
             b,
             src_rows,
             np.array([srcs.index(sels[key]) for key in sels], dtype=np.int64),
             np.array([firsts[key] for key in sels], dtype=np.int64),
-            2 * kept.LOW_HALF_WIDTH + 1,
+            kept.LOW_WIDTH,
             kernels.threads(),
             bf16,
+            True,
         )
         return per_part, guess, tables
 
