@@ -30,6 +30,38 @@ def test_uniform_draws_are_the_numpy_draws(monkeypatch: pytest.MonkeyPatch, key:
     assert 0.0 <= fast.min() and fast.max() < 1.0
 
 
+@pytest.mark.parametrize("nparts", [1, 3])
+def test_hists_and_windows_gives_the_histograms_of_magnitude_hists(nparts: int) -> None:
+    """A source with a window is counted only into the window's table, its high-bits histogram
+    read off the table afterwards: the same counts as magnitude_hists' own pass, for a window
+    at the top and bottom of the bins, two windows on one source, a source with none, Inf and
+    NaN; and each window's table holds the low bits of exactly the values in its bins."""
+    rng = np.random.default_rng(3)
+    m = 3 * kernels._SUB + 17
+    base = rng.standard_normal(m).astype(np.float32)
+    xs = [base] + [base + s * rng.standard_normal(m).astype(np.float32) for s in (1e-2, 1e-3, 1.0)]
+    xs[2][5], xs[2][9], xs[3][7] = np.nan, np.inf, np.float32(3e38)
+    rows = np.array([1, 2, 3], np.int64)
+    mags = [np.abs(x - base).view(np.int32).astype(np.int64) for x in xs[1:]]
+    med = [int(np.median(b[: m // 2])) >> 16 for b in mags]
+    win_rows = np.array([0, 0, 1], np.int64)  # source 3 (row 2) has none
+    win_first = np.array([med[0] - 2, 0, int(mags[1].max() >> 16) - 3], np.int64)
+    width = 5
+    per_part, tables = kernels.hists_and_windows(tuple(xs), 0, rows, win_rows, win_first, width, nparts, False, True)
+    plain = kernels.magnitude_hists(tuple(xs), 0, rows, np.zeros(3, np.int64), 0, nparts, False)
+    assert per_part.shape == plain.shape
+    assert np.array_equal(per_part.sum(axis=0), plain.sum(axis=0))
+    for r in range(3):
+        assert np.array_equal(plain.sum(axis=0)[r], np.bincount(mags[r] >> 16, minlength=kernels.HI_BINS))
+    for v in range(len(win_rows)):
+        b = mags[win_rows[v]]
+        for j in range(width):
+            inside = b[(b >> 16) == win_first[v] + j]
+            assert np.array_equal(tables[v, j], np.bincount(inside & 0xFFFF, minlength=kernels.LO_BINS))
+    alone, _ = kernels.hists_and_windows(tuple(xs), 0, rows, win_rows[:0], win_first[:0], width, nparts, False, True)
+    assert np.array_equal(alone.sum(axis=0), plain.sum(axis=0))
+
+
 @pytest.mark.parametrize("n", [5, 65536 * 8, 65536 * 19 + 77])
 def test_l1_sums_of_kept_magnitudes_chunk_by_chunk(n: int) -> None:
     """l1_of_bits sums each chunk in order (chunks side by side in vector lanes): the same

@@ -204,6 +204,29 @@ def test_ties_at_the_kth_value_split_by_index_across_chunks_and_blocks(
     assert int((mag > thr).sum()) < k < int((mag >= thr).sum())
 
 
+@pytest.mark.parametrize("compute", [torch.float32, torch.bfloat16])
+def test_only_the_block_where_the_kept_ties_run_out_is_searched(
+    compute: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ties of the threshold in every block: the blocks before the one where a selection's quota
+    of ties runs out keep all of theirs, those after keep none, and only that one block is
+    searched for its cutoff (kernels.tie_cutoffs), once per selection; the same bits as the
+    torch code."""
+    from bigmerge.ops import kernels
+
+    x = tied_family(3, (300, 1000), 40, torch.bfloat16)
+    params: dict[str, Any] = {"weight": [0.6, 0.5, 0.9], "density": [0.5, 0.3, 0.71]}
+    searched: list[list[int]] = []
+    real = kernels.tie_cutoffs
+    monkeypatch.setattr(
+        kernels, "tie_cutoffs", lambda xs, b, rows, *a: searched.append(list(rows)) or real(xs, b, rows, *a)
+    )
+    out = run_op("ties", x, block_rows=20, compute=compute, **params)
+    assert searched and sorted(r for rows in searched for r in rows) == [1, 2, 3], searched
+    monkeypatch.setenv("BIGMERGE_NO_NUMBA", "1")
+    assert torch.equal(run_op("ties", x, block_rows=20, compute=compute, **params), out)
+
+
 @pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties"])
 @pytest.mark.parametrize("compute", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("levels", [3, 40, 0])

@@ -31,7 +31,8 @@ class TopK:
 
     A selection keeps exactly k elements of its source's magnitudes, as mergekit does: all
     above the threshold and, of those equal to it, the first `k - n_above` in flat index order
-    (`tie_quota[key][block]` per block). A selection with k = 0 keeps nothing.
+    (`tie_quota[key][block]` per block, of the `tie_count[key][block]` ties each block holds).
+    A selection with k = 0 keeps nothing.
     """
 
     k: dict[str, int] = field(default_factory=dict)
@@ -39,6 +40,7 @@ class TopK:
     rank_in_bin: dict[str, int] = field(default_factory=dict)
     threshold: dict[str, float] = field(default_factory=dict)
     tie_quota: dict[str, list[int]] = field(default_factory=dict)
+    tie_count: dict[str, list[int]] = field(default_factory=dict)
     l1_before: dict[int, float] = field(default_factory=dict)
     scale: dict[int, float] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)

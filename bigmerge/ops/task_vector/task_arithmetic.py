@@ -441,12 +441,14 @@ class TaskArithmeticOp(MergeOp):
         elif phase == TIES:
             for key, quota in topk.tie_quota.items():
                 left = quota[0]
-                per_block = []
+                per_block, counts = [], []
                 for count in reduced[f"pb_ties{key}"].reshape(-1):
                     take = min(int(count), left)
                     per_block.append(take)
+                    counts.append(int(count))
                     left -= take
                 topk.tie_quota[key] = per_block
+                topk.tie_count[key] = counts
         else:
             self._finish_after(task, reduced, topk)
         return topk
@@ -470,11 +472,19 @@ class TaskArithmeticOp(MergeOp):
         if key not in stats.threshold:  # k = 0
             return int(kernels.NOTHING), 0
         thr = threshold_bits(stats.threshold[key])
+        m = block.inputs[0].numel()
         if key not in stats.tie_quota:
-            return thr, block.inputs[0].numel()  # every tie kept
+            return thr, m  # every tie kept
+        quota = stats.tie_quota[key][block.index]
+        if not _splits_ties(stats, key, block.index):  # only the block where the quota runs out is searched
+            return thr, (m if quota else 0)  # all of this block's ties, or none
         cutoffs = block.memo.setdefault("cutoffs", {})
         if key not in cutoffs:  # every selection of this block that splits ties, in one pass
-            sels = {k: src for k, src in self._selections(task).items() if k in stats.tie_quota and k not in cutoffs}
+            sels = {
+                k: src
+                for k, src in self._selections(task).items()
+                if k in stats.tie_quota and k not in cutoffs and _splits_ties(stats, k, block.index)
+            }
             found = kernels.tie_cutoffs(
                 flat_sources(block, block.scratch, task.compute_dtype),
                 require_base(self, task),
@@ -624,3 +634,11 @@ class TiesOp(TaskArithmeticOp):
     params = with_defaults(TaskArithmeticOp.params, normalize=True)
     sign_consensus = True
     sparsify = True
+
+
+def _splits_ties(stats: TopK, key: str, block: int) -> bool:
+    """Whether this block keeps some of its ties of the threshold but not all: the one block
+    per selection whose cutoff must be searched for (tie_cutoffs)."""
+    quota = stats.tie_quota[key][block]
+    counts = stats.tie_count.get(key)
+    return quota > 0 and (counts is None or quota < counts[block])
