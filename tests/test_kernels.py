@@ -62,6 +62,70 @@ def test_hists_and_windows_gives_the_histograms_of_magnitude_hists(nparts: int) 
     assert np.array_equal(alone.sum(axis=0), plain.sum(axis=0))
 
 
+@pytest.mark.parametrize("bf16", [False, True])
+def test_a_selection_keeps_what_its_rule_says(bf16: bool) -> None:
+    """task_vector_merge's selections (tA, cA, tB, cB), compared as one uint64 key per element,
+    keep what the rule says: |delta| bits b in A (b > tA, or b == tA before index cA) and not in
+    B; the same output as the same merge given that rule's masks. Cutoffs before, inside and
+    past the kernel's steps and parts, thresholds with many ties, NaN (large), Inf, NOTHING."""
+    rng = np.random.default_rng(5)
+    sub = kernels._SUB
+    m = 5 * sub + 123
+    base = rng.integers(-64, 64, m).astype(np.float32) / 64  # deltas exact, in bfloat16 too: ties
+    levels = rng.integers(-6, 7, size=(3, m)).astype(np.float32) / 64
+    a_cut, b_cut = sub + 17, 3 * sub  # inside a step, at a step's edge
+    for r, cut, lv in ((0, a_cut, 3), (1, b_cut, 5), (2, 900, 3)):
+        levels[r, cut - 2 : cut + 2] = lv / 64  # ties on both sides of every cutoff
+    xs = [base] + [base + lv for lv in levels]
+    xs[1][[3, 2000]] = np.nan
+    xs[2][7] = np.inf
+    mags = [np.abs(x - base).view(np.int32).astype(np.int64) for x in xs[1:]]
+    t3, t5 = int(np.float32(3 / 64).view(np.int32)), int(np.float32(5 / 64).view(np.int32))
+    nothing = int(kernels.NOTHING)
+    sels = np.array(
+        [
+            [t3, a_cut, nothing, 0],  # ties cut inside a step
+            [t3, 0, t5, b_cut],  # none of A's ties, B's cut at a step's edge
+            [t5, m, t3, 900],  # B below A: keeps nothing
+        ],
+        dtype=np.int64,
+    )
+    j = np.arange(m)
+    masks = np.zeros((3, m), np.uint8)
+    for r in range(3):
+        ta, ca, tb, cb = sels[r]
+        b = mags[r]
+        in_a = (b > ta) | ((b == ta) & (j < ca))
+        in_b = (b > tb) | ((b == tb) & (j < cb))
+        masks[r] = in_a & ~in_b
+    assert masks[0].any() and masks[1].any() and not masks[2].any()
+    outs = []
+    for use in (False, True):
+        for nparts in (1, 3):
+            out = np.empty(m, np.float32)
+            kernels.task_vector_merge(
+                tuple(xs),
+                0,
+                np.array([1, 2, 3], np.int64),
+                np.array([0.6, 0.5, 0.9], np.float32),
+                sels,
+                masks,
+                np.full(3, use),
+                np.full(3, np.nan, np.float32),
+                True,
+                True,
+                np.float32(1),
+                np.float32(1),
+                out,
+                np.empty(0, np.uint16),
+                np.zeros(nparts, np.int64),
+                bf16,
+            )
+            outs.append(out.view(np.uint32))
+    for o in outs[1:]:
+        assert np.array_equal(o, outs[0])
+
+
 @pytest.mark.parametrize("n", [5, 65536 * 8, 65536 * 19 + 77])
 def test_l1_sums_of_kept_magnitudes_chunk_by_chunk(n: int) -> None:
     """l1_of_bits sums each chunk in order (chunks side by side in vector lanes): the same

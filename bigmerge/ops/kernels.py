@@ -564,17 +564,20 @@ def _merge_part(
                         v = _round(np.float32(v * s), bf16)
                     dr[q] = _round(np.float32(v * w), bf16)
             else:
-                ta = np.int32(sel[r, 0])
-                ca = sel[r, 1]
-                tb = np.int32(sel[r, 2])
-                cb = sel[r, 3]
+                # element q of this step with |delta| bits b is in (t, c) when b > t, or b == t and
+                # c0 + q < c: when its key (b, 2^32 - 1 - q) is at least (t, 2^32 - (c - c0)), one
+                # uint64 comparison (c - c0 clamped to [-1, L + 1], which decides the same). Kept:
+                # in A and not in B, ka <= key < kb. Two comparisons where the four of the rule
+                # itself kept LLVM from vectorising the loop: 27 -> 17 ms per 16M float32 block.
+                ra = max(-1, min(sel[r, 1] - c0, L + 1))
+                rb = max(-1, min(sel[r, 3] - c0, L + 1))
+                ka = (np.uint64(sel[r, 0]) << np.uint64(32)) + np.uint64((1 << 32) - ra)
+                kb = (np.uint64(sel[r, 2]) << np.uint64(32)) + np.uint64((1 << 32) - rb)
                 for q in range(L):
-                    j = c0 + q
                     v = _round(np.float32(_f32(a[q]) - bb[q]), bf16)
                     b = np.float32(np.abs(v)).view(np.int32)
-                    in_a = (b > ta) | ((b == ta) & (j < ca))
-                    in_b = (b > tb) | ((b == tb) & (j < cb))
-                    v = np.float32(v * (np.float32(1.0) if in_a and not in_b else np.float32(0.0)))
+                    key = (np.uint64(b) << np.uint64(32)) | np.uint64(np.uint32(0xFFFFFFFF) - np.uint32(q))
+                    v = np.float32(v * (np.float32(1.0) if (key >= ka) & (key < kb) else np.float32(0.0)))
                     if has_scale:
                         v = _round(np.float32(v * s), bf16)
                     dr[q] = _round(np.float32(v * w), bf16)
