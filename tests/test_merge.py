@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -460,6 +461,44 @@ def test_ties_reads_local_sources_twice_whatever_its_rounds(tmp_path: Path, dtyp
     many = sum(t.in_bytes() for t in plan.tensors if t.n_blocks > 1)
     assert many > one_block
     assert summary["bytes_read"] == one_block + 2 * many
+
+
+def test_a_pass_that_reads_again_reads_one_block_ahead(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Local sources read again for apply (no spill): each block's read starts before the block
+    before it is merged, as the first pass's stream reads ahead, and nothing is read beyond the
+    two passes (a read-ahead is never wasted): the same bytes read, the same bits."""
+    from bigmerge.engine.reader import BlockReader
+    from bigmerge.ops.task_vector.task_arithmetic import TaskArithmeticOp
+
+    f = synthetic_family(tmp_path / "m", n=2, rows=40000)
+    text = ties_cfg(f)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(text)
+    kept = merge(text, tmp_path, "kept", block_bytes=1 << 16, cache_bytes=1 << 30)
+    events: list[tuple[str, str, int]] = []
+    real_ahead, real_apply = BlockReader.read_ahead, TaskArithmeticOp.apply
+
+    def read_ahead(self: Any, t: Any, b: int) -> Any:
+        events.append(("read", t.name, b))
+        return real_ahead(self, t, b)
+
+    def apply(self: Any, task: Any, block: Any, stats: Any) -> Any:
+        events.append(("apply", task.name, block.index))
+        return real_apply(self, task, block, stats)
+
+    monkeypatch.setattr(BlockReader, "read_ahead", read_ahead)
+    monkeypatch.setattr(TaskArithmeticOp, "apply", apply)
+    opts = MergeOptions(block_bytes=1 << 16, cache_bytes=1 << 16, quiet=True, spill="never")
+    summary = run_merge(str(cfg), str(tmp_path / "reread"), SerialComm(), opts)
+    assert_bit_identical(kept, load_output(tmp_path / "reread"))
+    plan = plan_merge(load_config(str(cfg)), 1, opts)[0]
+    many = [t for t in plan.tensors if t.n_blocks > 1]
+    assert many and summary["bytes_read"] == sum(t.in_bytes() for t in plan.tensors) + sum(t.in_bytes() for t in many)
+    for t in many:
+        mine = [(kind, b) for kind, name, b in events if name == t.name]
+        assert [b for kind, b in mine if kind == "read"] == list(range(t.n_blocks)), t.name  # each block once
+        for b in range(t.n_blocks - 1):
+            assert mine.index(("read", b + 1)) < mine.index(("apply", b)), (t.name, b, mine)
 
 
 def test_far_sources_are_object_storage_and_network_file_systems(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -236,13 +236,16 @@ class BlockSink:
 class TensorInputs:
     """A statistics tensor's blocks between its passes: kept in memory when they fit the cache,
     else spilled to local scratch as the first pass reads them and read back from there (every
-    source byte is read once; spill.py), else (no spill: a failed spill write) read again."""
+    source byte is read once; spill.py), else (local sources, or a failed spill write) read
+    again, one block ahead of the caller as the spill is read back."""
 
     def __init__(self, t: TensorPlan, reader: BlockReader, keep: bool, spill: Spill | None) -> None:
         self.t = t
         self.reader = reader
         self.cache: dict[int, list[torch.Tensor]] | None = {} if keep else None
         self.spilled = spill
+        self._order: list[int] = []
+        self._ahead: tuple[int, list[Future[torch.Tensor]]] | None = None
         if spill is not None:
             spill.reset()
 
@@ -256,22 +259,59 @@ class TensorInputs:
             self.spilled.put(b, inputs)
 
     def expect(self, blocks: list[int]) -> None:
-        """The blocks the next pass reads, in order (the spill reads them back one ahead)."""
+        """The blocks the next pass reads, in order (each is read, or read back from the
+        spill, while the caller works on the one before)."""
+        self._drop_ahead()
+        self._order = [b for b in blocks if self._from_sources(b)]
         if self.spilled is not None:
             self.spilled.expect(blocks)
+
+    def _from_sources(self, b: int) -> bool:
+        return not (self.cache is not None and b in self.cache) and not (
+            self.spilled is not None and self.spilled.has(b)
+        )
 
     def get(self, b: int) -> list[torch.Tensor]:
         if self.cache is not None and b in self.cache:
             return self.cache[b]
         if self.spilled is not None and self.spilled.has(b):
             return self.spilled.get(b)
-        return self.reader.read(self.t, b)
+        if self._ahead is not None and self._ahead[0] == b:
+            futures = self._ahead[1]
+            self._ahead = None
+        else:
+            self._drop_ahead()  # asked out of order
+            futures = self.reader.read_ahead(self.t, b)
+        try:
+            i = self._order.index(b)
+        except ValueError:
+            i = len(self._order)
+        if i + 1 < len(self._order):
+            nxt = self._order[i + 1]
+            self._ahead = (nxt, self.reader.read_ahead(self.t, nxt))
+        return [f.result() for f in futures]
+
+    def _drop_ahead(self) -> None:
+        """Wait for a read-ahead nobody will ask for, and give its buffers back (a read that
+        failed is not reported: the block is read again where it is needed)."""
+        if self._ahead is None:
+            return
+        futures = self._ahead[1]
+        self._ahead = None
+        got = []
+        for f in futures:
+            try:
+                got.append(f.result())
+            except Exception:  # noqa: BLE001, S112 - nobody asked for this block
+                continue
+        self.reader.release(got)
 
     def done(self, b: int, inputs: list[torch.Tensor]) -> None:
         if self.cache is None or b not in self.cache:
             self.reader.release(inputs)  # read from the sources or the spill: the pool's buffers
 
     def close(self) -> None:
+        self._drop_ahead()
         for inputs in (self.cache or {}).values():
             self.reader.release(inputs)
         if self.cache is not None:

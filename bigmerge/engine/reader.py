@@ -387,6 +387,10 @@ class BlockReader:
     def read(self, t: TensorPlan, b: int) -> list[torch.Tensor]:
         return [f.result() for f in self._submit(t, b)]
 
+    def read_ahead(self, t: TensorPlan, b: int) -> list[Future[torch.Tensor]]:
+        """`read`, started now on the pool's threads: the caller takes the results when it needs them."""
+        return self._submit(t, b)
+
     def _groups(self, items: Iterable[tuple[TensorPlan, int]]) -> Iterator[list[tuple[TensorPlan, int]]]:
         group: list[tuple[TensorPlan, int]] = []
         size = 0
