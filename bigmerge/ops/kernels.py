@@ -810,8 +810,7 @@ def l1_kept(x: np.ndarray, base_row: int, row: int, keep: np.ndarray, out: np.nd
         for j in range(c * _CHUNK, min(m, (c + 1) * _CHUNK)):
             a = np.float64(np.abs(_round(np.float32(x[row, j] - x[base_row, j]), bf16)))
             before += a
-            if keep[j]:
-                after += a
+            after += a if keep[j] else 0.0  # + 0.0 leaves a sum of magnitudes as it is
         out[c, 0] = before
         out[c, 1] = after
 
@@ -976,8 +975,7 @@ def drop_keep(
                 for q in range(n):
                     a = np.float64(mag[q])
                     before += a
-                    if kk[q]:
-                        after += a
+                    after += a if kk[q] else 0.0  # no branch on a coin flip; + 0.0 leaves a sum of magnitudes as it is
         if with_l1:
             l1[c, 0] = before
             l1[c, 1] = after
