@@ -10,7 +10,6 @@ import resource
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -50,7 +49,7 @@ from bigmerge.output.outdir import (
 )
 from bigmerge.output.zarr_store import PLAN_FILE, BlockStore
 from bigmerge.planning.catalog import ModelCatalog, catalog_models
-from bigmerge.planning.config import MergeConfig, load_config, parse_config, read_yaml_documents
+from bigmerge.planning.config import MergeConfig, load_config_and_text, parse_config, read_yaml_documents
 from bigmerge.planning.lora import split_ref, term_files
 from bigmerge.planning.plan import DEFAULT_BLOCK_BYTES, Plan, build_plan
 from bigmerge.planning.stages import Stage, plan_stages, scratch_dir, skipped_stages
@@ -409,8 +408,7 @@ def prepare(
     on OUT, pin the sources, claim OUT's names and open the writer. Nothing is written to OUT
     before every check that can refuse the merge has passed."""
     if stage is None:
-        cfg = load_config(config_path)
-        config_text = Path(config_path).read_text(encoding="utf-8")
+        cfg, config_text = load_config_and_text(config_path)
     else:  # one merge of a multi-document config: its own recipe, sources resolved
         cfg = _stage_config(config_path, stage)
         config_text = yaml.safe_dump(stage.config, sort_keys=False)

@@ -75,6 +75,34 @@ def test_yaml_syntax_error(tmp_path: Path) -> None:
         load_config(p)
 
 
+def test_a_config_that_is_not_utf8_text_is_refused_by_name(tmp_path: Path) -> None:
+    """A binary file, or a config saved in Latin-1, given as the config: one line naming the
+    file and the first byte that is not UTF-8 (it was a UnicodeDecodeError traceback)."""
+    p = tmp_path / "c.yaml"
+    p.write_bytes("merge_method: linear\nmodels:\n  - model: /m/caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError) as err:
+        load_config(p)
+    msg = str(err.value)
+    assert str(p) in msg and "not UTF-8" in msg and "line 3" in msg and "\n" not in msg
+
+
+def test_a_checkpoint_given_as_the_config_is_not_read_whole(tmp_path: Path) -> None:
+    """A 64 GiB file (sparse) named as the config, as a user who swapped the arguments would:
+    refused after reading at most MAX_CONFIG_BYTES + 1 bytes, not read into memory."""
+    from bigmerge.planning import config
+
+    p = tmp_path / "model.safetensors"
+    with open(p, "wb") as f:
+        f.truncate(64 << 30)
+    with pytest.raises(ConfigError, match="not a merge config"):
+        load_config(p)
+    text = "merge_method: linear\nmodels:\n  - model: /m\n"
+    ok = tmp_path / "ok.yaml"
+    ok.write_text(text + "#" * (config.MAX_CONFIG_BYTES - len(text)))
+    cfg, got = config.load_config_and_text(ok)
+    assert cfg.merge_method == "linear" and got.startswith(text) and len(got) == config.MAX_CONFIG_BYTES
+
+
 def test_gradient_interpolates_like_mergekit() -> None:
     assert evaluate_setting("x", [0.0, 1.0], 0.5, FLOAT) == 0.5
     assert evaluate_setting("x", [0.0, 0.3, 0.7, 1.0], 1 / 3, FLOAT) == pytest.approx(0.3)

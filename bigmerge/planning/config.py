@@ -315,14 +315,27 @@ def _check_duplicates(cfg: MergeConfig, source: str) -> None:
 
 def read_yaml(path: str | Path) -> Any:
     """A YAML file's data; an unreadable or malformed file is a one-line ConfigError naming it."""
-    return load_yaml_bounded(_config_text(path), str(path))
+    return load_yaml_bounded(config_text(path), str(path))
 
 
-def _config_text(path: str | Path) -> str:
+def config_text(path: str | Path) -> str:
+    """A config file's text: at most MAX_CONFIG_BYTES are read (a checkpoint named by mistake
+    is not read whole), and it must be UTF-8; either refusal is a one-line ConfigError."""
     try:
-        return Path(path).read_text()
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES} bytes: not a merge config")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte {exc.start}, line {line}: {raw[exc.start : exc.start + 1]!r}): "
+            "a config is a YAML file"
+        ) from None
 
 
 # A config is a few KB (a 70B slices config with per-layer parameters: ~50 KB). The bounds
@@ -396,7 +409,7 @@ def _walk(root: yaml.Node) -> Iterator[yaml.Node]:
 
 def read_yaml_documents(path: str | Path) -> list[Any]:
     """A YAML file's documents; errors as read_yaml's."""
-    return load_yaml_documents(_config_text(path), str(path))
+    return load_yaml_documents(config_text(path), str(path))
 
 
 class _TooDeep(Exception):
@@ -473,7 +486,14 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
 
 
 def load_config(path: str | Path) -> MergeConfig:
-    return parse_config(read_yaml(path), str(path))
+    return load_config_and_text(path)[0]
+
+
+def load_config_and_text(path: str | Path) -> tuple[MergeConfig, str]:
+    """The config and the text it was parsed from, read once (the text is the recipe written
+    beside the merged weights: it must be what was merged)."""
+    text = config_text(path)
+    return parse_config(load_yaml_bounded(text, str(path)), str(path)), text
 
 
 def evaluate_setting(tensor_name: str, setting: ParameterSetting, t: float, validate: Callable[[Any], Any]) -> Any:
