@@ -612,3 +612,34 @@ def test_nonfinite_word_scan_agrees_with_torch(dtype: torch.dtype) -> None:
             y = x[off : off + n]
             bad = (~torch.isfinite(y)).nonzero()
             assert first_nonfinite(y) == (int(bad[0, 0]) if len(bad) else -1), (trial, off, n)
+
+
+@pytest.mark.parametrize(
+    "method, model_params, shared, needle",
+    [
+        ("linear", "{weight: .nan}", "{}", "parameter 'weight' of model"),
+        ("linear", "{weight: -.inf}", "{}", "parameter 'weight' of model"),
+        ("linear", "{weight: 1.0e+300}", "{}", "1e+300"),  # inf in float32
+        ("linear", "{weight: [0.5, .nan]}", "{}", "parameter 'weight' of model"),  # a gradient
+        ("task_arithmetic", "{weight: 1}", "{lambda: .inf}", "parameter 'lambda'"),
+        ("ties", "{weight: 1, density: 0.5}", "{lambda: '-inf'}", "parameter 'lambda'"),  # a string YAML keeps
+        ("slerp", "{}", "{t: .nan}", "parameter 't'"),
+    ],
+)
+def test_a_parameter_that_is_not_a_finite_number_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], method: str, model_params: str, shared: str, needle: str
+) -> None:
+    """YAML's .nan and .inf (and numbers float32 holds as inf) are floats pydantic takes: a
+    weight of .nan merged into a model of NaN, exit 0. Now one line naming the parameter, and
+    nothing written."""
+    f = synthetic_family(tmp_path / "m")
+    base_line = f"base_model: {f['base']}\n" if method != "linear" else ""
+    models = f"  - model: {f['ft1']}\n    parameters: {model_params}\n"
+    models += (
+        f"  - model: {f['base']}\n" if method == "slerp" else f"  - model: {f['ft2']}\n    parameters: {{weight: 1}}\n"
+    )
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"merge_method: {method}\n{base_line}models:\n{models}parameters: {shared}\n")
+    code, err = run(capsys, cfg, tmp_path / "out")
+    assert_clean_failure(code, err, tmp_path / "out", needle, "finite number")
+    assert not (tmp_path / "out").exists()

@@ -869,16 +869,34 @@ def _promote(dtypes: list[str]) -> str:
     return {v[0]: k for k, v in DTYPES.items()}[out]
 
 
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _finite(v: Any) -> bool:
+    """No NaN or infinity in a parameter's value (a number, or a list of them), nor a number
+    that float32, the widest usual compute dtype, would hold as one (1e300 is inf there)."""
+    if isinstance(v, float):
+        return math.isfinite(v) and abs(v) <= _FLOAT32_MAX
+    if isinstance(v, (list, tuple)):
+        return all(_finite(x) for x in v)
+    return True
+
+
 def _resolve(
     op: MergeOp, out: _Output, refs: list[str], adapters: dict[str, TypeAdapter[Any]]
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     def value(pname: str, scopes: list[Any], tensor: str, who: str) -> Any:
         def validate(v: Any) -> Any:
             try:
-                return adapters[pname].validate_python(v)
+                got = adapters[pname].validate_python(v)
             except ValidationError as exc:
                 msg = exc.errors()[0]["msg"]
                 raise ConfigError(f"parameter {pname!r}{who}: bad value {v!r}: {msg}") from None
+            if not _finite(got):  # YAML's .nan and .inf are floats: they would merge into NaN weights
+                raise ConfigError(
+                    f"parameter {pname!r}{who}: bad value {v!r}: must be a finite number within float32's range"
+                )
+            return got
 
         for scope in scopes:
             if scope and pname in scope:
