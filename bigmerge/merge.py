@@ -413,6 +413,8 @@ def prepare(
         cfg = _stage_config(config_path, stage)
         config_text = yaml.safe_dump(stage.config, sort_keys=False)
     opts_s = cfg.storage_options
+    if not out_url.strip():  # "$OUT" of an unset variable: not the current directory
+        raise ConfigError("OUT is empty: give the directory or URL to write the merged model to")
     out = location(out_url, opts_s)
     store_loc = location(opts.store, opts_s) if opts.store else out.join(STORE_DIR)
     own_store = store_loc if opts.store and relation(store_loc, out) not in ("is", "lies inside") else None

@@ -100,6 +100,32 @@ def test_out_overlapping_a_source_is_refused_before_anything_is_written(
     assert sorted(os.listdir(ft2)) == listing  # not even a lock file was left
 
 
+@pytest.mark.parametrize("what", ["file", "the-config", "a-shard", "dangling-link", "empty"])
+def test_out_that_is_a_file_or_empty_is_refused_and_left_as_it_was(
+    tmp_path: Path, fam: dict[str, Path], what: str
+) -> None:
+    """OUT naming a file (the config itself, a shard of a source given by mistake), a dangling
+    symbolic link, or "" (an unset variable in quotes, once taken as the current directory):
+    one line naming it, exit non-zero, the file's bytes as they were, nothing created."""
+    cfg = config(tmp_path, fam)
+    shard = sorted(fam["ft1"].glob("*.safetensors"))[0]
+    (tmp_path / "notes.txt").write_text("mine")
+    os.symlink(tmp_path / "nowhere", tmp_path / "dangling")
+    out = {
+        "file": str(tmp_path / "notes.txt"),
+        "the-config": str(cfg),
+        "a-shard": str(shard),
+        "dangling-link": str(tmp_path / "dangling"),
+        "empty": "",
+    }[what]
+    before = digest(tmp_path)
+    proc = bigmerge("merge", str(cfg), out, "--overwrite")
+    needle = {"empty": "OUT is empty", "dangling-link": "which does not exist"}.get(what, "is a file, not a directory")
+    one_line(proc, needle)
+    assert digest(tmp_path) == before
+    assert not (tmp_path / "nowhere").exists() and not (tmp_path / LOCK_NAME).exists()
+
+
 def test_out_holding_another_checkpoint_is_never_replaced(tmp_path: Path, fam: dict[str, Path]) -> None:
     """Another model's directory (not a source): refused, and with --overwrite still refused:
     its shards, index and config.json are not bigmerge's to remove."""

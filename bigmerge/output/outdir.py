@@ -77,13 +77,23 @@ def relation(a: Location, b: Location) -> str | None:
 
 
 def check_apart(out: Location, store: Location | None, inputs: list[tuple[str, str]], opts: Any) -> None:
-    """Refuse an OUT (or --store) equal to, inside or containing any input: one line naming both."""
+    """Refuse an OUT (or --store) equal to, inside or containing any input: one line naming both;
+    and one that is a file (a config, a checkpoint shard), not a directory."""
     outputs = [("OUT", out)]
     if store is not None and relation(store, out) not in ("is", "lies inside"):
         outputs.append(("--store", store))
         if relation(store, out) == "contains":
             raise UnsafeOutputError(f"--store {store.url} contains OUT {out.url}: give the store a place of its own")
     for what_out, o in outputs:
+        if o.is_local and os.path.lexists(o.path) and not os.path.isdir(o.path):
+            what = (
+                f"a symbolic link to {os.readlink(o.path)}, which does not exist"
+                if os.path.islink(o.path) and not os.path.exists(o.path)
+                else "a file, not a directory"
+            )
+            raise UnsafeOutputError(
+                f"{what_out} {o.url} is {what}: bigmerge writes a model directory there; choose another {what_out}"
+            )
         for what, url in inputs:
             rel = relation(o, location(url, opts))
             if rel is not None:
