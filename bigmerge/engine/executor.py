@@ -244,7 +244,7 @@ class TensorInputs:
         self.reader = reader
         self.cache: dict[int, list[torch.Tensor]] | None = {} if keep else None
         self.spilled = spill
-        self._order: list[int] = []
+        self._next: dict[int, int] = {}  # the block the pass reads from the sources after each
         self._ahead: tuple[int, list[Future[torch.Tensor]]] | None = None
         if spill is not None:
             spill.reset()
@@ -262,7 +262,8 @@ class TensorInputs:
         """The blocks the next pass reads, in order (each is read, or read back from the
         spill, while the caller works on the one before)."""
         self._drop_ahead()
-        self._order = [b for b in blocks if self._from_sources(b)]
+        order = [b for b in blocks if self._from_sources(b)]
+        self._next = dict(zip(order, order[1:]))
         if self.spilled is not None:
             self.spilled.expect(blocks)
 
@@ -282,12 +283,8 @@ class TensorInputs:
         else:
             self._drop_ahead()  # asked out of order
             futures = self.reader.read_ahead(self.t, b)
-        try:
-            i = self._order.index(b)
-        except ValueError:
-            i = len(self._order)
-        if i + 1 < len(self._order):
-            nxt = self._order[i + 1]
+        nxt = self._next.get(b)
+        if nxt is not None:
             self._ahead = (nxt, self.reader.read_ahead(self.t, nxt))
         return [f.result() for f in futures]
 

@@ -315,10 +315,10 @@ def _check_duplicates(cfg: MergeConfig, source: str) -> None:
 
 def read_yaml(path: str | Path) -> Any:
     """A YAML file's data; an unreadable or malformed file is a one-line ConfigError naming it."""
-    return load_yaml_bounded(config_text(path), str(path))
+    return load_yaml_bounded(_config_text(path), str(path))
 
 
-def config_text(path: str | Path) -> str:
+def _config_text(path: str | Path) -> str:
     """A config file's text: at most MAX_CONFIG_BYTES are read (a checkpoint named by mistake
     is not read whole), and it must be UTF-8; either refusal is a one-line ConfigError."""
     try:
@@ -409,7 +409,7 @@ def _walk(root: yaml.Node) -> Iterator[yaml.Node]:
 
 def read_yaml_documents(path: str | Path) -> list[Any]:
     """A YAML file's documents; errors as read_yaml's."""
-    return load_yaml_documents(config_text(path), str(path))
+    return load_yaml_documents(_config_text(path), str(path))
 
 
 class _TooDeep(Exception):
@@ -492,7 +492,7 @@ def load_config(path: str | Path) -> MergeConfig:
 def load_config_and_text(path: str | Path) -> tuple[MergeConfig, str]:
     """The config and the text it was parsed from, read once (the text is the recipe written
     beside the merged weights: it must be what was merged)."""
-    text = config_text(path)
+    text = _config_text(path)
     return parse_config(load_yaml_bounded(text, str(path)), str(path)), text
 
 
